@@ -1,0 +1,458 @@
+"""YACS configuration: every key of the official Swin repository with its official default, plus ours.
+
+Official keys keep their names and defaults so that official YAML files and ``--opts`` lines work as they
+are. Keys that the official code does not have are marked ``(ours)``.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+import yaml
+from yacs.config import CfgNode as CN
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message names it."""
+
+
+_C = CN()
+_C.BASE = ['']
+
+# ----------------------------------------------------------------------------- data
+_C.DATA = CN()
+_C.DATA.BATCH_SIZE = 128                 # per process
+_C.DATA.DATA_PATH = ''
+_C.DATA.DATASET = 'imagenet'             # imagenet | imagenet22K | folder (ours: any class count)
+_C.DATA.IMG_SIZE = 224
+_C.DATA.INTERPOLATION = 'bicubic'        # random | bilinear | bicubic | nearest
+_C.DATA.ZIP_MODE = False
+_C.DATA.CACHE_MODE = 'part'              # no | part | full
+_C.DATA.PIN_MEMORY = True
+_C.DATA.NUM_WORKERS = 8
+_C.DATA.MASK_PATCH_SIZE = 32             # SimMIM keys, kept so official files parse
+_C.DATA.MASK_RATIO = 0.6
+_C.DATA.PERSISTENT_WORKERS = True        # (ours)
+_C.DATA.PREFETCH_FACTOR = 2              # (ours)
+_C.DATA.REPEATED_AUG = 0                 # (ours) repeats of each image per epoch; 0 or 1 = off
+_C.DATA.STRICT_IMAGES = False            # (ours) an unreadable image is an error instead of a skip
+_C.DATA.TRAIN_SPLIT = 'train'            # (ours) folder / zip prefix of the training split
+_C.DATA.VAL_SPLIT = 'val'                # (ours)
+
+# ----------------------------------------------------------------------------- model
+_C.MODEL = CN()
+_C.MODEL.TYPE = 'swin'                   # swin | swinv2
+_C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
+_C.MODEL.PRETRAINED = ''
+_C.MODEL.RESUME = ''
+_C.MODEL.NUM_CLASSES = 1000
+_C.MODEL.DROP_RATE = 0.0
+_C.MODEL.DROP_PATH_RATE = 0.1
+_C.MODEL.LABEL_SMOOTHING = 0.1
+_C.MODEL.FUSED_ATTN = True               # (ours) attention through scaled_dot_product_attention
+
+_C.MODEL.SWIN = CN()
+_C.MODEL.SWIN.PATCH_SIZE = 4
+_C.MODEL.SWIN.IN_CHANS = 3
+_C.MODEL.SWIN.EMBED_DIM = 96
+_C.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWIN.WINDOW_SIZE = 7
+_C.MODEL.SWIN.MLP_RATIO = 4.
+_C.MODEL.SWIN.QKV_BIAS = True
+_C.MODEL.SWIN.QK_SCALE = None
+_C.MODEL.SWIN.APE = False
+_C.MODEL.SWIN.PATCH_NORM = True
+
+_C.MODEL.SWINV2 = CN()
+_C.MODEL.SWINV2.PATCH_SIZE = 4
+_C.MODEL.SWINV2.IN_CHANS = 3
+_C.MODEL.SWINV2.EMBED_DIM = 96
+_C.MODEL.SWINV2.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWINV2.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWINV2.WINDOW_SIZE = 7
+_C.MODEL.SWINV2.MLP_RATIO = 4.
+_C.MODEL.SWINV2.QKV_BIAS = True
+_C.MODEL.SWINV2.APE = False
+_C.MODEL.SWINV2.PATCH_NORM = True
+_C.MODEL.SWINV2.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]
+
+# Official keys of model families this framework does not build (MoE, MLP, SimMIM): kept so that their
+# files parse, and rejected with a clear message by build_model.
+_C.MODEL.SWIN_MOE = CN()
+_C.MODEL.SWIN_MOE.PATCH_SIZE = 4
+_C.MODEL.SWIN_MOE.IN_CHANS = 3
+_C.MODEL.SWIN_MOE.EMBED_DIM = 96
+_C.MODEL.SWIN_MOE.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWIN_MOE.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWIN_MOE.WINDOW_SIZE = 7
+_C.MODEL.SWIN_MOE.MLP_RATIO = 4.
+_C.MODEL.SWIN_MOE.QKV_BIAS = True
+_C.MODEL.SWIN_MOE.QK_SCALE = None
+_C.MODEL.SWIN_MOE.APE = False
+_C.MODEL.SWIN_MOE.PATCH_NORM = True
+_C.MODEL.SWIN_MOE.MLP_FC2_BIAS = True
+_C.MODEL.SWIN_MOE.INIT_STD = 0.02
+_C.MODEL.SWIN_MOE.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 0]
+_C.MODEL.SWIN_MOE.MOE_BLOCKS = [[-1], [-1], [-1], [-1]]
+_C.MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS = 1
+_C.MODEL.SWIN_MOE.TOP_VALUE = 1
+_C.MODEL.SWIN_MOE.CAPACITY_FACTOR = 1.25
+_C.MODEL.SWIN_MOE.COSINE_ROUTER = False
+_C.MODEL.SWIN_MOE.NORMALIZE_GATE = False
+_C.MODEL.SWIN_MOE.USE_BPR = True
+_C.MODEL.SWIN_MOE.IS_GSHARD_LOSS = False
+_C.MODEL.SWIN_MOE.GATE_NOISE = 1.0
+_C.MODEL.SWIN_MOE.COSINE_ROUTER_DIM = 256
+_C.MODEL.SWIN_MOE.COSINE_ROUTER_INIT_T = 0.5
+_C.MODEL.SWIN_MOE.MOE_DROP = 0.0
+_C.MODEL.SWIN_MOE.AUX_LOSS_WEIGHT = 0.01
+
+_C.MODEL.SWIN_MLP = CN()
+_C.MODEL.SWIN_MLP.PATCH_SIZE = 4
+_C.MODEL.SWIN_MLP.IN_CHANS = 3
+_C.MODEL.SWIN_MLP.EMBED_DIM = 96
+_C.MODEL.SWIN_MLP.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.SWIN_MLP.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.SWIN_MLP.WINDOW_SIZE = 7
+_C.MODEL.SWIN_MLP.MLP_RATIO = 4.
+_C.MODEL.SWIN_MLP.APE = False
+_C.MODEL.SWIN_MLP.PATCH_NORM = True
+
+_C.MODEL.SIMMIM = CN()
+_C.MODEL.SIMMIM.NORM_TARGET = CN()
+_C.MODEL.SIMMIM.NORM_TARGET.ENABLE = False
+_C.MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE = 47
+
+# ----------------------------------------------------------------------------- training
+_C.TRAIN = CN()
+_C.TRAIN.START_EPOCH = 0
+_C.TRAIN.EPOCHS = 300
+_C.TRAIN.WARMUP_EPOCHS = 20
+_C.TRAIN.WEIGHT_DECAY = 0.05
+_C.TRAIN.BASE_LR = 5e-4
+_C.TRAIN.WARMUP_LR = 5e-7
+_C.TRAIN.MIN_LR = 5e-6
+_C.TRAIN.CLIP_GRAD = 5.0                 # max grad norm; 0 or None: no clipping (norm still logged)
+_C.TRAIN.AUTO_RESUME = True
+_C.TRAIN.ACCUMULATION_STEPS = 1
+_C.TRAIN.USE_CHECKPOINT = False
+
+_C.TRAIN.LR_SCHEDULER = CN()
+_C.TRAIN.LR_SCHEDULER.NAME = 'cosine'    # cosine | linear | step | multistep
+_C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
+_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
+_C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = True
+_C.TRAIN.LR_SCHEDULER.GAMMA = 0.1
+_C.TRAIN.LR_SCHEDULER.MULTISTEPS = []
+
+_C.TRAIN.OPTIMIZER = CN()
+_C.TRAIN.OPTIMIZER.NAME = 'adamw'        # adamw | sgd | fused_adam | fused_lamb (apex)
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+_C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+
+_C.TRAIN.LAYER_DECAY = 1.0
+
+_C.TRAIN.MOE = CN()
+_C.TRAIN.MOE.SAVE_MASTER = False
+
+_C.TRAIN.EMA = CN()                      # (ours) model EMA through timm's ModelEmaV3
+_C.TRAIN.EMA.ENABLE = False
+_C.TRAIN.EMA.DECAY = 0.9998
+_C.TRAIN.EMA.WARMUP = False
+_C.TRAIN.MAX_NONFINITE_STEPS = 20        # (ours) stop after this many non-finite losses in a row
+_C.TRAIN.SAVE_EVERY_STEPS = 0            # (ours) mid-epoch checkpoint every N optimizer updates; 0 = off
+_C.TRAIN.KEEP_CHECKPOINTS = 3            # (ours) keep the last K epoch checkpoints (plus best and last)
+
+# ----------------------------------------------------------------------------- augmentation
+_C.AUG = CN()
+_C.AUG.COLOR_JITTER = 0.4
+_C.AUG.AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'
+_C.AUG.REPROB = 0.25
+_C.AUG.REMODE = 'pixel'
+_C.AUG.RECOUNT = 1
+_C.AUG.MIXUP = 0.8
+_C.AUG.CUTMIX = 1.0
+_C.AUG.CUTMIX_MINMAX = None
+_C.AUG.MIXUP_PROB = 1.0
+_C.AUG.MIXUP_SWITCH_PROB = 0.5
+_C.AUG.MIXUP_MODE = 'batch'              # batch | pair | elem
+
+# ----------------------------------------------------------------------------- testing
+_C.TEST = CN()
+_C.TEST.CROP = True
+_C.TEST.SEQUENTIAL = False
+_C.TEST.SHUFFLE = False
+
+# ----------------------------------------------------------------------------- misc
+_C.ENABLE_AMP = False                    # deprecated official key, kept so old files parse
+_C.AMP_ENABLE = True
+_C.AMP_OPT_LEVEL = ''                    # apex: O0 | O1 | O2; '' = torch.amp
+_C.AMP_DTYPE = 'auto'                    # (ours) auto (fp16 on CUDA, bf16 on CPU) | float16 | bfloat16
+_C.DEVICE = 'auto'                       # (ours) auto | cpu | cuda
+_C.COMPILE = False                       # (ours) torch.compile the model
+_C.DETERMINISTIC = False                 # (ours) deterministic algorithms (bit-exact resume on CPU)
+_C.TRUST_CHECKPOINTS = False             # (ours) allow full unpickling of trusted legacy checkpoint files
+_C.TENSORBOARD = True                    # (ours)
+_C.OUTPUT = ''
+_C.TAG = 'default'
+_C.SAVE_FREQ = 1
+_C.PRINT_FREQ = 10
+_C.SEED = 0
+_C.EVAL_MODE = False
+_C.THROUGHPUT_MODE = False
+_C.LOCAL_RANK = 0
+_C.FUSED_WINDOW_PROCESS = False
+_C.FUSED_LAYERNORM = False
+
+# Choices checked by validate_config: key -> allowed values.
+CHOICES = {
+    'DATA.DATASET': ('imagenet', 'imagenet22K', 'folder'),
+    'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic', 'nearest'),
+    'DATA.CACHE_MODE': ('no', 'part', 'full'),
+    'MODEL.TYPE': ('swin', 'swinv2'),
+    'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'),
+    'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd', 'fused_adam', 'fused_lamb'),
+    'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
+    'AUG.REMODE': ('pixel', 'rand', 'const'),
+    'AMP_OPT_LEVEL': ('', 'O0', 'O1', 'O2'),
+    'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
+    'DEVICE': ('auto', 'cpu', 'cuda'),
+}
+
+
+def get_defaults() -> CN:
+    """A fresh copy of the defaults."""
+    return _C.clone()
+
+
+def _all_keys(node: CN, prefix: str = '') -> list[str]:
+    keys = []
+    for k, v in node.items():
+        full = prefix + k
+        keys.extend(_all_keys(v, full + '.') if isinstance(v, CN) else [full])
+    return keys
+
+
+def _unknown_key_error(exc: KeyError, where: str) -> ConfigError:
+    msg = str(exc.args[0]) if exc.args else str(exc)
+    key = msg.split(':')[-1].strip()
+    close = difflib.get_close_matches(key, _all_keys(_C), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ''
+    return ConfigError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def _merge_file(config: CN, cfg_file: str, _seen: Optional[set] = None) -> None:
+    """Merge a YAML file into config, its ``BASE`` files first (paths relative to the file)."""
+    if not os.path.isfile(cfg_file):
+        raise ConfigError(f"config file not found: {cfg_file}")
+    seen = set() if _seen is None else _seen
+    real = os.path.realpath(cfg_file)
+    if real in seen:
+        raise ConfigError(f"config file {cfg_file} includes itself through BASE")
+    seen.add(real)
+    with open(cfg_file) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {cfg_file} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {cfg_file} must hold a mapping of keys, not {type(data).__name__}")
+    for base in data.get('BASE', ['']) or ['']:
+        if base:
+            _merge_file(config, os.path.join(os.path.dirname(cfg_file), base), seen)
+    try:
+        config.merge_from_other_cfg(config.load_cfg(yaml.safe_dump(data)))
+    except KeyError as e:
+        raise _unknown_key_error(e, cfg_file) from None
+    except ValueError as e:
+        raise ConfigError(f"in {cfg_file}: {e}") from None
+
+
+def _merge_opts(config: CN, opts: Sequence[str]) -> None:
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ConfigError(f"--opts takes KEY VALUE pairs; got an odd number of items: {opts}")
+    try:
+        config.merge_from_list(opts)
+    except KeyError as e:
+        raise _unknown_key_error(e, '--opts') from None
+    except ValueError as e:
+        raise ConfigError(f"in --opts: {e}") from None
+    except AssertionError as e:  # yacs asserts on a non-existent key in merge_from_list
+        if 'Non-existent key' in str(e):
+            raise _unknown_key_error(KeyError(str(e)), '--opts') from None
+        raise ConfigError(f"in --opts: {e}") from None
+
+
+def _get(config: CN, dotted: str) -> Any:
+    node = config
+    for part in dotted.split('.'):
+        node = node[part]
+    return node
+
+
+def validate_config(config: CN) -> None:
+    """Check values the model, loop and data would otherwise trip over deep inside; raise ConfigError."""
+    for key, allowed in CHOICES.items():
+        value = _get(config, key)
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r} is not one of {list(allowed)}")
+    positive = ['DATA.BATCH_SIZE', 'DATA.IMG_SIZE', 'MODEL.NUM_CLASSES', 'TRAIN.EPOCHS',
+                'TRAIN.ACCUMULATION_STEPS', 'SAVE_FREQ', 'PRINT_FREQ', 'TRAIN.MAX_NONFINITE_STEPS']
+    for key in positive:
+        if _get(config, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {_get(config, key)!r}")
+    for key in ('DATA.NUM_WORKERS', 'TRAIN.WARMUP_EPOCHS', 'TRAIN.START_EPOCH', 'TRAIN.WEIGHT_DECAY',
+                'TRAIN.BASE_LR', 'TRAIN.WARMUP_LR', 'TRAIN.MIN_LR', 'TRAIN.SAVE_EVERY_STEPS',
+                'TRAIN.KEEP_CHECKPOINTS', 'AUG.MIXUP', 'AUG.CUTMIX', 'AUG.REPROB', 'DATA.REPEATED_AUG'):
+        if _get(config, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(config, key)!r}")
+    for key in ('MODEL.DROP_RATE', 'MODEL.DROP_PATH_RATE', 'MODEL.LABEL_SMOOTHING', 'AUG.REPROB',
+                'AUG.MIXUP_PROB', 'AUG.MIXUP_SWITCH_PROB'):
+        if not 0.0 <= _get(config, key) <= 1.0:
+            raise ConfigError(f"{key} must be in [0, 1], got {_get(config, key)!r}")
+    if config.TRAIN.WARMUP_EPOCHS > config.TRAIN.EPOCHS:
+        raise ConfigError(f"TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS}) exceeds TRAIN.EPOCHS "
+                          f"({config.TRAIN.EPOCHS})")
+    if not 0.0 < config.TRAIN.LAYER_DECAY <= 1.0:
+        raise ConfigError(f"TRAIN.LAYER_DECAY must be in (0, 1], got {config.TRAIN.LAYER_DECAY!r}")
+    if config.TRAIN.EMA.ENABLE and not 0.0 < config.TRAIN.EMA.DECAY < 1.0:
+        raise ConfigError(f"TRAIN.EMA.DECAY must be in (0, 1), got {config.TRAIN.EMA.DECAY!r}")
+    mixup_on = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
+    if mixup_on and config.AUG.MIXUP_MODE in ('pair', 'elem') and config.DATA.BATCH_SIZE % 2:
+        raise ConfigError(f"DATA.BATCH_SIZE = {config.DATA.BATCH_SIZE} must be even for Mixup/CutMix "
+                          f"with AUG.MIXUP_MODE = {config.AUG.MIXUP_MODE!r}")
+    if config.TRAIN.LR_SCHEDULER.NAME == 'step' and config.TRAIN.LR_SCHEDULER.DECAY_EPOCHS < 1:
+        raise ConfigError("TRAIN.LR_SCHEDULER.DECAY_EPOCHS must be >= 1 for the step scheduler")
+    if config.MODEL.TYPE in ('swin', 'swinv2'):
+        m = config.MODEL.SWIN if config.MODEL.TYPE == 'swin' else config.MODEL.SWINV2
+        prefix = 'MODEL.SWIN' if config.MODEL.TYPE == 'swin' else 'MODEL.SWINV2'
+        if len(m.DEPTHS) != len(m.NUM_HEADS):
+            raise ConfigError(f"{prefix}.DEPTHS {list(m.DEPTHS)} and {prefix}.NUM_HEADS {list(m.NUM_HEADS)} "
+                              f"must have the same length")
+        for key in ('PATCH_SIZE', 'IN_CHANS', 'EMBED_DIM', 'WINDOW_SIZE'):
+            if m[key] < 1:
+                raise ConfigError(f"{prefix}.{key} must be >= 1, got {m[key]!r}")
+        if any(d < 1 for d in m.DEPTHS) or any(h < 1 for h in m.NUM_HEADS):
+            raise ConfigError(f"{prefix}.DEPTHS and NUM_HEADS must be >= 1, got {list(m.DEPTHS)}, "
+                              f"{list(m.NUM_HEADS)}")
+        for i, heads in enumerate(m.NUM_HEADS):
+            dim = m.EMBED_DIM * 2 ** i
+            if dim % heads:
+                raise ConfigError(f"{prefix}.EMBED_DIM {m.EMBED_DIM}: stage {i} width {dim} is not divisible "
+                                  f"by its {heads} heads ({prefix}.NUM_HEADS)")
+        if config.MODEL.TYPE == 'swinv2' and len(m.PRETRAINED_WINDOW_SIZES) != len(m.DEPTHS):
+            raise ConfigError(f"MODEL.SWINV2.PRETRAINED_WINDOW_SIZES needs {len(m.DEPTHS)} entries, got "
+                              f"{list(m.PRETRAINED_WINDOW_SIZES)}")
+
+
+def load_config(cfg_file: Optional[str] = None, opts: Iterable[str] = ()) -> CN:
+    """Defaults, then ``cfg_file`` (with its BASE files), then ``opts`` KEY VALUE pairs; validated, frozen.
+
+    Unlike ``get_config`` this leaves ``OUTPUT`` as given (no ``<MODEL.NAME>/<TAG>`` suffix).
+    """
+    config = get_defaults()
+    if cfg_file:
+        _merge_file(config, cfg_file)
+    _merge_opts(config, opts or ())
+    validate_config(config)
+    config.freeze()
+    return config
+
+
+def get_config(args: Any) -> CN:
+    """Build the config from parsed command-line ``args`` (the official flags), as the official code does.
+
+    Flags win over ``--opts``, which win over the file. ``OUTPUT`` becomes ``<output>/<MODEL.NAME>/<TAG>``.
+    """
+    config = get_defaults()
+    if getattr(args, 'cfg', None):
+        _merge_file(config, args.cfg)
+    _merge_opts(config, getattr(args, 'opts', None) or ())
+
+    def flag(name: str) -> Any:
+        return getattr(args, name, None)
+
+    if flag('batch_size'):
+        config.DATA.BATCH_SIZE = args.batch_size
+    if flag('data_path'):
+        config.DATA.DATA_PATH = args.data_path
+    if flag('zip'):
+        config.DATA.ZIP_MODE = True
+    if flag('cache_mode'):
+        config.DATA.CACHE_MODE = args.cache_mode
+    if flag('pretrained'):
+        config.MODEL.PRETRAINED = args.pretrained
+    if flag('resume'):
+        config.MODEL.RESUME = args.resume
+    if flag('accumulation_steps'):
+        config.TRAIN.ACCUMULATION_STEPS = args.accumulation_steps
+    if flag('use_checkpoint'):
+        config.TRAIN.USE_CHECKPOINT = True
+    if flag('amp_opt_level'):
+        config.AMP_OPT_LEVEL = args.amp_opt_level
+        if args.amp_opt_level == 'O0':
+            config.AMP_ENABLE = False
+    if flag('disable_amp'):
+        config.AMP_ENABLE = False
+    if flag('output'):
+        config.OUTPUT = args.output
+    if flag('tag'):
+        config.TAG = args.tag
+    if flag('eval'):
+        config.EVAL_MODE = True
+    if flag('throughput'):
+        config.THROUGHPUT_MODE = True
+    if flag('fused_window_process'):
+        config.FUSED_WINDOW_PROCESS = True
+    if flag('fused_layernorm'):
+        config.FUSED_LAYERNORM = True
+    if flag('optim'):
+        config.TRAIN.OPTIMIZER.NAME = args.optim
+    if flag('device'):
+        config.DEVICE = args.device
+    if flag('trust_checkpoint'):
+        config.TRUST_CHECKPOINTS = True
+    config.LOCAL_RANK = int(os.environ.get('LOCAL_RANK', flag('local_rank') or 0))
+    config.OUTPUT = os.path.join(config.OUTPUT or 'output', config.MODEL.NAME, config.TAG)
+    validate_config(config)
+    config.freeze()
+    return config
+
+
+def apply_linear_scaling(config: CN, world_size: int) -> CN:
+    """The linear scaling rule, applied once: lr * batch_per_process * world_size * accumulation / 512.
+
+    Applies to BASE_LR, WARMUP_LR and MIN_LR. Returns a new frozen config.
+    """
+    factor = config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS / 512.0
+    config = config.clone()
+    config.defrost()
+    config.TRAIN.BASE_LR = config.TRAIN.BASE_LR * factor
+    config.TRAIN.WARMUP_LR = config.TRAIN.WARMUP_LR * factor
+    config.TRAIN.MIN_LR = config.TRAIN.MIN_LR * factor
+    config.freeze()
+    return config
+
+
+def config_to_dict(config: CN) -> dict:
+    """The config as plain Python data (dicts, lists, numbers, strings): safe to store in a checkpoint."""
+    def convert(v: Any) -> Any:
+        if isinstance(v, CN):
+            return {k: convert(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [convert(x) for x in v]
+        return v
+    return convert(config)
+
+
+def save_config(config: CN, path: str) -> None:
+    """Write the resolved config as YAML (loadable again with ``load_config``)."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(config.dump())
+    os.replace(tmp, path)
