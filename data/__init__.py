@@ -1,0 +1,51 @@
+"""ImageNet-style data pipeline: datasets, transforms, samplers and ``build_loader``.
+
+Public API (the official names): ``build_loader(config)``, ``build_dataset(is_train, config)``,
+``build_transform(is_train, config)``.
+
+Unreadable images (truncated, not an image, missing from an archive) never stop a run unless
+``DATA.STRICT_IMAGES`` is set, which makes them a ``BrokenImageError``:
+
+- training: the file is skipped with a warning naming it, and the next readable sample takes its place, so
+  batches stay full (Mixup needs even batches, DDP ranks need equal step counts);
+- validation: the file is skipped with a warning and dropped from its batch, so each readable image is counted
+  exactly once; a batch may then be smaller than ``DATA.BATCH_SIZE``, or even empty (shape (0, 3, S, S)).
+
+Each dataset counts its skipped files in a shared integer that DataLoader workers (separate processes) add to.
+The engine reads it from the main process once an epoch has been fully consumed::
+
+    n_broken = data.pop_broken_count(data_loader_train)   # returns the count and resets it to 0
+
+Batches are always plain ``(images, targets)``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .build import build_dataset, build_loader, build_mixup, build_transform
+from .datasets import (BrokenImageError, DatasetLayoutError, ImageDataset, ImageFolderDataset,
+                       ImageNet22KDataset, ZipImageDataset, decode_image, to_rgb)
+from .samplers import DistributedEvalSampler, RepeatAugSampler, ShardShuffleSampler, eval_shard_indices
+
+
+def _dataset_of(loader_or_dataset: Any) -> ImageDataset:
+    dataset = getattr(loader_or_dataset, 'dataset', loader_or_dataset)
+    if not hasattr(dataset, 'broken_images'):
+        raise TypeError(f"{type(dataset).__name__} does not count broken images (not one of data's datasets)")
+    return dataset
+
+
+def broken_count(loader_or_dataset: Any) -> int:
+    """Unreadable images skipped since the last reset (all worker processes together)."""
+    return _dataset_of(loader_or_dataset).broken_images.value
+
+
+def pop_broken_count(loader_or_dataset: Any) -> int:
+    """The skipped-image count since the last reset, then reset it to 0 (call once per epoch)."""
+    return _dataset_of(loader_or_dataset).broken_images.reset()
+
+
+__all__ = ['build_loader', 'build_dataset', 'build_transform', 'build_mixup', 'broken_count', 'pop_broken_count',
+           'BrokenImageError', 'DatasetLayoutError', 'ImageDataset', 'ImageFolderDataset', 'ImageNet22KDataset',
+           'ZipImageDataset', 'decode_image', 'to_rgb', 'DistributedEvalSampler', 'RepeatAugSampler',
+           'ShardShuffleSampler', 'eval_shard_indices']

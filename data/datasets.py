@@ -1,0 +1,377 @@
+"""Image datasets: class folders, zip archives with map files (optionally cached in memory), ImageNet-22K maps.
+
+All datasets share one reading path (``ImageDataset.__getitem__``): decode to RGB, apply the transform, and
+handle unreadable files by the dataset's ``on_broken`` policy:
+
+- ``'substitute'`` (training): warn naming the file, count it, and return the next readable sample instead, so
+  that batches stay full (timm's Mixup needs even batches; DDP ranks need the same number of steps).
+- ``'drop'`` (validation): warn, count, and return ``None``; ``SkipNoneCollate`` drops it from the batch, so
+  accuracy is computed over readable images only, each counted once.
+- ``'error'`` (``DATA.STRICT_IMAGES``): raise ``BrokenImageError``.
+
+The count lives in a ``multiprocessing`` shared integer (``BrokenImageCounter``) created in the main process, so
+DataLoader workers increment the same number that the engine reads.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing
+import os
+import struct
+import zipfile
+import zlib
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+logger = logging.getLogger(__name__)
+
+Sample = Tuple[str, int]
+
+# Errors that mean "this file is not a readable image" (PIL raises all of these for damaged files).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, zipfile.BadZipFile,
+                 Image.DecompressionBombError, KeyError)
+# How many following samples a training dataset tries in place of an unreadable one before giving up.
+MAX_SUBSTITUTE_TRIES = 64
+BROKEN_POLICIES = ('substitute', 'drop', 'error')
+
+
+class DatasetLayoutError(ValueError):
+    """A dataset folder, archive or map file that cannot be used; the message names it."""
+
+
+class BrokenImageError(RuntimeError):
+    """An unreadable image while ``DATA.STRICT_IMAGES`` is set."""
+
+
+class BrokenImageCounter:
+    """A count of unreadable images shared by the main process and its DataLoader workers."""
+
+    def __init__(self) -> None:
+        self._value = multiprocessing.Value('q', 0)
+
+    def add(self, n: int = 1) -> None:
+        with self._value.get_lock():
+            self._value.value += n
+
+    @property
+    def value(self) -> int:
+        return int(self._value.value)
+
+    def reset(self) -> int:
+        """Set the count to 0 and return what it was."""
+        with self._value.get_lock():
+            old = int(self._value.value)
+            self._value.value = 0
+        return old
+
+
+# ----------------------------------------------------------------------------- decoding
+
+_SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+_ALPHA_MODES = ('RGBA', 'LA', 'PA', 'RGBa', 'La')
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    16-bit/32-bit integer images are scaled to 8 bits (PIL's own convert clips them to white); images with
+    transparency are composited onto white rather than having the alpha dropped (which often leaves black).
+    """
+    if img.mode == 'RGB':
+        return img
+    if img.mode in _SIXTEEN_BIT_MODES:
+        arr = np.asarray(img).astype(np.int64)
+        if img.mode != 'I' or arr.max(initial=0) > 255:  # 16-bit data: full range is 0..65535
+            arr = np.clip(arr, 0, 65535) // 257
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), 'L').convert('RGB')
+    if img.mode == 'F':
+        return Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), 'L').convert('RGB')
+    if img.mode == 'P' and 'transparency' in img.info:
+        img = img.convert('RGBA')
+    if img.mode in _ALPHA_MODES:
+        rgba = img.convert('RGBA')
+        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert('RGB')
+    return img.convert('RGB')  # L, 1, P, CMYK, YCbCr, LAB, HSV, ...
+
+
+def decode_image(data: Any) -> Image.Image:
+    """Open a path, file object or bytes, decode it fully (so truncation fails here) and return RGB."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = io.BytesIO(data)
+    with Image.open(data) as img:
+        img.load()
+        return to_rgb(img)
+
+
+# ----------------------------------------------------------------------------- base dataset
+
+class ImageDataset(Dataset):
+    """Base class: ``samples`` is a list of (key, label); subclasses implement ``read(index) -> bytes|path``."""
+
+    def __init__(self, samples: List[Sample], transform: Optional[Callable] = None,
+                 on_broken: str = 'substitute', description: str = '') -> None:
+        if on_broken not in BROKEN_POLICIES:
+            raise ValueError(f"on_broken must be one of {BROKEN_POLICIES}, got {on_broken!r}")
+        if not samples:
+            raise DatasetLayoutError(f"{description or type(self).__name__}: no images found")
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self.transform = transform
+        self.on_broken = on_broken
+        self.description = description
+        self.broken_images = BrokenImageCounter()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes implied by the labels: the largest label + 1."""
+        return max(self.targets) + 1
+
+    def read(self, index: int) -> Any:
+        """A path, file object or bytes for sample ``index``."""
+        raise NotImplementedError
+
+    def name_of(self, index: int) -> str:
+        """The file name used in warnings and errors."""
+        return self.samples[index][0]
+
+    def _load(self, index: int) -> Image.Image:
+        return decode_image(self.read(index))
+
+    def _broken(self, index: int, exc: BaseException) -> None:
+        if self.on_broken == 'error':
+            raise BrokenImageError(f"unreadable image {self.name_of(index)}: {type(exc).__name__}: {exc} "
+                                   f"(set DATA.STRICT_IMAGES False to skip such files)") from exc
+        self.broken_images.add()
+        logger.warning("skipping unreadable image %s: %s: %s", self.name_of(index), type(exc).__name__, exc)
+
+    def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
+        tries = 1 if self.on_broken != 'substitute' else min(len(self), MAX_SUBSTITUTE_TRIES)
+        for attempt in range(tries):
+            i = (index + attempt) % len(self)
+            try:
+                img = self._load(i)
+            except DECODE_ERRORS as exc:
+                self._broken(i, exc)
+                continue
+            if self.transform is not None:
+                img = self.transform(img)
+            return img, self.samples[i][1]
+        if self.on_broken == 'drop':
+            return None
+        raise BrokenImageError(f"{tries} consecutive unreadable images starting at {self.name_of(index)} in "
+                               f"{self.description}; the data looks damaged")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.description!r}, {len(self)} images, {self.num_classes} classes)"
+
+
+class SkipNoneCollate:
+    """Collate that drops ``None`` samples (unreadable images under the 'drop' policy).
+
+    A batch whose every image was dropped becomes empty tensors of shape (0, 3, size, size) and (0,).
+    """
+
+    def __init__(self, img_size: int) -> None:
+        self.img_size = img_size
+
+    def __call__(self, batch: Sequence[Optional[Tuple[torch.Tensor, int]]]) -> Any:
+        kept = [s for s in batch if s is not None]
+        if not kept:
+            return torch.empty(0, 3, self.img_size, self.img_size), torch.empty(0, dtype=torch.long)
+        return default_collate(kept)
+
+
+# ----------------------------------------------------------------------------- class folders
+
+def scan_class_folder(root: str, class_to_idx: Optional[Dict[str, int]] = None
+                      ) -> Tuple[List[Sample], Dict[str, int]]:
+    """``root/<class>/**/<image>`` -> (sorted samples, class_to_idx). Missing root or empty class: error.
+
+    With ``class_to_idx`` given (the training split's), every class folder here must be one of its classes.
+    """
+    if not os.path.isdir(root):
+        raise DatasetLayoutError(f"split folder not found: {root} (expected <DATA.DATA_PATH>/<split>/<class>/"
+                                 f"<image>; check DATA.DATA_PATH, DATA.TRAIN_SPLIT / DATA.VAL_SPLIT)")
+    try:
+        classes, found = find_classes(root)
+    except FileNotFoundError as e:
+        raise DatasetLayoutError(f"{root}: {e}") from None
+    if class_to_idx is not None:
+        unknown = sorted(set(classes) - set(class_to_idx))
+        if unknown:
+            raise DatasetLayoutError(f"{root} has class folders that the training split lacks: {unknown[:10]}")
+        missing = sorted(set(class_to_idx) - set(classes))
+        if missing:
+            logger.warning("%s lacks %d of the training classes (e.g. %s)", root, len(missing), missing[:5])
+        found = {c: class_to_idx[c] for c in classes}
+    try:
+        samples = make_dataset(root, found, extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as e:  # empty class folders
+        raise DatasetLayoutError(f"{root}: {e}") from None
+    return samples, (class_to_idx if class_to_idx is not None else found)
+
+
+class ImageFolderDataset(ImageDataset):
+    """ImageFolder layout: ``root/<class>/<image>``, classes sorted by name -> labels 0..C-1."""
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, on_broken: str = 'substitute',
+                 class_to_idx: Optional[Dict[str, int]] = None) -> None:
+        samples, self.class_to_idx = scan_class_folder(root, class_to_idx)
+        self.classes = sorted(self.class_to_idx, key=self.class_to_idx.get)
+        self.root = root
+        super().__init__(samples, transform, on_broken, description=root)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_to_idx)
+
+    def read(self, index: int) -> str:
+        return self.samples[index][0]
+
+
+# ----------------------------------------------------------------------------- zip + map file
+
+def read_map_file(map_path: str) -> List[Sample]:
+    """Lines ``relative/path<TAB>label`` -> samples; blank lines are skipped, anything else malformed is an error."""
+    if not os.path.isfile(map_path):
+        raise DatasetLayoutError(f"map file not found: {map_path} (expected lines 'relative/path<TAB>label'; "
+                                 f"scripts/pack_zip.py writes it)")
+    samples = []
+    with open(map_path, encoding='utf-8') as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.rstrip('\r\n')
+            if not line.strip():
+                continue
+            parts = line.split('\t')
+            try:
+                if len(parts) != 2:
+                    raise ValueError
+                samples.append((parts[0], int(parts[1])))
+            except ValueError:
+                raise DatasetLayoutError(f"{map_path}:{line_no}: expected 'relative/path<TAB>label', "
+                                         f"got {line!r}") from None
+    if not samples:
+        raise DatasetLayoutError(f"map file {map_path} lists no images")
+    return samples
+
+
+class ZipImageDataset(ImageDataset):
+    """Images in one zip archive, labels from a map file; members optionally cached in memory.
+
+    The archive is opened lazily once per process (each DataLoader worker gets its own handle).
+    ``cache_indices``: the samples whose raw bytes are read into memory at construction ('part' caching
+    passes this rank's share, 'full' caching all of them, None none).
+    """
+
+    def __init__(self, zip_path: str, map_path: str, transform: Optional[Callable] = None,
+                 on_broken: str = 'substitute', cache_indices: Optional[Iterable[int]] = None) -> None:
+        if not os.path.isfile(zip_path):
+            raise DatasetLayoutError(f"zip archive not found: {zip_path} (DATA.ZIP_MODE expects "
+                                     f"<DATA.DATA_PATH>/<split>.zip and <split>_map.txt)")
+        samples = read_map_file(map_path)
+        self.zip_path = zip_path
+        self.map_path = map_path
+        self._zip: Optional[zipfile.ZipFile] = None
+        self._zip_pid: Optional[int] = None
+        try:
+            names = set(self._archive().namelist())
+        except zipfile.BadZipFile as e:
+            raise DatasetLayoutError(f"{zip_path} is not a readable zip archive: {e}") from None
+        missing = [p for p, _ in samples if p not in names]
+        if missing:
+            raise DatasetLayoutError(f"{map_path} lists {len(missing)} files that are not in {zip_path}, "
+                                     f"e.g. {missing[:3]}")
+        super().__init__(samples, transform, on_broken, description=zip_path)
+        self.cache: Dict[int, bytes] = {}
+        if cache_indices is not None:
+            self.fill_cache(cache_indices)
+
+    def _archive(self) -> zipfile.ZipFile:
+        if self._zip is None or self._zip_pid != os.getpid():
+            self._zip = zipfile.ZipFile(self.zip_path)
+            self._zip_pid = os.getpid()
+        return self._zip
+
+    def fill_cache(self, indices: Iterable[int]) -> None:
+        """Read the raw bytes of samples ``indices`` into memory (decoding still happens per access)."""
+        indices = list(indices)
+        archive = self._archive()
+        step = max(1, len(indices) // 10)
+        for n, i in enumerate(indices):
+            if n % step == 0:
+                logger.info("caching %s: %d / %d", self.zip_path, n, len(indices))
+            try:
+                self.cache[i] = archive.read(self.samples[i][0])
+            except DECODE_ERRORS as exc:  # leave it to __getitem__, which applies the broken-image policy
+                logger.warning("could not cache %s: %s", self.name_of(i), exc)
+        logger.info("cached %d of %d images of %s", len(self.cache), len(self), self.zip_path)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state['_zip'] = None  # a ZipFile handle does not cross process boundaries
+        state['_zip_pid'] = None
+        return state
+
+    def name_of(self, index: int) -> str:
+        return f"{self.zip_path}:{self.samples[index][0]}"
+
+    def read(self, index: int) -> bytes:
+        cached = self.cache.get(index)
+        return cached if cached is not None else self._archive().read(self.samples[index][0])
+
+
+# ----------------------------------------------------------------------------- ImageNet-22K
+
+IMAGENET22K_CLASSES = 21841
+
+
+def read_22k_map(map_path: str) -> List[Sample]:
+    """The official ImageNet-22K map: a JSON list of ``[relative_path, label]``; tab lines are accepted too."""
+    if not os.path.isfile(map_path):
+        raise DatasetLayoutError(f"ImageNet-22K map file not found: {map_path}")
+    with open(map_path, encoding='utf-8') as f:
+        head = f.read(1)
+        while head and head.isspace():
+            head = f.read(1)
+        if head != '[':
+            return read_map_file(map_path)
+        f.seek(0)
+        try:
+            entries = json.load(f)
+            samples = [(str(p), int(label)) for p, label in entries]
+        except (ValueError, TypeError) as e:
+            raise DatasetLayoutError(f"{map_path}: expected a JSON list of [path, label] pairs: {e}") from None
+    if not samples:
+        raise DatasetLayoutError(f"map file {map_path} lists no images")
+    return samples
+
+
+class ImageNet22KDataset(ImageDataset):
+    """ImageNet-22K from a map file; image paths are relative to ``root``; 21841 classes."""
+
+    def __init__(self, root: str, map_file: str, transform: Optional[Callable] = None,
+                 on_broken: str = 'substitute') -> None:
+        self.root = root
+        super().__init__(read_22k_map(os.path.join(root, map_file)), transform, on_broken,
+                         description=os.path.join(root, map_file))
+
+    @property
+    def num_classes(self) -> int:
+        return IMAGENET22K_CLASSES
+
+    def name_of(self, index: int) -> str:
+        return os.path.join(self.root, self.samples[index][0])
+
+    def read(self, index: int) -> str:
+        return self.name_of(index)
