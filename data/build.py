@@ -6,7 +6,9 @@ import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+from PIL import Image
 from timm.data import Mixup, create_transform
+from timm.data import auto_augment as timm_auto_augment
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms
@@ -33,6 +35,28 @@ _EVAL_INTERPOLATION = {
 
 # ----------------------------------------------------------------------------- transforms
 
+def _posterize_allowing_zero_bits(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize op, with 0 bits kept giving a black image as Pillow < 13 did.
+
+    RandAugment's 'PosterizeIncreasing' reaches 0 bits at magnitude 10 (m9 with mstd 0.5 gets there), and
+    Pillow 13 rejects bits outside 1..8, which would crash a training run at random.
+    """
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return timm_auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def _fix_posterize(transform: Any) -> None:
+    """Swap timm's posterize for the zero-bit-safe one inside RandAugment / AutoAugment / AugMix ops."""
+    for t in getattr(transform, 'transforms', []):
+        ops = list(getattr(t, 'ops', []))
+        for sub_policy in getattr(t, 'policy', []):  # AutoAugment: a list of op lists
+            ops.extend(sub_policy)
+        for op in ops:
+            if getattr(op, 'aug_fn', None) is timm_auto_augment.posterize:
+                op.aug_fn = _posterize_allowing_zero_bits
+
+
 def build_transform(is_train: bool, config: Any) -> Callable:
     """The training augmentation (timm) or the deterministic eval transform for ``config``.
 
@@ -57,6 +81,7 @@ def build_transform(is_train: bool, config: Any) -> Callable:
             # Small images: a padded random crop instead of a random-resized crop. pad_if_needed keeps the
             # output size fixed for images smaller than the crop.
             transform.transforms[0] = transforms.RandomCrop(size, padding=4, pad_if_needed=True)
+        _fix_posterize(transform)
         return transform
 
     interpolation = _EVAL_INTERPOLATION[config.DATA.INTERPOLATION]

@@ -286,6 +286,20 @@ def test_train_transform_small_images_use_padded_random_crop():
     assert tf(Image.new('RGB', (70, 30))).shape == (3, 48, 48)
 
 
+@pytest.mark.parametrize('policy', ['rand-m9-mstd0.5-inc1', 'original'])
+def test_posterize_to_zero_bits_does_not_crash(policy):
+    # Pillow >= 13 rejects posterize(bits=0), which RandAugment reaches at magnitude 10.
+    tf = build_transform(True, cfg('', 'AUG.AUTO_AUGMENT', policy))
+    aug = next(t for t in tf.transforms if hasattr(t, 'ops') or hasattr(t, 'policy'))
+    ops = aug.ops if hasattr(aug, 'ops') else [op for sub in aug.policy for op in sub]
+    posterize = [op for op in ops if op.name.startswith('Posterize')]
+    assert posterize
+    img = Image.new('RGB', (8, 8), (200, 100, 50))
+    for op in posterize:
+        out = op.aug_fn(img, 0, **op.kwargs)
+        assert np.asarray(out).max() == 0 and out.size == img.size
+
+
 def test_mixup_soft_targets():
     mixup_fn = data.build_mixup(cfg(''))
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
