@@ -11,7 +11,8 @@ Unreadable images (truncated, not an image, missing from an archive) never stop 
 - validation: the file is skipped with a warning and dropped from its batch, so each readable image is counted
   exactly once; a batch may then be smaller than ``DATA.BATCH_SIZE``, or even empty (shape (0, 3, S, S)).
 
-Each dataset counts its skipped files in a shared integer that DataLoader workers (separate processes) add to.
+Each dataset counts its skipped files in a shared-memory tensor that DataLoader workers (separate processes,
+fork or spawn) add to, one slot per process, so no lock is needed.
 The engine reads it from the main process once an epoch has been fully consumed::
 
     n_broken = data.pop_broken_count(data_loader_train)   # returns the count and resets it to 0

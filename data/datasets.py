@@ -9,15 +9,14 @@ handle unreadable files by the dataset's ``on_broken`` policy:
   accuracy is computed over readable images only, each counted once.
 - ``'error'`` (``DATA.STRICT_IMAGES``): raise ``BrokenImageError``.
 
-The count lives in a ``multiprocessing`` shared integer (``BrokenImageCounter``) created in the main process, so
-DataLoader workers increment the same number that the engine reads.
+The count lives in a shared-memory tensor (``BrokenImageCounter``) created in the main process, so DataLoader
+workers (fork or spawn) add to the same number that the engine reads.
 """
 from __future__ import annotations
 
 import io
 import json
 import logging
-import multiprocessing
 import os
 import struct
 import zipfile
@@ -51,24 +50,31 @@ class BrokenImageError(RuntimeError):
 
 
 class BrokenImageCounter:
-    """A count of unreadable images shared by the main process and its DataLoader workers."""
+    """A count of unreadable images shared by the main process and its DataLoader workers.
+
+    One slot per process in a shared-memory tensor (slot 0: the main process, 1 + worker id: a worker), so
+    increments need no lock, and it works with fork and spawn workers alike. Read and reset it in the main
+    process between epochs.
+    """
+
+    SLOTS = 257  # main process + 256 workers (more workers share slots, which is still safe enough for counts)
 
     def __init__(self) -> None:
-        self._value = multiprocessing.Value('q', 0)
+        self._counts = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
 
     def add(self, n: int = 1) -> None:
-        with self._value.get_lock():
-            self._value.value += n
+        info = torch.utils.data.get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (self.SLOTS - 1)
+        self._counts[slot] += n
 
     @property
     def value(self) -> int:
-        return int(self._value.value)
+        return int(self._counts.sum())
 
     def reset(self) -> int:
         """Set the count to 0 and return what it was."""
-        with self._value.get_lock():
-            old = int(self._value.value)
-            self._value.value = 0
+        old = self.value
+        self._counts.zero_()
         return old
 
 

@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
