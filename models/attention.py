@@ -1,0 +1,96 @@
+"""Window attention core shared by V1 and V2: the additive bias cache and the two attention paths."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+                     fused: bool, dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention of ``(B*nW, nH, N, d)`` windows with an additive ``(B*nW | nW | 1, nH, N, N)`` bias.
+
+    ``fused`` uses ``scaled_dot_product_attention``; otherwise the plain matmul-softmax-matmul path. A bias
+    with ``nW`` entries (not broadcastable to ``B*nW``) is applied per window with the batch folded out.
+    """
+    windows, heads, n, _ = q.shape
+    per_window = bias.shape[0] not in (1, windows)
+    if fused:
+        if per_window:  # SDPA needs a mask broadcastable to (B*nW, nH, N, N)
+            bias = bias.unsqueeze(0).expand(windows // bias.shape[0], -1, -1, -1, -1).reshape(windows, heads, n, n)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if per_window:
+        attn = (attn.view(-1, bias.shape[0], heads, n, n) + bias).view(windows, heads, n, n)
+    else:
+        attn = attn + bias
+    attn = attn.softmax(dim=-1)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, p=dropout_p)
+    return attn @ v
+
+
+class WindowAttentionBase(nn.Module):
+    """Holds what V1 and V2 attention share: qkv/proj layers, the head split, and a cache of the combined
+    ``position bias + shift mask`` tensor for inference (rebuilt whenever the parameters it comes from
+    change, and always rebuilt while gradients are being recorded)."""
+
+    def __init__(self, dim: int, num_heads: int, window_size, attn_drop: float, proj_drop: float,
+                 fused_attn: bool):
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.window_size = tuple(window_size)
+        self.fused_attn = fused_attn
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._bias_cache: Dict[tuple, torch.Tensor] = {}
+
+    def position_bias(self) -> torch.Tensor:
+        """``(nH, N, N)`` additive relative position bias."""
+        raise NotImplementedError
+
+    def _bias_sources(self) -> tuple:
+        """Parameters the position bias is computed from (their versions key the cache)."""
+        raise NotImplementedError
+
+    def attention_bias(self, mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """Position bias plus the shift mask: ``(nW, nH, N, N)`` with a mask, else ``(1, nH, N, N)``."""
+        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if cacheable:
+            key = (id(mask), dtype) + tuple(p._version for p in self._bias_sources()) + \
+                  tuple(p.data_ptr() for p in self._bias_sources())
+            cached = self._bias_cache.get(key)
+            if cached is not None:
+                return cached
+        bias = self.position_bias().unsqueeze(0)
+        if mask is not None:
+            bias = bias + mask.unsqueeze(1).to(bias.dtype)
+        bias = bias.to(dtype)
+        if cacheable:
+            if len(self._bias_cache) > 8:
+                self._bias_cache.clear()
+            self._bias_cache[key] = bias
+        return bias
+
+    def split_heads(self, qkv: torch.Tensor):
+        """``(B_, N, 3C)`` -> q, k, v of shape ``(B_, nH, N, d)`` (views, no copy)."""
+        b, n, _ = qkv.shape
+        return qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = x.shape
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, self.dim)))
+
+    def flops(self, n: int) -> float:
+        """Official count for one window of ``n`` tokens: qkv, q@k, attn@v, proj."""
+        return n * self.dim * 3 * self.dim + 2 * self.num_heads * n * (self.dim // self.num_heads) * n + \
+            n * self.dim * self.dim
+
+    def extra_repr(self) -> str:
+        return f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, ' \
+               f'fused_attn={self.fused_attn}'

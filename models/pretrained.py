@@ -1,0 +1,132 @@
+"""Fine-tune loading: official (or converted) Swin weights into a model of another resolution/window/head.
+
+What ``load_pretrained`` does, and logs:
+- drops derived buffers (``relative_position_index``, ``attn_mask``, ``relative_coords_table``);
+- bicubic-interpolates every ``relative_position_bias_table`` whose window differs (e.g. 7 -> 12 for 384);
+- bicubic-interpolates ``absolute_pos_embed`` to the model's patch grid;
+- maps a 21841-class ImageNet-22K head to 1000 ImageNet-1K classes with the official index list
+  (``map22kto1k.txt``), or re-initialises a head of any other size (zeros, as the official code does);
+- anything else that does not fit (another architecture, other widths/heads) is an error naming the key.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Dict, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_LOG = logging.getLogger(__name__)
+MAP_22K_TO_1K = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'map22kto1k.txt')
+_DERIVED = ('relative_position_index', 'attn_mask', 'relative_coords_table')
+
+
+def imagenet22k_to_1k_indices() -> torch.Tensor:
+    """The 1000 row indices of the ImageNet-1K classes in a 21841-class ImageNet-22K head."""
+    with open(MAP_22K_TO_1K) as f:
+        return torch.tensor([int(line) for line in f if line.strip()], dtype=torch.long)
+
+
+def extract_state_dict(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
+    """The model weights of a checkpoint: ``ckpt['model']`` (official), ``['state_dict']``, or the dict itself."""
+    for key in ('model', 'state_dict', 'model_ema'):
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            return dict(checkpoint[key])
+    return dict(checkpoint)
+
+
+def resize_relative_position_bias_table(table: torch.Tensor, window_size) -> torch.Tensor:
+    """``((2W'-1)^2, nH)`` table of a square window resized bicubically to ``window_size``'s table."""
+    length, heads = table.shape
+    side = int(round(math.sqrt(length)))
+    if side * side != length:
+        raise ValueError(f"cannot resize a relative position table of {length} rows: not a square window")
+    target = (2 * window_size[0] - 1, 2 * window_size[1] - 1)
+    grid = table.permute(1, 0).reshape(1, heads, side, side).float()
+    grid = F.interpolate(grid, size=target, mode='bicubic', align_corners=False)
+    return grid.reshape(heads, -1).permute(1, 0).to(table.dtype).contiguous()
+
+
+def resize_absolute_pos_embed(pos: torch.Tensor, grid) -> torch.Tensor:
+    """``(1, L, C)`` absolute position embedding of a square grid resized bicubically to ``grid`` (h, w)."""
+    _, length, channels = pos.shape
+    side = int(round(math.sqrt(length)))
+    if side * side != length:
+        raise ValueError(f"cannot resize absolute_pos_embed of {length} positions: not a square grid")
+    x = pos.reshape(1, side, side, channels).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=tuple(grid), mode='bicubic', align_corners=False)
+    return x.permute(0, 2, 3, 1).reshape(1, -1, channels).to(pos.dtype)
+
+
+def _read(checkpoint: Union[str, os.PathLike, Mapping], trust: bool) -> Dict[str, torch.Tensor]:
+    if isinstance(checkpoint, Mapping):
+        return extract_state_dict(checkpoint)
+    from utils.checkpoint import load_checkpoint_file  # the one module that reads checkpoint files
+    return extract_state_dict(load_checkpoint_file(str(checkpoint), trust=trust))
+
+
+def load_pretrained(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping],
+                    logger: Optional[logging.Logger] = None, trust: bool = False) -> Dict[str, list]:
+    """Load pretrained weights into ``model`` for fine-tuning, adapting what the official recipe adapts.
+
+    ``checkpoint`` is a file path (``.pth`` read with ``weights_only=True``, or ``.safetensors``) or a
+    (state) dict. Returns ``{'adapted': [...], 'reinitialized': [...]}`` key lists. Raises ``ValueError``
+    naming the key when a tensor cannot be made to fit.
+    """
+    log = logger or _LOG
+    state = {k: v for k, v in _read(checkpoint, trust).items() if k.rsplit('.', 1)[-1] not in _DERIVED}
+    own = model.state_dict()
+    modules = dict(model.named_modules())
+    adapted, reinitialized = [], []
+
+    for key in list(state):
+        if key.endswith('relative_position_bias_table') and key in own and state[key].shape != own[key].shape:
+            if state[key].shape[1] != own[key].shape[1]:
+                raise ValueError(f"{key}: checkpoint has {state[key].shape[1]} heads, the model "
+                                 f"{own[key].shape[1]}")
+            window = modules[key.rsplit('.', 1)[0]].window_size
+            state[key] = resize_relative_position_bias_table(state[key], window)
+            adapted.append(key)
+        elif key == 'absolute_pos_embed' and key in own and state[key].shape != own[key].shape:
+            if state[key].shape[-1] != own[key].shape[-1]:
+                raise ValueError(f"{key}: checkpoint has width {state[key].shape[-1]}, the model {own[key].shape[-1]}")
+            state[key] = resize_absolute_pos_embed(state[key], model.patches_resolution)
+            adapted.append(key)
+
+    head_w, head_b = state.get('head.weight'), state.get('head.bias')
+    own_head = own.get('head.weight')
+    if head_w is not None and (own_head is None or head_w.shape != own_head.shape):
+        classes_in, classes_out = head_w.shape[0], (own_head.shape[0] if own_head is not None else 0)
+        if classes_in == 21841 and classes_out == 1000 and head_w.shape[1] == own_head.shape[1]:
+            index = imagenet22k_to_1k_indices()
+            state['head.weight'], state['head.bias'] = head_w[index], head_b[index]
+            adapted += ['head.weight', 'head.bias']
+            log.info("load_pretrained: mapped the 21841-class ImageNet-22K head to 1000 ImageNet-1K classes")
+        else:
+            del state['head.weight']
+            state.pop('head.bias', None)
+            if isinstance(getattr(model, 'head', None), nn.Linear):
+                nn.init.zeros_(model.head.weight)
+                nn.init.zeros_(model.head.bias)
+                reinitialized += ['head.weight', 'head.bias']
+            log.warning(f"load_pretrained: checkpoint head has {classes_in} classes, the model {classes_out}: "
+                        f"the head is re-initialised (zeros) and trained from scratch")
+
+    missing = [k for k in own if k not in state and k not in reinitialized]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model ({type(model).__name__}): "
+                         f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                         f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. "
+                         f"Is it a checkpoint of another architecture or depth?")
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} does not fit the model's "
+                             f"{tuple(own[key].shape)} (another width, depth or head count?)")
+    model.load_state_dict(state, strict=False)
+    if adapted:
+        log.info(f"load_pretrained: adapted {len(adapted)} tensors to the new size: {adapted}")
+    return {'adapted': adapted, 'reinitialized': reinitialized}

@@ -1,0 +1,137 @@
+"""Window operations shared by Swin V1 and V2: token gathers for (shifted) windows, masks, padding.
+
+Instead of ``pad -> roll -> window_partition`` (three copies) we gather the tokens of a ``(B, H*W, C)`` map
+straight into window order with one precomputed index, and scatter them back with its inverse. The
+padding to window multiples is folded into the same index (padded slots point at an appended zero token),
+so any input size works. Indices and masks depend only on the geometry and are cached per geometry.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# The official implementation masks attention across shifted-window borders with this additive value.
+MASK_VALUE = -100.0
+
+
+class WindowGeometry:
+    """Where every token of an ``H x W`` map goes when split into ``window`` windows shifted by ``shift``.
+
+    Attributes:
+        gather_index: ``(nW * N,)`` token index per window slot; ``H*W`` marks a padded (zero) slot.
+        scatter_index: ``(H*W,)`` window slot of every real token (inverse of ``gather_index``).
+        mask: ``(nW, N, N)`` additive shifted-window mask (0 or -100), or None when there is no shift.
+        num_windows, padded: window count and whether any slot is padding.
+    """
+
+    def __init__(self, height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int],
+                 device: torch.device):
+        wh, ww = window
+        sh, sw = shift
+        hp, wp = -(-height // wh) * wh, -(-width // ww) * ww
+        self.padded = (hp, wp) != (height, width)
+        self.num_windows = (hp // wh) * (wp // ww)
+        # token id of every position of the padded map, padding -> height*width (the zero token)
+        grid = torch.full((hp, wp), height * width, dtype=torch.long)
+        grid[:height, :width] = torch.arange(height * width).view(height, width)
+        # cyclic shift towards the top-left, as torch.roll(x, (-sh, -sw)) does in the official code
+        grid = torch.roll(grid, shifts=(-sh, -sw), dims=(0, 1))
+        windows = grid.view(hp // wh, wh, wp // ww, ww).permute(0, 2, 1, 3).reshape(-1)
+        self.gather_index = windows.to(device)
+        scatter = torch.empty(height * width, dtype=torch.long)
+        real = windows < height * width
+        scatter[windows[real]] = torch.arange(windows.numel())[real]
+        self.scatter_index = scatter.to(device)
+        self.mask = shifted_window_mask(hp, wp, window, shift).to(device) if (sh or sw) else None
+
+    def partition(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H*W, C)`` -> ``(B*nW, N, C)`` in window order (with shift and zero padding)."""
+        b, _, c = x.shape
+        if self.padded:
+            x = torch.cat([x, x.new_zeros(b, 1, c)], dim=1)
+        return x.index_select(1, self.gather_index).view(b * self.num_windows, -1, c)
+
+    def reverse(self, windows: torch.Tensor, batch: int) -> torch.Tensor:
+        """``(B*nW, N, C)`` -> ``(B, H*W, C)``; drops padded slots and undoes the shift."""
+        return windows.reshape(batch, -1, windows.shape[-1]).index_select(1, self.scatter_index)
+
+
+def shifted_window_mask(height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int]) -> torch.Tensor:
+    """Additive mask ``(nW, N, N)`` that keeps attention inside the regions a cyclic shift glued together.
+
+    ``height``/``width`` are the padded map size (multiples of the window), as in the official code.
+    """
+    wh, ww = window
+    sh, sw = shift
+    region = torch.zeros(height, width)
+    label = 0
+    for hs in ((0, height - wh), (height - wh, height - sh), (height - sh, height)):
+        for ws in ((0, width - ww), (width - ww, width - sw), (width - sw, width)):
+            region[hs[0]:hs[1], ws[0]:ws[1]] = label
+            label += 1
+    windows = region.view(height // wh, wh, width // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+    diff = windows.unsqueeze(1) - windows.unsqueeze(2)
+    return torch.zeros_like(diff).masked_fill(diff != 0, MASK_VALUE)
+
+
+def relative_position_index(window: Tuple[int, int]) -> torch.Tensor:
+    """``(N, N)`` index into the ``(2Wh-1)*(2Ww-1)`` relative position table, official ordering."""
+    wh, ww = window
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing='ij')).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    return (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
+
+
+class GeometryCache:
+    """Per-module cache of :class:`WindowGeometry` keyed by map size and device (built once per size)."""
+
+    def __init__(self) -> None:
+        self._cache: Dict[tuple, WindowGeometry] = {}
+
+    def get(self, height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int],
+            device: torch.device) -> WindowGeometry:
+        key = (height, width, window, shift, str(device))
+        geometry = self._cache.get(key)
+        if geometry is None:
+            geometry = WindowGeometry(height, width, window, shift, device)
+            self._cache[key] = geometry
+        return geometry
+
+
+def effective_window(height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int]
+                     ) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """Window and shift actually used on an ``H x W`` map: no shift along a side the window covers."""
+    shift = (0 if height <= window[0] else shift[0], 0 if width <= window[1] else shift[1])
+    return window, shift
+
+
+def pad_to_even(x: torch.Tensor) -> torch.Tensor:
+    """Zero-pad a ``(B, H, W, C)`` map at the bottom/right so that H and W are even (before merging)."""
+    h, w = x.shape[1:3]
+    if h % 2 or w % 2:
+        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+    return x
+
+
+def merge_2x2(x: torch.Tensor, height: int, width: int) -> Tuple[torch.Tensor, int, int]:
+    """``(B, H*W, C)`` -> ``(B, H/2*W/2, 4C)`` with the official channel order x0, x1, x2, x3.
+
+    x0 = (even row, even col), x1 = (odd row, even col), x2 = (even row, odd col), x3 = (odd, odd).
+    """
+    b, _, c = x.shape
+    x = pad_to_even(x.view(b, height, width, c))
+    h2, w2 = x.shape[1] // 2, x.shape[2] // 2
+    # (B, h2, row, w2, col, C) -> (B, h2, w2, col, row, C): col-major over the 2x2 cell = x0, x1, x2, x3
+    x = x.view(b, h2, 2, w2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h2 * w2, 4 * c)
+    return x, h2, w2
+
+
+def window_to_tuple(value, name: str) -> Tuple[int, int]:
+    """An int or a pair as a validated ``(h, w)`` tuple of positive ints."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2 or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
+    return pair  # type: ignore[return-value]
+

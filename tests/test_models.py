@@ -1,0 +1,288 @@
+"""Swin V1/V2 models: parity with timm, any input size, fine-tune loading, FLOPs, parameter counts, errors."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from timm.models import swin_transformer as timm_v1
+from timm.models import swin_transformer_v2 as timm_v2
+from torch.utils.flop_counter import FlopCounterMode
+
+from config import load_config
+from models import SwinTransformer, SwinTransformerV2, build_model, load_pretrained
+from models.convert import timm_to_official, torchvision_to_official
+from models.pretrained import imagenet22k_to_1k_indices
+
+TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+SMALL = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 8))
+
+
+def randomize(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
+    """Random weights everywhere (norms included) so that every parameter matters to the output."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            offset = 1.0 if 'norm' in name and name.endswith('weight') else 0.0
+            p.copy_(torch.randn(p.shape, generator=g) * std + offset)
+    return model
+
+
+def set_fused(model: torch.nn.Module, fused: bool) -> None:
+    for m in model.modules():
+        if hasattr(m, 'fused_attn'):
+            m.fused_attn = fused
+
+
+@pytest.mark.parametrize('arch', [TINY, SMALL], ids=['tiny', 'small'])
+@pytest.mark.parametrize('size,window', [(224, 7), (256, 8), (384, 12)])
+def test_v1_matches_timm(arch, size, window):
+    ours = randomize(SwinTransformer(img_size=size, window_size=window, num_classes=10, **arch)).eval()
+    ref = timm_v1.SwinTransformer(img_size=size, window_size=window, num_classes=10, **arch).eval()
+    ref.load_state_dict(timm_v1.checkpoint_filter_fn(ours.state_dict(), ref))
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        expected = ref(x)
+        for fused in (True, False):
+            set_fused(ours, fused)
+            assert (ours(x) - expected).abs().max().item() < 1e-5, f'fused={fused}'
+
+
+@pytest.mark.parametrize('arch', [TINY, SMALL], ids=['tiny', 'small'])
+@pytest.mark.parametrize('size,window', [(224, 7), (256, 8), (384, 12)])
+def test_v2_matches_timm(arch, size, window):
+    pretrained = (window - 4,) * 4 if size == 384 else (0,) * 4  # exercise the pretrained-window path too
+    ours = randomize(SwinTransformerV2(img_size=size, window_size=window, num_classes=10,
+                                       pretrained_window_sizes=pretrained, **arch)).eval()
+    ref = timm_v2.SwinTransformerV2(img_size=size, window_size=window, num_classes=10,
+                                    pretrained_window_sizes=pretrained, **arch).eval()
+    ref.load_state_dict(timm_v2.checkpoint_filter_fn(ours.state_dict(), ref))
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        expected = ref(x)
+        for fused in (True, False):
+            set_fused(ours, fused)
+            assert (ours(x) - expected).abs().max().item() < 1e-5, f'fused={fused}'
+
+
+def test_fused_and_plain_paths_equal_in_training_with_grads():
+    model = randomize(SwinTransformer(img_size=64, window_size=4, num_classes=5, drop_path_rate=0., **SMALL))
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for fused in (True, False):
+        set_fused(model, fused)
+        model.zero_grad()
+        model(x).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_official_checkpoint_buffers_are_accepted():
+    model = SwinTransformer(img_size=64, window_size=4, num_classes=5, **SMALL)
+    state = model.state_dict()
+    state['layers.0.blocks.0.attn.relative_position_index'] = model.layers[0].blocks[0].attn.relative_position_index
+    state['layers.0.blocks.1.attn_mask'] = torch.zeros(16, 16, 16)
+    model.load_state_dict(state)  # strict: derived buffers in the file are dropped
+    assert 'attn_mask' not in ''.join(model.state_dict())
+
+
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+@pytest.mark.parametrize('h,w', [(250, 170), (97, 131), (224, 224)])
+def test_any_input_size_forward_backward(cls, h, w):
+    model = cls(img_size=224, window_size=7, num_classes=4, **SMALL)
+    x = torch.randn(2, 3, h, w, requires_grad=True)
+    out = model(x)
+    assert out.shape == (2, 4)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    # documented stage shapes: ceil(H / 4 / 2**i), embed_dim * 2**i channels
+    feats = model.forward_backbone(x.detach())
+    for i, f in enumerate(feats):
+        rows, cols = math.ceil(h / 4), math.ceil(w / 4)
+        for _ in range(i):
+            rows, cols = math.ceil(rows / 2), math.ceil(cols / 2)
+        assert f.shape == (2, 32 * 2 ** i, rows, cols)
+
+
+def test_masks_are_built_once_per_size():
+    model = SwinTransformer(img_size=64, window_size=4, num_classes=3, **SMALL).eval()
+    block = model.layers[0].blocks[1]
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+        geometry = dict(block._geometry._cache)
+        model(torch.randn(1, 3, 64, 64))
+        assert block._geometry._cache == geometry and len(geometry) == 1
+        model(torch.randn(1, 3, 80, 48))
+        assert len(block._geometry._cache) == 2
+
+
+def test_eval_bias_cache_follows_weight_updates():
+    model = randomize(SwinTransformer(img_size=64, window_size=4, num_classes=3, **SMALL)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        table = model.layers[0].blocks[1].attn.relative_position_bias_table
+        table.add_(torch.randn_like(table))  # not a constant: softmax ignores a shift
+        after = model(x)
+    assert not torch.allclose(before, after)
+
+
+def test_gradient_checkpointing_same_grads():
+    model = randomize(SwinTransformer(img_size=64, window_size=4, num_classes=3, drop_path_rate=0., **SMALL))
+    x = torch.randn(2, 3, 64, 64)
+    model(x).sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for a, p in zip(plain, model.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-6)
+
+
+def test_window_larger_than_map_shrinks_and_does_not_shift():
+    model = SwinTransformer(img_size=64, window_size=7, num_classes=3, **SMALL)  # stages 16, 8, 4, 2
+    last = model.layers[3].blocks[0]
+    assert model.layers[0].blocks[1].shift_size == (3, 3)
+    assert last.window_size == (2, 2) and last.shift_size == (0, 0)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+# --------------------------------------------------------------------------- fine-tune loading
+def test_load_pretrained_224_w7_into_384_w12():
+    src = randomize(SwinTransformer(img_size=224, window_size=7, num_classes=1000, ape=True, **SMALL))
+    dst = SwinTransformer(img_size=384, window_size=12, num_classes=1000, ape=True, **SMALL)
+    report = load_pretrained(dst, {'model': src.state_dict()})
+    for name in ('layers.0.blocks.0.attn.relative_position_bias_table', 'layers.2.blocks.0.attn.relative_position_bias_table'):
+        table = src.state_dict()[name]
+        heads = table.shape[1]
+        grid = table.permute(1, 0).reshape(1, heads, 13, 13)
+        expected = F.interpolate(grid, size=(23, 23), mode='bicubic').reshape(heads, -1).permute(1, 0)
+        assert torch.allclose(dst.state_dict()[name], expected, atol=1e-6)
+        assert name in report['adapted']
+    assert dst.absolute_pos_embed.shape == (1, 96 * 96, 32)
+    assert torch.equal(dst.head.weight, src.head.weight)
+    assert dst(torch.randn(1, 3, 384, 384)).shape == (1, 1000)
+
+
+def test_load_pretrained_v2_256_w8_into_384_w12():
+    src = randomize(SwinTransformerV2(img_size=256, window_size=8, num_classes=10, **SMALL))
+    dst = SwinTransformerV2(img_size=384, window_size=12, num_classes=10, pretrained_window_sizes=(8, 8, 8, 8), **SMALL)
+    load_pretrained(dst, src.state_dict())
+    assert torch.equal(dst.layers[1].blocks[0].attn.cpb_mlp[0].weight, src.layers[1].blocks[0].attn.cpb_mlp[0].weight)
+    # coordinates normalised by the pre-training window: 11 / 7 * 8 before the log
+    coords = dst.layers[0].blocks[0].attn.relative_coords_table
+    expected = math.log2(11 / 7 * 8 + 1) / 3
+    assert abs(coords.max().item() - expected) < 1e-6
+    assert dst(torch.randn(1, 3, 384, 384)).shape == (1, 10)
+
+
+def test_load_pretrained_22k_head_mapped_to_1k_and_other_heads_reinitialised(caplog):
+    src = randomize(SwinTransformer(img_size=64, window_size=4, num_classes=21841, **SMALL))
+    dst = SwinTransformer(img_size=64, window_size=4, num_classes=1000, **SMALL)
+    load_pretrained(dst, src.state_dict())
+    index = imagenet22k_to_1k_indices()
+    assert index.numel() == 1000 and index.unique().numel() == 1000
+    assert torch.equal(dst.head.weight, src.head.weight[index])
+    other = SwinTransformer(img_size=64, window_size=4, num_classes=7, **SMALL)
+    report = load_pretrained(other, src.state_dict())
+    assert report['reinitialized'] == ['head.weight', 'head.bias']
+    assert other.head.weight.abs().sum() == 0
+    assert 're-initialised' in caplog.text
+
+
+def test_load_pretrained_rejects_other_architecture():
+    src = SwinTransformer(img_size=64, window_size=4, num_classes=3, **SMALL)
+    other_depth = SwinTransformer(img_size=64, window_size=4, num_classes=3, embed_dim=32,
+                                  depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 8))
+    with pytest.raises(ValueError, match='missing|unexpected'):
+        load_pretrained(other_depth, src.state_dict())
+    wider = SwinTransformer(img_size=64, window_size=4, num_classes=3, embed_dim=64,
+                            depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 8))
+    with pytest.raises(ValueError, match='patch_embed|shape'):
+        load_pretrained(wider, src.state_dict())
+    with pytest.raises(ValueError, match='missing'):
+        load_pretrained(src, SwinTransformerV2(img_size=64, window_size=4, num_classes=3, **SMALL).state_dict())
+
+
+# --------------------------------------------------------------------------- converters
+def test_convert_timm_and_torchvision_weights():
+    x = torch.randn(1, 3, 224, 224)
+    tm = randomize(timm.create_model('swin_tiny_patch4_window7_224', num_classes=10)).eval()
+    ours = SwinTransformer(num_classes=10).eval()
+    ours.load_state_dict(timm_to_official(tm.state_dict()))
+    tv = randomize(torchvision.models.swin_t(num_classes=10)).eval()
+    ours_tv = SwinTransformer(num_classes=10).eval()
+    ours_tv.load_state_dict(torchvision_to_official(tv.state_dict()))
+    tv2 = randomize(torchvision.models.swin_v2_t(num_classes=10)).eval()
+    ours_tv2 = SwinTransformerV2(img_size=256, window_size=8, num_classes=10).eval()
+    ours_tv2.load_state_dict(torchvision_to_official(tv2.state_dict()))
+    x2 = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        assert (ours(x) - tm(x)).abs().max() < 1e-5
+        assert (ours_tv(x) - tv(x)).abs().max() < 1e-5
+        assert (ours_tv2(x2) - tv2(x2)).abs().max() < 1e-5
+
+
+# --------------------------------------------------------------------------- FLOPs and parameters
+@pytest.mark.parametrize('name,size,window,arch,gflops,mparams', [
+    ('T', 224, 7, (96, (2, 2, 6, 2), (3, 6, 12, 24)), 4.49, 28.29),
+    ('S', 224, 7, (96, (2, 2, 18, 2), (3, 6, 12, 24)), 8.75, 49.61),
+    ('B', 224, 7, (128, (2, 2, 18, 2), (4, 8, 16, 32)), 15.44, 87.77),
+    ('B384', 384, 12, (128, (2, 2, 18, 2), (4, 8, 16, 32)), 47.11, 87.90),
+    ('L', 224, 7, (192, (2, 2, 18, 2), (6, 12, 24, 48)), 34.49, 196.53),
+    ('L384', 384, 12, (192, (2, 2, 18, 2), (6, 12, 24, 48)), 103.95, 196.74),
+])
+def test_official_flops_and_params(name, size, window, arch, gflops, mparams):
+    with torch.device('meta'):
+        model = SwinTransformer(img_size=size, window_size=window, embed_dim=arch[0], depths=arch[1],
+                                num_heads=arch[2])
+    assert abs(model.flops() / 1e9 - gflops) / gflops < 0.005
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - mparams) < 0.005
+
+
+def test_flops_agree_with_torch_flop_counter():
+    model = SwinTransformer(img_size=224, window_size=7, num_classes=1000, fused_attn=False).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.randn(1, 3, 224, 224))
+    # the counter counts 2 FLOPs per multiply-add of matmuls/convs only; flops() counts multiply-adds plus
+    # LayerNorm elements (and the official final-norm term), so half the counter is slightly smaller
+    ratio = counter.get_total_flops() / 2 / model.flops()
+    assert 0.995 < ratio < 1.0, ratio
+
+
+def test_build_model_from_config_honours_num_classes():
+    cfg = load_config(None, ['MODEL.NUM_CLASSES', '37', 'DATA.IMG_SIZE', '64', 'MODEL.SWIN.WINDOW_SIZE', '4',
+                             'MODEL.SWIN.EMBED_DIM', '32', 'MODEL.SWIN.NUM_HEADS', '[2, 2, 4, 8]'])
+    model = build_model(cfg)
+    assert isinstance(model, SwinTransformer) and model.head.out_features == 37
+    cfg2 = load_config(None, ['MODEL.TYPE', 'swinv2', 'DATA.IMG_SIZE', '64', 'MODEL.SWINV2.WINDOW_SIZE', '4'])
+    assert isinstance(build_model(cfg2), SwinTransformerV2)
+
+
+def test_no_weight_decay_names():
+    v1 = SwinTransformer(img_size=64, window_size=4, **SMALL)
+    v2 = SwinTransformerV2(img_size=64, window_size=4, **SMALL)
+    assert v1.no_weight_decay() == {'absolute_pos_embed'}
+    assert 'relative_position_bias_table' in v1.no_weight_decay_keywords()
+    assert {'cpb_mlp', 'logit_scale'} <= v2.no_weight_decay_keywords()
+
+
+# --------------------------------------------------------------------------- bad input
+def test_clear_errors_on_bad_input():
+    model = SwinTransformer(img_size=64, window_size=4, num_classes=3, **SMALL)
+    with pytest.raises(ValueError, match='3-channel.*2'):
+        model(torch.randn(1, 2, 64, 64))
+    with pytest.raises(ValueError, match='window_size'):
+        SwinTransformer(window_size=0)
+    with pytest.raises(ValueError, match='patch_size'):
+        SwinTransformer(patch_size=0)
+    with pytest.raises(ValueError, match='heads'):
+        SwinTransformer(embed_dim=100, num_heads=(3, 6, 12, 24))
+    with pytest.raises(ValueError, match='same|equal length'):
+        SwinTransformer(depths=(2, 2, 6), num_heads=(3, 6, 12, 24))
+    with pytest.raises(TypeError, match='unexpected keyword'):
+        SwinTransformer(windowsize=7)
+    with pytest.raises(RuntimeError, match='size mismatch|Missing|Unexpected'):
+        model.load_state_dict(SwinTransformerV2(img_size=64, window_size=4, num_classes=3, **SMALL).state_dict())
