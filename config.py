@@ -244,6 +244,21 @@ def _unknown_key_error(exc: KeyError, where: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r} in {where}{hint}")
 
 
+def _type_error(exc: ValueError, where: str) -> ConfigError:
+    """yacs' type-mismatch error, reworded; a section given a plain value is named as such."""
+    msg = str(exc)
+    key = msg.rsplit('config key:', 1)[-1].strip() if 'config key:' in msg else ''
+    if key and 'CfgNode' in msg.split(' with values ')[0]:
+        return ConfigError(f"in {where}: {key} is a section of keys, not a single value")
+    if key:
+        default = _get(_C, key)
+        shown = msg.split(' with values (', 1)[-1].rsplit(') for config key', 1)[0]
+        got = shown.split(' vs. ', 1)[-1] if ' vs. ' in shown else '?'
+        return ConfigError(f"in {where}: {key} must be of type {type(default).__name__} like its default "
+                           f"{default!r}, got {got}")
+    return ConfigError(f"in {where}: {msg}")
+
+
 def _merge_file(config: CN, cfg_file: str, _seen: Optional[set] = None) -> None:
     """Merge a YAML file into config, its ``BASE`` files first (paths relative to the file)."""
     if not os.path.isfile(cfg_file):
@@ -268,7 +283,7 @@ def _merge_file(config: CN, cfg_file: str, _seen: Optional[set] = None) -> None:
     except KeyError as e:
         raise _unknown_key_error(e, cfg_file) from None
     except ValueError as e:
-        raise ConfigError(f"in {cfg_file}: {e}") from None
+        raise _type_error(e, cfg_file) from None
 
 
 def _merge_opts(config: CN, opts: Sequence[str]) -> None:
@@ -280,7 +295,7 @@ def _merge_opts(config: CN, opts: Sequence[str]) -> None:
     except KeyError as e:
         raise _unknown_key_error(e, '--opts') from None
     except ValueError as e:
-        raise ConfigError(f"in --opts: {e}") from None
+        raise _type_error(e, '--opts') from None
     except AssertionError as e:  # yacs asserts on a non-existent key in merge_from_list
         if 'Non-existent key' in str(e):
             raise _unknown_key_error(KeyError(str(e)), '--opts') from None
@@ -294,8 +309,56 @@ def _get(config: CN, dotted: str) -> Any:
     return node
 
 
+# Keys whose value may be None although their default is not.
+NULLABLE = ('TRAIN.CLIP_GRAD',)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_types(config: CN) -> None:
+    """Types yacs does not enforce: None in place of a value, list elements, NaN, the None-default keys."""
+    for key in _all_keys(_C):
+        default, value = _get(_C, key), _get(config, key)
+        if default is None:
+            continue
+        if value is None:
+            if key in NULLABLE:
+                continue
+            raise ConfigError(f"{key} must be of type {type(default).__name__} like its default {default!r}, got None "
+                              f"(an empty YAML value is None)")
+        # yacs checks a value against the current one, so a None set first lets any type in after it
+        same_kind = (isinstance(value, (list, tuple)) if isinstance(default, (list, tuple))
+                     else type(value) is type(default))
+        if not same_kind:
+            raise ConfigError(f"{key} must be of type {type(default).__name__} like its default {default!r}, "
+                              f"got {value!r}")
+        if isinstance(value, float) and value != value:
+            raise ConfigError(f"{key} is NaN")
+        if isinstance(default, (list, tuple)):
+            elem = type(default[0]) if default else None
+            for v in value:
+                ok = (_is_number(v) if elem in (float, None) and key != 'BASE' else
+                      isinstance(v, elem) and not (elem is int and isinstance(v, bool)))
+                if not ok:
+                    want = 'numbers' if elem in (float, None) else f'{elem.__name__} values'
+                    raise ConfigError(f"{key} must hold {want}, got {list(value)!r}")
+    if len(config.TRAIN.OPTIMIZER.BETAS) != 2:
+        raise ConfigError(f"TRAIN.OPTIMIZER.BETAS needs 2 numbers, got {list(config.TRAIN.OPTIMIZER.BETAS)}")
+    for key in ('MODEL.SWIN.QK_SCALE', 'MODEL.SWIN_MOE.QK_SCALE'):
+        value = _get(config, key)
+        if value is not None and not (_is_number(value) and value > 0):
+            raise ConfigError(f"{key} must be None (head_dim ** -0.5) or a positive number, got {value!r}")
+    minmax = config.AUG.CUTMIX_MINMAX
+    if minmax is not None and not (isinstance(minmax, (list, tuple)) and len(minmax) == 2
+                                   and all(_is_number(v) for v in minmax)):
+        raise ConfigError(f"AUG.CUTMIX_MINMAX must be None or [min, max] ratios, got {minmax!r}")
+
+
 def validate_config(config: CN) -> None:
     """Check values the model, loop and data would otherwise trip over deep inside; raise ConfigError."""
+    _check_types(config)
     for key, allowed in CHOICES.items():
         value = _get(config, key)
         if value not in allowed:
