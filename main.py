@@ -1,0 +1,106 @@
+"""Swin Transformer training, evaluation and throughput: the command line.
+
+    python main.py --cfg configs/swin/swin_tiny_patch4_window7_224.yaml --data-path /imagenet --batch-size 128
+    torchrun --nproc_per_node 8 main.py --cfg ... --data-path ...
+    python main.py --cfg ... --data-path ... --eval --resume ckpt.pth
+
+The flags are the official ones (plus ``--device`` and ``--trust-checkpoint``); the work is done in ``engine.run``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse the official flags; an unknown flag is an error that names it."""
+    parser = argparse.ArgumentParser(
+        'Swin Transformer training and evaluation',
+        description='Train, evaluate or benchmark Swin Transformer V1/V2 (microsoft/Swin-Transformer flags).')
+    parser.add_argument('--cfg', type=str, metavar='FILE', help='path to a config YAML file')
+    parser.add_argument('--opts', nargs='+', default=None, metavar='KEY VALUE',
+                        help="modify config options with KEY VALUE pairs, e.g. --opts TRAIN.EPOCHS 10")
+    parser.add_argument('--batch-size', type=int, help='batch size per process (DATA.BATCH_SIZE)')
+    parser.add_argument('--data-path', type=str, help='path to the dataset (DATA.DATA_PATH)')
+    parser.add_argument('--zip', action='store_true', help='read zipped datasets (DATA.ZIP_MODE)')
+    parser.add_argument('--cache-mode', type=str, default=None, choices=['no', 'full', 'part'],
+                        help='no: no cache; full: cache all data; part: each process caches its shard')
+    parser.add_argument('--pretrained', type=str, help='weights to fine-tune from (adapted to the model)')
+    parser.add_argument('--resume', type=str, help='checkpoint to resume training (or evaluate) from')
+    parser.add_argument('--accumulation-steps', type=int, help='gradient accumulation steps')
+    parser.add_argument('--use-checkpoint', action='store_true',
+                        help='activation checkpointing: less memory, slower')
+    parser.add_argument('--disable_amp', action='store_true', help='train and evaluate in fp32')
+    parser.add_argument('--amp-opt-level', type=str, choices=['O0', 'O1', 'O2'],
+                        help='deprecated apex option; O0 disables AMP; O1/O2 use apex when installed, else torch.amp')
+    parser.add_argument('--output', type=str, metavar='PATH',
+                        help='root output folder; the run writes to <output>/<MODEL.NAME>/<tag> (default: output)')
+    parser.add_argument('--tag', type=str, help='tag of the experiment')
+    parser.add_argument('--eval', action='store_true', help='evaluate only (with --resume or --pretrained)')
+    parser.add_argument('--throughput', action='store_true', help='measure throughput only')
+    parser.add_argument('--optim', type=str, help='optimizer name, overrides TRAIN.OPTIMIZER.NAME')
+    parser.add_argument('--fused_window_process', action='store_true',
+                        help='official fused window kernel flag (accepted; windows use the built-in path)')
+    parser.add_argument('--fused_layernorm', action='store_true',
+                        help='official apex fused LayerNorm flag (accepted)')
+    parser.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=None,
+                        help='set by torch.distributed.launch; torchrun uses the LOCAL_RANK variable')
+    parser.add_argument('--device', type=str, choices=['auto', 'cpu', 'cuda'],
+                        help='where to run (DEVICE); auto: CUDA when available')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='allow full unpickling of checkpoint files you trust (TRUST_CHECKPOINTS)')
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; returns the process exit code (2 for bad input, 1 for a stopped run)."""
+    args = parse_args(argv)
+    # Imported after parsing so that --help is instant and works without the heavy dependencies.
+    import torch  # noqa: F401
+
+    import engine
+    from config import ConfigError, apply_linear_scaling, get_config, save_config
+    from data import DatasetLayoutError
+    from utils.checkpoint import CheckpointError
+    from utils.distributed import cleanup_distributed, init_distributed
+    from utils.logger import create_logger
+    from utils.misc import seed_everything
+
+    try:
+        config = get_config(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        dist_info = init_distributed(config.DEVICE)
+    except (RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        config = apply_linear_scaling(config, dist_info.world_size)
+        seed_everything(config.SEED + dist_info.rank, config.DETERMINISTIC)
+        os.makedirs(config.OUTPUT, exist_ok=True)
+        logger = create_logger(config.OUTPUT, dist_info.rank, name=config.MODEL.NAME)
+        if dist_info.is_main:
+            path = os.path.join(config.OUTPUT, 'config.yaml')
+            save_config(config, path)
+            logger.info(f"full config saved to {path}")
+        logger.info(f"rank {dist_info.rank}/{dist_info.world_size} on {dist_info.device}; lr {config.TRAIN.BASE_LR:.3e}"
+                    f" (linear scaling: batch {config.DATA.BATCH_SIZE} x {dist_info.world_size} processes x "
+                    f"{config.TRAIN.ACCUMULATION_STEPS} accumulation / 512)")
+        engine.run(config, dist_info, logger)
+        return 0
+    except (ConfigError, DatasetLayoutError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except engine.NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""Helpers shared by the entry point and the engine.
+
+- ``utils.checkpoint``: the one module that reads and writes checkpoint files (save, resume, export).
+- ``utils.distributed``: process-group set-up from the ``torchrun`` environment and small collectives.
+- ``utils.logger``: per-rank log files, TensorBoard and the ``metrics.jsonl`` writer.
+- ``utils.misc``: seeding, memory and time formatting.
+
+Nothing is imported here so that ``import utils.checkpoint`` stays cheap (models/ uses it to read files).
+"""

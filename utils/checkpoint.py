@@ -1,0 +1,432 @@
+"""The one module that reads and writes checkpoint files: save, prune, auto-resume, resume, export.
+
+File layout in the output folder (official names kept):
+
+- ``ckpt_epoch_{e}.pth``: state after epoch ``e`` (0-based, as the official code); the last
+  ``TRAIN.KEEP_CHECKPOINTS`` are kept (0 keeps all);
+- ``ckpt_best.pth``: the epoch with the best validation top-1 (a hard link to the epoch file when possible);
+- ``ckpt_last.pth``: the newest state, an epoch file or a mid-epoch save (``TRAIN.SAVE_EVERY_STEPS``).
+
+A checkpoint is a plain dict readable with ``torch.load(weights_only=True)``:
+``model, optimizer, lr_scheduler, scaler, ema, epoch, step, max_accuracy, config, rng``.
+``epoch`` is the last *completed* epoch (-1 before the first), as the official code reads it, and ``step`` the
+optimizer updates already done in epoch ``epoch + 1`` (0 for an end-of-epoch checkpoint). ``config`` is a plain
+dict, never a pickled object.
+
+RNG: ``rng`` holds every rank's state (all-gathered at save time): ``{'world_size': W, 'per_rank': [state, ...]}``
+with torch CPU, CUDA (when present), numpy and python ``random`` states per rank. On resume with the same world
+size each rank restores its own; with another world size, ranks that have no saved state are reseeded from
+``SEED + rank + 1000 * epoch`` (logged), since no exact continuation exists then.
+
+Writes are atomic: a temporary file in the same folder, flushed and fsynced, then ``os.replace``. A failed write
+(e.g. disk full) removes the temporary file, leaves the previous checkpoint untouched and raises
+``CheckpointSaveError`` naming the file and the reason.
+
+Loading always uses ``torch.load(weights_only=True)``; a file that needs arbitrary unpickling (old official
+checkpoints with a pickled config, or anything malicious) is refused with ``UnsafeCheckpointError`` unless the
+caller opts in (``TRUST_CHECKPOINTS`` / ``--trust-checkpoint``); nothing from a refused file is executed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .distributed import all_gather_objects, get_rank, get_world_size
+
+_LOG = logging.getLogger(__name__)
+EPOCH_FILE = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
+BEST_NAME = 'ckpt_best.pth'
+LAST_NAME = 'ckpt_last.pth'
+TRUST_HINT = "set TRUST_CHECKPOINTS True (--trust-checkpoint) only if you trust where the file came from"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read or used; the message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file needs arbitrary unpickling, which is refused without an explicit opt-in."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """Writing a checkpoint failed; the previous file of that name is intact."""
+
+
+# ----------------------------------------------------------------------------- reading and writing files
+
+def load_checkpoint_file(path: str, trust: bool = False, map_location: Any = 'cpu') -> Dict[str, Any]:
+    """Read a checkpoint (``.pth`` with ``weights_only=True``, or ``.safetensors``) into a dict.
+
+    Raises ``CheckpointError`` for a missing, truncated or unreadable file and ``UnsafeCheckpointError`` for a
+    file that would need full unpickling (unless ``trust``).
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        try:
+            return dict(load_file(path, device=str(map_location)))
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'weights only' not in str(e).lower() and 'weights_only' not in str(e).lower():
+            raise CheckpointError(f"checkpoint file {path} is corrupt or truncated: {_first_line(e)}") from None
+        if not trust:
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: it contains objects that need arbitrary code to unpickle "
+                f"({_first_line(e)}); {TRUST_HINT}") from None
+        _LOG.warning("loading %s with full unpickling because TRUST_CHECKPOINTS is set", path)
+        obj = torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated: {_first_line(e)}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint file {path} holds a {type(obj).__name__}, not a dict")
+    return obj
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows: directories cannot be opened; the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint_file(obj: Mapping[str, Any], path: str) -> None:
+    """Write ``obj`` to ``path`` atomically (same-folder temp file, flush + fsync, ``os.replace``)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp.{os.getpid()}')
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+    except OSError as e:
+        _remove_quietly(tmp)
+        previous = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else \
+            "no earlier file of that name existed"
+        raise CheckpointSaveError(f"could not write checkpoint {path}: {e.strerror or e} ({previous})") from e
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Make ``dst`` a hard link to ``src`` (a copy where links are not supported), replacing it atomically."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f'.{os.path.basename(dst)}.tmp.{os.getpid()}')
+    _remove_quietly(tmp)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, 'rb+') as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise CheckpointSaveError(f"could not write checkpoint {dst}: {e.strerror or e} "
+                                  f"(the previous {os.path.basename(dst)}, if any, is intact)") from e
+
+
+def export_safetensors(state_dict: Mapping[str, torch.Tensor], path: str,
+                       metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write model weights to a ``.safetensors`` file (contiguous CPU copies; shared tensors are cloned)."""
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().to('cpu').clone().contiguous() for k, v in state_dict.items()
+               if isinstance(v, torch.Tensor)}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp.{os.getpid()}')
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+def capture_rng_state() -> Dict[str, Any]:
+    """This process's RNG states as tensors and plain Python values (``weights_only``-loadable)."""
+    np_state = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    state = {
+        'torch': torch.get_rng_state(),
+        'numpy': {'algorithm': np_state[0], 'keys': torch.from_numpy(np_state[1].astype(np.int64)),
+                  'pos': int(np_state[2]), 'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
+        'python': {'version': version, 'state': list(py_state), 'gauss': gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Set this process's RNGs from ``capture_rng_state`` output."""
+    torch.set_rng_state(state['torch'].cpu())
+    n = state['numpy']
+    np.random.set_state((n['algorithm'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
+    p = state['python']
+    random.setstate((p['version'], tuple(p['state']), p['gauss']))
+    if 'cuda' in state and torch.cuda.is_available():
+        saved = state['cuda']
+        for index in range(min(len(saved), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(saved[index].cpu(), index)
+
+
+def gather_rng_states() -> Dict[str, Any]:
+    """Every rank's RNG state (a collective: all ranks must call it)."""
+    per_rank = all_gather_objects(capture_rng_state())
+    return {'world_size': len(per_rank), 'per_rank': per_rank}
+
+
+def restore_rank_rng(rng: Optional[Mapping[str, Any]], fallback_seed: int,
+                     logger: Optional[logging.Logger] = None) -> bool:
+    """Restore this rank's saved RNG state; reseed with ``fallback_seed`` when none was saved for it.
+
+    Returns True when the saved state was restored.
+    """
+    log = logger or _LOG
+    rank = get_rank()
+    if rng and rng.get('world_size') == get_world_size() and rank < len(rng.get('per_rank', [])):
+        restore_rng_state(rng['per_rank'][rank])
+        return True
+    saved = rng.get('world_size') if rng else None
+    log.info("rank %d: no saved RNG state for this world size (saved %s, now %d); reseeding with %d",
+             rank, saved, get_world_size(), fallback_seed)
+    random.seed(fallback_seed)
+    np.random.seed(fallback_seed % 2 ** 32)
+    torch.manual_seed(fallback_seed)
+    return False
+
+
+# ----------------------------------------------------------------------------- building and restoring state
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and ``torch.compile`` wrappers (so keys carry no prefixes)."""
+    while True:
+        if hasattr(model, '_orig_mod'):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def build_checkpoint(config_dict: Dict[str, Any], epoch: int, model: torch.nn.Module, optimizer: Any = None,
+                     lr_scheduler: Any = None, scaler: Any = None, ema: Any = None, max_accuracy: float = 0.0,
+                     step: int = 0, rng: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The checkpoint dict (official keys plus ours); see the module docstring for their meaning."""
+    checkpoint: Dict[str, Any] = {
+        'model': _unwrap(model).state_dict(),
+        'optimizer': optimizer.state_dict() if optimizer is not None else None,
+        'lr_scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None,
+        'scaler': scaler.state_dict() if scaler is not None else None,
+        'ema': _unwrap(ema.module).state_dict() if ema is not None else None,
+        'max_accuracy': float(max_accuracy),
+        'epoch': int(epoch),
+        'step': int(step),
+        'config': config_dict,
+    }
+    if rng is not None:
+        checkpoint['rng'] = rng
+    return checkpoint
+
+
+def load_model_state(model: torch.nn.Module, checkpoint: Mapping[str, Any], path: str = '<checkpoint>') -> None:
+    """Load ``checkpoint['model']`` strictly (derived buffers such as ``attn_mask`` may be absent or extra)."""
+    if 'model' not in checkpoint or not isinstance(checkpoint['model'], Mapping):
+        raise CheckpointError(f"{path} has no 'model' state dict (keys: {sorted(checkpoint)[:10]})")
+    target = _unwrap(model)
+    state = dict(checkpoint['model'])
+    own = target.state_dict()
+    derived = ('relative_position_index', 'attn_mask', 'relative_coords_table')
+    missing = [k for k in own if k not in state and not k.endswith(derived)]
+    unexpected = [k for k in state if k not in own and not k.endswith(derived)]
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match the model: missing {missing[:6]}, unexpected "
+                              f"{unexpected[:6]} (another architecture? use --pretrained to fine-tune)")
+    state = {k: v for k, v in state.items() if k in own}
+    try:
+        target.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit the model: {_first_line(e)}") from None
+
+
+def restore_training_state(checkpoint: Mapping[str, Any], model: torch.nn.Module, optimizer: Any = None,
+                           lr_scheduler: Any = None, scaler: Any = None, ema: Any = None,
+                           path: str = '<checkpoint>', logger: Optional[logging.Logger] = None
+                           ) -> Tuple[int, int, float]:
+    """Restore model, optimizer, scheduler, scaler and EMA; returns ``(start_epoch, start_step, max_accuracy)``.
+
+    A checkpoint without optimizer state (e.g. weights only) restores the model and starts at epoch 0.
+    """
+    log = logger or _LOG
+    load_model_state(model, checkpoint, path)
+    if optimizer is None or not checkpoint.get('optimizer'):
+        log.info("resume: %s holds model weights only; training starts at epoch 0", path)
+        return 0, 0, float(checkpoint.get('max_accuracy', 0.0) or 0.0)
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: optimizer state does not fit this model/optimizer: {e}") from None
+    if lr_scheduler is not None and checkpoint.get('lr_scheduler'):
+        lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+    if scaler is not None:
+        if checkpoint.get('scaler'):
+            scaler.load_state_dict(checkpoint['scaler'])
+        else:
+            log.info("resume: %s has no loss-scaler state; the scaler starts fresh", path)
+    if ema is not None:
+        if checkpoint.get('ema'):
+            _unwrap(ema.module).load_state_dict(checkpoint['ema'])
+        else:
+            log.info("resume: %s has no EMA weights; the EMA starts from the resumed model", path)
+            ema.set(_unwrap(model))
+    epoch = int(checkpoint.get('epoch', -1))
+    step = int(checkpoint.get('step', 0) or 0)
+    return epoch + 1, step, float(checkpoint.get('max_accuracy', 0.0) or 0.0)
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+def epoch_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
+    """``(epoch, path)`` of the ``ckpt_epoch_{e}.pth`` files, by epoch number ascending."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = EPOCH_FILE.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.Logger] = None
+                ) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """The furthest readable checkpoint in ``output_dir`` and its contents, or ``(None, None)``.
+
+    Epoch files are ranked by the number in their name (never by mtime); ``ckpt_last.pth`` is used when it is
+    further along (a mid-epoch save). A file that does not load is skipped with a logged reason and the next
+    one tried. An unsafe file (needs unpickling) is an error rather than a skip.
+    """
+    log = logger or _LOG
+    candidates: List[Tuple[Tuple[int, int], str]] = [((e, 0), p) for e, p in epoch_checkpoints(output_dir)]
+    candidates.sort(reverse=True)
+    last = os.path.join(output_dir, LAST_NAME)
+    if os.path.isfile(last) and not any(_same_file(last, p) for _, p in candidates):
+        try:
+            checkpoint = load_checkpoint_file(last, trust=trust)
+            progress = (int(checkpoint.get('epoch', -1)), int(checkpoint.get('step', 0) or 0))
+            if not candidates or progress > candidates[0][0]:
+                log.info("auto-resume: %s (epoch %d done, %d updates into the next)", last, *progress)
+                return last, checkpoint
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as e:
+            log.warning("auto-resume: skipping %s: %s", last, e)
+    for (epoch, _), path in candidates:
+        try:
+            checkpoint = load_checkpoint_file(path, trust=trust)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as e:
+            log.warning("auto-resume: skipping %s: %s; trying the previous epoch", path, e)
+            continue
+        if int(checkpoint.get('epoch', epoch)) != epoch:
+            log.warning("auto-resume: %s says epoch %s inside; using it as epoch %d", path,
+                        checkpoint.get('epoch'), epoch)
+            checkpoint['epoch'] = epoch
+        log.info("auto-resume: %s (epoch %d)", path, epoch)
+        return path, checkpoint
+    if candidates:
+        log.warning("auto-resume: no readable checkpoint in %s; training starts from scratch", output_dir)
+    return None, None
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+class CheckpointManager:
+    """Writes checkpoints into ``output_dir`` with the naming, best/last links and pruning described above."""
+
+    def __init__(self, output_dir: str, keep: int = 0, logger: Optional[logging.Logger] = None):
+        self.output_dir = output_dir
+        self.keep = int(keep)
+        self.log = logger or _LOG
+
+    def save_epoch(self, checkpoint: Mapping[str, Any], epoch: int, is_best: bool = False) -> str:
+        """Write ``ckpt_epoch_{epoch}.pth``, point ``ckpt_last.pth`` (and ``ckpt_best.pth`` if best) at it, prune."""
+        path = os.path.join(self.output_dir, f'ckpt_epoch_{epoch}.pth')
+        save_checkpoint_file(checkpoint, path)
+        _link_or_copy(path, os.path.join(self.output_dir, LAST_NAME))
+        if is_best:
+            _link_or_copy(path, os.path.join(self.output_dir, BEST_NAME))
+        self.log.info("saved %s%s", path, " (best so far)" if is_best else "")
+        self.prune()
+        return path
+
+    def save_best(self, checkpoint: Mapping[str, Any]) -> str:
+        """Write ``ckpt_best.pth`` on its own (an epoch that is best but not on the SAVE_FREQ schedule)."""
+        path = os.path.join(self.output_dir, BEST_NAME)
+        save_checkpoint_file(checkpoint, path)
+        self.log.info("saved %s", path)
+        return path
+
+    def save_last(self, checkpoint: Mapping[str, Any]) -> str:
+        """Write a mid-epoch ``ckpt_last.pth``."""
+        path = os.path.join(self.output_dir, LAST_NAME)
+        save_checkpoint_file(checkpoint, path)
+        self.log.info("saved %s (epoch %d done, %d updates into the next)", path, checkpoint['epoch'],
+                      checkpoint['step'])
+        return path
+
+    def prune(self) -> List[str]:
+        """Delete all but the last ``keep`` epoch files (``keep`` 0: keep all); best/last are separate links."""
+        if self.keep <= 0:
+            return []
+        removed = []
+        for _, path in epoch_checkpoints(self.output_dir)[:-self.keep]:
+            try:
+                os.remove(path)
+                removed.append(path)
+            except OSError as e:
+                self.log.warning("could not remove old checkpoint %s: %s", path, e)
+        return removed

@@ -1,0 +1,119 @@
+"""Distributed set-up from the ``torchrun`` environment and the few collectives the engine needs.
+
+Without ``torchrun`` (no ``WORLD_SIZE`` > 1 in the environment) everything runs in a single process with no
+process group; the helpers then act as identities.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, List
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: global rank, world size, rank on this node, and its device."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA when available else CPU; ``cuda`` without a GPU is an error naming the key."""
+    if preference not in ('auto', 'cpu', 'cuda'):
+        raise ValueError(f"DEVICE = {preference!r} is not one of ['auto', 'cpu', 'cuda']")
+    if preference == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError("DEVICE = 'cuda' (--device cuda) but no CUDA device is available; use --device cpu "
+                           "or --device auto")
+    if preference == 'cpu' or not torch.cuda.is_available():
+        return torch.device('cpu')
+    return torch.device('cuda', local_rank % torch.cuda.device_count())
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value in (None, ''):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_distributed(device_preference: str = 'auto') -> DistInfo:
+    """Join the process group described by ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (as set by ``torchrun``).
+
+    NCCL on CUDA, gloo on CPU. Returns the single-process ``DistInfo`` when ``WORLD_SIZE`` is unset or 1.
+    """
+    world_size = _env_int('WORLD_SIZE', 1)
+    rank = _env_int('RANK', 0)
+    local_rank = _env_int('LOCAL_RANK', 0)
+    device = resolve_device(device_preference, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+        backend = 'nccl' if device.type == 'cuda' else 'gloo'
+        dist.init_process_group(backend=backend, init_method='env://', world_size=world_size, rank=rank)
+    elif device.type == 'cuda':
+        torch.cuda.set_device(device)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group, if any."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks, in place, and return it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    """The ``obj`` of every rank, in rank order (``[obj]`` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    gathered: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
