@@ -354,16 +354,14 @@ def throughput(data_loader: DataLoader, model: nn.Module, precision: Optional[Pr
 
 # ----------------------------------------------------------------------------- wiring
 
-def _apex_amp_module(config: Any, logger: logging.Logger) -> Any:
-    """apex.amp when AMP_OPT_LEVEL is O1/O2 and apex is importable; otherwise None (torch.amp is used)."""
+def apex_amp_module(config: Any) -> Any:
+    """apex.amp when AMP_OPT_LEVEL is O1/O2 (AMP on) and apex is installed; otherwise None (torch.amp is used)."""
     if config.AMP_OPT_LEVEL not in ('O1', 'O2') or not config.AMP_ENABLE:
         return None
     try:
         from apex import amp  # type: ignore[import-not-found]
         return amp
     except ImportError:
-        logger.warning(f"--amp-opt-level {config.AMP_OPT_LEVEL}: NVIDIA apex is not installed, so native "
-                       f"torch.amp mixed precision is used instead (AMP_DTYPE {config.AMP_DTYPE})")
         return None
 
 
@@ -419,7 +417,7 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
         return {'acc1': acc1, 'acc5': acc5, 'loss': loss}
 
     optimizer = build_optimizer(config, model)
-    apex_amp = _apex_amp_module(config, log)
+    apex_amp = apex_amp_module(config)
     if apex_amp is not None:
         model, optimizer = apex_amp.initialize(model, optimizer, opt_level=config.AMP_OPT_LEVEL)
     precision = resolve_precision(config, device, apex_amp)

@@ -90,6 +90,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.info(f"rank {dist_info.rank}/{dist_info.world_size} on {dist_info.device}; lr {config.TRAIN.BASE_LR:.3e}"
                     f" (linear scaling: batch {config.DATA.BATCH_SIZE} x {dist_info.world_size} processes x "
                     f"{config.TRAIN.ACCUMULATION_STEPS} accumulation / 512)")
+        if config.AMP_OPT_LEVEL in ('O1', 'O2') and config.AMP_ENABLE and engine.apex_amp_module(config) is None:
+            logger.warning(f"--amp-opt-level {config.AMP_OPT_LEVEL}: NVIDIA apex (apex.amp) is not installed; "
+                           f"using native torch.amp mixed precision instead (AMP_DTYPE {config.AMP_DTYPE})")
         engine.run(config, dist_info, logger)
         return 0
     except (ConfigError, DatasetLayoutError, CheckpointError) as e:

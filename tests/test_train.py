@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -152,6 +153,11 @@ def test_torchrun_two_processes_train_resume_and_exact_eval(digits, tmp_path):
     assert [m['epoch'] for m in _metrics(run_dir)] == [0, 1, 2]
     assert torch.load(os.path.join(run_dir, 'ckpt_epoch_2.pth'), weights_only=True)['rng']['world_size'] == 2
 
+    # Another world size: one process carries on from the 2-process checkpoint.
+    result = _ok(_main(_train_args(digits, out, 4)))
+    assert 'starting at epoch 3' in result.stdout
+    assert [m['epoch'] for m in _metrics(run_dir)] == [0, 1, 2, 3]
+
 
 # ----------------------------------------------------------------------------- DDP equivalence (in process)
 
@@ -292,7 +298,46 @@ def test_throughput_mode(digits, capsys, tmp_path, monkeypatch):
     original = engine.throughput
     monkeypatch.setattr(engine, 'throughput', lambda *a, **k: original(*a, warmup_iters=2, timed_iters=3))
     code, _ = _run_main(['--data-path', digits, '--output', str(tmp_path), '--device', 'cpu', '--throughput',
-                         '--batch-size', '8', '--opts', *TINY], capsys)
+                         '--batch-size', '8', '--amp-opt-level', 'O1', '--opts', *TINY], capsys)
     assert code == 0
     text = open(glob.glob(str(tmp_path / MODEL_DIR / 'log_rank0.txt'))[0]).read()
     assert 'batch_size 8 throughput ' in text
+    apex_missing = engine.apex_amp_module(SimpleNamespace(AMP_OPT_LEVEL='O1', AMP_ENABLE=True)) is None
+    assert ('apex (apex.amp) is not installed; using native torch.amp' in text) == apex_missing
+
+
+def test_mid_epoch_checkpoint_resumes_where_it_stopped(digits, capsys, tmp_path, monkeypatch):
+    """SAVE_EVERY_STEPS writes ckpt_last.pth mid-epoch; a crash before the epoch ends resumes from it."""
+    import engine
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt('simulated crash after training, before validation')
+    monkeypatch.setattr(engine, 'validate', crash)
+    args = _train_args(digits, str(tmp_path), 1, ['TRAIN.SAVE_EVERY_STEPS', '3'])
+    with pytest.raises(KeyboardInterrupt):
+        _run_main(args, capsys)
+    run_dir = tmp_path / MODEL_DIR
+    state = torch.load(run_dir / 'ckpt_last.pth', weights_only=True)
+    assert (state['epoch'], state['step']) == (-1, 3)  # 64 images / 16 = 4 updates; saved after the 3rd
+    monkeypatch.undo()
+    code, _ = _run_main(args, capsys)
+    assert code == 0
+    log = open(run_dir / 'log_rank0.txt').read()
+    assert 'starting at epoch 0, update 3' in log
+    assert 'Train: [0/1][3/4]' in log.split('starting at epoch 0, update 3')[1]
+    assert torch.load(run_dir / 'ckpt_epoch_0.pth', weights_only=True)['step'] == 0
+
+
+def test_ema_copies_integer_buffers_and_averages_floats():
+    """The EMA (timm ModelEmaV3, as the engine builds it) copies integer buffers instead of averaging them."""
+    from timm.utils import ModelEmaV3
+    model = torch.nn.Linear(2, 2)
+    model.register_buffer('counter', torch.tensor([7], dtype=torch.long))
+    ema = ModelEmaV3(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.add_(2.0)
+        model.counter.fill_(10)
+    before = ema.module.weight.clone()
+    ema.update(model)
+    assert ema.module.counter.item() == 10
+    torch.testing.assert_close(ema.module.weight, before + 1.0)
