@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Export a trained Swin to ONNX (dynamic batch axis) and/or safetensors.
+
+The ONNX file is checked against the PyTorch model on a random batch with onnxruntime when it is installed
+(the max abs difference of the logits is printed; ``--atol`` bounds it). The checkpoint is read only through
+the project's safe loader (``weights_only=True``). The config comes from ``--cfg`` (+ ``--opts``) or, when
+omitted, from the config stored in the checkpoint.
+
+    python scripts/export.py --resume demo_output/swin_demo_digits_64_ft/default/ckpt_best.pth \\
+        --onnx model.onnx --safetensors model.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from scripts.predict import load_model  # noqa: E402
+from utils.checkpoint import export_safetensors  # noqa: E402
+
+
+def export_onnx(model: torch.nn.Module, path: str, img_size: int, in_chans: int = 3, opset: int = 17) -> None:
+    """Trace ``model`` (eval mode, CPU) to ONNX with inputs ``(batch, C, H, W)`` where batch is dynamic."""
+    example = torch.randn(2, in_chans, img_size, img_size)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    kwargs = dict(input_names=['images'], output_names=['logits'], opset_version=opset,
+                  dynamic_axes={'images': {0: 'batch'}, 'logits': {0: 'batch'}})
+    try:  # torch >= 2.5 has a dynamo exporter; the TorchScript one is the one that handles dynamic_axes here
+        torch.onnx.export(model, (example,), path, dynamo=False, **kwargs)
+    except TypeError:
+        torch.onnx.export(model, (example,), path, **kwargs)
+
+
+def check_onnx(model: torch.nn.Module, path: str, img_size: int, in_chans: int = 3, batch: int = 3
+               ) -> Optional[float]:
+    """Max abs logit difference between onnxruntime and PyTorch on a random batch; None without onnxruntime.
+
+    ``batch`` differs from the export batch (2) so the dynamic axis is exercised.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    images = torch.randn(batch, in_chans, img_size, img_size)
+    with torch.no_grad():
+        expected = model(images).numpy()
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    (got,) = session.run(['logits'], {'images': images.numpy()})
+    if got.shape != expected.shape:
+        raise RuntimeError(f"ONNX output shape {got.shape} != PyTorch {expected.shape}")
+    return float(abs(got - expected).max())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--resume', '--checkpoint', dest='checkpoint', required=True,
+                        help='checkpoint (.pth with a "model" entry, or .safetensors)')
+    parser.add_argument('--cfg', help='config file of the model (default: the config stored in the checkpoint)')
+    parser.add_argument('--opts', nargs='+', default=[], help='KEY VALUE config overrides')
+    parser.add_argument('--onnx', metavar='FILE', help='write an ONNX model here')
+    parser.add_argument('--opset', type=int, default=17, help='ONNX opset (default: 17)')
+    parser.add_argument('--atol', type=float, default=1e-3,
+                        help='largest accepted |onnxruntime - PyTorch| logit difference (default: 1e-3)')
+    parser.add_argument('--safetensors', metavar='FILE', help='write the model weights as safetensors here')
+    parser.add_argument('--ema', action='store_true', help="export the EMA weights ('ema' entry) instead")
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='allow full unpickling of a legacy checkpoint (only for files you trust)')
+    args = parser.parse_args(argv)
+    if not (args.onnx or args.safetensors):
+        parser.error('nothing to do: give --onnx FILE and/or --safetensors FILE')
+    try:
+        model, config = load_model(args.checkpoint, args.cfg, args.opts, ema=args.ema, trust=args.trust_checkpoint)
+    except Exception as e:  # bad file, config or mismatch: one clear line
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    img_size = config.DATA.IMG_SIZE
+    in_chans = config.MODEL.SWIN.IN_CHANS if config.MODEL.TYPE == 'swin' else config.MODEL.SWINV2.IN_CHANS
+    if args.safetensors:
+        export_safetensors(model.state_dict(), args.safetensors,
+                           metadata={'model_type': config.MODEL.TYPE, 'model_name': config.MODEL.NAME})
+        print(f"wrote {args.safetensors}")
+    if args.onnx:
+        export_onnx(model, args.onnx, img_size, in_chans, args.opset)
+        print(f"wrote {args.onnx} (input 'images': batch x {in_chans} x {img_size} x {img_size}, dynamic batch)")
+        diff = check_onnx(model, args.onnx, img_size, in_chans)
+        if diff is None:
+            print("onnxruntime is not installed: output not checked (pip install onnxruntime)")
+        else:
+            print(f"onnxruntime check: max abs diff {diff:.3e} (batch 3)")
+            if diff > args.atol:
+                print(f"error: difference {diff:.3e} exceeds --atol {args.atol}", file=sys.stderr)
+                return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
