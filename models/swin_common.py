@@ -16,7 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
+
+from .mlp import Mlp
 
 from .window_ops import GeometryCache, effective_window, merge_2x2, window_to_tuple
 
@@ -105,7 +107,7 @@ class SwinBlock(nn.Module):
         self.attn = attn
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.mlp_ratio = mlp_ratio
         self._geometry = GeometryCache()
 

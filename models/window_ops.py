@@ -40,10 +40,11 @@ class WindowGeometry:
         grid = torch.roll(grid, shifts=(-sh, -sw), dims=(0, 1))
         windows = grid.view(hp // wh, wh, wp // ww, ww).permute(0, 2, 1, 3).reshape(-1)
         self.gather_index = windows.to(device)
-        scatter = torch.empty(height * width, dtype=torch.long)
-        real = windows < height * width
-        scatter[windows[real]] = torch.arange(windows.numel())[real]
-        self.scatter_index = scatter.to(device)
+        # inverse permutation; padded slots all land on the extra entry height*width, which is dropped
+        # (a scatter rather than boolean indexing keeps shapes static for torch.compile)
+        scatter = torch.zeros(height * width + 1, dtype=torch.long)
+        scatter.scatter_(0, windows, torch.arange(windows.numel()))
+        self.scatter_index = scatter[:height * width].to(device)
         self.mask = shifted_window_mask(hp, wp, window, shift).to(device) if (sh or sw) else None
 
     def partition(self, x: torch.Tensor) -> torch.Tensor:

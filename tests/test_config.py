@@ -221,8 +221,9 @@ def test_validate_config_errors(opts, match):
         load_config(None, opts)
 
 
-def test_odd_batch_is_fine_without_pair_mixup():
-    assert load_config(None, ['DATA.BATCH_SIZE', '7']).DATA.BATCH_SIZE == 7  # batch mode
+def test_odd_batch_needs_mixup_off():
+    with pytest.raises(ConfigError, match='must be even'):  # timm's Mixup pairs images in batch mode too
+        load_config(None, ['DATA.BATCH_SIZE', '7'])
     assert load_config(None, ['DATA.BATCH_SIZE', '7', 'AUG.MIXUP_MODE', 'pair', 'AUG.MIXUP', '0.0',
                               'AUG.CUTMIX', '0.0']).DATA.BATCH_SIZE == 7
 

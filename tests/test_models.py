@@ -286,3 +286,40 @@ def test_clear_errors_on_bad_input():
         SwinTransformer(windowsize=7)
     with pytest.raises(RuntimeError, match='size mismatch|Missing|Unexpected'):
         model.load_state_dict(SwinTransformerV2(img_size=64, window_size=4, num_classes=3, **SMALL).state_dict())
+
+
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2])
+def test_torch_compile_has_no_graph_breaks(cls):
+    import torch._dynamo as dynamo
+    model = randomize(cls(img_size=64, window_size=4, num_classes=5, drop_path_rate=0., **SMALL))
+    x = torch.randn(2, 3, 60, 70)  # padding path included
+    for training in (False, True):
+        dynamo.reset()
+        model.train(training)
+        with torch.set_grad_enabled(training):
+            explained = dynamo.explain(model)(x)
+            assert explained.graph_break_count == 0, explained.break_reasons
+            compiled = torch.compile(model, backend='aot_eager')
+            assert torch.allclose(compiled(x), model(x), atol=1e-5)
+
+
+def test_memory_lean_mlp_matches_plain_and_gradchecks():
+    from models.mlp import Mlp, _GeluLinear
+    mlp = Mlp(8, 32)
+    x = torch.randn(4, 5, 8, requires_grad=True)
+    g = torch.randn(4, 5, 8)
+    mlp(x).backward(g)
+    lean = [x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()]
+    x.grad = None
+    mlp.zero_grad()
+    mlp.fc2(F.gelu(mlp.fc1(x))).backward(g)
+    plain = [x.grad] + [p.grad for p in mlp.parameters()]
+    for a, b in zip(lean, plain):
+        assert torch.allclose(a, b, atol=1e-6)
+    h = torch.randn(2, 3, 16, dtype=torch.double, requires_grad=True)
+    fc2 = torch.nn.Linear(16, 8).double()
+    assert torch.autograd.gradcheck(_GeluLinear.apply, (h, fc2.weight, fc2.bias))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = mlp(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and mlp.fc2.weight.grad.dtype == torch.float32
