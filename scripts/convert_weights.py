@@ -18,14 +18,9 @@ import os
 import sys
 from typing import Sequence
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models.convert import timm_to_official, torchvision_to_official  # noqa: E402
-from models.pretrained import extract_state_dict  # noqa: E402
-from utils.checkpoint import load_checkpoint_file, save_checkpoint_file  # noqa: E402
 
-CONVERTERS = {'timm': timm_to_official, 'torchvision': torchvision_to_official}
+SOURCES = ('timm', 'torchvision')
 
 
 def convert_file(src: str, dst: str, source: str, check_cfg: str | None = None,
@@ -34,10 +29,16 @@ def convert_file(src: str, dst: str, source: str, check_cfg: str | None = None,
 
     With ``check_cfg`` the converted weights must load strictly into the model that config builds.
     """
-    if source not in CONVERTERS:
-        raise ValueError(f"--from {source!r} is not one of {sorted(CONVERTERS)}")
+    # Imported here so that --help is instant.
+    from models.convert import timm_to_official, torchvision_to_official
+    from models.pretrained import extract_state_dict
+    from utils.checkpoint import load_checkpoint_file, save_checkpoint_file
+
+    converters = {'timm': timm_to_official, 'torchvision': torchvision_to_official}
+    if source not in converters:
+        raise ValueError(f"--from {source!r} is not one of {list(SOURCES)}")
     state = extract_state_dict(load_checkpoint_file(src))
-    converted = {k: v.contiguous() for k, v in CONVERTERS[source](state).items()}
+    converted = {k: v.contiguous() for k, v in converters[source](state).items()}
     if check_cfg:
         from config import load_config
         from models import build_model
@@ -53,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('src', help='timm / torchvision state dict (.pth, .bin or .safetensors)')
     parser.add_argument('dst', help='official-format checkpoint to write ({"model": state_dict})')
-    parser.add_argument('--from', dest='source', required=True, choices=sorted(CONVERTERS),
+    parser.add_argument('--from', dest='source', required=True, choices=SOURCES,
                         help='where the weights come from')
     parser.add_argument('--check-cfg', metavar='FILE',
                         help='a config (e.g. configs/swin/swin_tiny_patch4_window7_224.yaml) whose model must '

@@ -43,7 +43,12 @@ def run_main(args: List[str], title: str) -> str:
     command = [sys.executable, os.path.join(ROOT, 'main.py')] + args
     print(f"\n=== {title}\n$ python main.py {' '.join(args)}", flush=True)
     lines = []
-    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    env = dict(os.environ)
+    # One compute thread: this tiny model's matrices are too small to gain from more, and a second thread
+    # would compete with the data-loading worker for a 2-core CPU; oversubscribed OpenMP threads spin and can
+    # make a step ten times slower. Set OMP_NUM_THREADS yourself to override.
+    env.setdefault('OMP_NUM_THREADS', '1')
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           bufsize=1) as process:
         assert process.stdout is not None
         for line in process.stdout:

@@ -14,17 +14,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scripts.predict import load_model  # noqa: E402
-from utils.checkpoint import export_safetensors  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and the project modules are imported where they are used, so that --help is instant.
 
 
 def export_onnx(model: torch.nn.Module, path: str, img_size: int, in_chans: int = 3, opset: int = 17) -> None:
     """Trace ``model`` (eval mode, CPU) to ONNX with inputs ``(batch, C, H, W)`` where batch is dynamic."""
+    import torch
     example = torch.randn(2, in_chans, img_size, img_size)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     kwargs = dict(input_names=['images'], output_names=['logits'], opset_version=opset,
@@ -41,6 +43,7 @@ def check_onnx(model: torch.nn.Module, path: str, img_size: int, in_chans: int =
 
     ``batch`` differs from the export batch (2) so the dynamic axis is exercised.
     """
+    import torch
     try:
         import onnxruntime as ort
     except ImportError:
@@ -72,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.onnx or args.safetensors):
         parser.error('nothing to do: give --onnx FILE and/or --safetensors FILE')
+    from scripts.predict import load_model
+    from utils.checkpoint import export_safetensors
     try:
         model, config = load_model(args.checkpoint, args.cfg, args.opts, ema=args.ema, trust=args.trust_checkpoint)
     except Exception as e:  # bad file, config or mismatch: one clear line

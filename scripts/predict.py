@@ -15,15 +15,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, List, Optional, Sequence, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import ConfigError, get_defaults, load_config, validate_config  # noqa: E402
-from models import build_model  # noqa: E402
-from models.pretrained import extract_state_dict  # noqa: E402
-from utils.checkpoint import CheckpointError, load_checkpoint_file, load_model_state  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, the models and the checkpoint module are imported where they are used, so that --help is instant.
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
@@ -49,6 +49,9 @@ def config_from_checkpoint(checkpoint: dict, path: str, opts: Sequence[str] = ()
 def load_model(checkpoint_path: str, cfg: Optional[str] = None, opts: Sequence[str] = (), ema: bool = False,
                trust: bool = False, device: str = 'cpu') -> Tuple[torch.nn.Module, Any]:
     """(model in eval mode on ``device``, config) from a checkpoint and an optional config file."""
+    from models import build_model
+    from models.pretrained import extract_state_dict
+    from utils.checkpoint import CheckpointError, load_checkpoint_file, load_model_state
     checkpoint = load_checkpoint_file(checkpoint_path, trust=trust)
     config = load_config(cfg, opts) if cfg else config_from_checkpoint(checkpoint, checkpoint_path, opts)
     model = build_model(config)
@@ -90,10 +93,10 @@ def list_images(path: str) -> List[str]:
     return sorted(found)
 
 
-@torch.no_grad()
 def predict(model: torch.nn.Module, config: Any, paths: Sequence[str], topk: int = 5, batch_size: int = 32,
             device: str = 'cpu') -> List[List[Tuple[int, float]]]:
     """For each image, the ``topk`` (label, probability) pairs, most likely first."""
+    import torch
     from data import build_transform
     from data.datasets import decode_image
     transform = build_transform(False, config)
@@ -101,7 +104,8 @@ def predict(model: torch.nn.Module, config: Any, paths: Sequence[str], topk: int
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         images = torch.stack([transform(decode_image(p)) for p in chunk]).to(device)
-        probs = model(images).float().softmax(dim=-1)
+        with torch.no_grad():
+            probs = model(images).float().softmax(dim=-1)
         values, labels = probs.topk(min(topk, probs.shape[-1]), dim=-1)
         results.extend([list(zip(lab.tolist(), val.tolist())) for lab, val in zip(labels, values)])
     return results
@@ -119,13 +123,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--topk', type=int, default=5, help='how many classes to show (default: 5)')
     parser.add_argument('--batch-size', type=int, default=32, help='images per forward pass (default: 32)')
     parser.add_argument('--ema', action='store_true', help="use the EMA weights ('ema' entry)")
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                        help='cpu or cuda (default: cuda when available)')
+    parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'],
+                        help='where to run (default: auto, CUDA when available)')
     parser.add_argument('--trust-checkpoint', action='store_true',
                         help='allow full unpickling of a legacy checkpoint (only for files you trust)')
     args = parser.parse_args(argv)
     if args.topk < 1 or args.batch_size < 1:
         parser.error('--topk and --batch-size must be >= 1')
+    import torch
+    from utils.checkpoint import CheckpointError
+    if args.device == 'auto':
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     try:
         model, config = load_model(args.checkpoint, args.cfg, args.opts, args.ema, args.trust_checkpoint,
                                    args.device)
