@@ -15,17 +15,13 @@ def build_model(config, is_pretrain: bool = False) -> nn.Module:
     common = dict(img_size=config.DATA.IMG_SIZE, num_classes=config.MODEL.NUM_CLASSES,
                   drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE,
                   use_checkpoint=config.TRAIN.USE_CHECKPOINT, fused_attn=config.MODEL.FUSED_ATTN)
+    if model_type not in ('swin', 'swinv2'):
+        raise ValueError(f"MODEL.TYPE {model_type!r} is not supported; choose 'swin' or 'swinv2' "
+                         f"(the official MoE, MLP and SimMIM variants are not part of this framework)")
+    m = config.MODEL.SWIN if model_type == 'swin' else config.MODEL.SWINV2
+    arch = dict(patch_size=m.PATCH_SIZE, in_chans=m.IN_CHANS, embed_dim=m.EMBED_DIM, depths=m.DEPTHS,
+                num_heads=m.NUM_HEADS, window_size=m.WINDOW_SIZE, mlp_ratio=m.MLP_RATIO, qkv_bias=m.QKV_BIAS,
+                ape=m.APE, patch_norm=m.PATCH_NORM, **common)
     if model_type == 'swin':
-        m = config.MODEL.SWIN
-        return SwinTransformer(patch_size=m.PATCH_SIZE, in_chans=m.IN_CHANS, embed_dim=m.EMBED_DIM,
-                               depths=m.DEPTHS, num_heads=m.NUM_HEADS, window_size=m.WINDOW_SIZE,
-                               mlp_ratio=m.MLP_RATIO, qkv_bias=m.QKV_BIAS, qk_scale=m.QK_SCALE, ape=m.APE,
-                               patch_norm=m.PATCH_NORM, **common)
-    if model_type == 'swinv2':
-        m = config.MODEL.SWINV2
-        return SwinTransformerV2(patch_size=m.PATCH_SIZE, in_chans=m.IN_CHANS, embed_dim=m.EMBED_DIM,
-                                 depths=m.DEPTHS, num_heads=m.NUM_HEADS, window_size=m.WINDOW_SIZE,
-                                 mlp_ratio=m.MLP_RATIO, qkv_bias=m.QKV_BIAS, ape=m.APE, patch_norm=m.PATCH_NORM,
-                                 pretrained_window_sizes=m.PRETRAINED_WINDOW_SIZES, **common)
-    raise ValueError(f"MODEL.TYPE {model_type!r} is not supported; choose 'swin' or 'swinv2' "
-                     f"(the official MoE, MLP and SimMIM variants are not part of this framework)")
+        return SwinTransformer(qk_scale=m.QK_SCALE, **arch)
+    return SwinTransformerV2(pretrained_window_sizes=m.PRETRAINED_WINDOW_SIZES, **arch)

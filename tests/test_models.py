@@ -35,18 +35,22 @@ def set_fused(model: torch.nn.Module, fused: bool) -> None:
             m.fused_attn = fused
 
 
-@pytest.mark.parametrize('arch', [TINY, SMALL], ids=['tiny', 'small'])
-@pytest.mark.parametrize('size,window', [(224, 7), (256, 8), (384, 12)])
-def test_v1_matches_timm(arch, size, window):
-    ours = randomize(SwinTransformer(img_size=size, window_size=window, num_classes=10, **arch)).eval()
-    ref = timm_v1.SwinTransformer(img_size=size, window_size=window, num_classes=10, **arch).eval()
-    ref.load_state_dict(timm_v1.checkpoint_filter_fn(ours.state_dict(), ref))
+def assert_same_logits(ours: torch.nn.Module, ref: torch.nn.Module, size: int) -> None:
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         expected = ref(x)
         for fused in (True, False):
             set_fused(ours, fused)
             assert (ours(x) - expected).abs().max().item() < 1e-5, f'fused={fused}'
+
+
+@pytest.mark.parametrize('arch', [TINY, SMALL], ids=['tiny', 'small'])
+@pytest.mark.parametrize('size,window', [(224, 7), (256, 8), (384, 12)])
+def test_v1_matches_timm(arch, size, window):
+    ours = randomize(SwinTransformer(img_size=size, window_size=window, num_classes=10, **arch)).eval()
+    ref = timm_v1.SwinTransformer(img_size=size, window_size=window, num_classes=10, **arch).eval()
+    ref.load_state_dict(timm_v1.checkpoint_filter_fn(ours.state_dict(), ref))
+    assert_same_logits(ours, ref, size)
 
 
 @pytest.mark.parametrize('arch', [TINY, SMALL], ids=['tiny', 'small'])
@@ -58,12 +62,7 @@ def test_v2_matches_timm(arch, size, window):
     ref = timm_v2.SwinTransformerV2(img_size=size, window_size=window, num_classes=10,
                                     pretrained_window_sizes=pretrained, **arch).eval()
     ref.load_state_dict(timm_v2.checkpoint_filter_fn(ours.state_dict(), ref))
-    x = torch.randn(1, 3, size, size)
-    with torch.no_grad():
-        expected = ref(x)
-        for fused in (True, False):
-            set_fused(ours, fused)
-            assert (ours(x) - expected).abs().max().item() < 1e-5, f'fused={fused}'
+    assert_same_logits(ours, ref, size)
 
 
 def test_fused_and_plain_paths_equal_in_training_with_grads():
