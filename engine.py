@@ -1,6 +1,12 @@
 """The training engine: ``train_one_epoch``, ``validate``, ``throughput`` and ``run`` (wires everything).
 
 No argument parsing here: ``main.py`` builds the config and the process group and calls ``run``.
+
+Failure behaviour (see README "Failure behaviour"): SIGTERM/SIGUSR1 make every rank finish the current update,
+write ``ckpt_last.pth`` and raise ``Preempted`` (``main.py`` exits with ``PREEMPTED_EXIT_CODE`` = 143, see
+``utils.preemption``); a kill at any point loses at most the work since the last checkpoint, and with
+``DETERMINISTIC`` on CPU the resumed run ends with the same weights as an uninterrupted one (checkpoints hold
+every rank's RNG state and the position in the epoch's fixed, ``(SEED, epoch)``-seeded sample order).
 """
 from __future__ import annotations
 
@@ -21,10 +27,11 @@ from torch.utils.data import DataLoader, Sampler
 from config import ConfigError, config_to_dict
 from utils.checkpoint import (CheckpointError, CheckpointManager, CheckpointSaveError, auto_resume,
                               build_checkpoint, gather_rng_states, load_checkpoint_file, load_model_state,
-                              restore_rank_rng, restore_training_state)
+                              remove_stale_temp_files, restore_rank_rng, restore_training_state)
 from utils.distributed import DistInfo, all_reduce_sum
 from utils.logger import MetricsFile, create_tb_writer
 from utils.misc import format_seconds, memory_mb
+from utils.preemption import Preempted, PreemptionGuard
 
 _LOG = logging.getLogger('swin')
 
@@ -105,11 +112,17 @@ class _SkipSampler(Sampler):
         return len(self.indices)
 
 
-def _loader_skipping(loader: DataLoader, skip_batches: int) -> DataLoader:
-    """A loader like ``loader`` that starts ``skip_batches`` batches into the current epoch's order."""
+def _loader_skipping(loader: DataLoader, skip_batches: int, seed: int = 0) -> DataLoader:
+    """A loader like ``loader`` that starts ``skip_batches`` batches into the current epoch's order.
+
+    It gets its own generator (seeded with ``seed``): starting an iterator draws a worker base seed from the
+    loader's generator, and drawing it from the global RNG would shift the restored RNG stream by one draw
+    compared with the uninterrupted run, which drew it at the start of the epoch, before the checkpoint.
+    """
     indices = list(loader.sampler)[skip_batches * loader.batch_size:]
     kwargs = dict(batch_size=loader.batch_size, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                  pin_memory=loader.pin_memory, drop_last=loader.drop_last, worker_init_fn=loader.worker_init_fn)
+                  pin_memory=loader.pin_memory, drop_last=loader.drop_last, worker_init_fn=loader.worker_init_fn,
+                  generator=torch.Generator().manual_seed(seed))
     if loader.num_workers > 0:
         kwargs['prefetch_factor'] = loader.prefetch_factor
     return DataLoader(loader.dataset, sampler=_SkipSampler(indices), **kwargs)
@@ -146,13 +159,18 @@ def train_one_epoch(config: Any, model: nn.Module, criterion: nn.Module, data_lo
                     lr_scheduler: Any, precision: Precision, *, model_ema: Optional[ModelEmaV3] = None,
                     start_step: int = 0, tb_writer: Any = None, save_fn: Optional[Callable[[int], None]] = None,
                     logger: Optional[logging.Logger] = None, run_started: Optional[float] = None,
-                    start_epoch: int = 0) -> Dict[str, float]:
+                    start_epoch: int = 0, preemption: Optional[PreemptionGuard] = None) -> Dict[str, float]:
     """Train ``model`` for one epoch (or its rest, from update ``start_step``); returns loss/lr/update counts.
 
     One optimizer update per ``TRAIN.ACCUMULATION_STEPS`` batches (DDP gradient sync only on the last micro-batch,
     via ``no_sync``); the LR is set per update from the global update index. Batches past the last full update
     are not used. The host reads device values only every ``PRINT_FREQ`` batches (and once per update when
     there is no loss scaler, to skip non-finite updates).
+
+    With ``preemption``, a stop signal agreed by all ranks (checked after every update in one process, every
+    ``PRINT_FREQ`` updates with several) ends the epoch after the current update: ``save_fn`` writes the
+    mid-epoch checkpoint and ``Preempted`` is raised. A signal during the epoch's last update lets the epoch
+    finish (the caller checks again after validation and the epoch checkpoint).
     """
     log = logger or _LOG
     device = precision.device
@@ -162,7 +180,9 @@ def train_one_epoch(config: Any, model: nn.Module, criterion: nn.Module, data_lo
         raise ConfigError(f"TRAIN.ACCUMULATION_STEPS = {accum} exceeds the {len(data_loader)} training batches "
                           f"per epoch; lower it or DATA.BATCH_SIZE")
     num_batches = updates_per_epoch * accum
-    loader = _loader_skipping(data_loader, start_step * accum) if start_step else data_loader
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    loader = (_loader_skipping(data_loader, start_step * accum, seed=(epoch * 100003 + start_step) * 1009 + rank)
+              if start_step else data_loader)
     params = [p for p in model.parameters() if p.requires_grad]
     clip = config.TRAIN.CLIP_GRAD
     max_norm = float(clip) if clip else math.inf
@@ -170,6 +190,8 @@ def train_one_epoch(config: Any, model: nn.Module, criterion: nn.Module, data_lo
     print_freq = config.PRINT_FREQ
     is_ddp = isinstance(model, DistributedDataParallel)
     world = torch.distributed.get_world_size() if is_ddp else 1
+    preempt_every = print_freq if torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1 else 1
 
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -239,9 +261,20 @@ def train_one_epoch(config: Any, model: nn.Module, criterion: nn.Module, data_lo
             optimizer.zero_grad(set_to_none=True)
             if model_ema is not None and stepped is not False:
                 model_ema.update(unwrap_model(model), step=global_update + 1)
+            saved_now = False
             if save_fn is not None and config.TRAIN.SAVE_EVERY_STEPS and \
                     (update_idx + 1) % config.TRAIN.SAVE_EVERY_STEPS == 0 and update_idx + 1 < updates_per_epoch:
                 save_fn(update_idx + 1)
+                saved_now = True
+            # Same update indices on every rank, so the collective inside agreed_stop() always pairs up.
+            if preemption is not None and update_idx + 1 < updates_per_epoch and \
+                    (update_idx + 1) % preempt_every == 0 and preemption.agreed_stop():
+                log.warning(f"{preemption.received}: stopping after update {update_idx + 1}/{updates_per_epoch} "
+                            f"of epoch {epoch}; saving a checkpoint")
+                if save_fn is not None and not saved_now:
+                    save_fn(update_idx + 1)
+                raise Preempted(f"preempted ({preemption.received}) in epoch {epoch} after update "
+                                f"{update_idx + 1}/{updates_per_epoch}")
 
         if (idx + 1) % print_freq == 0 or idx + 1 == num_batches:
             lr = optimizer.param_groups[0]['lr']
@@ -474,6 +507,11 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
             return
         state = build_checkpoint(config_dict, epoch_done, model, optimizer, lr_scheduler, precision.scaler,
                                  model_ema, max_accuracy, step, rng)
+        # The epoch's sample order is a pure function of (seed, epoch) (the samplers' set_epoch); recording
+        # where in it the checkpoint stands lets a resume check that it replays the same order.
+        state['data_order'] = {'sampler': type(loader_train.sampler).__name__, 'seed': int(config.SEED),
+                               'epoch': epoch_done + 1, 'batches_done': step * config.TRAIN.ACCUMULATION_STEPS,
+                               'batch_size': int(config.DATA.BATCH_SIZE), 'world_size': dist_info.world_size}
         try:
             if kind == 'epoch':
                 manager.save_epoch(state, epoch_done, is_best)
@@ -486,50 +524,69 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
             log.error(f"checkpoint not saved: {e}")
 
     if checkpoint is not None:
+        order = checkpoint.get('data_order') or {}
+        if start_step and order and (order.get('seed'), order.get('batch_size')) != \
+                (config.SEED, config.DATA.BATCH_SIZE):
+            log.warning(f"resume: {resume_path} was saved mid-epoch with SEED {order.get('seed')} and batch size "
+                        f"{order.get('batch_size')}, now {config.SEED} and {config.DATA.BATCH_SIZE}: the rest of "
+                        f"epoch {start_epoch} follows another sample order")
         restore_rank_rng(checkpoint.get('rng'), config.SEED + dist_info.rank + 1000 * start_epoch, log)
         del checkpoint
+    if dist_info.is_main:
+        remove_stale_temp_files(config.OUTPUT, log)
 
     log.info("start training")
     run_start = time.time()
     acc1 = acc5 = val_loss = None
-    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-        if hasattr(loader_train.sampler, 'set_epoch'):
-            loader_train.sampler.set_epoch(epoch)
-        step_offset = start_step if epoch == start_epoch else 0
-        train_stats = train_one_epoch(
-            config, train_model, criterion, loader_train, optimizer, epoch, mixup_fn, lr_scheduler, precision,
-            model_ema=model_ema, start_step=step_offset, tb_writer=tb_writer, logger=log, run_started=run_start,
-            start_epoch=start_epoch, save_fn=lambda step, e=epoch: save(e - 1, step, 'last'))
-        broken = data.pop_broken_count(loader_train) if hasattr(loader_train.dataset, 'broken_images') else 0
-        if broken:
-            log.warning(f"epoch {epoch}: {broken} unreadable training images were skipped")
+    try:
+        with PreemptionGuard(device) as preemption:
+            for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+                if hasattr(loader_train.sampler, 'set_epoch'):
+                    loader_train.sampler.set_epoch(epoch)
+                step_offset = start_step if epoch == start_epoch else 0
+                train_stats = train_one_epoch(
+                    config, train_model, criterion, loader_train, optimizer, epoch, mixup_fn, lr_scheduler,
+                    precision, model_ema=model_ema, start_step=step_offset, tb_writer=tb_writer, logger=log,
+                    run_started=run_start, start_epoch=start_epoch, preemption=preemption,
+                    save_fn=lambda step, e=epoch: save(e - 1, step, 'last'))
+                broken = data.pop_broken_count(loader_train) if hasattr(loader_train.dataset, 'broken_images') else 0
+                if broken:
+                    log.warning(f"epoch {epoch}: {broken} unreadable training images were skipped")
 
-        acc1, acc5, val_loss = validate(config, loader_val, eval_model, precision, log)
-        log.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
-        ema_stats = None
-        if model_ema is not None:
-            ema_stats = validate(config, loader_val, model_ema.module, precision, log, prefix='EMA')
-        is_best = acc1 > max_accuracy
-        max_accuracy = max(max_accuracy, acc1)
-        log.info(f"Max accuracy: {max_accuracy:.2f}%")
+                acc1, acc5, val_loss = validate(config, loader_val, eval_model, precision, log)
+                log.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
+                ema_stats = None
+                if model_ema is not None:
+                    ema_stats = validate(config, loader_val, model_ema.module, precision, log, prefix='EMA')
+                is_best = acc1 > max_accuracy
+                max_accuracy = max(max_accuracy, acc1)
+                log.info(f"Max accuracy: {max_accuracy:.2f}%")
 
-        is_last = epoch == config.TRAIN.EPOCHS - 1
-        if (epoch + 1) % config.SAVE_FREQ == 0 or is_last:
-            save(epoch, 0, 'epoch', is_best)
-        elif is_best:
-            save(epoch, 0, 'best')
-        if metrics is not None:
-            metrics.append(_metrics_record(epoch, train_stats, acc1, acc5, val_loss, ema_stats))
+                # Metrics first: a kill between the two then re-runs the epoch (whose line is dropped on resume)
+                # instead of resuming after an epoch whose line was never written.
+                if metrics is not None:
+                    metrics.append(_metrics_record(epoch, train_stats, acc1, acc5, val_loss, ema_stats))
+                is_last = epoch == config.TRAIN.EPOCHS - 1
+                on_schedule = (epoch + 1) % config.SAVE_FREQ == 0 or is_last
+                if on_schedule:
+                    save(epoch, 0, 'epoch', is_best)
+                elif is_best:
+                    save(epoch, 0, 'best')
+                if tb_writer is not None:
+                    tb_writer.add_scalar('val/acc1', acc1, epoch)
+                    tb_writer.add_scalar('val/acc5', acc5, epoch)
+                    tb_writer.add_scalar('val/loss', val_loss, epoch)
+                    if ema_stats is not None:
+                        tb_writer.add_scalar('val/ema_acc1', ema_stats[0], epoch)
+                    tb_writer.flush()
+                if not is_last and preemption.agreed_stop():  # collective: every rank reaches it
+                    log.warning(f"{preemption.received}: stopping after epoch {epoch}; saving a checkpoint")
+                    if not on_schedule:
+                        save(epoch, 0, 'last')
+                    raise Preempted(f"preempted ({preemption.received}) after epoch {epoch}")
+    finally:
         if tb_writer is not None:
-            tb_writer.add_scalar('val/acc1', acc1, epoch)
-            tb_writer.add_scalar('val/acc5', acc5, epoch)
-            tb_writer.add_scalar('val/loss', val_loss, epoch)
-            if ema_stats is not None:
-                tb_writer.add_scalar('val/ema_acc1', ema_stats[0], epoch)
-            tb_writer.flush()
-
-    if tb_writer is not None:
-        tb_writer.close()
+            tb_writer.close()
     log.info(f"Training time {format_seconds(time.time() - run_start)}")
     return {'max_accuracy': max_accuracy, 'acc1': acc1, 'acc5': acc5, 'loss': val_loss}
 

@@ -55,7 +55,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the command line; returns the process exit code (2 for bad input, 1 for a stopped run)."""
+    """Run the command line; returns the process exit code.
+
+    0: done; 2: bad input (config, data layout, checkpoint file), with a one-line message; 1: stopped for
+    non-finite losses; 143 (``utils.preemption.PREEMPTED_EXIT_CODE``): stopped by SIGTERM/SIGUSR1 after saving a
+    checkpoint that the next start resumes from.
+    """
     args = parse_args(argv)
     # Imported after parsing so that --help is instant and works without the heavy dependencies.
     import torch  # noqa: F401
@@ -67,6 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from utils.distributed import cleanup_distributed, init_distributed
     from utils.logger import create_logger
     from utils.misc import seed_everything
+    from utils.preemption import PREEMPTED_EXIT_CODE, Preempted
 
     try:
         config = get_config(args)
@@ -101,6 +107,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except engine.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Preempted as e:
+        print(f"{e}: checkpoint saved in {config.OUTPUT}; the next start resumes from it "
+              f"(exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     finally:
         cleanup_distributed()
 

@@ -87,8 +87,11 @@ def load_checkpoint_file(path: str, trust: bool = False, map_location: Any = 'cp
                 f"({_first_line(e)}); {TRUST_HINT}") from None
         _LOG.warning("loading %s with full unpickling because TRUST_CHECKPOINTS is set", path)
         obj = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated: {_first_line(e)}") from None
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - damaged files fail in many ways (zip, pickle opcodes, storages)
+        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated: {type(e).__name__}: "
+                              f"{_first_line(e)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint file {path} holds a {type(obj).__name__}, not a dict")
     return obj
@@ -132,6 +135,26 @@ def save_checkpoint_file(obj: Mapping[str, Any], path: str) -> None:
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+_TEMP_FILE = re.compile(r'^\.(ckpt_[A-Za-z0-9_]+\.pth)\.tmp\.(\d+)$')
+
+
+def remove_stale_temp_files(output_dir: str, logger: Optional[logging.Logger] = None) -> List[str]:
+    """Delete ``.ckpt_*.pth.tmp.<pid>`` files left by a process killed while writing (never a finished file)."""
+    log = logger or _LOG
+    removed = []
+    if not os.path.isdir(output_dir):
+        return removed
+    for name in os.listdir(output_dir):
+        match = _TEMP_FILE.match(name)
+        if match and int(match.group(2)) != os.getpid():
+            _remove_quietly(os.path.join(output_dir, name))
+            removed.append(name)
+    if removed:
+        log.info("removed %d unfinished checkpoint temp file(s) from an interrupted save: %s", len(removed),
+                 removed[:5])
+    return removed
 
 
 def _remove_quietly(path: str) -> None:
@@ -301,24 +324,35 @@ def restore_training_state(checkpoint: Mapping[str, Any], model: torch.nn.Module
         return 0, 0, float(checkpoint.get('max_accuracy', 0.0) or 0.0)
     try:
         optimizer.load_state_dict(checkpoint['optimizer'])
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"{path}: optimizer state does not fit this model/optimizer: {e}") from None
-    if lr_scheduler is not None and checkpoint.get('lr_scheduler'):
-        lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-    if scaler is not None:
-        if checkpoint.get('scaler'):
+    try:
+        if lr_scheduler is not None and checkpoint.get('lr_scheduler'):
+            lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+        if scaler is not None and checkpoint.get('scaler'):
             scaler.load_state_dict(checkpoint['scaler'])
-        else:
-            log.info("resume: %s has no loss-scaler state; the scaler starts fresh", path)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: scheduler/scaler state is unusable: {type(e).__name__}: {e}") from None
+    if scaler is not None and not checkpoint.get('scaler'):
+        log.info("resume: %s has no loss-scaler state; the scaler starts fresh", path)
     if ema is not None:
         if checkpoint.get('ema'):
-            _unwrap(ema.module).load_state_dict(checkpoint['ema'])
+            try:
+                _unwrap(ema.module).load_state_dict(checkpoint['ema'])
+            except (RuntimeError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{path}: EMA weights do not fit the model: {_first_line(e)}") from None
         else:
             log.info("resume: %s has no EMA weights; the EMA starts from the resumed model", path)
             ema.set(_unwrap(model))
-    epoch = int(checkpoint.get('epoch', -1))
-    step = int(checkpoint.get('step', 0) or 0)
-    return epoch + 1, step, float(checkpoint.get('max_accuracy', 0.0) or 0.0)
+    try:
+        epoch = int(checkpoint.get('epoch', -1))
+        step = int(checkpoint.get('step', 0) or 0)
+        max_accuracy = float(checkpoint.get('max_accuracy', 0.0) or 0.0)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: epoch/step/max_accuracy are not numbers: {e}") from None
+    if epoch < -1 or step < 0:
+        raise CheckpointError(f"{path}: impossible position epoch {epoch}, step {step}")
+    return epoch + 1, step, max_accuracy
 
 
 # ----------------------------------------------------------------------------- the output folder
