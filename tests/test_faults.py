@@ -621,3 +621,58 @@ def test_bad_opts_through_the_command_line(tmp_path, request):
         assert 'Traceback' not in result.stderr + result.stdout
         _count(request, 'inputs fuzzed')
     assert not os.path.exists(tmp_path / 'o')
+
+
+def _worker_pids(parent):
+    """{RANK: pid} of the main.py processes started by the torchrun process ``parent``."""
+    found = {}
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+            if ppid != parent:
+                continue
+            with open(f'/proc/{entry}/environ', 'rb') as f:
+                env = dict(item.split(b'=', 1) for item in f.read().split(b'\0') if b'=' in item)
+            found[int(env[b'RANK'])] = int(entry)
+        except (OSError, ValueError, KeyError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc to find the rank-1 worker')
+def test_torchrun_sigterm_to_one_rank_stops_both_with_a_checkpoint(digits, tmp_path, request):
+    """SIGTERM to rank 1 only: both ranks stop after the same update (no hang), rank 0 saves, exit 143 each."""
+    out = str(tmp_path)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
+           str(31000 + os.getpid() % 1000)] + _cmd(digits, out, ['DATA.BATCH_SIZE', '4'])[1:]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, seen = [], 0
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            seen += TRAIN_LINE in line
+            if seen == 1:
+                os.kill(_worker_pids(proc.pid)[1], signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=120)
+        lines.append(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = ''.join(lines)
+    assert proc.returncode != 0 and 'exitcode  : 143' in text, text[-3000:]
+    run_dir = os.path.join(out, MODEL_DIR)
+    logs = [open(os.path.join(run_dir, f'log_rank{r}.txt')).read() for r in (0, 1)]
+    import re
+    where = r'stopping after (update \d+/\d+ of epoch \d+|epoch \d+)'
+    stop1 = re.search('SIGTERM: ' + where, logs[1])
+    stop0 = re.search('a stop signal on another rank: ' + where, logs[0])
+    assert stop0 and stop1 and stop0.group(1) == stop1.group(1), logs  # the same point on both ranks
+    saved = torch.load(os.path.join(run_dir, 'ckpt_last.pth'), weights_only=True)
+    assert saved['rng']['world_size'] == 2 and (saved['epoch'], saved['step']) > (-1, 0)
+    _count(request, 'kills survived')
