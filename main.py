@@ -108,7 +108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Preempted as e:
-        print(f"{e}: checkpoint saved in {config.OUTPUT}; the next start resumes from it "
+        print(f"{e}: the next start resumes from the newest checkpoint in {config.OUTPUT} "
               f"(exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
     finally:
