@@ -385,7 +385,8 @@ def validate_config(config: CN) -> None:
     if config.TRAIN.EMA.ENABLE and not 0.0 < config.TRAIN.EMA.DECAY < 1.0:
         raise ConfigError(f"TRAIN.EMA.DECAY must be in (0, 1), got {config.TRAIN.EMA.DECAY!r}")
     mixup_on = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
-    if mixup_on and config.DATA.BATCH_SIZE % 2:  # timm's Mixup pairs images in every mode
+    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+    if training and mixup_on and config.DATA.BATCH_SIZE % 2:  # timm's Mixup pairs images in every mode
         raise ConfigError(f"DATA.BATCH_SIZE = {config.DATA.BATCH_SIZE} must be even for Mixup/CutMix "
                           f"with AUG.MIXUP_MODE = {config.AUG.MIXUP_MODE!r}")
     if config.TRAIN.LR_SCHEDULER.NAME == 'step' and config.TRAIN.LR_SCHEDULER.DECAY_EPOCHS < 1:

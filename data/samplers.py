@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from .datasets import DatasetLayoutError
+
 
 def dist_info() -> Tuple[int, int]:
     """(rank, world_size); (0, 1) without an initialised process group."""
@@ -34,7 +36,7 @@ def eval_shard_indices(num_samples: int, num_replicas: int, rank: int, contiguou
     """
     _check_rank(num_replicas, rank)
     if num_replicas > num_samples:
-        raise ValueError(f"{num_replicas} ranks but only {num_samples} validation images: every rank needs at "
+        raise DatasetLayoutError(f"{num_replicas} ranks but only {num_samples} validation images: every rank needs at "
                          f"least one; use fewer processes or a larger validation split")
     if shuffle:
         g = torch.Generator().manual_seed(seed)

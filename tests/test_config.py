@@ -224,6 +224,7 @@ def test_validate_config_errors(opts, match):
 def test_odd_batch_needs_mixup_off():
     with pytest.raises(ConfigError, match='must be even'):  # timm's Mixup pairs images in batch mode too
         load_config(None, ['DATA.BATCH_SIZE', '7'])
+    assert load_config(None, ['DATA.BATCH_SIZE', '7', 'EVAL_MODE', 'True']).DATA.BATCH_SIZE == 7  # no Mixup in eval
     assert load_config(None, ['DATA.BATCH_SIZE', '7', 'AUG.MIXUP_MODE', 'pair', 'AUG.MIXUP', '0.0',
                               'AUG.CUTMIX', '0.0']).DATA.BATCH_SIZE == 7
 

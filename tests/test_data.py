@@ -128,7 +128,7 @@ def test_layout_errors(tmp_path):
 
 def test_batch_larger_than_train_split_is_an_error(folder):
     with pytest.raises(DatasetLayoutError, match='DATA.BATCH_SIZE'):
-        build_loader(cfg(folder, 'DATA.BATCH_SIZE', '13'))
+        build_loader(cfg(folder, 'DATA.BATCH_SIZE', '13', 'AUG.MIXUP', '0.0', 'AUG.CUTMIX', '0.0'))
 
 
 # ----------------------------------------------------------------------------- class count
@@ -197,7 +197,7 @@ def test_zip_dataset_cache_modes(zipped, cache_mode):
 def test_zip_part_cache_holds_only_this_ranks_share(zipped, monkeypatch):
     _, out = zipped
     fake_ranks(monkeypatch, 1, 2)
-    config = cfg(out, 'DATA.ZIP_MODE', 'True', 'DATA.CACHE_MODE', 'part', 'DATA.BATCH_SIZE', '1')
+    config = cfg(out, 'DATA.ZIP_MODE', 'True', 'DATA.CACHE_MODE', 'part', 'DATA.BATCH_SIZE', '1', 'AUG.MIXUP', '0.0', 'AUG.CUTMIX', '0.0')
     ds_train, ds_val, dl_train, dl_val, _ = build_loader(config)
     assert sorted(ds_train.cache) == part_cache_shard(12, 2, 1) == [1, 3, 5, 7, 9, 11]
     assert isinstance(dl_train.sampler, ShardShuffleSampler)
@@ -338,7 +338,7 @@ def broken(folder):
 
 
 def test_broken_images_skipped_and_counted(broken, caplog):
-    config = cfg(broken, 'DATA.BATCH_SIZE', '1')  # batch 1: no sample is left out by drop_last
+    config = cfg(broken, 'DATA.BATCH_SIZE', '1', 'AUG.MIXUP', '0.0', 'AUG.CUTMIX', '0.0')  # batch 1: no sample is left out by drop_last
     with caplog.at_level(logging.WARNING, logger='data.datasets'):
         ds_train, ds_val, dl_train, dl_val, _ = build_loader(config)
         x, y = drain(dl_val)
@@ -371,7 +371,7 @@ def test_strict_images_is_an_error(broken):
 
 @pytest.mark.slow
 def test_broken_count_across_worker_processes(broken):
-    _, _, dl_train, dl_val, _ = build_loader(cfg(broken, 'DATA.NUM_WORKERS', '2', 'DATA.BATCH_SIZE', '1'))
+    _, _, dl_train, dl_val, _ = build_loader(cfg(broken, 'DATA.NUM_WORKERS', '2', 'DATA.BATCH_SIZE', '1', 'AUG.MIXUP', '0.0', 'AUG.CUTMIX', '0.0'))
     assert dl_val.persistent_workers and dl_val.prefetch_factor == 2
     for epoch in range(2):
         x, _ = drain(dl_val)
@@ -393,7 +393,7 @@ def test_eval_sampler_counts_every_image_once(contiguous, shuffle):
 
 
 def test_eval_sampler_more_ranks_than_images():
-    with pytest.raises(ValueError, match='3 ranks but only 2 validation images'):
+    with pytest.raises(DatasetLayoutError, match='3 ranks but only 2 validation images'):
         eval_shard_indices(2, 3, 0)
 
 
