@@ -4,7 +4,7 @@
 Steps, all through the real command line (``main.py``) and its YACS configs in ``configs/demo/``:
 
 1. write scikit-learn's digits as an image folder (``--data-path``, default ``./demo_data``; 80/20 stratified);
-2. train a small Swin at 32 px from scratch (Mixup/CutMix, RandAugment, AdamW, cosine schedule with warmup,
+2. train a small Swin at 32 px from scratch (Mixup/CutMix, random erasing, AdamW, cosine schedule with warmup,
    checkpoints, TensorBoard);
 3. evaluate its last checkpoint with ``--eval --resume``;
 4. fine-tune that checkpoint at 64 px with a window of 8 instead of 4 through ``--pretrained``;
@@ -132,7 +132,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
     elapsed = time.time() - started
-    rel = lambda p: os.path.relpath(p)  # noqa: E731
+    def rel(path: str) -> str:
+        short = os.path.relpath(path)
+        return path if short.startswith('..') else short
     print(f"""
 === done in {elapsed / 60:.1f} min ({elapsed:.0f} s)
 top-1 at {train_cfg.DATA.IMG_SIZE} px:            {acc_train[0]:.2f}%  (top-5 {acc_train[1]:.2f}%)
