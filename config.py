@@ -179,6 +179,8 @@ _C.AUG.CUTMIX_MINMAX = None
 _C.AUG.MIXUP_PROB = 1.0
 _C.AUG.MIXUP_SWITCH_PROB = 0.5
 _C.AUG.MIXUP_MODE = 'batch'              # batch | pair | elem
+_C.AUG.RRC_SCALE = [0.08, 1.0]           # (ours) area range of the random-resized crop (images > 32 px)
+_C.AUG.HFLIP = 0.5                       # (ours) horizontal flip probability
 
 # ----------------------------------------------------------------------------- testing
 _C.TEST = CN()
@@ -373,7 +375,10 @@ def validate_config(config: CN) -> None:
                 'TRAIN.KEEP_CHECKPOINTS', 'AUG.MIXUP', 'AUG.CUTMIX', 'AUG.REPROB', 'DATA.REPEATED_AUG'):
         if _get(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(config, key)!r}")
-    for key in ('MODEL.DROP_RATE', 'MODEL.DROP_PATH_RATE', 'MODEL.LABEL_SMOOTHING', 'AUG.REPROB',
+    scale = list(config.AUG.RRC_SCALE)
+    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ConfigError(f"AUG.RRC_SCALE must be [min, max] with 0 < min <= max <= 1, got {scale}")
+    for key in ('MODEL.DROP_RATE', 'MODEL.DROP_PATH_RATE', 'MODEL.LABEL_SMOOTHING', 'AUG.REPROB', 'AUG.HFLIP',
                 'AUG.MIXUP_PROB', 'AUG.MIXUP_SWITCH_PROB'):
         if not 0.0 <= _get(config, key) <= 1.0:
             raise ConfigError(f"{key} must be in [0, 1], got {_get(config, key)!r}")

@@ -70,6 +70,8 @@ def build_transform(is_train: bool, config: Any) -> Callable:
         transform = create_transform(
             input_size=size,
             is_training=True,
+            scale=tuple(config.AUG.RRC_SCALE),
+            hflip=config.AUG.HFLIP,
             color_jitter=config.AUG.COLOR_JITTER if config.AUG.COLOR_JITTER > 0 else None,
             auto_augment=config.AUG.AUTO_AUGMENT if config.AUG.AUTO_AUGMENT not in ('', 'none', None) else None,
             re_prob=config.AUG.REPROB,

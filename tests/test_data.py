@@ -445,3 +445,14 @@ def test_scripts_help():
         out = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', script), '--help'],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and 'usage' in out.stdout, out.stderr
+
+
+def test_crop_scale_and_flip_are_configurable():
+    from config import load_config
+    from torchvision import transforms as T
+    default = data.build_transform(True, load_config(None, ['DATA.IMG_SIZE', '64']))
+    assert any(isinstance(t, T.RandomHorizontalFlip) for t in default.transforms)
+    config = load_config(None, ['DATA.IMG_SIZE', '64', 'AUG.HFLIP', '0.0', 'AUG.RRC_SCALE', '[0.7, 1.0]'])
+    custom = data.build_transform(True, config)
+    assert not any(isinstance(t, T.RandomHorizontalFlip) for t in custom.transforms)
+    assert tuple(custom.transforms[0].scale) == (0.7, 1.0)
