@@ -46,14 +46,12 @@ def build_contenders(variant: str, device: torch.device, only: str = '') -> Dict
     timm_name, tv_name, kwargs = VARIANTS[variant]
     torch.manual_seed(0)
     out = {}
-    if only in ('', 'ours', 'timm'):
-        ref = timm.create_model(timm_name, pretrained=False)
-        if only in ('', 'timm'):
-            out['timm'] = ref
-        if only in ('', 'ours'):
-            ours = SwinTransformer(img_size=224, window_size=7, drop_path_rate=0.0, **kwargs)
-            ours.load_state_dict(timm_to_official(ref.state_dict()))
-            out['ours'] = ours
+    if only in ('', 'timm'):
+        out['timm'] = timm.create_model(timm_name, pretrained=False)
+    if only in ('', 'ours'):
+        out['ours'] = SwinTransformer(img_size=224, window_size=7, drop_path_rate=0.0, **kwargs)
+        if 'timm' in out:
+            out['ours'].load_state_dict(timm_to_official(out['timm'].state_dict()))
     if only in ('', 'torchvision'):
         tv = getattr(torchvision.models, tv_name)()
         for m in tv.modules():  # same regularisation as the others: no stochastic depth
@@ -132,19 +130,29 @@ def cpu_peak_memory_mb(args: argparse.Namespace, name: str, mode: str, dtype_nam
     return json.loads(out.strip().splitlines()[-1])['peak_mb']
 
 
+def _proc_status_mb(field: str) -> float:
+    """A memory field of /proc/self/status in MiB (VmRSS: now; VmHWM: peak of this program image).
+
+    Not ru_maxrss: Linux carries that over from the parent through fork and exec.
+    """
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f'{field} not in /proc/self/status')
+
+
 def memory_probe(args: argparse.Namespace) -> None:
     """Run in a fresh process: peak RSS growth of train steps over the built model (MiB), as JSON."""
-    import resource
     device = torch.device('cpu')
     model = build_contenders(args.model, device, only=args._memory_probe)[args._memory_probe]
     x = torch.randn(args.batch_size, 3, 224, 224)
     target = torch.randint(0, 1000, (args.batch_size,))
     step = make_step(model, args.modes[0], DTYPES[args.dtypes[0]], device, x, target)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _proc_status_mb('VmRSS')
     for _ in range(2):  # the second step has optimizer state and gradients from the first
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({'peak_mb': (peak - base) / 1024}))
+    print(json.dumps({'peak_mb': _proc_status_mb('VmHWM') - base}))
 
 
 def run(args: argparse.Namespace) -> List[dict]:
