@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from helpers import subprocess_env, write_digits_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_DIR = os.path.join('swin_tiny_patch4_window7_224', 'default')  # <OUTPUT>/<MODEL.NAME>/<TAG>
@@ -46,27 +47,11 @@ def _count(request, key, n=1):
 @pytest.fixture(scope='module')
 def digits(tmp_path_factory):
     """train/ (32 images) and val/ (16 images): 4 digit classes as 32 px RGB PNGs."""
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    root = tmp_path_factory.mktemp('digits')
-    seen = {}
-    for i, (img, label) in enumerate(zip(d.images, d.target)):
-        if label >= 4 or seen.get(label, 0) >= 12:
-            continue
-        split = 'train' if seen.get(label, 0) < 8 else 'val'
-        seen[label] = seen.get(label, 0) + 1
-        folder = root / split / f'digit{label}'
-        folder.mkdir(parents=True, exist_ok=True)
-        pixels = (img / 16.0 * 255).astype(np.uint8)
-        Image.fromarray(pixels).resize((32, 32), Image.NEAREST).convert('RGB').save(folder / f'{i}.png')
-    return str(root)
+    return write_digits_folder(tmp_path_factory.mktemp('digits'), 4, 8, 4)
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONHASHSEED='0')
-    for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
-        env.pop(name, None)
-    return env
+    return subprocess_env()
 
 
 def _cmd(data, out, extra=()):

@@ -10,13 +10,12 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from PIL import Image
+from helpers import subprocess_env, write_digits_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_DIR = os.path.join('swin_tiny_patch4_window7_224', 'default')  # <OUTPUT>/<MODEL.NAME>/<TAG>
@@ -35,28 +34,11 @@ BASE_LR, BATCH = 0.02, 16
 @pytest.fixture(scope='module')
 def digits(tmp_path_factory):
     """train/ (64 images) and val/ (32 images) class folders of 4 digit classes, 32 px RGB."""
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    root = tmp_path_factory.mktemp('digits')
-    counts = {('train', c): 0 for c in range(4)} | {('val', c): 0 for c in range(4)}
-    for i, (img, label) in enumerate(zip(d.images, d.target)):
-        if label >= 4:
-            continue
-        split = 'train' if counts[('train', label)] < 16 else 'val'
-        if counts[(split, label)] >= (16 if split == 'train' else 8):
-            continue
-        counts[(split, label)] += 1
-        folder = root / split / f'digit{label}'
-        folder.mkdir(parents=True, exist_ok=True)
-        pixels = (img / 16.0 * 255).astype(np.uint8)
-        Image.fromarray(pixels).resize((32, 32), Image.NEAREST).convert('RGB').save(folder / f'{i}.png')
-    return str(root)
+    return write_digits_folder(tmp_path_factory.mktemp('digits'), 4, 16, 8)
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONHASHSEED='0')
-    env.pop('WORLD_SIZE', None)
-    return env
+    return subprocess_env()
 
 
 def _main(args, nproc=1, timeout=240):
