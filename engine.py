@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Sampler
 from config import ConfigError, config_to_dict
 from utils.checkpoint import (CheckpointError, CheckpointManager, CheckpointSaveError, auto_resume,
                               build_checkpoint, gather_rng_states, load_checkpoint_file, load_model_state,
-                              remove_stale_temp_files, restore_rank_rng, restore_training_state)
+                              remove_stale_temp_files, restore_rank_rng, restore_training_state, unwrap_model)
 from utils.distributed import DistInfo, all_reduce_sum
 from utils.logger import MetricsFile, create_tb_writer
 from utils.misc import format_seconds, memory_mb
@@ -86,17 +86,6 @@ def build_criterion(config: Any, mixup_fn: Any) -> nn.Module:
     if config.MODEL.LABEL_SMOOTHING > 0.0:
         return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
     return nn.CrossEntropyLoss()
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, '_orig_mod'):
-            model = model._orig_mod
-        elif isinstance(model, DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 class _SkipSampler(Sampler):

@@ -62,8 +62,8 @@ class WindowAttentionBase(nn.Module):
         """Position bias plus the shift mask: ``(nW, nH, N, N)`` with a mask, else ``(1, nH, N, N)``."""
         cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if cacheable:
-            key = (id(mask), dtype) + tuple(p._version for p in self._bias_sources()) + \
-                  tuple(p.data_ptr() for p in self._bias_sources())
+            sources = self._bias_sources()
+            key = (id(mask), dtype) + tuple((p._version, p.data_ptr()) for p in sources)
             cached = self._bias_cache.get(key)
             if cached is not None:
                 return cached

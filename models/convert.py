@@ -9,6 +9,8 @@ from typing import Dict
 
 import torch
 
+from .swin_common import DERIVED_BUFFERS
+
 StateDict = Dict[str, torch.Tensor]
 
 
@@ -21,7 +23,7 @@ def timm_to_official(state_dict: StateDict) -> StateDict:
     """
     out = {}
     for key, value in state_dict.items():
-        if key.rsplit('.', 1)[-1] in ('relative_position_index', 'attn_mask', 'relative_coords_table', 'k_bias'):
+        if key.rsplit('.', 1)[-1] in DERIVED_BUFFERS + ('k_bias',):
             continue
         key = re.sub(r'^layers\.(\d+)\.downsample', lambda m: f'layers.{int(m.group(1)) - 1}.downsample', key)
         key = key.replace('head.fc.', 'head.')
@@ -40,7 +42,7 @@ def torchvision_to_official(state_dict: StateDict) -> StateDict:
     """
     out = {}
     for key, value in state_dict.items():
-        if key.rsplit('.', 1)[-1] in ('relative_position_index', 'relative_coords_table'):
+        if key.rsplit('.', 1)[-1] in DERIVED_BUFFERS:
             continue
         m = re.match(r'^features\.(\d+)\.(.*)$', key)
         if m is None:

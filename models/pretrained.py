@@ -19,9 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .swin_common import DERIVED_BUFFERS
+
 _LOG = logging.getLogger(__name__)
 MAP_22K_TO_1K = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'map22kto1k.txt')
-_DERIVED = ('relative_position_index', 'attn_mask', 'relative_coords_table')
 
 
 def imagenet22k_to_1k_indices() -> torch.Tensor:
@@ -77,7 +78,7 @@ def load_pretrained(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
     naming the key when a tensor cannot be made to fit.
     """
     log = logger or _LOG
-    state = {k: v for k, v in _read(checkpoint, trust).items() if k.rsplit('.', 1)[-1] not in _DERIVED}
+    state = {k: v for k, v in _read(checkpoint, trust).items() if k.rsplit('.', 1)[-1] not in DERIVED_BUFFERS}
     own = model.state_dict()
     modules = dict(model.named_modules())
     adapted, reinitialized = [], []

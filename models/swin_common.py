@@ -20,7 +20,7 @@ from timm.layers import DropPath, trunc_normal_
 
 from .mlp import Mlp
 
-from .window_ops import GeometryCache, effective_window, merge_2x2, window_to_tuple
+from .window_ops import GeometryCache, effective_shift, merge_2x2, window_to_tuple
 
 Size = Tuple[int, int]
 
@@ -112,8 +112,8 @@ class SwinBlock(nn.Module):
         self._geometry = GeometryCache()
 
     def forward(self, x: torch.Tensor, hw: Size) -> torch.Tensor:
-        window, shift = effective_window(hw[0], hw[1], self.window_size, self.shift_size)
-        geometry = self._geometry.get(hw[0], hw[1], window, shift, x.device)
+        shift = effective_shift(hw[0], hw[1], self.window_size, self.shift_size)
+        geometry = self._geometry.get(hw[0], hw[1], self.window_size, shift, x.device)
         batch = x.shape[0]
         if self.post_norm:
             y = geometry.reverse(self.attn(geometry.partition(x), geometry.mask), batch)
@@ -325,9 +325,10 @@ class SwinBackbone(nn.Module):
         return flops
 
 
-_DERIVED_BUFFERS = ('relative_position_index', 'attn_mask', 'relative_coords_table')
+# Buffers official checkpoints carry that are derived from the config (ours are rebuilt, not stored).
+DERIVED_BUFFERS = ('relative_position_index', 'attn_mask', 'relative_coords_table')
 
 
 def _drop_derived_buffers(state_dict, prefix, *args) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix) and k.rsplit('.', 1)[-1] in _DERIVED_BUFFERS]:
+    for key in [k for k in state_dict if k.startswith(prefix) and k.rsplit('.', 1)[-1] in DERIVED_BUFFERS]:
         del state_dict[key]

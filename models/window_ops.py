@@ -101,11 +101,9 @@ class GeometryCache:
         return geometry
 
 
-def effective_window(height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int]
-                     ) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """Window and shift actually used on an ``H x W`` map: no shift along a side the window covers."""
-    shift = (0 if height <= window[0] else shift[0], 0 if width <= window[1] else shift[1])
-    return window, shift
+def effective_shift(height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int]) -> Tuple[int, int]:
+    """The shift actually used on an ``H x W`` map: none along a side the window already covers."""
+    return (0 if height <= window[0] else shift[0], 0 if width <= window[1] else shift[1])
 
 
 def pad_to_even(x: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
+from models.swin_common import DERIVED_BUFFERS
+
 from .distributed import all_gather_objects, get_rank, get_world_size
 
 _LOG = logging.getLogger(__name__)
@@ -258,7 +260,7 @@ def restore_rank_rng(rng: Optional[Mapping[str, Any]], fallback_seed: int,
 
 # ----------------------------------------------------------------------------- building and restoring state
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module under DDP and ``torch.compile`` wrappers (so keys carry no prefixes)."""
     while True:
         if hasattr(model, '_orig_mod'):
@@ -274,11 +276,11 @@ def build_checkpoint(config_dict: Dict[str, Any], epoch: int, model: torch.nn.Mo
                      step: int = 0, rng: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The checkpoint dict (official keys plus ours); see the module docstring for their meaning."""
     checkpoint: Dict[str, Any] = {
-        'model': _unwrap(model).state_dict(),
+        'model': unwrap_model(model).state_dict(),
         'optimizer': optimizer.state_dict() if optimizer is not None else None,
         'lr_scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None,
         'scaler': scaler.state_dict() if scaler is not None else None,
-        'ema': _unwrap(ema.module).state_dict() if ema is not None else None,
+        'ema': unwrap_model(ema.module).state_dict() if ema is not None else None,
         'max_accuracy': float(max_accuracy),
         'epoch': int(epoch),
         'step': int(step),
@@ -293,12 +295,11 @@ def load_model_state(model: torch.nn.Module, checkpoint: Mapping[str, Any], path
     """Load ``checkpoint['model']`` strictly (derived buffers such as ``attn_mask`` may be absent or extra)."""
     if 'model' not in checkpoint or not isinstance(checkpoint['model'], Mapping):
         raise CheckpointError(f"{path} has no 'model' state dict (keys: {sorted(checkpoint)[:10]})")
-    target = _unwrap(model)
+    target = unwrap_model(model)
     state = dict(checkpoint['model'])
     own = target.state_dict()
-    derived = ('relative_position_index', 'attn_mask', 'relative_coords_table')
-    missing = [k for k in own if k not in state and not k.endswith(derived)]
-    unexpected = [k for k in state if k not in own and not k.endswith(derived)]
+    missing = [k for k in own if k not in state and not k.endswith(DERIVED_BUFFERS)]
+    unexpected = [k for k in state if k not in own and not k.endswith(DERIVED_BUFFERS)]
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match the model: missing {missing[:6]}, unexpected "
                               f"{unexpected[:6]} (another architecture? use --pretrained to fine-tune)")
@@ -338,12 +339,12 @@ def restore_training_state(checkpoint: Mapping[str, Any], model: torch.nn.Module
     if ema is not None:
         if checkpoint.get('ema'):
             try:
-                _unwrap(ema.module).load_state_dict(checkpoint['ema'])
+                unwrap_model(ema.module).load_state_dict(checkpoint['ema'])
             except (RuntimeError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{path}: EMA weights do not fit the model: {_first_line(e)}") from None
         else:
             log.info("resume: %s has no EMA weights; the EMA starts from the resumed model", path)
-            ema.set(_unwrap(model))
+            ema.set(unwrap_model(model))
     try:
         epoch = int(checkpoint.get('epoch', -1))
         step = int(checkpoint.get('step', 0) or 0)
