@@ -12,24 +12,53 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
                      fused: bool, dropout_p: float = 0.0) -> torch.Tensor:
     """Attention of ``(B*nW, nH, N, d)`` windows with an additive ``(B*nW | nW | 1, nH, N, N)`` bias.
 
-    ``fused`` uses ``scaled_dot_product_attention``; otherwise the plain matmul-softmax-matmul path. A bias
-    with ``nW`` entries (not broadcastable to ``B*nW``) is applied per window with the batch folded out.
+    ``fused`` uses ``scaled_dot_product_attention`` when no gradient is recorded. Otherwise attention runs as
+    matmul, scaled bias add, softmax, matmul: for training on the CPU this is faster than SDPA's fallback,
+    which scales q and k separately, guards fully masked rows with extra passes and materialises the bias
+    gradient at ``(B*nW, nH, N, N)``. A bias with ``nW`` entries is broadcast over the batch, never expanded.
     """
     windows, heads, n, _ = q.shape
     per_window = bias.shape[0] not in (1, windows)
-    if fused:
+    if fused and not torch.is_grad_enabled():
         if per_window:  # SDPA needs a mask broadcastable to (B*nW, nH, N, N)
             bias = bias.unsqueeze(0).expand(windows // bias.shape[0], -1, -1, -1, -1).reshape(windows, heads, n, n)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-    attn = (q * scale) @ k.transpose(-2, -1)
+    attn = q @ k.transpose(-2, -1)
     if per_window:
-        attn = (attn.view(-1, bias.shape[0], heads, n, n) + bias).view(windows, heads, n, n)
+        attn = torch.add(bias, attn.view(-1, bias.shape[0], heads, n, n), alpha=scale).view(windows, heads, n, n)
     else:
-        attn = attn + bias
+        attn = torch.add(bias, attn, alpha=scale)
     attn = attn.softmax(dim=-1)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)
     return attn @ v
+
+
+class _SplitHeads(torch.autograd.Function):
+    """``(B_, N, 3C)`` -> contiguous q, k, v ``(B_, nH, N, d)``: one copy forward, one copy backward.
+
+    Contiguous heads keep every batched matmul of the attention on the fast path; views of the permuted
+    ``qkv`` send the backward matmuls through per-window copies.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: int):
+        b, n, c3 = qkv.shape
+        ctx.shape, ctx.heads = qkv.shape, heads
+        parts = qkv.view(b, n, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).contiguous()
+        return parts[0], parts[1], parts[2]
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        b, n, c3 = ctx.shape
+        grad = next(g for g in grads if g is not None)
+        out = grad.new_empty(b, n, 3, ctx.heads, c3 // (3 * ctx.heads))
+        for i, g in enumerate(grads):
+            if g is None:
+                out[:, :, i].zero_()
+            else:
+                out[:, :, i].copy_(g.transpose(1, 2))
+        return out.view(b, n, c3), None
 
 
 class WindowAttentionBase(nn.Module):
@@ -78,7 +107,10 @@ class WindowAttentionBase(nn.Module):
         return bias
 
     def split_heads(self, qkv: torch.Tensor):
-        """``(B_, N, 3C)`` -> q, k, v of shape ``(B_, nH, N, d)`` (views, no copy)."""
+        """``(B_, N, 3C)`` -> q, k, v of shape ``(B_, nH, N, d)``: contiguous copies on the fast path while
+        gradients are recorded, else views."""
+        if self.fused_attn and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return _SplitHeads.apply(qkv, self.num_heads)
         b, n, _ = qkv.shape
         return qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 

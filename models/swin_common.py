@@ -121,7 +121,7 @@ class SwinBlock(nn.Module):
             return x + self.drop_path(self.norm2(self.mlp(x)))
         y = geometry.reverse(self.attn(geometry.partition(self.norm1(x)), geometry.mask), batch)
         x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self.mlp(x, self.norm2))
 
     def flops(self, resolution: Size) -> float:
         h, w = resolution

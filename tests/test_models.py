@@ -302,23 +302,43 @@ def test_torch_compile_has_no_graph_breaks(cls):
             assert torch.allclose(compiled(x), model(x), atol=1e-5)
 
 
-def test_memory_lean_mlp_matches_plain_and_gradchecks():
-    from models.mlp import Mlp, _GeluLinear
-    mlp = Mlp(8, 32)
+@pytest.mark.parametrize('chunked', [False, True])
+def test_chunked_mlp_matches_plain_and_gradchecks(monkeypatch, chunked):
+    import models.mlp as mlp_module
+    from models.mlp import Mlp, _ChunkedMlp
+    if chunked:  # force chunks of 3 rows (the last one shorter)
+        monkeypatch.setattr(mlp_module, 'WHOLE_BYTES', 0)
+        monkeypatch.setattr(mlp_module, 'CHUNK_BYTES', 1)
+        monkeypatch.setattr(mlp_module, 'MIN_CHUNK_ROWS', 3)
+    torch.manual_seed(0)
+    mlp, norm = Mlp(8, 32), randomize(torch.nn.LayerNorm(8))
     x = torch.randn(4, 5, 8, requires_grad=True)
     g = torch.randn(4, 5, 8)
-    mlp(x).backward(g)
-    lean = [x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()]
-    x.grad = None
-    mlp.zero_grad()
-    mlp.fc2(F.gelu(mlp.fc1(x))).backward(g)
-    plain = [x.grad] + [p.grad for p in mlp.parameters()]
-    for a, b in zip(lean, plain):
-        assert torch.allclose(a, b, atol=1e-6)
-    h = torch.randn(2, 3, 16, dtype=torch.double, requires_grad=True)
-    fc2 = torch.nn.Linear(16, 8).double()
-    assert torch.autograd.gradcheck(_GeluLinear.apply, (h, fc2.weight, fc2.bias))
+    params = [x] + list(mlp.parameters()) + list(norm.parameters())
+
+    def grads(out):
+        out.backward(g)
+        result = [p.grad.clone() if p.grad is not None else None for p in params]
+        for p in params:
+            p.grad = None
+        return result
+
+    pairs = [(mlp(x, norm), mlp.fc2(F.gelu(mlp.fc1(norm(x))))), (mlp(x), mlp.fc2(F.gelu(mlp.fc1(x))))]
+    for lean, plain in pairs:
+        assert torch.allclose(lean, plain, atol=1e-6)
+        for a, b in zip(grads(lean), grads(plain)):
+            assert (a is None) == (b is None)
+            assert a is None or torch.allclose(a, b, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(mlp(x, norm), mlp.fc2(F.gelu(mlp.fc1(norm(x)))), atol=1e-6)
+    xd = torch.randn(7, 6, dtype=torch.double, requires_grad=True)
+    nd, fc1, fc2 = torch.nn.LayerNorm(6).double(), torch.nn.Linear(6, 12).double(), torch.nn.Linear(12, 6).double()
+    for normed in (True, False):
+        assert torch.autograd.gradcheck(
+            lambda *t: _ChunkedMlp.apply(t[0], normed, t[1], t[2], 1e-5, *t[3:], 3, torch.double),
+            (xd, nd.weight, nd.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias))
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        out = mlp(x)
+        out = mlp(x, norm)
     out.float().sum().backward()
     assert out.dtype == torch.bfloat16 and mlp.fc2.weight.grad.dtype == torch.float32
+    assert x.grad.dtype == torch.float32 and norm.weight.grad is not None
