@@ -25,9 +25,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     attn = q @ k.transpose(-2, -1)
     if per_window:
-        attn = torch.add(bias, attn.view(-1, bias.shape[0], heads, n, n), alpha=scale).view(windows, heads, n, n)
-    else:
-        attn = torch.add(bias, attn, alpha=scale)
+        attn = attn.view(-1, bias.shape[0], heads, n, n)
+    attn = (attn + bias if scale == 1.0 else torch.add(bias, attn, alpha=scale)).view(windows, heads, n, n)
     attn = attn.softmax(dim=-1)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)
@@ -35,18 +34,21 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
 
 
 class _SplitHeads(torch.autograd.Function):
-    """``(B_, N, 3C)`` -> contiguous q, k, v ``(B_, nH, N, d)``: one copy forward, one copy backward.
+    """``(B_, N, 3C)`` -> contiguous ``q * q_scale``, k, v ``(B_, nH, N, d)``: one copy each way.
 
     Contiguous heads keep every batched matmul of the attention on the fast path; views of the permuted
-    ``qkv`` send the backward matmuls through per-window copies.
+    ``qkv`` send the backward matmuls through per-window copies. The query scale rides along with the copy.
     """
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, heads: int):
+    def forward(ctx, qkv: torch.Tensor, heads: int, q_scale: float):
         b, n, c3 = qkv.shape
-        ctx.shape, ctx.heads = qkv.shape, heads
-        parts = qkv.view(b, n, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).contiguous()
-        return parts[0], parts[1], parts[2]
+        ctx.shape, ctx.heads, ctx.q_scale = qkv.shape, heads, q_scale
+        parts = qkv.view(b, n, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4)
+        out = torch.empty(parts.shape, dtype=qkv.dtype, device=qkv.device)
+        torch.mul(parts[0], q_scale, out=out[0])
+        out[1:].copy_(parts[1:])
+        return out[0], out[1], out[2]
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
@@ -56,9 +58,11 @@ class _SplitHeads(torch.autograd.Function):
         for i, g in enumerate(grads):
             if g is None:
                 out[:, :, i].zero_()
+            elif i == 0:
+                torch.mul(g.transpose(1, 2), ctx.q_scale, out=out[:, :, 0])
             else:
                 out[:, :, i].copy_(g.transpose(1, 2))
-        return out.view(b, n, c3), None
+        return out.view(b, n, c3), None, None
 
 
 class WindowAttentionBase(nn.Module):
@@ -106,13 +110,16 @@ class WindowAttentionBase(nn.Module):
             self._bias_cache[key] = bias
         return bias
 
-    def split_heads(self, qkv: torch.Tensor):
-        """``(B_, N, 3C)`` -> q, k, v of shape ``(B_, nH, N, d)``: contiguous copies on the fast path while
-        gradients are recorded, else views."""
+    def split_heads(self, qkv: torch.Tensor, q_scale: float = 1.0):
+        """``(B_, N, 3C)`` -> q, k, v of shape ``(B_, nH, N, d)`` and the query scale still to apply.
+
+        While gradients are recorded (fast path) q, k and v are contiguous copies with the scale folded into
+        q (returned scale 1); otherwise they are views and the scale is left to the attention.
+        """
         if self.fused_attn and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return _SplitHeads.apply(qkv, self.num_heads)
+            return (*_SplitHeads.apply(qkv, self.num_heads, q_scale), 1.0)
         b, n, _ = qkv.shape
-        return qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return (*qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0), q_scale)
 
     def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, _, n, _ = x.shape

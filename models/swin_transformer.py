@@ -41,10 +41,10 @@ class WindowAttention(WindowAttentionBase):
         return bias.view(n, n, -1).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        q, k, v = self.split_heads(self.qkv(x))
+        q, k, v, scale = self.split_heads(self.qkv(x), self.scale)
         bias = self.attention_bias(mask, q.dtype)
         drop = self.attn_drop.p if self.training else 0.0
-        return self.merge_heads(window_attention(q, k, v, bias, self.scale, self.fused_attn, drop))
+        return self.merge_heads(window_attention(q, k, v, bias, scale, self.fused_attn, drop))
 
 
 class SwinTransformer(SwinBackbone):

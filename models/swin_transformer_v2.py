@@ -72,7 +72,7 @@ class WindowAttentionV2(WindowAttentionBase):
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        q, k, v = self.split_heads(F.linear(x, self.qkv.weight, qkv_bias))
+        q, k, v, _ = self.split_heads(F.linear(x, self.qkv.weight, qkv_bias))
         # cosine similarity times a per-head scale: fold the scale into the normalised queries
         logit_scale = torch.clamp(self.logit_scale, max=math.log(1. / 0.01)).exp()
         q = F.normalize(q, dim=-1) * logit_scale

@@ -52,11 +52,36 @@ class WindowGeometry:
         b, _, c = x.shape
         if self.padded:
             x = torch.cat([x, x.new_zeros(b, 1, c)], dim=1)
-        return x.index_select(1, self.gather_index).view(b * self.num_windows, -1, c)
+            return x.index_select(1, self.gather_index).view(b * self.num_windows, -1, c)
+        return permute_tokens(x, self.gather_index, self.scatter_index).view(b * self.num_windows, -1, c)
 
     def reverse(self, windows: torch.Tensor, batch: int) -> torch.Tensor:
         """``(B*nW, N, C)`` -> ``(B, H*W, C)``; drops padded slots and undoes the shift."""
-        return windows.reshape(batch, -1, windows.shape[-1]).index_select(1, self.scatter_index)
+        windows = windows.reshape(batch, -1, windows.shape[-1])
+        if self.padded:
+            return windows.index_select(1, self.scatter_index)
+        return permute_tokens(windows, self.scatter_index, self.gather_index)
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """Gather along dim 1 by a permutation; backward gathers by the inverse permutation instead of
+    zero-filling and scatter-adding as ``index_select``'s backward does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.inverse = inverse  # a constant of the geometry, never modified
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.index_select(1, ctx.inverse), None, None
+
+
+def permute_tokens(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(1, index)`` for a permutation ``index`` whose inverse is ``inverse``."""
+    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+        return _PermuteTokens.apply(x, index, inverse)
+    return x.index_select(1, index)
 
 
 def shifted_window_mask(height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int]) -> torch.Tensor:

@@ -342,3 +342,19 @@ def test_chunked_mlp_matches_plain_and_gradchecks(monkeypatch, chunked):
     out.float().sum().backward()
     assert out.dtype == torch.bfloat16 and mlp.fc2.weight.grad.dtype == torch.float32
     assert x.grad.dtype == torch.float32 and norm.weight.grad is not None
+
+
+@pytest.mark.parametrize('size', [(14, 14), (11, 9)])  # a permutation, and one with padded slots
+def test_window_partition_and_reverse_gradients_match_index_select(size):
+    from models.window_ops import WindowGeometry
+    h, w = size
+    geometry = WindowGeometry(h, w, (7, 7), (3, 3), torch.device('cpu'))
+    x = torch.randn(2, h * w, 4, dtype=torch.double, requires_grad=True)
+    windows = geometry.partition(x)
+    assert torch.equal(geometry.reverse(windows, 2), x)
+    assert torch.autograd.gradcheck(lambda t: geometry.reverse(geometry.partition(t) * 2.0, 2), (x,))
+    g = torch.randn_like(windows)
+    (grad,) = torch.autograd.grad(windows, x, g)
+    padded = torch.cat([x, x.new_zeros(2, 1, 4)], 1) if geometry.padded else x
+    (expected,) = torch.autograd.grad(padded.index_select(1, geometry.gather_index).view_as(windows), x, g)
+    assert torch.equal(grad, expected)
