@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .lowp import Linear, upcast_dtype
+
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
                      fused: bool, dropout_p: float = 0.0) -> torch.Tensor:
@@ -23,6 +25,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         if per_window:  # SDPA needs a mask broadcastable to (B*nW, nH, N, N)
             bias = bias.unsqueeze(0).expand(windows // bias.shape[0], -1, -1, -1, -1).reshape(windows, heads, n, n)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+    if upcast_dtype(q.dtype, q.device):  # bf16/fp16 without native CPU support: fp32 kernels, see lowp
+        with torch.autocast(q.device.type, enabled=False):
+            out = window_attention(q.float(), k.float(), v.float(), bias.float(), scale, fused, dropout_p)
+        return out.to(q.dtype)
     attn = q @ k.transpose(-2, -1)
     if per_window:
         attn = attn.view(-1, bias.shape[0], heads, n, n)
@@ -79,7 +85,7 @@ class WindowAttentionBase(nn.Module):
         self.window_size = tuple(window_size)
         self.fused_attn = fused_attn
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self._bias_cache: Dict[tuple, torch.Tensor] = {}
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .lowp import Linear, autocast_dtype, linear, mm
+
 # Chunking pays when the whole 4C-wide intermediate would be large enough to be mmapped afresh (glibc's
 # threshold tops out at 32 MiB); then chunks hold about CHUNK_BYTES each. Measured on Swin-T, 2 CPU cores:
 # the first stage (38 MiB) gains, the second (19 MiB) and later ones lose a little when chunked.
@@ -35,13 +37,6 @@ def chunk_rows(rows: int, hidden: int, itemsize: int) -> int:
     return max(MIN_CHUNK_ROWS, CHUNK_BYTES // (hidden * itemsize))
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
-
-
 def _mlp_forward(x: torch.Tensor, normed: bool, norm_weight: Optional[torch.Tensor],
                  norm_bias: Optional[torch.Tensor], eps: float, w1: torch.Tensor, b1: Optional[torch.Tensor],
                  w2: torch.Tensor, b2: Optional[torch.Tensor], rows: int, compute: torch.dtype):
@@ -49,21 +44,17 @@ def _mlp_forward(x: torch.Tensor, normed: bool, norm_weight: Optional[torch.Tens
     w1c, w2c = w1.to(compute), w2.to(compute)
     b1c = None if b1 is None else b1.to(compute)
     b2c = None if b2 is None else b2.to(compute)
-    out = x.new_empty(x.shape[0], w2.shape[0], dtype=compute)
+    outs: List[torch.Tensor] = []
     hidden: List[torch.Tensor] = []
-    with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit; out= is not autocast
+    with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit
         for start in range(0, x.shape[0], rows):
             xc = x[start:start + rows]
             if normed:
                 xc = F.layer_norm(xc, xc.shape[-1:], norm_weight, norm_bias, eps)
-            h = F.linear(xc.to(compute), w1c, b1c)
+            h = linear(xc.to(compute), w1c, b1c)
             hidden.append(h)
-            act = F.gelu(h)
-            if b2c is None:
-                torch.mm(act, w2c.t(), out=out[start:start + rows])
-            else:
-                torch.addmm(b2c, act, w2c.t(), out=out[start:start + rows])
-    return out, hidden
+            outs.append(linear(F.gelu(h), w2c, b2c))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)), hidden
 
 
 class _ChunkedMlp(torch.autograd.Function):
@@ -103,11 +94,11 @@ class _ChunkedMlp(torch.autograd.Function):
                 xn = xc
             xn = xn.to(compute)
             _accumulate_mm(grad_w2, gc.t(), F.gelu(h))
-            grad_h = torch.ops.aten.gelu_backward(gc.mm(w2c), h)
+            grad_h = torch.ops.aten.gelu_backward(mm(gc, w2c), h)
             _accumulate_mm(grad_w1, grad_h.t(), xn)
             if grad_b1 is not None:
                 grad_b1 += grad_h.sum(0, dtype=grad_b1.dtype)
-            grad_xn = grad_h.mm(w1c)
+            grad_xn = mm(grad_h, w1c)
             if normed:
                 mask = [True, grad_nw is not None, grad_nb is not None]
                 gx, gnw, gnb = torch.ops.aten.native_layer_norm_backward(
@@ -127,7 +118,7 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     else:
-        acc += a.mm(b).to(acc.dtype)
+        acc += mm(a, b).to(acc.dtype)
 
 
 class Mlp(nn.Module):
@@ -139,9 +130,9 @@ class Mlp(nn.Module):
 
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
@@ -154,7 +145,7 @@ class Mlp(nn.Module):
             x = norm(x)
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        compute = _compute_dtype(x)
+        compute = autocast_dtype(x) or x.dtype
         rows = chunk_rows(x.shape[0], self.fc1.out_features, torch.finfo(compute).bits // 8)
         weight, bias, eps = (norm.weight, norm.bias, norm.eps) if fold_norm else (None, None, 0.0)
         args = (x, fold_norm, weight, bias, eps, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import DropPath, trunc_normal_
 
+from .lowp import Linear
 from .mlp import Mlp
 
 from .window_ops import GeometryCache, effective_shift, merge_2x2, window_to_tuple
@@ -71,7 +72,7 @@ class PatchMerging(nn.Module):
         super().__init__()
         self.dim = dim
         self.norm_after = norm_after
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
         self.norm = norm_layer(2 * dim if norm_after else 4 * dim)
 
     def forward(self, x: torch.Tensor, hw: Size) -> Tuple[torch.Tensor, Size]:
@@ -235,7 +236,7 @@ class SwinBackbone(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = norm_layer(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool1d(1)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
         self.apply(self._init_weights)
         # official checkpoints carry derived buffers; drop them on load (ours are rebuilt and cached)

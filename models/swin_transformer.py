@@ -13,6 +13,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 
 from .attention import WindowAttentionBase, window_attention
+from .lowp import Linear
 from .swin_common import SwinBackbone
 from .window_ops import relative_position_index
 
@@ -29,7 +30,7 @@ class WindowAttention(WindowAttentionBase):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
         self.register_buffer('relative_position_index', relative_position_index(self.window_size),
                              persistent=False)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         trunc_normal_(self.relative_position_bias_table, std=.02)
 
     def _bias_sources(self) -> tuple:

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import WindowAttentionBase, window_attention
+from .lowp import Linear, linear
 from .swin_common import SwinBackbone
 from .window_ops import relative_position_index, window_to_tuple
 
@@ -51,7 +52,7 @@ class WindowAttentionV2(WindowAttentionBase):
                              log_spaced_coords(self.window_size, self.pretrained_window_size), persistent=False)
         self.register_buffer('relative_position_index', relative_position_index(self.window_size),
                              persistent=False)
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.qkv = Linear(dim, dim * 3, bias=False)
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.v_bias = nn.Parameter(torch.zeros(dim))
@@ -72,7 +73,7 @@ class WindowAttentionV2(WindowAttentionBase):
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        q, k, v, _ = self.split_heads(F.linear(x, self.qkv.weight, qkv_bias))
+        q, k, v, _ = self.split_heads(linear(x, self.qkv.weight, qkv_bias))
         # cosine similarity times a per-head scale: fold the scale into the normalised queries
         logit_scale = torch.clamp(self.logit_scale, max=math.log(1. / 0.01)).exp()
         q = F.normalize(q, dim=-1) * logit_scale

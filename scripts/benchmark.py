@@ -173,6 +173,10 @@ def run(args: argparse.Namespace) -> List[dict]:
                 continue
             flops = step_flops(contenders['ours'], mode, x[:1], target[:1]) * args.batch_size
             roof = matmul_roofline(dtype, device)
+            if device.type == 'cpu' and dtype != torch.float32:
+                # a low-precision matmul may run through the fp32 kernel (models/lowp.py): the roofline is the
+                # faster of the two
+                roof = max(roof, matmul_roofline(torch.float32, device))
             steps = {}
             for name, model in contenders.items():
                 if args.compile:

@@ -358,3 +358,65 @@ def test_window_partition_and_reverse_gradients_match_index_select(size):
     padded = torch.cat([x, x.new_zeros(2, 1, 4)], 1) if geometry.padded else x
     (expected,) = torch.autograd.grad(padded.index_select(1, geometry.gather_index).view_as(windows), x, g)
     assert torch.equal(grad, expected)
+
+
+def test_upcast_linear_is_a_bf16_gemm_through_fp32_kernels(monkeypatch):
+    import models.lowp as lowp
+    monkeypatch.setattr(lowp, 'cpu_native', lambda dtype: False)
+    torch.manual_seed(0)
+    layer = lowp.Linear(16, 8)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    g = torch.randn(3, 5, 8)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = layer(x)
+    out.backward(g.bfloat16())
+    ours = [out, x.grad, layer.weight.grad, layer.bias.grad]
+    # reference: bf16-rounded operands, fp32 accumulation, result rounded to bf16 (autograd through the casts)
+    x2 = x.detach().clone().requires_grad_()
+    w2, b2 = layer.weight.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()
+    bf = torch.bfloat16
+    ref = F.linear(x2.to(bf).float(), w2.to(bf).float(), b2.to(bf).float()).to(bf)
+    ref.backward(g.bfloat16())
+    for a, b in zip(ours, [ref, x2.grad, w2.grad, b2.grad]):
+        assert a.dtype == b.dtype
+        # the same arithmetic; summation order may flip a rare last bf16 bit
+        assert (a == b).float().mean() > 0.95 and torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-6)
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # PyTorch's own bf16 kernel agrees to bf16 precision
+        native = F.linear(x, layer.weight, layer.bias)
+    assert native.dtype == out.dtype and torch.allclose(native.float(), out.float(), rtol=2e-2, atol=2e-2)
+    monkeypatch.setattr(lowp, 'cpu_native', lambda dtype: True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # native CPUs keep PyTorch's path
+        assert torch.equal(layer(x), native)
+    assert not lowp.upcast_dtype(torch.float32, torch.device('cpu'))
+    assert not lowp.upcast_dtype(torch.bfloat16, torch.device('cuda'))
+
+
+@pytest.mark.parametrize('v2', [False, True])
+def test_bf16_autocast_with_and_without_upcast_agree(monkeypatch, v2):
+    import models.lowp as lowp
+    torch.manual_seed(0)
+    cls = SwinTransformerV2 if v2 else SwinTransformer
+    model = randomize(cls(img_size=32, window_size=4, num_classes=10, drop_path_rate=0.0, **SMALL))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+    results = {}
+    for native in (False, True):
+        monkeypatch.setattr(lowp, 'cpu_native', lambda dtype, native=native: native)
+        model.zero_grad()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = model(x)
+        out.float().sum().backward()
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+            infer = model.eval()(x)
+        model.train()
+        assert out.dtype == infer.dtype == torch.bfloat16
+        results[native] = (out.float(), infer.float(), [p.grad.clone() for p in model.parameters()])
+    scale = reference.abs().max().item()
+    for native in (False, True):  # both within bf16 precision of the fp32 model
+        for out in results[native][:2]:
+            assert (out - reference).abs().max().item() < 0.03 * scale
+    grads_up, grads_native = results[False][2], results[True][2]
+    total_diff = sum((a - b).norm() ** 2 for a, b in zip(grads_up, grads_native)) ** 0.5
+    total = sum(b.norm() ** 2 for b in grads_native) ** 0.5
+    assert total_diff < 0.05 * total
