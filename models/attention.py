@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .capture import capturing
 from .lowp import Linear, upcast_dtype
 
 
@@ -99,7 +100,7 @@ class WindowAttentionBase(nn.Module):
 
     def attention_bias(self, mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """Position bias plus the shift mask: ``(nW, nH, N, N)`` with a mask, else ``(1, nH, N, N)``."""
-        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        cacheable = not torch.is_grad_enabled() and not capturing()
         if cacheable:
             sources = self._bias_sources()
             key = (id(mask), dtype) + tuple((p._version, p.data_ptr()) for p in sources)
@@ -122,7 +123,7 @@ class WindowAttentionBase(nn.Module):
         While gradients are recorded (fast path) q, k and v are contiguous copies with the scale folded into
         q (returned scale 1); otherwise they are views and the scale is left to the attention.
         """
-        if self.fused_attn and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if self.fused_attn and torch.is_grad_enabled() and not capturing():
             return (*_SplitHeads.apply(qkv, self.num_heads, q_scale), 1.0)
         b, n, _ = qkv.shape
         return (*qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0), q_scale)

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .capture import capturing
+
 # Set to False to always use PyTorch's own low-precision kernels (e.g. to compare).
 UPCAST_ON_CPU = True
 
@@ -78,7 +80,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """``F.linear`` that runs low-precision operands (explicit or from autocast) through fp32 kernels on
     CPUs without native support for them; otherwise exactly ``F.linear``."""
     low = autocast_dtype(x) or x.dtype
-    if not upcast_dtype(low, x.device) or torch.compiler.is_compiling():
+    if not upcast_dtype(low, x.device) or capturing():
         return F.linear(x, weight, bias)
     with torch.autocast(x.device.type, enabled=False):
         x = x.to(low)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .capture import capturing
 from .lowp import Linear, autocast_dtype, linear, mm
 
 # Chunking pays when the whole 4C-wide intermediate would be large enough to be mmapped afresh (glibc's
@@ -136,8 +137,8 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
-        if self.drop.p > 0.0 and self.training or torch.compiler.is_compiling() or x.numel() == 0:
-            # the compiler plans memory itself; dropout needs the plain graph
+        if self.drop.p > 0.0 and self.training or capturing() or x.numel() == 0:
+            # plain ops for graph capture (see capture.py) and for dropout between the layers
             x = norm(x) if norm is not None else x
             return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
         fold_norm = isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1

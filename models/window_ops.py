@@ -12,6 +12,8 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
+from .capture import capturing
+
 # Additive mask across shifted-window borders. The official code uses -100, but softmax then yields weights
 # near exp(-100) = 3.7e-44, subnormal floats, and x86 matmuls over them stall: attention-times-values of a
 # shifted block measured 23.5 ms instead of 0.4 ms on this project's CPU (torch.set_flush_denormal does not
@@ -83,7 +85,7 @@ class _PermuteTokens(torch.autograd.Function):
 
 def permute_tokens(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """``x.index_select(1, index)`` for a permutation ``index`` whose inverse is ``inverse``."""
-    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+    if torch.is_grad_enabled() and x.requires_grad and not capturing():
         return _PermuteTokens.apply(x, index, inverse)
     return x.index_select(1, index)
 
