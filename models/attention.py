@@ -15,14 +15,15 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
                      fused: bool, dropout_p: float = 0.0) -> torch.Tensor:
     """Attention of ``(B*nW, nH, N, d)`` windows with an additive ``(B*nW | nW | 1, nH, N, N)`` bias.
 
-    ``fused`` uses ``scaled_dot_product_attention`` when no gradient is recorded. Otherwise attention runs as
-    matmul, scaled bias add, softmax, matmul: for training on the CPU this is faster than SDPA's fallback,
-    which scales q and k separately, guards fully masked rows with extra passes and materialises the bias
-    gradient at ``(B*nW, nH, N, N)``. A bias with ``nW`` entries is broadcast over the batch, never expanded.
+    ``fused`` uses ``scaled_dot_product_attention``, except while gradients are recorded on the CPU: SDPA has
+    no CPU kernel with a backward for an additive mask, and its fallback scales q and k separately, guards
+    fully masked rows with extra passes and materialises the bias gradient at ``(B*nW, nH, N, N)``. There,
+    and when not ``fused``, attention runs as matmul, bias add, softmax, matmul, with a bias of ``nW``
+    entries broadcast over the batch, never expanded.
     """
     windows, heads, n, _ = q.shape
     per_window = bias.shape[0] not in (1, windows)
-    if fused and not torch.is_grad_enabled():
+    if fused and not (torch.is_grad_enabled() and q.device.type == 'cpu'):
         if per_window:  # SDPA needs a mask broadcastable to (B*nW, nH, N, N)
             bias = bias.unsqueeze(0).expand(windows // bias.shape[0], -1, -1, -1, -1).reshape(windows, heads, n, n)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
@@ -120,10 +121,11 @@ class WindowAttentionBase(nn.Module):
     def split_heads(self, qkv: torch.Tensor, q_scale: float = 1.0):
         """``(B_, N, 3C)`` -> q, k, v of shape ``(B_, nH, N, d)`` and the query scale still to apply.
 
-        While gradients are recorded (fast path) q, k and v are contiguous copies with the scale folded into
-        q (returned scale 1); otherwise they are views and the scale is left to the attention.
+        On the CPU fast path while gradients are recorded (the matmul attention of :func:`window_attention`)
+        q, k and v are contiguous copies with the scale folded into q (returned scale 1); otherwise they are
+        views and the scale is left to the attention.
         """
-        if self.fused_attn and torch.is_grad_enabled() and not capturing():
+        if self.fused_attn and torch.is_grad_enabled() and qkv.device.type == 'cpu' and not capturing():
             return (*_SplitHeads.apply(qkv, self.num_heads, q_scale), 1.0)
         b, n, _ = qkv.shape
         return (*qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0), q_scale)

@@ -31,9 +31,12 @@ CHUNK_BYTES = 2 << 20
 MIN_CHUNK_ROWS = 1024
 
 
-def chunk_rows(rows: int, hidden: int, itemsize: int) -> int:
-    """Rows per chunk for ``rows`` tokens of a ``hidden``-wide intermediate of ``itemsize`` bytes."""
-    if rows * hidden * itemsize <= WHOLE_BYTES:
+def chunk_rows(rows: int, hidden: int, itemsize: int, device: torch.device) -> int:
+    """Rows per chunk for ``rows`` tokens of a ``hidden``-wide intermediate of ``itemsize`` bytes.
+
+    One chunk off the CPU: GPU allocators reuse memory, and many small kernels would cost launches.
+    """
+    if device.type != 'cpu' or rows * hidden * itemsize <= WHOLE_BYTES:
         return max(rows, 1)
     return max(MIN_CHUNK_ROWS, CHUNK_BYTES // (hidden * itemsize))
 
@@ -147,7 +150,7 @@ class Mlp(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         compute = autocast_dtype(x) or x.dtype
-        rows = chunk_rows(x.shape[0], self.fc1.out_features, torch.finfo(compute).bits // 8)
+        rows = chunk_rows(x.shape[0], self.fc1.out_features, torch.finfo(compute).bits // 8, x.device)
         weight, bias, eps = (norm.weight, norm.bias, norm.eps) if fold_norm else (None, None, 0.0)
         args = (x, fold_norm, weight, bias, eps, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                 rows, compute)
