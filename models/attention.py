@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .capture import capturing
-from .lowp import Linear, upcast_dtype
+from .lowp import Linear
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
@@ -27,18 +27,19 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         if per_window:  # SDPA needs a mask broadcastable to (B*nW, nH, N, N)
             bias = bias.unsqueeze(0).expand(windows // bias.shape[0], -1, -1, -1, -1).reshape(windows, heads, n, n)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-    if upcast_dtype(q.dtype, q.device):  # bf16/fp16 without native CPU support: fp32 kernels, see lowp
-        with torch.autocast(q.device.type, enabled=False):
-            out = window_attention(q.float(), k.float(), v.float(), bias.float(), scale, fused, dropout_p)
-        return out.to(q.dtype)
-    attn = q @ k.transpose(-2, -1)
-    if per_window:
-        attn = attn.view(-1, bias.shape[0], heads, n, n)
-    attn = (attn + bias if scale == 1.0 else torch.add(bias, attn, alpha=scale)).view(windows, heads, n, n)
-    attn = attn.softmax(dim=-1)
+    attn = _biased_logits(q, k, bias, scale).softmax(dim=-1)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)
     return attn @ v
+
+
+def _biased_logits(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * q @ k^T + bias``, a bias of ``nW`` entries broadcast over the batch (never expanded)."""
+    windows, heads, n, _ = q.shape
+    attn = q @ k.transpose(-2, -1)
+    if bias.shape[0] not in (1, windows):
+        attn = attn.view(-1, bias.shape[0], heads, n, n)
+    return (attn + bias if scale == 1.0 else torch.add(bias, attn, alpha=scale)).view(windows, heads, n, n)
 
 
 class _SplitHeads(torch.autograd.Function):
