@@ -9,8 +9,9 @@ and patch size ``p``, stage ``i`` (0-based) works on ``H_i x W_i`` tokens with `
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, List, Optional, Sequence, Tuple, Type
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import DropPath, trunc_normal_
 
+from .capture import capturing
 from .lowp import Linear
 from .mlp import Mlp
 
@@ -88,6 +90,36 @@ class PatchMerging(nn.Module):
         return reduction + (h * w * self.dim // 2 if self.norm_after else h * w * self.dim)
 
 
+@contextlib.contextmanager
+def recompute_when_saved(tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]):
+    """Inside, whatever autograd saves that shares ``tensor``'s storage is kept as a recipe instead: in
+    backward ``recompute()`` rebuilds ``tensor`` (bitwise, from inputs that are kept anyway) and the same
+    view is taken of it. Frees one activation per use for the cost of recomputing it."""
+    storage = tensor.untyped_storage().data_ptr()
+    base_offset = tensor.storage_offset()
+
+    def pack(saved: torch.Tensor):
+        if saved.untyped_storage().data_ptr() == storage:
+            return _Recipe(saved.shape, saved.stride(), saved.storage_offset() - base_offset)
+        return saved
+
+    def unpack(packed):
+        if isinstance(packed, _Recipe):
+            with torch.no_grad():
+                fresh = recompute()
+            return fresh.as_strided(packed.size, packed.stride, fresh.storage_offset() + packed.offset)
+        return packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+class _Recipe(NamedTuple):
+    size: torch.Size
+    stride: Tuple[int, ...]
+    offset: int
+
+
 class SwinBlock(nn.Module):
     """One (shifted-)window attention block with its MLP.
 
@@ -112,7 +144,9 @@ class SwinBlock(nn.Module):
         self.mlp_ratio = mlp_ratio
         self._geometry = GeometryCache()
 
-    def forward(self, x: torch.Tensor, hw: Size) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hw: Size, recompute_norm: bool = False) -> torch.Tensor:
+        """``recompute_norm`` (V1, outside activation checkpointing): the attention's input windows are not
+        kept for backward but recomputed from ``x`` there; one activation of the block's width less."""
         shift = effective_shift(hw[0], hw[1], self.window_size, self.shift_size)
         geometry = self._geometry.get(hw[0], hw[1], self.window_size, shift, x.device)
         batch = x.shape[0]
@@ -120,8 +154,13 @@ class SwinBlock(nn.Module):
             y = geometry.reverse(self.attn(geometry.partition(x), geometry.mask), batch)
             x = x + self.drop_path(self.norm1(y))
             return x + self.drop_path(self.norm2(self.mlp(x)))
-        y = geometry.reverse(self.attn(geometry.partition(self.norm1(x)), geometry.mask), batch)
-        x = x + self.drop_path(y)
+        windows = geometry.partition(self.norm1(x))
+        if recompute_norm and torch.is_grad_enabled() and not capturing():
+            with recompute_when_saved(windows, lambda block_input=x: geometry.partition(self.norm1(block_input))):
+                y = self.attn(windows, geometry.mask)
+        else:
+            y = self.attn(windows, geometry.mask)
+        x = x + self.drop_path(geometry.reverse(y, batch))
         return x + self.drop_path(self.mlp(x, self.norm2))
 
     def flops(self, resolution: Size) -> float:
@@ -149,7 +188,7 @@ class SwinStage(nn.Module):
             if self.use_checkpoint and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, hw, use_reentrant=False)
             else:
-                x = block(x, hw)
+                x = block(x, hw, recompute_norm=True)
         stage_out = x
         if self.downsample is not None:
             x, hw = self.downsample(x, hw)
