@@ -50,7 +50,7 @@ _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
-_C.MODEL.FUSED_ATTN = True               # (ours) attention through scaled_dot_product_attention
+_C.MODEL.FUSED_ATTN = True               # (ours) fast attention path: SDPA; on CPU while training, contiguous heads
 
 _C.MODEL.SWIN = CN()
 _C.MODEL.SWIN.PATCH_SIZE = 4

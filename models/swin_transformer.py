@@ -53,7 +53,7 @@ class SwinTransformer(SwinBackbone):
 
     Args (official names): img_size, patch_size, in_chans, num_classes, embed_dim, depths, num_heads,
     window_size, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, drop_path_rate, ape, patch_norm,
-    use_checkpoint. Ours: ``fused_attn`` (attention through ``scaled_dot_product_attention``; equal outputs).
+    use_checkpoint. Ours: ``fused_attn`` (the fast attention path of ``models.attention``; equal outputs).
     ``img_size`` sets the position-embedding grid, the FLOP count and the per-stage window rule; other sizes
     run too.
     """
