@@ -36,8 +36,8 @@ def eval_shard_indices(num_samples: int, num_replicas: int, rank: int, contiguou
     """
     _check_rank(num_replicas, rank)
     if num_replicas > num_samples:
-        raise DatasetLayoutError(f"{num_replicas} ranks but only {num_samples} validation images: every rank needs at "
-                         f"least one; use fewer processes or a larger validation split")
+        raise DatasetLayoutError(f"{num_replicas} ranks but only {num_samples} validation images: every rank "
+                                 f"needs at least one; use fewer processes or a larger validation split")
     if shuffle:
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(num_samples, generator=g).tolist()

@@ -21,16 +21,21 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     and when not ``fused``, attention runs as matmul, bias add, softmax, matmul, with a bias of ``nW``
     entries broadcast over the batch, never expanded.
     """
-    windows, heads, n, _ = q.shape
-    per_window = bias.shape[0] not in (1, windows)
-    if fused and not (torch.is_grad_enabled() and q.device.type == 'cpu'):
-        if per_window:  # SDPA needs a mask broadcastable to (B*nW, nH, N, N)
+    if fused and not cpu_training(q):
+        windows, heads, n, _ = q.shape
+        if bias.shape[0] not in (1, windows):  # SDPA needs a mask broadcastable to (B*nW, nH, N, N)
             bias = bias.unsqueeze(0).expand(windows // bias.shape[0], -1, -1, -1, -1).reshape(windows, heads, n, n)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     attn = _biased_logits(q, k, bias, scale).softmax(dim=-1)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)
     return attn @ v
+
+
+def cpu_training(t: torch.Tensor) -> bool:
+    """Whether attention on ``t`` records gradients on the CPU: there the fast path is the matmul attention
+    on contiguous heads (:func:`window_attention`, :meth:`WindowAttentionBase.split_heads`)."""
+    return torch.is_grad_enabled() and t.device.type == 'cpu'
 
 
 def _biased_logits(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
@@ -126,7 +131,7 @@ class WindowAttentionBase(nn.Module):
         q, k and v are contiguous copies with the scale folded into q (returned scale 1); otherwise they are
         views and the scale is left to the attention.
         """
-        if self.fused_attn and torch.is_grad_enabled() and qkv.device.type == 'cpu' and not capturing():
+        if self.fused_attn and cpu_training(qkv) and not capturing():
             return (*_SplitHeads.apply(qkv, self.num_heads, q_scale), 1.0)
         b, n, _ = qkv.shape
         return (*qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0), q_scale)

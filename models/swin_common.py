@@ -155,10 +155,10 @@ class SwinBlock(nn.Module):
             x = x + self.drop_path(self.norm1(y))
             return x + self.drop_path(self.norm2(self.mlp(x)))
         windows = geometry.partition(self.norm1(x))
+        saving = contextlib.nullcontext()
         if recompute_norm and torch.is_grad_enabled() and not capturing():
-            with recompute_when_saved(windows, lambda block_input=x: geometry.partition(self.norm1(block_input))):
-                y = self.attn(windows, geometry.mask)
-        else:
+            saving = recompute_when_saved(windows, lambda block_input=x: geometry.partition(self.norm1(block_input)))
+        with saving:
             y = self.attn(windows, geometry.mask)
         x = x + self.drop_path(geometry.reverse(y, batch))
         return x + self.drop_path(self.mlp(x, self.norm2))
