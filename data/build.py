@@ -10,14 +10,14 @@ from PIL import Image
 from timm.data import Mixup, create_transform
 from timm.data import auto_augment as timm_auto_augment
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from .datasets import (IMAGENET22K_CLASSES, DatasetLayoutError, ImageDataset, ImageFolderDataset,
                        ImageNet22KDataset, SkipNoneCollate, ZipImageDataset)
-from .samplers import (DistributedEvalSampler, RepeatAugSampler, ShardShuffleSampler, dist_info,
-                       eval_shard_indices, part_cache_shard)
+from .samplers import (DistributedEvalSampler, DistributedTrainSampler, RepeatAugSampler, ShardShuffleSampler,
+                       dist_info, eval_shard_indices, part_cache_shard)
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +176,46 @@ def build_dataset(is_train: bool, config: Any, class_to_idx: Optional[Dict[str, 
 
 # ----------------------------------------------------------------------------- loaders
 
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, e.g. under taskset/cgroups)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _local_processes() -> int:
+    """Training processes on this node: torchrun's LOCAL_WORLD_SIZE, 1 when not launched by torchrun."""
+    value = os.environ.get('LOCAL_WORLD_SIZE', '1')
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"LOCAL_WORLD_SIZE={value!r} in the environment is not a positive integer "
+                         f"(torchrun sets it to the processes per node)")
+    return n
+
+
+def worker_count(requested: int) -> int:
+    """``DATA.NUM_WORKERS`` capped at the cores per local process (at least 1 when workers were asked for).
+
+    More worker processes than cores only add switching and memory (and PyTorch warns about it); the cap is
+    logged once per loader build.
+    """
+    if requested <= 0:
+        return 0
+    cores, local = available_cpus(), _local_processes()
+    per_process = max(1, cores // local)
+    if requested > per_process:
+        logger.info("DATA.NUM_WORKERS %d capped to %d: %d CPU cores available for %d local process%s",
+                    requested, per_process, cores, local, 'es' if local > 1 else '')
+        return per_process
+    return requested
+
+
 def _loader_kwargs(config: Any) -> Dict[str, Any]:
-    workers = config.DATA.NUM_WORKERS
+    workers = worker_count(config.DATA.NUM_WORKERS)
     kwargs: Dict[str, Any] = dict(
         batch_size=config.DATA.BATCH_SIZE,
         num_workers=workers,
@@ -197,7 +235,7 @@ def _train_sampler(dataset: Dataset, config: Any, rank: int, world: int) -> Samp
     if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == 'part' and world > 1:
         # Each rank cached only its share: sample from it (as the official code), equal lengths across ranks.
         return ShardShuffleSampler(part_cache_shard(n, world, rank), length=n // world, seed=config.SEED)
-    return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.SEED)
+    return DistributedTrainSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.SEED)
 
 
 def build_mixup(config: Any) -> Optional[Mixup]:
@@ -215,7 +253,11 @@ def build_loader(config: Any) -> Tuple[Optional[Dataset], Dataset, Optional[Data
     """(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn) for ``config``.
 
     In ``EVAL_MODE`` the training split is not read and the train dataset and loader are None. The training
-    loader's sampler (``data_loader_train.sampler``) has ``set_epoch``; the engine calls it every epoch.
+    loader's sampler (``data_loader_train.sampler``) has ``set_epoch``; the engine calls it every epoch. It
+    yields ``SampleKey``s (ints that carry seed and epoch), so each sample's augmentation is a function of
+    (SEED, epoch, index) alone; a loader over a slice of ``list(sampler)`` (a mid-epoch resume) reproduces the
+    rest of the epoch exactly, with any number of workers. ``DATA.NUM_WORKERS`` is capped at the cores per
+    local process.
     Validation is sharded exactly: sum correct counts over ranks and divide by ``len(dataset_val)`` minus the
     broken images (``data.pop_broken_count``).
     """

@@ -11,17 +11,26 @@ handle unreadable files by the dataset's ``on_broken`` policy:
 
 The count lives in a shared-memory tensor (``BrokenImageCounter``) created in the main process, so DataLoader
 workers (fork or spawn) add to the same number that the engine reads.
+
+Training samplers yield ``SampleKey``s: an int (the dataset index) that also carries (seed, epoch, draw). For
+such a key the random transform runs under generators seeded from those four numbers alone (``seeded_rngs``), so
+a sample's augmentation does not depend on which worker process drew it, how many workers there are, whether
+they persist across epochs, or what they did before: a resumed run and a run on another world size augment each
+image exactly as an uninterrupted one. A plain int index keeps the process's own random state (evaluation).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
+import random
 import struct
+import time
 import zipfile
 import zlib
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -39,6 +48,8 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.
 # How many following samples a training dataset tries in place of an unreadable one before giving up.
 MAX_SUBSTITUTE_TRIES = 64
 BROKEN_POLICIES = ('substitute', 'drop', 'error')
+# scan_class_folder logs progress (rank 0) at most this often; a folder scanned faster than this logs nothing.
+SCAN_PROGRESS_SECONDS = 5.0
 
 
 class DatasetLayoutError(ValueError):
@@ -76,6 +87,75 @@ class BrokenImageCounter:
         old = self.value
         self._counts.zero_()
         return old
+
+
+# ----------------------------------------------------------------------------- per-sample random state
+
+_UINT64 = (1 << 64) - 1
+
+
+class SampleKey(int):
+    """A dataset index that also names its augmentation: ``(seed, epoch, draw)``.
+
+    It is an ``int`` equal to the index, so everything that handles indices (slicing ``list(sampler)``,
+    ``dataset.samples[key]``, sets of indices) keeps working. ``draw`` tells apart copies of one image within an
+    epoch (repeated augmentation); it is 0 otherwise. Keys pickle to DataLoader workers with their fields.
+    """
+
+    epoch: int
+    seed: int
+    draw: int
+
+    def __new__(cls, index: int, epoch: int, seed: int, draw: int = 0) -> 'SampleKey':
+        if index < 0 or epoch < 0 or draw < 0:
+            raise ValueError(f"SampleKey needs a non-negative index, epoch and draw, got index {index}, "
+                             f"epoch {epoch}, draw {draw}")
+        key = super().__new__(cls, index)
+        key.epoch, key.seed, key.draw = int(epoch), int(seed), int(draw)
+        return key
+
+    def __reduce__(self) -> Tuple[Any, Tuple[int, int, int, int]]:
+        return SampleKey, (int(self), self.epoch, self.seed, self.draw)
+
+    def __repr__(self) -> str:
+        return f"SampleKey({int(self)}, epoch={self.epoch}, seed={self.seed}, draw={self.draw})"
+
+
+def augmentation_seeds(key: SampleKey) -> Tuple[int, int, np.ndarray]:
+    """Seeds (torch, python ``random``, numpy) for ``key``, mixed from (seed, epoch, index, draw).
+
+    numpy's SeedSequence hashes the four numbers as fixed-width words, so nearby inputs give unrelated seeds
+    (``seed + index`` would give epoch 1, index 0 the stream of epoch 0, index 1).
+    """
+    entropy = np.array([key.seed & _UINT64, key.epoch, int(key), key.draw], dtype=np.uint64)
+    words = np.random.SeedSequence(entropy).generate_state(6).tolist()  # six uint32 words
+    return (words[0] << 32 | words[1], words[2] << 32 | words[3],
+            np.array(words[4:6], dtype=np.uint32))
+
+
+@contextlib.contextmanager
+def seeded_rngs(key: SampleKey) -> Iterator[None]:
+    """Run the body with the global torch (CPU), ``random`` and numpy generators seeded for ``key``.
+
+    Those are what the transforms draw from (torchvision's crop, flip and jitter: torch; timm's crop, RandAugment
+    magnitudes and erasing boxes: ``random``; RandAugment's op choice: numpy; erasing pixels: torch). The
+    caller's states are restored afterwards (~0.1 ms), so with 0 workers the training loop's RNG stream, which
+    checkpoints save, is not touched by data loading. Only the CPU generator is reseeded: ``torch.manual_seed``
+    would also reseed CUDA's.
+    """
+    torch_seed, py_seed, np_seed = augmentation_seeds(key)
+    torch_state = torch.default_generator.get_state()
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    torch.default_generator.manual_seed(torch_seed)
+    random.seed(py_seed)
+    np.random.seed(np_seed)
+    try:
+        yield
+    finally:
+        torch.default_generator.set_state(torch_state)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -162,6 +242,17 @@ class ImageDataset(Dataset):
         logger.warning("skipping unreadable image %s: %s: %s", self.name_of(index), type(exc).__name__, exc)
 
     def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
+        """Sample ``index`` transformed; a ``SampleKey`` seeds the transform from its (seed, epoch, index, draw).
+
+        An unreadable file's substitute (the next readable index) is transformed under the requested key's
+        seeds, so it is as reproducible as any other sample.
+        """
+        if not isinstance(index, int):  # numpy / torch integer scalars are fine, anything else is a mistake
+            try:
+                index = int(index.__index__())
+            except AttributeError:
+                raise TypeError(f"{type(self).__name__} index must be an int or a SampleKey, got "
+                                f"{type(index).__name__} {index!r}") from None
         tries = 1 if self.on_broken != 'substitute' else min(len(self), MAX_SUBSTITUTE_TRIES)
         for attempt in range(tries):
             i = (index + attempt) % len(self)
@@ -171,7 +262,8 @@ class ImageDataset(Dataset):
                 self._broken(i, exc)
                 continue
             if self.transform is not None:
-                img = self.transform(img)
+                with seeded_rngs(index) if isinstance(index, SampleKey) else contextlib.nullcontext():
+                    img = self.transform(img)
             return img, self.samples[i][1]
         if self.on_broken == 'drop':
             return None
@@ -221,11 +313,40 @@ def scan_class_folder(root: str, class_to_idx: Optional[Dict[str, int]] = None
         if missing:
             logger.warning("%s lacks %d of the training classes (e.g. %s)", root, len(missing), missing[:5])
         found = {c: class_to_idx[c] for c in classes}
-    try:
-        samples = make_dataset(root, found, extensions=IMG_EXTENSIONS)
-    except FileNotFoundError as e:  # empty class folders
-        raise DatasetLayoutError(f"{root}: {e}") from None
+    samples = _scan_classes(root, found)
     return samples, (class_to_idx if class_to_idx is not None else found)
+
+
+def _scan_classes(root: str, class_to_idx: Dict[str, int]) -> List[Sample]:
+    """torchvision's ``make_dataset`` one class at a time (same order), logging progress on rank 0.
+
+    ``make_dataset`` over all classes at once has no progress hook, and an ImageNet-sized folder on a network
+    disk can take minutes; a line every ``SCAN_PROGRESS_SECONDS`` says it is alive. Small folders log nothing.
+    """
+    from .samplers import dist_info  # samplers imports this module
+    report = dist_info()[0] == 0
+    classes = sorted(class_to_idx)
+    samples: List[Sample] = []
+    empty = []
+    start = last = time.monotonic()
+    reported = False
+    for done, name in enumerate(classes, 1):
+        found = make_dataset(root, {name: class_to_idx[name]}, extensions=IMG_EXTENSIONS, allow_empty=True)
+        if not found:
+            empty.append(name)
+        samples.extend(found)
+        now = time.monotonic()
+        if report and now - last >= SCAN_PROGRESS_SECONDS:
+            logger.info("scanning %s: %d / %d classes, %d images so far, %.1f s", root, done, len(classes),
+                        len(samples), now - start)
+            last, reported = now, True
+    if empty:
+        raise DatasetLayoutError(f"{root}: {len(empty)} class folders hold no image files "
+                                 f"({', '.join(IMG_EXTENSIONS)}): {empty[:10]}; remove them or add images")
+    if reported:
+        logger.info("scanned %s: %d classes, %d images in %.1f s", root, len(classes), len(samples),
+                    time.monotonic() - start)
+    return samples
 
 
 class ImageFolderDataset(ImageDataset):

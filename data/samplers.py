@@ -2,6 +2,10 @@
 
 All take ``num_replicas`` and ``rank`` explicitly (tests simulate ranks that way); ``dist_info()`` gives the
 real ones, world size 1 when torch.distributed is not initialised.
+
+The training samplers (``DistributedTrainSampler``, ``RepeatAugSampler``, ``ShardShuffleSampler``) yield
+``SampleKey``s: ints equal to the dataset index that also carry (seed, epoch, draw), from which the dataset
+seeds the sample's augmentation. Their order and their keys are a pure function of (seed, epoch, rank, world).
 """
 from __future__ import annotations
 
@@ -10,9 +14,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
-from .datasets import DatasetLayoutError
+from .datasets import DatasetLayoutError, SampleKey
 
 
 def dist_info() -> Tuple[int, int]:
@@ -70,6 +74,14 @@ class DistributedEvalSampler(Sampler[int]):
         """Validation order does not change between epochs; accepted so callers can treat samplers alike."""
 
 
+class DistributedTrainSampler(DistributedSampler):
+    """torch's ``DistributedSampler`` (same order, padding and ``set_epoch``) yielding ``SampleKey``s."""
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, seed = self.epoch, self.seed
+        return (SampleKey(i, epoch, seed) for i in super().__iter__())
+
+
 class RepeatAugSampler(Sampler[int]):
     """Repeated augmentation (Hoffer et al.; DeiT): each chosen image appears ``repeats`` times per epoch,
     the copies spread over different ranks, and an epoch keeps the length of a plain one (ceil(N / ranks)
@@ -101,7 +113,12 @@ class RepeatAugSampler(Sampler[int]):
         indices = order.repeat_interleave(self.repeats).tolist()
         per_rank = math.ceil(len(indices) / self.num_replicas)
         indices += indices[:per_rank * self.num_replicas - len(indices)]
-        return iter(indices[self.rank::self.num_replicas][:self.num_selected])
+        # Copy c of an image sits at a position p with p % repeats == c (the padding repeats the start, and
+        # len(indices) before padding is a multiple of repeats): it is the key's draw, so the copies get
+        # different augmentations, each the same for any world size.
+        positions = range(self.rank, len(indices), self.num_replicas)[:self.num_selected]
+        epoch, seed = self.epoch, self.seed
+        return iter([SampleKey(indices[p], epoch, seed, p % self.repeats) for p in positions])
 
     def __len__(self) -> int:
         return self.num_selected
@@ -127,7 +144,8 @@ class ShardShuffleSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.shard), generator=g)[:self.length].tolist()
-        return iter(self.shard[i] for i in order)
+        epoch, seed = self.epoch, self.seed
+        return iter([SampleKey(self.shard[i], epoch, seed) for i in order])
 
     def __len__(self) -> int:
         return self.length
