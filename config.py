@@ -6,8 +6,9 @@ are. Keys that the official code does not have are marked ``(ours)``.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, List, Optional, Sequence
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -15,6 +16,9 @@ from yacs.config import CfgNode as CN
 
 class ConfigError(ValueError):
     """A config file, key or value that cannot be used; the message names it."""
+
+
+_LOG = logging.getLogger(__name__)
 
 
 _C = CN()
@@ -195,6 +199,8 @@ _C.AMP_OPT_LEVEL = ''                    # apex: O0 | O1 | O2; '' = torch.amp
 _C.AMP_DTYPE = 'auto'                    # (ours) auto (fp16 on CUDA, bf16 on CPU) | float16 | bfloat16
 _C.DEVICE = 'auto'                       # (ours) auto | cpu | cuda
 _C.COMPILE = False                       # (ours) torch.compile the model
+_C.TF32 = True                           # (ours) fp32 matmuls/convolutions on CUDA use TF32 tensor cores
+_C.DIST_TIMEOUT = 60                     # (ours) minutes a collective may wait for a slow rank (checkpoint writes)
 _C.DETERMINISTIC = False                 # (ours) deterministic algorithms (bit-exact resume on CPU)
 _C.TRUST_CHECKPOINTS = False             # (ours) allow full unpickling of trusted legacy checkpoint files
 _C.TENSORBOARD = True                    # (ours)
@@ -384,7 +390,7 @@ def validate_config(config: CN) -> None:
             raise ConfigError(f"{key} must be in [0, 1], got {_get(config, key)!r}")
     if config.TRAIN.WARMUP_EPOCHS > config.TRAIN.EPOCHS:
         raise ConfigError(f"TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS}) exceeds TRAIN.EPOCHS "
-                          f"({config.TRAIN.EPOCHS})")
+                          f"({config.TRAIN.EPOCHS}); set TRAIN.WARMUP_EPOCHS below TRAIN.EPOCHS")
     if not 0.0 < config.TRAIN.LAYER_DECAY <= 1.0:
         raise ConfigError(f"TRAIN.LAYER_DECAY must be in (0, 1], got {config.TRAIN.LAYER_DECAY!r}")
     if config.TRAIN.EMA.ENABLE and not 0.0 < config.TRAIN.EMA.DECAY < 1.0:
@@ -418,6 +424,25 @@ def validate_config(config: CN) -> None:
                               f"{list(m.PRETRAINED_WINDOW_SIZES)}")
 
 
+def clip_warmup(config: CN) -> Optional[str]:
+    """Shorten a warmup that does not end before the run does (config not frozen); returns a warning, or None.
+
+    With ``TRAIN.WARMUP_EPOCHS >= TRAIN.EPOCHS`` the rate never reaches ``BASE_LR`` and the cosine and linear
+    schedules are left no decay updates (length 0). The warmup becomes ``EPOCHS - 1`` epochs, so the last epoch
+    decays. The warning is returned only for a training run (evaluation and throughput use no schedule).
+    """
+    warmup, epochs = config.TRAIN.WARMUP_EPOCHS, config.TRAIN.EPOCHS
+    if not (_is_number(warmup) and _is_number(epochs)) or epochs < 1 or warmup < epochs:
+        return None  # validate_config reports wrong types and values
+    clipped = int(epochs) - 1
+    config.TRAIN.WARMUP_EPOCHS = clipped
+    if config.EVAL_MODE or config.THROUGHPUT_MODE:
+        return None
+    return (f"TRAIN.WARMUP_EPOCHS ({warmup}) is not shorter than TRAIN.EPOCHS ({epochs}): the warmup is clipped "
+            f"to {clipped} epoch(s) so that the last epoch decays from TRAIN.BASE_LR; set TRAIN.WARMUP_EPOCHS "
+            f"{clipped} or fewer (e.g. --opts TRAIN.WARMUP_EPOCHS {clipped}) to train without this warning")
+
+
 def load_config(cfg_file: Optional[str] = None, opts: Iterable[str] = ()) -> CN:
     """Defaults, then ``cfg_file`` (with its BASE files), then ``opts`` KEY VALUE pairs; validated, frozen.
 
@@ -432,10 +457,13 @@ def load_config(cfg_file: Optional[str] = None, opts: Iterable[str] = ()) -> CN:
     return config
 
 
-def get_config(args: Any) -> CN:
+def get_config(args: Any, notes: Optional[List[str]] = None) -> CN:
     """Build the config from parsed command-line ``args`` (the official flags), as the official code does.
 
     Flags win over ``--opts``, which win over the file. ``OUTPUT`` becomes ``<output>/<MODEL.NAME>/<TAG>``.
+    A warmup as long as the run is clipped (``clip_warmup``); its warning is appended to ``notes`` when given
+    (``main`` logs it once the log exists, on rank 0 only), else logged here. ``load_config``, the library
+    entry, keeps such a warmup an error. Imports no torch, so that a bad config is reported at once.
     """
     config = get_defaults()
     if getattr(args, 'cfg', None):
@@ -487,7 +515,12 @@ def get_config(args: Any) -> CN:
         config.TRUST_CHECKPOINTS = True
     config.LOCAL_RANK = int(os.environ.get('LOCAL_RANK', flag('local_rank') or 0))
     config.OUTPUT = os.path.join(config.OUTPUT or 'output', config.MODEL.NAME, config.TAG)
+    note = clip_warmup(config)
     validate_config(config)
+    if note and notes is not None:
+        notes.append(note)
+    elif note:
+        _LOG.warning(note)
     config.freeze()
     return config
 

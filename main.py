@@ -32,7 +32,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--accumulation-steps', type=int, help='gradient accumulation steps')
     parser.add_argument('--use-checkpoint', action='store_true',
                         help='activation checkpointing: less memory, slower')
-    parser.add_argument('--disable_amp', action='store_true', help='train and evaluate in fp32')
+    # The official spellings come first (and name the attribute); the hyphenated aliases match the other flags.
+    parser.add_argument('--disable_amp', '--disable-amp', dest='disable_amp', action='store_true',
+                        help='train and evaluate in fp32')
     parser.add_argument('--amp-opt-level', type=str, choices=['O0', 'O1', 'O2'],
                         help='deprecated apex option; O0 disables AMP; O1/O2 use apex when installed, else torch.amp')
     parser.add_argument('--output', type=str, metavar='PATH',
@@ -41,9 +43,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--eval', action='store_true', help='evaluate only (with --resume or --pretrained)')
     parser.add_argument('--throughput', action='store_true', help='measure throughput only')
     parser.add_argument('--optim', type=str, help='optimizer name, overrides TRAIN.OPTIMIZER.NAME')
-    parser.add_argument('--fused_window_process', action='store_true',
+    parser.add_argument('--fused_window_process', '--fused-window-process', dest='fused_window_process',
+                        action='store_true',
                         help='official fused window kernel flag (accepted; windows use the built-in path)')
-    parser.add_argument('--fused_layernorm', action='store_true',
+    parser.add_argument('--fused_layernorm', '--fused-layernorm', dest='fused_layernorm', action='store_true',
                         help='official apex fused LayerNorm flag (accepted)')
     parser.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=None,
                         help='set by torch.distributed.launch; torchrun uses the LOCAL_RANK variable')
@@ -62,11 +65,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     checkpoint that the next start resumes from.
     """
     args = parse_args(argv)
-    # Imported after parsing so that --help is instant and works without the heavy dependencies.
+    # The config is built and checked before torch is imported (config.py imports no torch), so that a typo in
+    # a key or value is reported at once rather than after seconds of imports; --help needs no torch either.
+    from config import ConfigError, get_config
+    notes: List[str] = []  # warnings about the config, logged once the log exists
+    try:
+        config = get_config(args, notes)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
     import torch  # noqa: F401
 
     import engine
-    from config import ConfigError, apply_linear_scaling, get_config, save_config
+    from config import apply_linear_scaling, save_config
     from data import DatasetLayoutError
     from utils.checkpoint import CheckpointError
     from utils.distributed import cleanup_distributed, init_distributed
@@ -74,11 +86,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     from utils.misc import seed_everything
     from utils.preemption import PREEMPTED_EXIT_CODE, Preempted
 
-    try:
-        config = get_config(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     try:
         dist_info = init_distributed(config.DEVICE)
     except (RuntimeError, ValueError) as e:
@@ -90,6 +97,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.makedirs(config.OUTPUT, exist_ok=True)
         logger = create_logger(config.OUTPUT, dist_info.rank, name=config.MODEL.NAME)
         if dist_info.is_main:
+            for note in notes:  # once per run, not once per process
+                logger.warning(note)
             path = os.path.join(config.OUTPUT, 'config.yaml')
             save_config(config, path)
             logger.info(f"full config saved to {path}")

@@ -25,16 +25,30 @@ if TYPE_CHECKING:
 
 
 def export_onnx(model: torch.nn.Module, path: str, img_size: int, in_chans: int = 3, opset: int = 17) -> None:
-    """Trace ``model`` (eval mode, CPU) to ONNX with inputs ``(batch, C, H, W)`` where batch is dynamic."""
+    """Trace ``model`` (eval mode, CPU) to ONNX with inputs ``(batch, C, H, W)`` where batch is dynamic.
+
+    Written atomically like the checkpoints (a same-folder temp file renamed over ``path``, so an interrupted
+    export never leaves a truncated model under the final name), with the mode the user's umask gives.
+    """
     import torch
     example = torch.randn(2, in_chans, img_size, img_size)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp.{os.getpid()}.onnx')
     kwargs = dict(input_names=['images'], output_names=['logits'], opset_version=opset,
                   dynamic_axes={'images': {0: 'batch'}, 'logits': {0: 'batch'}})
-    try:  # torch >= 2.5 has a dynamo exporter; the TorchScript one is the one that handles dynamic_axes here
-        torch.onnx.export(model, (example,), path, dynamo=False, **kwargs)
-    except TypeError:
-        torch.onnx.export(model, (example,), path, **kwargs)
+    try:
+        try:  # torch >= 2.5 has a dynamo exporter; the TorchScript one is the one that handles dynamic_axes here
+            torch.onnx.export(model, (example,), tmp, dynamo=False, **kwargs)
+        except TypeError:
+            torch.onnx.export(model, (example,), tmp, **kwargs)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def check_onnx(model: torch.nn.Module, path: str, img_size: int, in_chans: int = 3, batch: int = 3

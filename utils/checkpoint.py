@@ -34,6 +34,7 @@ import pickle
 import random
 import re
 import shutil
+import stat
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -100,8 +101,45 @@ def load_checkpoint_file(path: str, trust: bool = False, map_location: Any = 'cp
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    """The start of an exception's message for a one-line report.
+
+    A first line that ends with a colon only introduces the detail (PyTorch's ``Error(s) in loading state_dict
+    for X:``), so the next line comes with it and the rest is counted rather than dropped silently.
+    """
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    if len(lines) > 1 and lines[0].endswith(':'):
+        more = len(lines) - 2
+        return f"{lines[0]} {lines[1]}" + (f" (and {more} more line{'s' if more > 1 else ''})" if more else '')
+    return lines[0]
+
+
+# Tensors whose shape follows the window size, image size or class count rather than the architecture: the ones
+# load_pretrained (--pretrained) resizes or re-initialises. The window-derived buffers (attn_mask, index and
+# coords tables) are never compared: the model recomputes them. (Used by load_model_state.)
+_ADAPTABLE_SUFFIXES = ('relative_position_bias_table', 'absolute_pos_embed')
+_ADAPTABLE_PREFIXES = ('head.',)
+_SHOWN = 10  # keys listed per kind of mismatch; the rest are counted
+
+
+def _listed(lines: List[str]) -> List[str]:
+    more = len(lines) - _SHOWN
+    return lines[:_SHOWN] + ([f"  ... and {more} more"] if more > 0 else [])
+
+
+def _adaptable(key: str, in_file: Any, in_model: Any) -> bool:
+    """Whether ``load_pretrained`` can adapt this mismatch: a size-dependent tensor whose width is unchanged."""
+    if not (key.endswith(_ADAPTABLE_SUFFIXES) or key.startswith(_ADAPTABLE_PREFIXES)):
+        return False
+    a, b = getattr(in_file, 'shape', None), getattr(in_model, 'shape', None)
+    # the last dim is the heads (position tables) or channels (pos embed, head weight); a bias has only classes
+    return a is not None and b is not None and len(a) == len(b) and (len(a) == 1 or a[-1] == b[-1])
+
+
+def _shape(value: Any) -> str:
+    shape = getattr(value, 'shape', None)
+    return str(tuple(shape)) if shape is not None else type(value).__name__
 
 
 def _fsync_dir(directory: str) -> None:
@@ -186,7 +224,11 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def export_safetensors(state_dict: Mapping[str, torch.Tensor], path: str,
                        metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write model weights to a ``.safetensors`` file (contiguous CPU copies; shared tensors are cloned)."""
+    """Write model weights to a ``.safetensors`` file (contiguous CPU copies; shared tensors are cloned).
+
+    Atomic like ``save_checkpoint_file``, and the file gets the mode the user's umask gives a new file (e.g. 0644
+    under umask 022), as ``torch.save`` files do.
+    """
     from safetensors.torch import save_file
     tensors = {k: v.detach().to('cpu').clone().contiguous() for k, v in state_dict.items()
                if isinstance(v, torch.Tensor)}
@@ -194,8 +236,19 @@ def export_safetensors(state_dict: Mapping[str, torch.Tensor], path: str,
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp.{os.getpid()}')
     try:
+        # The file created here has the umask's mode; save_file then replaces it with its own private temp file
+        # (mode 0600), so that mode is put back before the rename. Reading the umask with os.umask() would
+        # briefly change it for every thread of the process.
+        _remove_quietly(tmp)  # a leftover of a killed export would keep its old mode
+        with open(tmp, 'wb'):
+            pass
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(directory)
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -292,21 +345,45 @@ def build_checkpoint(config_dict: Dict[str, Any], epoch: int, model: torch.nn.Mo
 
 
 def load_model_state(model: torch.nn.Module, checkpoint: Mapping[str, Any], path: str = '<checkpoint>') -> None:
-    """Load ``checkpoint['model']`` strictly (derived buffers such as ``attn_mask`` may be absent or extra)."""
+    """Load ``checkpoint['model']`` strictly (derived buffers such as ``attn_mask`` may be absent or extra).
+
+    Keys and shapes are compared here, before ``load_state_dict``, so that a mismatch raises one
+    ``CheckpointError`` listing every tensor that does not fit (name, shape in the file, shape in the model; the
+    first 10 of each kind, then a count), and saying when ``--pretrained`` is the flag that adapts the weights.
+    """
     if 'model' not in checkpoint or not isinstance(checkpoint['model'], Mapping):
         raise CheckpointError(f"{path} has no 'model' state dict (keys: {sorted(checkpoint)[:10]})")
     target = unwrap_model(model)
-    state = dict(checkpoint['model'])
     own = target.state_dict()
+    state = {k: v for k, v in checkpoint['model'].items() if not k.endswith(DERIVED_BUFFERS)}
     missing = [k for k in own if k not in state and not k.endswith(DERIVED_BUFFERS)]
-    unexpected = [k for k in state if k not in own and not k.endswith(DERIVED_BUFFERS)]
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match the model: missing {missing[:6]}, unexpected "
-                              f"{unexpected[:6]} (another architecture? use --pretrained to fine-tune)")
-    state = {k: v for k, v in state.items() if k in own}
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in state if k in own and _shape(state[k]) != _shape(own[k])]
+    if missing or unexpected or mismatched:
+        lines = [f"{path} does not match the model ({type(target).__name__}):"]
+        if mismatched:
+            lines.append(f"{len(mismatched)} tensor(s) have another shape (name: in the file -> in the model):")
+            lines += _listed([f"  {k}: {_shape(state[k])} -> {_shape(own[k])}" for k in mismatched])
+        if missing:
+            lines.append(f"{len(missing)} tensor(s) of the model are missing from the file:")
+            lines += _listed([f"  {k} {_shape(own[k])}" for k in missing])
+        if unexpected:
+            lines.append(f"{len(unexpected)} tensor(s) in the file are not in the model:")
+            lines += _listed([f"  {k} {_shape(state[k])}" for k in unexpected])
+        adaptable = all(_adaptable(k, state[k], own[k]) for k in mismatched)
+        if mismatched and adaptable and not (missing or unexpected):
+            lines.append(f"These shapes follow the window size, image size or class count, not the architecture. "
+                         f"To fine-tune from these weights at this model's size, use --pretrained {path} instead "
+                         f"(it resizes the position tables and re-initialises a head of another class count); to "
+                         f"resume or evaluate the model as it was saved, use the config it was trained with.")
+        else:
+            lines.append("The file holds another architecture (widths, depths, heads or model type): use the config "
+                         "it was trained with (--pretrained adapts only the window size, image size and class "
+                         "count).")
+        raise CheckpointError('\n'.join(lines))
     try:
         target.load_state_dict(state, strict=False)
-    except RuntimeError as e:
+    except RuntimeError as e:  # shapes and keys fit; e.g. a non-tensor entry where a tensor belongs
         raise CheckpointError(f"{path} does not fit the model: {_first_line(e)}") from None
 
 
