@@ -1,27 +1,36 @@
-"""``build_model(config)``: the model named by ``MODEL.TYPE`` from the official config keys."""
+"""``build_model(config, is_pretrain=False)``: the model named by ``MODEL.TYPE`` from the official config keys."""
 from __future__ import annotations
 
 import torch.nn as nn
 
+from .simmim import build_simmim
 from .swin_transformer import SwinTransformer
 from .swin_transformer_v2 import SwinTransformerV2
 
 
 def build_model(config, is_pretrain: bool = False) -> nn.Module:
-    """Build Swin V1 (``swin``) or V2 (``swinv2``). ``MODEL.NUM_CLASSES`` is used as given (any number)."""
+    """Build Swin V1 (``swin``) or V2 (``swinv2``). ``MODEL.NUM_CLASSES`` is used as given (any number).
+
+    ``is_pretrain``: the SimMIM pre-training model (``models.simmim.SimMIM``) with that backbone as encoder,
+    ``MODEL.SIMMIM.NORM_TARGET`` for its loss; ``forward(images, mask)`` returns the loss.
+    """
     model_type = config.MODEL.TYPE
-    if is_pretrain:
-        raise ValueError("SimMIM pre-training models are not part of this framework")
     common = dict(img_size=config.DATA.IMG_SIZE, num_classes=config.MODEL.NUM_CLASSES,
                   drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE,
                   use_checkpoint=config.TRAIN.USE_CHECKPOINT, fused_attn=config.MODEL.FUSED_ATTN)
     if model_type not in ('swin', 'swinv2'):
         raise ValueError(f"MODEL.TYPE {model_type!r} is not supported; choose 'swin' or 'swinv2' "
-                         f"(the official MoE, MLP and SimMIM variants are not part of this framework)")
+                         f"(the official MoE and MLP variants are not part of this framework)")
     m = config.MODEL.SWIN if model_type == 'swin' else config.MODEL.SWINV2
     arch = dict(patch_size=m.PATCH_SIZE, in_chans=m.IN_CHANS, embed_dim=m.EMBED_DIM, depths=m.DEPTHS,
                 num_heads=m.NUM_HEADS, window_size=m.WINDOW_SIZE, mlp_ratio=m.MLP_RATIO, qkv_bias=m.QKV_BIAS,
                 ape=m.APE, patch_norm=m.PATCH_NORM, **common)
+    if is_pretrain:
+        target = config.MODEL.SIMMIM.NORM_TARGET
+        if model_type == 'swin':
+            return build_simmim('swin', arch, bool(target.ENABLE), int(target.PATCH_SIZE), qk_scale=m.QK_SCALE)
+        return build_simmim('swinv2', arch, bool(target.ENABLE), int(target.PATCH_SIZE),
+                            pretrained_window_sizes=m.PRETRAINED_WINDOW_SIZES)
     if model_type == 'swin':
         return SwinTransformer(qk_scale=m.QK_SCALE, **arch)
     return SwinTransformerV2(pretrained_window_sizes=m.PRETRAINED_WINDOW_SIZES, **arch)
