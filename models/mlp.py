@@ -10,7 +10,8 @@ tensor is 38 MiB, above glibc's mmap threshold, so each one costs page faults on
   chunk (cheap, elementwise, and still in cache);
 - every intermediate is chunk-sized, so it is served from the allocator's free lists and stays in cache;
 - the weight gradients accumulate over chunks.
-Under autocast the matmuls run in the autocast dtype, as ``F.linear`` would, and the norm in the input dtype.
+Under autocast the matmuls run in the autocast dtype, as ``F.linear`` would, and the norm in its parameters' dtype
+(fp32), as autocast's own LayerNorm would.
 """
 from __future__ import annotations
 
@@ -41,6 +42,13 @@ def chunk_rows(rows: int, hidden: int, itemsize: int, device: torch.device) -> i
     return max(MIN_CHUNK_ROWS, CHUNK_BYTES // (hidden * itemsize))
 
 
+def _norm_dtype(x: torch.Tensor, norm_weight: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype the folded LayerNorm runs in: its parameters' (fp32 under autocast, as autocast's own
+    fp32 LayerNorm would). CUDA's layer_norm kernels reject a bf16/fp16 input with fp32 parameters (the
+    residual stream is low precision after a patch merging under autocast); only the CPU's accept the mix."""
+    return x.dtype if norm_weight is None else norm_weight.dtype
+
+
 def _mlp_forward(x: torch.Tensor, normed: bool, norm_weight: Optional[torch.Tensor],
                  norm_bias: Optional[torch.Tensor], eps: float, w1: torch.Tensor, b1: Optional[torch.Tensor],
                  w2: torch.Tensor, b2: Optional[torch.Tensor], rows: int, compute: torch.dtype):
@@ -50,11 +58,12 @@ def _mlp_forward(x: torch.Tensor, normed: bool, norm_weight: Optional[torch.Tens
     b2c = None if b2 is None else b2.to(compute)
     outs: List[torch.Tensor] = []
     hidden: List[torch.Tensor] = []
+    norm_dtype = _norm_dtype(x, norm_weight)
     with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit
         for start in range(0, x.shape[0], rows):
             xc = x[start:start + rows]
             if normed:
-                xc = F.layer_norm(xc, xc.shape[-1:], norm_weight, norm_bias, eps)
+                xc = F.layer_norm(xc.to(norm_dtype), xc.shape[-1:], norm_weight, norm_bias, eps)
             h = linear(xc.to(compute), w1c, b1c)
             hidden.append(h)
             outs.append(linear(F.gelu(h), w2c, b2c))
@@ -89,10 +98,12 @@ class _ChunkedMlp(torch.autograd.Function):
         grad_nw = torch.zeros_like(norm_weight) if normed and ctx.needs_input_grad[2] else None
         grad_nb = torch.zeros_like(norm_bias) if normed and ctx.needs_input_grad[3] else None
         grad_x = torch.empty_like(x)
+        norm_dtype = _norm_dtype(x, norm_weight)
         for i, h in enumerate(hidden):
             span = slice(i * rows, i * rows + h.shape[0])
             xc, gc = x[span], grad_out[span]
             if normed:  # recompute the norm output (bitwise the forward's) and its statistics
+                xc = xc.to(norm_dtype)
                 xn, mean, rstd = torch.native_layer_norm(xc, (channels,), norm_weight, norm_bias, ctx.eps)
             else:
                 xn = xc
@@ -106,7 +117,7 @@ class _ChunkedMlp(torch.autograd.Function):
             if normed:
                 mask = [True, grad_nw is not None, grad_nb is not None]
                 gx, gnw, gnb = torch.ops.aten.native_layer_norm_backward(
-                    grad_xn.to(x.dtype), xc, (channels,), mean, rstd, norm_weight, norm_bias, mask)
+                    grad_xn.to(norm_dtype), xc, (channels,), mean, rstd, norm_weight, norm_bias, mask)
                 grad_x[span] = gx
                 if grad_nw is not None:
                     grad_nw += gnw
