@@ -1,7 +1,7 @@
 """Window attention core shared by V1 and V2: the additive bias cache and the two attention paths."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -95,7 +95,8 @@ class WindowAttentionBase(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._bias_cache: Dict[tuple, torch.Tensor] = {}
+        # at most one entry: key -> (mask, bias); see attention_bias
+        self._bias_cache: Dict[tuple, Tuple[Optional[torch.Tensor], torch.Tensor]] = {}
 
     def position_bias(self) -> torch.Tensor:
         """``(nH, N, N)`` additive relative position bias."""
@@ -106,22 +107,31 @@ class WindowAttentionBase(nn.Module):
         raise NotImplementedError
 
     def attention_bias(self, mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """Position bias plus the shift mask: ``(nW, nH, N, N)`` with a mask, else ``(1, nH, N, N)``."""
+        """Position bias plus the shift mask in ``dtype``, the dtype the attention runs in: ``(nW, nH, N, N)``
+        with a mask, else ``(1, nH, N, N)``.
+
+        Built with autocast off: the position bias in its parameters' precision, rounded once to ``dtype``,
+        and the mask added in ``dtype``, so no fp32 tensor of ``nW`` (or, expanded for SDPA, ``B*nW``) windows
+        is made under low precision, and the values do not depend on the autocast state. Without gradients
+        (and outside graph capture) the result is cached; one entry per module, keyed on the mask, ``dtype``,
+        the device and the versions of the parameters, so each validation after training replaces the
+        previous entry instead of adding one.
+        """
+        sources = self._bias_sources()
+        device = sources[0].device
         cacheable = not torch.is_grad_enabled() and not capturing()
         if cacheable:
-            sources = self._bias_sources()
-            key = (id(mask), dtype) + tuple((p._version, p.data_ptr()) for p in sources)
+            key = (id(mask), dtype, device) + tuple((p._version, p.data_ptr()) for p in sources)
             cached = self._bias_cache.get(key)
-            if cached is not None:
-                return cached
-        bias = self.position_bias().unsqueeze(0)
-        if mask is not None:
-            bias = bias + mask.unsqueeze(1).to(bias.dtype)
-        bias = bias.to(dtype)
+            if cached is not None and cached[0] is mask:  # the entry holds the mask, so its id is not reused
+                return cached[1]
+        with torch.autocast(device.type, enabled=False):
+            bias = self.position_bias().to(dtype).unsqueeze(0)  # (1, nH, N, N)
+            if mask is not None:
+                bias = bias + mask.to(dtype).unsqueeze(1)  # (nW, nH, N, N)
         if cacheable:
-            if len(self._bias_cache) > 8:
-                self._bias_cache.clear()
-            self._bias_cache[key] = bias
+            self._bias_cache.clear()
+            self._bias_cache[key] = (mask, bias)
         return bias
 
     def split_heads(self, qkv: torch.Tensor, q_scale: float = 1.0):

@@ -73,12 +73,17 @@ class WindowAttentionV2(WindowAttentionBase):
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        q, k, v, _ = self.split_heads(linear(x, self.qkv.weight, qkv_bias))
+        q, k, v, _ = self.split_heads(linear(x, self.qkv.weight, qkv_bias))  # (B_, nH, N, d) each
+        # v comes straight from the qkv linear: its dtype is the one the attention runs in (the autocast
+        # dtype under autocast). q and k are brought back to it after the normalisation, which CUDA autocast
+        # runs in fp32, and the fp32 logit scale is cast too; otherwise q, and the bias built for it, would
+        # be fp32 (an fp32 (B*nW, nH, N, N) bias for SDPA to cast again).
+        compute = v.dtype
         # cosine similarity times a per-head scale: fold the scale into the normalised queries
-        logit_scale = torch.clamp(self.logit_scale, max=math.log(1. / 0.01)).exp()
-        q = F.normalize(q, dim=-1) * logit_scale
-        k = F.normalize(k, dim=-1)
-        bias = self.attention_bias(mask, q.dtype)
+        logit_scale = torch.clamp(self.logit_scale, max=math.log(1. / 0.01)).exp()  # (nH, 1, 1)
+        q = F.normalize(q, dim=-1).to(compute) * logit_scale.to(compute)
+        k = F.normalize(k, dim=-1).to(compute)
+        bias = self.attention_bias(mask, compute)
         drop = self.attn_drop.p if self.training else 0.0
         return self.merge_heads(window_attention(q, k, v, bias, 1.0, self.fused_attn, drop))
 
