@@ -17,10 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.multiprocessing.reductions import StorageWeakRef
 from timm.layers import DropPath, trunc_normal_
 
 from .capture import capturing
-from .lowp import Linear
+from .lowp import Linear, autocast_dtype
 from .mlp import Mlp
 
 from .window_ops import GeometryCache, effective_shift, merge_2x2, window_to_tuple
@@ -94,18 +95,27 @@ class PatchMerging(nn.Module):
 def recompute_when_saved(tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]):
     """Inside, whatever autograd saves that shares ``tensor``'s storage is kept as a recipe instead: in
     backward ``recompute()`` rebuilds ``tensor`` (bitwise, from inputs that are kept anyway) and the same
-    view is taken of it. Frees one activation per use for the cost of recomputing it."""
-    storage = tensor.untyped_storage().data_ptr()
+    view is taken of it. Frees one activation per use for the cost of recomputing it.
+
+    ``recompute()`` runs under the autocast state in force here (as ``torch.utils.checkpoint`` does): under
+    CUDA autocast a LayerNorm runs in fp32, outside it in its input's dtype. Only a saved tensor of this very
+    storage is replaced: a cast of ``tensor`` (an autocast linear's own low-precision copy) is not, so
+    ``tensor`` should already be in the dtype its consumers compute in.
+    """
+    storage = StorageWeakRef(tensor.untyped_storage())  # storage identity (data pointers of fake tensors are 0)
     base_offset = tensor.storage_offset()
+    device = tensor.device.type
+    autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
+                    dtype=torch.get_autocast_dtype(device))
 
     def pack(saved: torch.Tensor):
-        if saved.untyped_storage().data_ptr() == storage:
+        if StorageWeakRef(saved.untyped_storage()) == storage:
             return _Recipe(saved.shape, saved.stride(), saved.storage_offset() - base_offset)
         return saved
 
     def unpack(packed):
         if isinstance(packed, _Recipe):
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(**autocast):
                 fresh = recompute()
             return fresh.as_strided(packed.size, packed.stride, fresh.storage_offset() + packed.offset)
         return packed
@@ -154,10 +164,15 @@ class SwinBlock(nn.Module):
             y = geometry.reverse(self.attn(geometry.partition(x), geometry.mask), batch)
             x = x + self.drop_path(self.norm1(y))
             return x + self.drop_path(self.norm2(self.mlp(x)))
-        windows = geometry.partition(self.norm1(x))
+        # the attention's input windows in the dtype its qkv linear computes in: under CUDA autocast the norm
+        # outputs fp32 and the linear would save its own low-precision cast, which the recipe below (keyed
+        # on this tensor's storage) could not replace; the partition also moves half the bytes then
+        compute = autocast_dtype(x) or x.dtype
+        windows = geometry.partition(self.norm1(x).to(compute))  # (B*nW, N, C)
         saving = contextlib.nullcontext()
         if recompute_norm and torch.is_grad_enabled() and not capturing():
-            saving = recompute_when_saved(windows, lambda block_input=x: geometry.partition(self.norm1(block_input)))
+            saving = recompute_when_saved(
+                windows, lambda block_input=x: geometry.partition(self.norm1(block_input).to(compute)))
         with saving:
             y = self.attn(windows, geometry.mask)
         x = x + self.drop_path(geometry.reverse(y, batch))
