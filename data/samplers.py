@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
-from .datasets import DatasetLayoutError, SampleKey
+from .datasets import DatasetLayoutError, key_maker
 
 
 def dist_info() -> Tuple[int, int]:
@@ -78,8 +78,7 @@ class DistributedTrainSampler(DistributedSampler):
     """torch's ``DistributedSampler`` (same order, padding and ``set_epoch``) yielding ``SampleKey``s."""
 
     def __iter__(self) -> Iterator[int]:
-        epoch, seed = self.epoch, self.seed
-        return (SampleKey(i, epoch, seed) for i in super().__iter__())
+        return map(key_maker(self.epoch, self.seed), super().__iter__())
 
 
 class RepeatAugSampler(Sampler[int]):
@@ -117,8 +116,8 @@ class RepeatAugSampler(Sampler[int]):
         # len(indices) before padding is a multiple of repeats): it is the key's draw, so the copies get
         # different augmentations, each the same for any world size.
         positions = range(self.rank, len(indices), self.num_replicas)[:self.num_selected]
-        epoch, seed = self.epoch, self.seed
-        return iter([SampleKey(indices[p], epoch, seed, p % self.repeats) for p in positions])
+        makers = [key_maker(self.epoch, self.seed, draw) for draw in range(self.repeats)]
+        return iter([makers[p % self.repeats](indices[p]) for p in positions])
 
     def __len__(self) -> int:
         return self.num_selected
@@ -144,8 +143,8 @@ class ShardShuffleSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.shard), generator=g)[:self.length].tolist()
-        epoch, seed = self.epoch, self.seed
-        return iter([SampleKey(self.shard[i], epoch, seed) for i in order])
+        make = key_maker(self.epoch, self.seed)
+        return iter([make(self.shard[i]) for i in order])
 
     def __len__(self) -> int:
         return self.length
