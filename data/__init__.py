@@ -17,16 +17,28 @@ The engine reads it from the main process once an epoch has been fully consumed:
 
     n_broken = data.pop_broken_count(data_loader_train)   # returns the count and resets it to 0
 
-Batches are always plain ``(images, targets)``.
+Batches are plain ``(images, targets)``; SimMIM pre-training batches are ``[images, masks, targets]`` (``data.simmim``).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from .build import build_dataset, build_loader, build_mixup, build_transform
+from .build import build_dataset, build_mixup, build_transform
+from .build import build_loader as _build_classification_loader
 from .datasets import (BrokenImageError, DatasetLayoutError, ImageDataset, ImageFolderDataset,
                        ImageNet22KDataset, ZipImageDataset, decode_image, to_rgb)
 from .samplers import DistributedEvalSampler, RepeatAugSampler, ShardShuffleSampler, eval_shard_indices
+from .simmim import MaskGenerator, SimMIMTransform, build_loader_simmim
+
+
+def build_loader(config: Any, simmim: bool = False, is_pretrain: bool = False) -> Any:
+    """The official entry point. Classification (and the SimMIM fine-tune, ``simmim=True, is_pretrain=False``,
+    which the official code feeds the same way): ``(dataset_train, dataset_val, data_loader_train,
+    data_loader_val, mixup_fn)``. SimMIM pre-training (``simmim=True, is_pretrain=True``): the training
+    DataLoader alone, batches ``[images, masks, targets]`` (see ``data.simmim``)."""
+    if simmim and is_pretrain:
+        return build_loader_simmim(config)
+    return _build_classification_loader(config)
 
 
 def _dataset_of(loader_or_dataset: Any) -> ImageDataset:
@@ -49,4 +61,4 @@ def pop_broken_count(loader_or_dataset: Any) -> int:
 __all__ = ['build_loader', 'build_dataset', 'build_transform', 'build_mixup', 'broken_count', 'pop_broken_count',
            'BrokenImageError', 'DatasetLayoutError', 'ImageDataset', 'ImageFolderDataset', 'ImageNet22KDataset',
            'ZipImageDataset', 'decode_image', 'to_rgb', 'DistributedEvalSampler', 'RepeatAugSampler',
-           'ShardShuffleSampler', 'eval_shard_indices']
+           'ShardShuffleSampler', 'eval_shard_indices', 'MaskGenerator', 'SimMIMTransform', 'build_loader_simmim']
