@@ -3,13 +3,19 @@
 Call ``scheduler.step_update(num_updates)`` after every optimizer update (``num_updates`` counts updates from
 the start of training, so ``epoch * n_iter_per_epoch + i + 1`` style counters resume exactly). ``step(epoch)``
 does nothing: every schedule here runs in updates, not epochs. Learning rates come from the config as they
-are (scale them once before, with ``config.apply_linear_scaling``). Groups that carry ``lr_scale`` (layer
-decay) get the scheduled value times their scale, as timm does.
+are (scale them once before, with ``config.apply_linear_scaling``).
+
+Layer decay (groups with ``lr_scale``, see ``optimizer.build_optimizer``): each group follows the schedule from
+its own base value, the group's ``lr`` = ``BASE_LR * lr_scale``, while ``WARMUP_LR`` and ``MIN_LR`` are the same
+for every group. That is how the official SimMIM fine-tune ran on the timm it pinned (0.4.12), whose schedulers
+ignore ``lr_scale``. Current timm multiplies every scheduled value by ``lr_scale``, which on the official groups
+applies the decay twice (``BASE_LR * lr_scale**2``) and also scales the warmup start and the floor; our
+schedulers therefore set each group's value as computed (``_UnscaledGroups``).
 """
 from __future__ import annotations
 
 import bisect
-from typing import Any, Sequence
+from typing import Any, List, Sequence, Union
 
 import torch
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
@@ -18,7 +24,29 @@ from timm.scheduler.scheduler import Scheduler
 from config import CHOICES, ConfigError
 
 
-class _WarmupScheduler(Scheduler):
+class _UnscaledGroups(Scheduler):
+    """Writes each group's scheduled value as it is, ignoring ``lr_scale`` (timm 0.4.12's ``update_groups``).
+
+    The scale is already in the group's base value (its initial ``lr``). Listed after a timm scheduler class in
+    the bases, so that the scheduler's own ``super().update_groups`` calls (its warmup start) resolve here too.
+    """
+
+    def update_groups(self, values: Union[float, List[float]]) -> None:
+        if not isinstance(values, (list, tuple)):
+            values = [values] * len(self.optimizer.param_groups)
+        for group, value in zip(self.optimizer.param_groups, values):
+            group[self.param_group_field] = value
+
+
+class OfficialCosineLRScheduler(CosineLRScheduler, _UnscaledGroups):
+    """timm's cosine schedule with the official (timm 0.4.12) per-group semantics."""
+
+
+class OfficialStepLRScheduler(StepLRScheduler, _UnscaledGroups):
+    """timm's step schedule with the official (timm 0.4.12) per-group semantics."""
+
+
+class _WarmupScheduler(_UnscaledGroups):
     """A timm scheduler with the official linear warmup from ``warmup_lr_init`` over ``warmup_t`` steps."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_t: int = 0, warmup_lr_init: float = 0.0,
@@ -105,7 +133,7 @@ def build_scheduler(config: Any, optimizer: torch.optim.Optimizer, n_iter_per_ep
             raise ConfigError(f"the cosine schedule has no decay steps left: TRAIN.EPOCHS ({config.TRAIN.EPOCHS})"
                               f" must exceed TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS}) with "
                               f"TRAIN.LR_SCHEDULER.WARMUP_PREFIX")
-        return CosineLRScheduler(optimizer, t_initial=t_initial, lr_min=float(config.TRAIN.MIN_LR),
+        return OfficialCosineLRScheduler(optimizer, t_initial=t_initial, lr_min=float(config.TRAIN.MIN_LR),
                                  cycle_mul=1.0, cycle_limit=1, warmup_lr_init=warmup_lr, warmup_t=warmup_steps,
                                  warmup_prefix=bool(sched.WARMUP_PREFIX), t_in_epochs=False)
     if name == 'linear':
@@ -118,7 +146,7 @@ def build_scheduler(config: Any, optimizer: torch.optim.Optimizer, n_iter_per_ep
         if decay_steps < 1:
             raise ConfigError(f"TRAIN.LR_SCHEDULER.DECAY_EPOCHS = {sched.DECAY_EPOCHS} gives no decay steps")
         # warmup_prefix=False: the official (timm 0.4) step schedule counts decay periods from update 0.
-        return StepLRScheduler(optimizer, decay_t=decay_steps, decay_rate=float(sched.DECAY_RATE),
+        return OfficialStepLRScheduler(optimizer, decay_t=decay_steps, decay_rate=float(sched.DECAY_RATE),
                                warmup_lr_init=warmup_lr, warmup_t=warmup_steps, warmup_prefix=False,
                                t_in_epochs=False)
     if name == 'multistep':
@@ -138,4 +166,5 @@ def current_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
     return [float(g['lr']) for g in optimizer.param_groups]
 
 
-__all__ = ['build_scheduler', 'LinearLRScheduler', 'MultiStepLRScheduler', 'current_lrs']
+__all__ = ['build_scheduler', 'LinearLRScheduler', 'MultiStepLRScheduler', 'OfficialCosineLRScheduler',
+           'OfficialStepLRScheduler', 'current_lrs']

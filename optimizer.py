@@ -6,7 +6,7 @@ Learning rates are taken from the config as they are; the linear scaling rule is
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -49,14 +49,15 @@ def stage_depths(model: nn.Module) -> list[int]:
 
 
 def layer_id(name: str, depths: list[int]) -> int:
-    """Layer index of a parameter for layer-wise LR decay, as in the official SimMIM fine-tuning.
+    """Layer index of a parameter for layer-wise LR decay, as the official SimMIM fine-tuning
+    (``get_swin_layer``) assigns it.
 
-    Embeddings (``patch_embed.*``, ``absolute_pos_embed``, ``mask_token``) are layer 0; block j of stage i is
-    ``1 + sum(depths[:i]) + j``; a stage's downsample shares the id of the stage's last block; the rest
-    (final ``norm``, ``head``) is ``sum(depths) + 1``.
+    ``patch_embed.*`` and ``mask_token`` are layer 0; block j of stage i is ``1 + sum(depths[:i]) + j``; a
+    stage's downsample shares the id of the stage's last block; everything else (final ``norm``, ``head``, and
+    ``absolute_pos_embed``, which the official code does not single out) is ``sum(depths) + 1``.
     """
     name = _plain_name(name)
-    if name.startswith('patch_embed') or name in ('absolute_pos_embed', 'mask_token'):
+    if name.startswith('patch_embed') or name == 'mask_token':
         return 0
     m = _BLOCK_NAME.match(name)
     if m:
@@ -68,19 +69,21 @@ def layer_id(name: str, depths: list[int]) -> int:
     return sum(depths) + 1
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,
+                 per_layer: Optional[bool] = None) -> list[dict[str, Any]]:
     """Optimizer parameter groups, official rules: no weight decay for 1-D tensors, ``*.bias``, the names in
     ``model.no_weight_decay()`` and the names holding a keyword of ``model.no_weight_decay_keywords()``.
 
-    Frozen parameters (``requires_grad=False``) are left out. With ``layer_decay < 1`` the groups are split
-    per layer (see ``layer_id``) and carry ``lr_scale = layer_decay ** (num_layers + 1 - layer_id)``; timm
-    schedulers multiply the scheduled learning rate by it. Empty groups are dropped.
+    Frozen parameters (``requires_grad=False``) are left out. Without layers: the official ``[decay,
+    no_decay]`` pair (empty ones dropped). Per layer (``per_layer``; by default when ``layer_decay < 1``): the
+    official SimMIM fine-tune groups ``layer_{id}_{decay|no_decay}`` (see ``layer_id``) in order of first
+    appearance, each with ``group_name`` and ``lr_scale = layer_decay ** (sum(depths) + 1 - layer_id)``.
     """
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay!r}")
     skip = _model_set(model, 'no_weight_decay')
     skip_keywords = _model_set(model, 'no_weight_decay_keywords')
-    use_layers = layer_decay < 1.0
+    use_layers = layer_decay < 1.0 if per_layer is None else per_layer
     depths = stage_depths(model) if use_layers else []
     top = sum(depths) + 1
 
@@ -97,12 +100,14 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
             group: dict[str, Any] = {'params': [], 'param_names': [],
                                      'weight_decay': 0.0 if no_decay else weight_decay}
             if use_layers:
+                group['group_name'] = f"layer_{layer}_{'no_decay' if no_decay else 'decay'}"
                 group['lr_scale'] = layer_decay ** (top - layer)
             groups[key] = group
         groups[key]['params'].append(param)
         groups[key]['param_names'].append(name)
-    # Order: by layer, decay before no-decay (without layer decay: the official [decay, no_decay] pair).
-    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1])) if groups[k]['params']]
+    if use_layers:  # the official order: as the groups first appear in named_parameters()
+        return list(groups.values())
+    return [groups[k] for k in sorted(groups, key=lambda k: k[1])]  # [decay, no_decay]
 
 
 def _apex_optimizer(name: str) -> type:
@@ -120,11 +125,19 @@ def _fused_available(model: nn.Module) -> bool:
                for p in model.parameters() if p.requires_grad)
 
 
-def build_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer of ``TRAIN.OPTIMIZER.NAME`` (adamw | sgd | fused_adam | fused_lamb) over ``param_groups``.
+def build_optimizer(config: Any, model: nn.Module, simmim: bool = False,
+                    is_pretrain: bool = False) -> torch.optim.Optimizer:
+    """The optimizer of ``TRAIN.OPTIMIZER.NAME`` (adamw | sgd | fused_adam | fused_lamb) over ``param_groups``
+    (the official signature).
 
-    ``lr`` is ``TRAIN.BASE_LR`` (times ``lr_scale`` per group with layer decay), ``weight_decay`` is
-    ``TRAIN.WEIGHT_DECAY`` (0 for the no-decay groups).
+    - classification (``simmim=False``): the [decay, no_decay] pair, or per-layer groups when
+      ``TRAIN.LAYER_DECAY < 1``;
+    - SimMIM pre-training (``simmim=True, is_pretrain=True``): the [decay, no_decay] pair (no layer decay);
+    - SimMIM fine-tuning (``simmim=True, is_pretrain=False``): per-layer groups with ``lr_scale`` from
+      ``TRAIN.LAYER_DECAY`` (also when it is 1, as the official code).
+
+    ``lr`` is ``TRAIN.BASE_LR`` times the group's ``lr_scale`` (the schedule's base value for that group, see
+    ``lr_scheduler``); ``weight_decay`` is ``TRAIN.WEIGHT_DECAY`` (0 for the no-decay groups).
     """
     name = str(config.TRAIN.OPTIMIZER.NAME).lower()
     choices = CHOICES['TRAIN.OPTIMIZER.NAME']
@@ -132,14 +145,15 @@ def build_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
         raise ConfigError(f"TRAIN.OPTIMIZER.NAME = {config.TRAIN.OPTIMIZER.NAME!r} is not one of {list(choices)}")
     base_lr = float(config.TRAIN.BASE_LR)
     weight_decay = float(config.TRAIN.WEIGHT_DECAY)
-    groups = param_groups(model, weight_decay, float(config.TRAIN.LAYER_DECAY))
+    if simmim and is_pretrain:
+        groups = param_groups(model, weight_decay)
+    else:
+        groups = param_groups(model, weight_decay, float(config.TRAIN.LAYER_DECAY), per_layer=simmim or None)
     if not groups:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
     for group in groups:
         if 'lr_scale' in group:
             group['lr'] = base_lr * group['lr_scale']
-            # timm schedulers take 'initial_lr' as the unscaled base and apply lr_scale themselves.
-            group['initial_lr'] = base_lr
     betas = tuple(float(b) for b in config.TRAIN.OPTIMIZER.BETAS)
     eps = float(config.TRAIN.OPTIMIZER.EPS)
 
