@@ -125,7 +125,10 @@ class SimMIM(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Images ``(B, C, H, W)``, patch mask ``(B, H/p, W/p)`` -> scalar loss (mean L1 per masked value)."""
-        z = self.encoder(x, mask)  # (B, num_features, h, w)
+        # contiguous NCHW: the encoder's map is a channels-last view, for which the 1x1 conv's backward returns a
+        # channels-last weight gradient that DDP's buckets reject with a stride warning (a copy of the small
+        # last-stage map avoids it)
+        z = self.encoder(x, mask).contiguous()  # (B, num_features, h, w)
         x_rec = self.decoder(z)  # (B, in_chans, h * stride, w * stride): at least H x W (padded inputs)
         height, width = x.shape[-2:]
         # the loss in fp32 whatever the autocast dtype: a sum over ~10^5 values per image

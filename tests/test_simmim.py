@@ -148,6 +148,14 @@ def test_any_input_size_and_gradients():
         model(x, mask[:, :12])
 
 
+def test_gradients_keep_the_parameters_layout():
+    """DDP buckets expect each gradient in its parameter's strides (else a warning per step); the decoder's 1x1
+    conv gets a channels-last weight gradient when fed the encoder's channels-last view."""
+    model, _ = tiny_simmim('v1')
+    model(torch.randn(2, 3, 48, 48), (torch.rand(2, 12, 12) < 0.6).long()).backward()
+    assert all(p.grad.stride() == p.stride() for p in model.parameters() if p.grad is not None)
+
+
 def test_bf16_autocast_loss_close_to_fp32():
     model, fx = tiny_simmim('v1', norm_target=True)
     model.load_state_dict(official_state_dict(fx))
