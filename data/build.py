@@ -221,6 +221,11 @@ def _loader_kwargs(config: Any) -> Dict[str, Any]:
         num_workers=workers,
         # Pinning only helps (and only works without a warning) when an accelerator is there to copy to.
         pin_memory=bool(config.DATA.PIN_MEMORY) and config.DEVICE != 'cpu' and torch.cuda.is_available(),
+        # Starting an iterator draws the workers' base seed (even with 0 workers) from the loader's generator,
+        # else from the global torch RNG, which the training loop and checkpoints own. A resumed run starts its
+        # loaders at another point of that stream (persistent workers draw once, in the first epoch iterated),
+        # so drawing it there shifted the restored stream. Augmentation does not use worker seeds (SampleKey).
+        generator=torch.Generator().manual_seed(config.SEED),
     )
     if workers > 0:
         kwargs['persistent_workers'] = bool(config.DATA.PERSISTENT_WORKERS)

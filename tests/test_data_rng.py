@@ -110,6 +110,21 @@ def test_loader_restarted_mid_epoch_matches_uninterrupted(folder, workers, uncap
     assert_same_batches([(x, y) for x, y in resumed], full[skip:])
 
 
+@pytest.mark.parametrize('workers,persistent', [(0, 'False'), (2, 'True'), (2, 'False')])
+def test_loaders_leave_the_global_rng_alone(folder, workers, persistent, uncapped):
+    """Iterating the loaders draws nothing from the global generators that the training loop and its
+    checkpoints own: starting an iterator draws the workers' base seed, which a resumed run would otherwise draw
+    at another point of the restored stream (persistent workers draw it once, in the first epoch iterated)."""
+    _, _, train, val, _ = build_loader(cfg(folder, 'DATA.NUM_WORKERS', str(workers),
+                                           'DATA.PERSISTENT_WORKERS', persistent))
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    for epoch in (0, 1):
+        run_epoch(train, epoch)
+        list(val)
+    after = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    assert torch.equal(before[0], after[0]) and before[1] == after[1] and np.array_equal(before[2], after[2])
+
+
 def test_epochs_differ_and_replay_exactly(folder):
     """The same index is augmented differently in another epoch, identically in a replay of the same epoch
     whatever the global RNG state, and loading a sample leaves the caller's RNG streams untouched."""
