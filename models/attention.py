@@ -98,6 +98,13 @@ class WindowAttentionBase(nn.Module):
         # at most one entry: key -> (mask, bias); see attention_bias
         self._bias_cache: Dict[tuple, Tuple[Optional[torch.Tensor], torch.Tensor]] = {}
 
+    def train(self, mode: bool = True) -> 'WindowAttentionBase':
+        """Switching between training and evaluation empties the bias cache: fused optimizers (torch's fused
+        AdamW on CPU, at least) update weights in place without bumping their version counters, so versions
+        alone would serve the previous epoch's bias to this epoch's validation."""
+        self._bias_cache.clear()
+        return super().train(mode)
+
     def position_bias(self) -> torch.Tensor:
         """``(nH, N, N)`` additive relative position bias."""
         raise NotImplementedError
@@ -115,7 +122,7 @@ class WindowAttentionBase(nn.Module):
         is made under low precision, and the values do not depend on the autocast state. Without gradients
         (and outside graph capture) the result is cached; one entry per module, keyed on the mask, ``dtype``,
         the device and the versions of the parameters, so each validation after training replaces the
-        previous entry instead of adding one.
+        previous entry instead of adding one; ``train()``/``eval()`` empty it (see ``train``).
         """
         sources = self._bias_sources()
         device = sources[0].device

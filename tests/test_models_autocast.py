@@ -188,6 +188,27 @@ def test_bias_cache_holds_one_entry_per_module_across_epochs(cls):
         assert torch.allclose(cached, fresh, atol=1e-5)
 
 
+@pytest.mark.parametrize('cls', MODELS)
+def test_validation_after_a_fused_adamw_step_sees_the_new_weights(cls):
+    """torch's fused AdamW updates weights in place without bumping their version counters: a cache keyed on
+    versions alone served the previous epoch's bias to this epoch's validation (found through inexact resume)."""
+    model = small_model(cls)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    x = torch.randn(2, 3, 32, 32)
+    for epoch in range(2):
+        model.train()
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            served = model(x)
+            fresh = small_model(cls)
+            fresh.load_state_dict(model.state_dict())
+            expected = fresh.eval()(x)
+        assert torch.equal(served, expected), f'epoch {epoch}'
+
+
 def test_bias_cache_serves_each_compute_dtype_its_own_bias(monkeypatch):
     """The key ignored the autocast state: a V2 bias computed under bf16 autocast (its cpb MLP in bf16) was
     served to an fp32 evaluation, and under autocast the bias was fp32."""
