@@ -1,21 +1,30 @@
-"""The training engine: ``train_one_epoch``, ``validate``, ``throughput`` and ``run`` (wires everything).
+"""The training engine: ``UpdateStep``, ``train_one_epoch``, ``validate``, ``throughput`` and ``run`` (wires it all).
 
 No argument parsing here: ``main.py`` builds the config and the process group and calls ``run``.
 
-Failure behaviour (see README "Failure behaviour"): SIGTERM/SIGUSR1 make every rank finish the current update,
-write ``ckpt_last.pth`` and raise ``Preempted`` (``main.py`` exits with ``PREEMPTED_EXIT_CODE`` = 143, see
-``utils.preemption``); a kill at any point loses at most the work since the last checkpoint, and with
-``DETERMINISTIC`` on CPU the resumed run ends with the same weights as an uninterrupted one (checkpoints hold
-every rank's RNG state and the position in the epoch's fixed, ``(SEED, epoch)``-seeded sample order).
+The shape follows nanoGPT's update and big_vision's ``update_fn(train_state, batch)``: a ``TrainState``
+(``utils.checkpoint``) holds everything a checkpoint restores; ``UpdateStep`` turns the micro-batches of one
+optimizer update into that update (precision, accumulation, clipping, non-finite guard); ``train_one_epoch`` is
+a short loop that yields after every update, and ``run`` decides logging, saving and preemption between updates.
+
+Host syncs: none inside an update. The host reads device values only in ``TrainLog.log`` (every ``PRINT_FREQ``
+batches), at the end of an epoch and in validation's progress lines.
+
+Failure behaviour (see README "Failure behaviour"): SIGTERM/SIGUSR1/SIGINT make every rank finish the current
+update, write ``ckpt_last.pth`` and raise ``Preempted`` (``main.py`` exits with its ``exit_code``: 143, or 130
+for Ctrl-C); a kill at any point loses at most the work since the last checkpoint, and with ``DETERMINISTIC``
+on CPU the resumed run ends with the same weights as an uninterrupted one (checkpoints hold every rank's RNG
+state and the position in the epoch's fixed, ``(SEED, epoch)``-seeded sample order).
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,15 +34,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from config import ConfigError, config_to_dict
-from utils.checkpoint import (CheckpointError, CheckpointManager, CheckpointSaveError, auto_resume,
+from utils.checkpoint import (CheckpointError, CheckpointManager, CheckpointSaveError, TrainState, auto_resume,
                               build_checkpoint, gather_rng_states, load_checkpoint_file, load_model_state,
                               remove_stale_temp_files, restore_rank_rng, restore_training_state, unwrap_model)
-from utils.distributed import DistInfo, all_reduce_sum
+from utils.distributed import DistInfo, all_reduce_sum, get_world_size
 from utils.logger import MetricsFile, create_tb_writer
-from utils.misc import format_seconds, memory_mb
+from utils.misc import format_seconds, memory_label
 from utils.preemption import Preempted, PreemptionGuard
 
 _LOG = logging.getLogger('swin')
+Batch = Sequence[torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,11 +55,14 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class Precision:
-    """How forward passes run: autocast dtype (None = fp32), and the fp16 loss scaler or apex amp."""
+    """How forward passes run: autocast dtype (None = fp32), whether fp16 needs a loss scaler, or apex amp."""
     device: torch.device
     dtype: Optional[torch.dtype] = None
-    scaler: Optional[torch.amp.GradScaler] = None
     apex_amp: Any = None  # the apex.amp module when AMP_OPT_LEVEL O1/O2 and apex is installed
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.apex_amp is None and self.dtype == torch.float16
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -59,12 +73,13 @@ class Precision:
         if self.apex_amp is not None:
             return 'apex amp'
         if self.dtype is None:
-            return 'fp32'
-        return f"{str(self.dtype).replace('torch.', '')} autocast" + (' + GradScaler' if self.scaler else '')
+            tf32 = self.device.type == 'cuda' and torch.backends.cuda.matmul.allow_tf32
+            return 'fp32' + (' (TF32 matmuls)' if tf32 else '')
+        return f"{str(self.dtype).replace('torch.', '')} autocast" + (' + GradScaler' if self.needs_scaler else '')
 
 
 def resolve_precision(config: Any, device: torch.device, apex_amp: Any = None) -> Precision:
-    """AMP_ENABLE / AMP_DTYPE -> autocast dtype and scaler. ``auto``: fp16 + scaler on CUDA, bf16 on CPU."""
+    """AMP_ENABLE / AMP_DTYPE -> autocast dtype. ``auto``: fp16 (with a GradScaler) on CUDA, bf16 on CPU."""
     if apex_amp is not None:
         return Precision(device, apex_amp=apex_amp)
     if not config.AMP_ENABLE:
@@ -72,12 +87,21 @@ def resolve_precision(config: Any, device: torch.device, apex_amp: Any = None) -
     name = config.AMP_DTYPE
     if name == 'auto':
         name = 'float16' if device.type == 'cuda' else 'bfloat16'
-    dtype = torch.float16 if name == 'float16' else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    return Precision(device, dtype, scaler)
+    return Precision(device, torch.float16 if name == 'float16' else torch.bfloat16)
 
 
-# ----------------------------------------------------------------------------- losses and helpers
+def apex_amp_module(config: Any) -> Any:
+    """apex.amp when AMP_OPT_LEVEL is O1/O2 (AMP on) and apex is installed; otherwise None (torch.amp is used)."""
+    if config.AMP_OPT_LEVEL not in ('O1', 'O2') or not config.AMP_ENABLE:
+        return None
+    try:
+        from apex import amp  # type: ignore[import-not-found]
+        return amp
+    except ImportError:
+        return None
+
+
+# ----------------------------------------------------------------------------- losses
 
 def build_criterion(config: Any, mixup_fn: Any) -> nn.Module:
     """Soft-target CE with Mixup/CutMix, label-smoothing CE when MODEL.LABEL_SMOOTHING > 0, else plain CE."""
@@ -86,6 +110,129 @@ def build_criterion(config: Any, mixup_fn: Any) -> nn.Module:
     if config.MODEL.LABEL_SMOOTHING > 0.0:
         return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
     return nn.CrossEntropyLoss()
+
+
+def classification_loss(criterion: nn.Module, mixup_fn: Optional[Callable], device: torch.device) -> LossFn:
+    """``loss_fn(model, (images, targets))``: copy to the device, Mixup/CutMix there, then the criterion."""
+    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        images = batch[0].to(device, non_blocking=True)
+        targets = batch[1].to(device, non_blocking=True)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        return criterion(model(images).float(), targets)
+    return loss_fn
+
+
+def masked_image_loss(device: torch.device) -> LossFn:
+    """``loss_fn(model, (images, mask, ...))`` for models that return their own loss (SimMIM)."""
+    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        return model(batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True))
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------- the update
+
+def find_ddp(model: nn.Module) -> Optional[DistributedDataParallel]:
+    """The DDP module under any ``torch.compile`` wrapper (``no_sync`` lives there), or None."""
+    while not isinstance(model, DistributedDataParallel):
+        if not hasattr(model, '_orig_mod'):
+            return None
+        model = model._orig_mod
+    return model
+
+
+def _step_unless(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
+    """``optimizer.step()`` unless ``bad`` (a device bool): skipped on the device when the optimizer can.
+
+    Fused optimizers (``_step_supports_amp_scaling``) read GradScaler's ``found_inf`` flag inside their kernel and
+    leave weights, moments and step counts untouched when it is set; giving them that flag ourselves skips a
+    non-finite update with no host sync. torch has no public API for this without a loss scaler, hence the two
+    attributes, set and removed exactly as ``GradScaler.step`` does. Other optimizers need one sync per update.
+    """
+    if getattr(optimizer, '_step_supports_amp_scaling', False):
+        optimizer.grad_scale, optimizer.found_inf = None, bad.to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif not bool(bad):
+        optimizer.step()
+
+
+class UpdateStep:
+    """One optimizer update from the micro-batches of ``TRAIN.ACCUMULATION_STEPS`` (nanoGPT's update).
+
+    Owns precision (fp32, bf16, fp16 with the state's GradScaler, apex), accumulation (DDP gradient sync only on
+    the last micro-batch, through the DDP module whatever wraps it), clipping (``TRAIN.CLIP_GRAD``; the grad norm
+    is returned either way) and the non-finite guard: an update with non-finite gradients is skipped on the device
+    (GradScaler does so for fp16; ``_step_unless`` for the rest). The EMA follows every update; after a skipped
+    one it moves towards unchanged weights, which is harmless and needs no sync.
+
+    ``__call__(micro_batches) -> (mean loss, grad norm, skipped)``, all device tensors.
+    """
+
+    def __init__(self, train_model: nn.Module, state: TrainState, precision: Precision, loss_fn: LossFn,
+                 clip_grad: Optional[float] = None):
+        self.model, self.state, self.precision, self.loss_fn = train_model, state, precision, loss_fn
+        self.ddp = find_ddp(train_model)
+        self.max_norm = float(clip_grad) if clip_grad else math.inf
+        self.params = [p for p in state.model.parameters() if p.requires_grad]
+
+    def __call__(self, micro_batches: Sequence[Batch]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        state, precision, n = self.state, self.precision, len(micro_batches)
+        loss_sum = torch.zeros((), device=precision.device)
+        for i, batch in enumerate(micro_batches):
+            last = i == n - 1
+            with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                with precision.autocast():
+                    loss = self.loss_fn(self.model, batch)
+                self._backward(loss / n, delay_unscale=not last)
+            loss_sum += loss.detach()
+        optimizer = state.optimizer
+        if state.scaler is not None:
+            state.scaler.unscale_(optimizer)
+        params = list(precision.apex_amp.master_params(optimizer)) if precision.apex_amp else self.params
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        bad = ~torch.isfinite(grad_norm)  # the same on every rank: gradients are all-reduced
+        if state.scaler is not None:
+            state.scaler.step(optimizer)  # skips on inf/nan without a sync (fused optimizers)
+            state.scaler.update()
+        elif precision.apex_amp is not None:
+            optimizer.step()
+        else:
+            _step_unless(optimizer, bad)
+        optimizer.zero_grad(set_to_none=True)
+        state.update += 1
+        if state.ema is not None:
+            state.ema.update(state.model, step=state.global_update)
+        return loss_sum / n, grad_norm, bad
+
+    def _backward(self, loss: torch.Tensor, delay_unscale: bool) -> None:
+        if self.precision.apex_amp is not None:
+            with self.precision.apex_amp.scale_loss(loss, self.state.optimizer, delay_unscale=delay_unscale) as s:
+                s.backward()
+        elif self.state.scaler is not None:
+            self.state.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+
+# ----------------------------------------------------------------------------- train / validate / throughput
+
+def train_one_epoch(state: TrainState, update_step: UpdateStep, data_loader: DataLoader,
+                    accumulation_steps: int = 1) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Train epoch ``state.epoch`` from update ``state.update`` on; yields ``update_step``'s result after each.
+
+    ``data_loader`` yields the epoch's batches from that update on (``loader_from``). The LR of update k is the
+    schedule's value at the global update index k. Batches past the last full update are not used.
+    """
+    state.model.train()
+    updates_per_epoch = state.updates_per_epoch
+    batches = iter(data_loader)
+    while state.update < updates_per_epoch:
+        micro_batches = [next(batches) for _ in range(accumulation_steps)]
+        state.lr_scheduler.step_update(state.global_update)
+        yield update_step(micro_batches)
 
 
 class _SkipSampler(Sampler):
@@ -101,13 +248,15 @@ class _SkipSampler(Sampler):
         return len(self.indices)
 
 
-def _loader_skipping(loader: DataLoader, skip_batches: int, seed: int = 0) -> DataLoader:
-    """A loader like ``loader`` that starts ``skip_batches`` batches into the current epoch's order.
+def loader_from(loader: DataLoader, skip_batches: int, seed: int = 0) -> DataLoader:
+    """``loader`` itself, or one like it that starts ``skip_batches`` batches into the current epoch's order.
 
-    It gets its own generator (seeded with ``seed``): starting an iterator draws a worker base seed from the
-    loader's generator, and drawing it from the global RNG would shift the restored RNG stream by one draw
-    compared with the uninterrupted run, which drew it at the start of the epoch, before the checkpoint.
+    The new loader gets its own generator (seeded with ``seed``): starting an iterator draws a worker base seed
+    from the loader's generator, and drawing it from the global RNG would shift the restored RNG stream by one
+    draw compared with the uninterrupted run, which drew it at the start of the epoch, before the checkpoint.
     """
+    if not skip_batches:
+        return loader
     indices = list(loader.sampler)[skip_batches * loader.batch_size:]
     kwargs = dict(batch_size=loader.batch_size, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                   pin_memory=loader.pin_memory, drop_last=loader.drop_last, worker_init_fn=loader.worker_init_fn,
@@ -117,191 +266,82 @@ def _loader_skipping(loader: DataLoader, skip_batches: int, seed: int = 0) -> Da
     return DataLoader(loader.dataset, sampler=_SkipSampler(indices), **kwargs)
 
 
-class _NonFiniteGuard:
-    """Counts consecutive non-finite updates on the device (no host sync) and stops the run at the limit."""
+class TrainLog:
+    """An epoch's running loss sums, kept on the device and logged every ``PRINT_FREQ`` batches (the only host
+    syncs of training), and the count of consecutive skipped (non-finite) updates, which stops the run at
+    ``TRAIN.MAX_NONFINITE_STEPS`` when it is read."""
 
-    def __init__(self, limit: int, device: torch.device):
-        self.limit = limit
-        self.run = torch.zeros((), dtype=torch.long, device=device)
-        self.longest = torch.zeros((), dtype=torch.long, device=device)
-        self.skipped = torch.zeros((), dtype=torch.long, device=device)
+    def __init__(self, config: Any, state: TrainState, device: torch.device, log: logging.Logger, tb_writer: Any):
+        self.config, self.state, self.device, self.log, self.tb_writer = config, state, device, log, tb_writer
+        self.accum = config.TRAIN.ACCUMULATION_STEPS
+        self.every = max(1, config.PRINT_FREQ // self.accum)
+        self.images_per_update = config.DATA.BATCH_SIZE * self.accum * get_world_size()
+        self.first_update = state.update
+        zero = torch.zeros((), device=device)
+        self.epoch_loss, self.window_loss, self.skipped, self.grad_norm = zero, zero, zero, zero
+        self.bad_run = self.longest_bad_run = zero
+        self.epoch_start = self.window_start = time.time()
+        self.window_updates = 0
 
-    def record(self, bad: torch.Tensor) -> None:
-        bad = bad.to(torch.long)
-        self.run = (self.run + 1) * bad
-        self.longest = torch.maximum(self.longest, self.run)
+    def record(self, loss: torch.Tensor, grad_norm: torch.Tensor, bad: torch.Tensor) -> None:
+        """Add one update's results (device ops only); logs when the window is full or the epoch ends."""
+        self.epoch_loss, self.window_loss = self.epoch_loss + loss, self.window_loss + loss
         self.skipped = self.skipped + bad
+        self.bad_run = (self.bad_run + 1) * bad
+        self.longest_bad_run = torch.maximum(self.longest_bad_run, self.bad_run)
+        self.grad_norm = grad_norm
+        self.window_updates += 1
+        if self.state.update % self.every == 0 or self.state.update == self.state.updates_per_epoch:
+            self._log_window()
 
-    def check(self, where: str, lr: float, loss: float, scale: Optional[float]) -> None:
-        if int(self.longest.item()) >= self.limit:
+    def _log_window(self) -> None:
+        state, config, optimizer = self.state, self.config, self.state.optimizer
+        window_loss, epoch_loss, norm, longest = torch.stack(
+            [self.window_loss, self.epoch_loss, self.grad_norm.float(), self.longest_bad_run]).tolist()
+        window_loss /= self.window_updates
+        epoch_loss /= state.update - self.first_update
+        lr = optimizer.param_groups[0]['lr']
+        scale = state.scaler.get_scale() if state.scaler is not None else None
+        num_batches = state.updates_per_epoch * self.accum
+        batch = state.update * self.accum - 1
+        if longest >= config.TRAIN.MAX_NONFINITE_STEPS:
             scale_text = f"{scale:.1f}" if scale is not None else 'none (no loss scaler)'
             raise NonFiniteLossError(
-                f"stopping: {self.limit} consecutive non-finite losses/gradients (TRAIN.MAX_NONFINITE_STEPS) by "
-                f"{where}: lr {lr:.3e}, loss {loss}, loss scale {scale_text}. Lower TRAIN.BASE_LR, enable "
-                f"TRAIN.CLIP_GRAD, or train in bf16/fp32 (AMP_DTYPE bfloat16 or --disable_amp)")
+                f"stopping: {config.TRAIN.MAX_NONFINITE_STEPS} consecutive non-finite losses/gradients "
+                f"(TRAIN.MAX_NONFINITE_STEPS) by epoch {state.epoch} step {batch}/{num_batches}: lr {lr:.3e}, "
+                f"loss {window_loss}, loss scale {scale_text}. Lower TRAIN.BASE_LR, enable TRAIN.CLIP_GRAD, or "
+                f"train in bf16/fp32 (AMP_DTYPE bfloat16 or --disable_amp)")
+        now = time.time()
+        update_time = (now - self.window_start) / self.window_updates
+        epoch_eta = update_time * (state.updates_per_epoch - state.update)
+        run_eta = epoch_eta + update_time * state.updates_per_epoch * (config.TRAIN.EPOCHS - state.epoch - 1)
+        images_per_s = self.window_updates * self.images_per_update / max(now - self.window_start, 1e-9)
+        wd = max(g['weight_decay'] for g in optimizer.param_groups)
+        self.log.info(
+            f"Train: [{state.epoch}/{config.TRAIN.EPOCHS}][{batch}/{num_batches}]\t"
+            f"eta {format_seconds(epoch_eta)} (run left {format_seconds(run_eta)})\tlr {lr:.6f}\twd {wd:.4f}\t"
+            f"loss {window_loss:.4f} ({epoch_loss:.4f})\tgrad_norm {norm:.4f}\t"
+            f"loss_scale {f'{scale:.1f}' if scale is not None else '-'}\t{memory_label(self.device)}\t"
+            f"{images_per_s:.1f} img/s")
+        if self.tb_writer is not None:
+            values = {'loss': window_loss, 'lr': lr, 'grad_norm': norm, 'throughput': images_per_s}
+            if scale is not None:
+                values['loss_scale'] = scale
+            for name, value in values.items():
+                self.tb_writer.add_scalar(f'train/{name}', value, state.global_update)
+        self.window_loss = torch.zeros((), device=self.device)
+        self.window_updates = 0
+        self.window_start = time.time()
 
-
-# ----------------------------------------------------------------------------- train / validate / throughput
-
-def train_one_epoch(config: Any, model: nn.Module, criterion: nn.Module, data_loader: DataLoader,
-                    optimizer: torch.optim.Optimizer, epoch: int, mixup_fn: Optional[Callable],
-                    lr_scheduler: Any, precision: Precision, *, model_ema: Optional[ModelEmaV3] = None,
-                    start_step: int = 0, tb_writer: Any = None, save_fn: Optional[Callable[[int], None]] = None,
-                    logger: Optional[logging.Logger] = None, run_started: Optional[float] = None,
-                    start_epoch: int = 0, preemption: Optional[PreemptionGuard] = None) -> Dict[str, float]:
-    """Train ``model`` for one epoch (or its rest, from update ``start_step``); returns loss/lr/update counts.
-
-    One optimizer update per ``TRAIN.ACCUMULATION_STEPS`` batches (DDP gradient sync only on the last micro-batch,
-    via ``no_sync``); the LR is set per update from the global update index. Batches past the last full update
-    are not used. The host reads device values only every ``PRINT_FREQ`` batches (and once per update when
-    there is no loss scaler, to skip non-finite updates).
-
-    With ``preemption``, a stop signal agreed by all ranks (checked after every update in one process, every
-    ``PRINT_FREQ`` updates with several) ends the epoch after the current update: ``save_fn`` writes the
-    mid-epoch checkpoint and ``Preempted`` is raised. A signal during the epoch's last update lets the epoch
-    finish (the caller checks again after validation and the epoch checkpoint).
-    """
-    log = logger or _LOG
-    device = precision.device
-    accum = config.TRAIN.ACCUMULATION_STEPS
-    updates_per_epoch = len(data_loader) // accum
-    if updates_per_epoch < 1:
-        raise ConfigError(f"TRAIN.ACCUMULATION_STEPS = {accum} exceeds the {len(data_loader)} training batches "
-                          f"per epoch; lower it or DATA.BATCH_SIZE")
-    num_batches = updates_per_epoch * accum
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    loader = (_loader_skipping(data_loader, start_step * accum, seed=(epoch * 100003 + start_step) * 1009 + rank)
-              if start_step else data_loader)
-    params = [p for p in model.parameters() if p.requires_grad]
-    clip = config.TRAIN.CLIP_GRAD
-    max_norm = float(clip) if clip else math.inf
-    guard = _NonFiniteGuard(config.TRAIN.MAX_NONFINITE_STEPS, device)
-    print_freq = config.PRINT_FREQ
-    is_ddp = isinstance(model, DistributedDataParallel)
-    world = torch.distributed.get_world_size() if is_ddp else 1
-    preempt_every = print_freq if torch.distributed.is_initialized() and \
-        torch.distributed.get_world_size() > 1 else 1
-
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=device)
-    window_loss = torch.zeros((), device=device)
-    grad_norm = torch.zeros((), device=device)
-    seen_batches = 0
-    window_batches = 0
-    window_start = epoch_start = time.time()
-    lr = optimizer.param_groups[0]['lr']
-    run_started = run_started or epoch_start
-
-    for idx, (samples, targets) in enumerate(loader, start=start_step * accum):
-        if idx >= num_batches:
-            break
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
-        update_idx, micro = divmod(idx, accum)
-        is_update = micro == accum - 1
-        global_update = epoch * updates_per_epoch + update_idx
-        if micro == 0:
-            lr_scheduler.step_update(global_update)  # the LR of update k is the schedule's value at k
-
-        sync = contextlib.nullcontext() if (is_update or not is_ddp) else model.no_sync()
-        with sync:
-            with precision.autocast():
-                outputs = model(samples)
-            loss = criterion(outputs.float(), targets)
-            scaled = loss / accum
-            if precision.apex_amp is not None:
-                with precision.apex_amp.scale_loss(scaled, optimizer, delay_unscale=not is_update) as s:
-                    s.backward()
-            elif precision.scaler is not None:
-                precision.scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
-        loss_detached = loss.detach()
-        loss_sum += loss_detached
-        window_loss += loss_detached
-        seen_batches += 1
-        window_batches += 1
-
-        if is_update:
-            if precision.scaler is not None:
-                precision.scaler.unscale_(optimizer)
-            clip_params = list(precision.apex_amp.master_params(optimizer)) if precision.apex_amp else params
-            grad_norm = torch.nn.utils.clip_grad_norm_(clip_params, max_norm)
-            # grad_norm is the same on every rank (gradients are all-reduced), so all ranks skip together.
-            bad = ~torch.isfinite(grad_norm)
-            guard.record(bad)
-            if precision.scaler is not None:
-                precision.scaler.step(optimizer)  # skips the step itself on inf/nan
-                precision.scaler.update()
-                stepped = None
-            elif precision.apex_amp is not None:
-                optimizer.step()
-                stepped = None
-            else:
-                stepped = not bool(bad.item())
-                if stepped:
-                    optimizer.step()
-                else:
-                    guard.check(f"epoch {epoch} step {idx}/{num_batches}", optimizer.param_groups[0]['lr'],
-                                float(loss_detached.item()), None)
-            optimizer.zero_grad(set_to_none=True)
-            if model_ema is not None and stepped is not False:
-                model_ema.update(unwrap_model(model), step=global_update + 1)
-            saved_now = False
-            if save_fn is not None and config.TRAIN.SAVE_EVERY_STEPS and \
-                    (update_idx + 1) % config.TRAIN.SAVE_EVERY_STEPS == 0 and update_idx + 1 < updates_per_epoch:
-                save_fn(update_idx + 1)
-                saved_now = True
-            # Same update indices on every rank, so the collective inside agreed_stop() always pairs up.
-            if preemption is not None and update_idx + 1 < updates_per_epoch and \
-                    (update_idx + 1) % preempt_every == 0 and preemption.agreed_stop():
-                log.warning(f"{preemption.received}: stopping after update {update_idx + 1}/{updates_per_epoch} "
-                            f"of epoch {epoch}; saving a checkpoint")
-                if save_fn is not None and not saved_now:
-                    save_fn(update_idx + 1)
-                raise Preempted(f"preempted ({preemption.received}) in epoch {epoch} after update "
-                                f"{update_idx + 1}/{updates_per_epoch}")
-
-        if (idx + 1) % print_freq == 0 or idx + 1 == num_batches:
-            lr = optimizer.param_groups[0]['lr']
-            wd = max(g['weight_decay'] for g in optimizer.param_groups)
-            avg_window = window_loss.item() / max(window_batches, 1)  # syncs the device once per window
-            avg_epoch = loss_sum.item() / max(seen_batches, 1)
-            norm = float(grad_norm.item())
-            scale = precision.scaler.get_scale() if precision.scaler is not None else None
-            guard.check(f"epoch {epoch} step {idx}/{num_batches}", lr, float(loss_detached.item()), scale)
-            now = time.time()
-            step_time = (now - window_start) / max(window_batches, 1)
-            images_per_s = window_batches * samples.shape[0] * world / max(now - window_start, 1e-9)
-            epoch_eta = step_time * (num_batches - idx - 1)
-            run_eta = epoch_eta + step_time * num_batches * (config.TRAIN.EPOCHS - epoch - 1)
-            scale_text = f"{scale:.1f}" if scale is not None else '-'
-            log.info(f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_batches}]\t"
-                     f"eta {format_seconds(epoch_eta)} (run {format_seconds(run_eta)})\tlr {lr:.6f}\twd {wd:.4f}\t"
-                     f"loss {avg_window:.4f} ({avg_epoch:.4f})\tgrad_norm {norm:.4f}\tloss_scale {scale_text}\t"
-                     f"mem {memory_mb(device):.0f}MB\t{images_per_s:.1f} img/s")
-            if tb_writer is not None:
-                tb_step = epoch * updates_per_epoch + idx // accum
-                tb_writer.add_scalar('train/loss', avg_window, tb_step)
-                tb_writer.add_scalar('train/lr', lr, tb_step)
-                tb_writer.add_scalar('train/grad_norm', norm, tb_step)
-                tb_writer.add_scalar('train/throughput', images_per_s, tb_step)
-                if scale is not None:
-                    tb_writer.add_scalar('train/loss_scale', scale, tb_step)
-            window_loss.zero_()
-            window_batches = 0
-            window_start = time.time()
-
-    epoch_time = time.time() - epoch_start
-    skipped = int(guard.skipped.item())
-    avg = loss_sum.item() / max(seen_batches, 1)
-    log.info(f"EPOCH {epoch} training takes {format_seconds(epoch_time)}"
-             + (f"; {skipped} updates skipped for non-finite loss/gradients" if skipped else ''))
-    return {'loss': avg, 'lr': float(optimizer.param_groups[0]['lr']), 'updates': updates_per_epoch - start_step,
-            'skipped': skipped, 'time': epoch_time}
+    def summary(self) -> Dict[str, float]:
+        """The epoch's mean loss, last LR, updates, skipped updates and time (logged)."""
+        epoch_loss, skipped = torch.stack([self.epoch_loss, self.skipped.float()]).tolist()
+        updates = self.state.update - self.first_update
+        epoch_time = time.time() - self.epoch_start
+        self.log.info(f"EPOCH {self.state.epoch} training takes {format_seconds(epoch_time)}"
+                      + (f"; {int(skipped)} updates skipped for non-finite loss/gradients" if skipped else ''))
+        return {'loss': epoch_loss / max(updates, 1), 'lr': float(self.state.optimizer.param_groups[0]['lr']),
+                'updates': updates, 'skipped': int(skipped), 'time': epoch_time}
 
 
 @torch.no_grad()
@@ -310,15 +350,19 @@ def validate(config: Any, data_loader: DataLoader, model: nn.Module, precision: 
     """Top-1, top-5 accuracy (%) and mean CE loss over the whole validation set, exact across ranks.
 
     Each rank evaluates its own images (no padding); correct counts, loss sums and image counts are summed over
-    ranks before dividing. Prints `` * Acc@1 .. Acc@5 ..`` as the official code (``prefix`` for EMA lines).
+    ranks before dividing. Every ``PRINT_FREQ`` batches a ``Test: [i/n]`` line shows this rank's running figures
+    and the time left (the only host syncs before the end). Prints `` * Acc@1 .. Acc@5 ..`` as the official
+    code, then the loss (``prefix`` for EMA lines).
     """
     log = logger or _LOG
     device = precision.device if precision is not None else next(model.parameters()).device
     autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, images
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits
+    count = 0  # images, counted on the host: no host-to-device copy per batch
     criterion = nn.CrossEntropyLoss(reduction='sum')
-    for images, targets in data_loader:
+    start, num_batches = time.time(), len(data_loader)
+    for idx, (images, targets) in enumerate(data_loader):
         if images.shape[0] == 0:
             continue  # every image of the batch was unreadable and dropped
         images = images.to(device, non_blocking=True)
@@ -326,13 +370,16 @@ def validate(config: Any, data_loader: DataLoader, model: nn.Module, precision: 
         with autocast:
             outputs = model(images)
         outputs = outputs.float()
-        k = min(5, outputs.shape[1])
-        top = outputs.topk(k, dim=1).indices
-        hits = top.eq(targets[:, None])
-        totals += torch.stack([criterion(outputs, targets).double(), hits[:, :1].sum().double(),
-                               hits.sum().double(), torch.tensor(float(images.shape[0]), device=device,
-                                                                 dtype=torch.float64)])
-    all_reduce_sum(totals)
+        hits = outputs.topk(min(5, outputs.shape[1]), dim=1).indices.eq(targets[:, None])
+        totals += torch.stack([criterion(outputs, targets), hits[:, :1].sum(), hits.sum()]).double()
+        count += images.shape[0]
+        if (idx + 1) % config.PRINT_FREQ == 0 and idx + 1 < num_batches:
+            loss_sum, top1, top5 = totals.tolist()
+            eta = (time.time() - start) / (idx + 1) * (num_batches - idx - 1)
+            log.info(f"{prefix + ' ' if prefix else ''}Test: [{idx + 1}/{num_batches}]\teta {format_seconds(eta)}\t"
+                     f"loss {loss_sum / count:.4f}\tAcc@1 {100 * top1 / count:.3f}\tAcc@5 {100 * top5 / count:.3f}"
+                     f"\t{memory_label(device)}")
+    totals = all_reduce_sum(torch.cat([totals, torch.tensor([float(count)], dtype=torch.float64).to(device)]))
     loss_sum, correct1, correct5, count = totals.tolist()
     if count == 0:
         raise RuntimeError("the validation set has no readable images")
@@ -340,7 +387,7 @@ def validate(config: Any, data_loader: DataLoader, model: nn.Module, precision: 
     if prefix:
         log.info(f"{prefix} Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.4f}")
     else:
-        log.info(f' * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}')
+        log.info(f' * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.4f}')  # the official line, then the loss
     return acc1, acc5, loss
 
 
@@ -376,208 +423,45 @@ def throughput(data_loader: DataLoader, model: nn.Module, precision: Optional[Pr
 
 # ----------------------------------------------------------------------------- wiring
 
-def apex_amp_module(config: Any) -> Any:
-    """apex.amp when AMP_OPT_LEVEL is O1/O2 (AMP on) and apex is installed; otherwise None (torch.amp is used)."""
-    if config.AMP_OPT_LEVEL not in ('O1', 'O2') or not config.AMP_ENABLE:
-        return None
-    try:
-        from apex import amp  # type: ignore[import-not-found]
-        return amp
-    except ImportError:
-        return None
+def set_matmul_precision(config: Any, device: torch.device) -> None:
+    """fp32 matmuls and convolutions on CUDA use TF32 tensor cores unless ``TF32`` is off (PyTorch's default is
+    full fp32, which leaves an fp32 run, ``--disable_amp``, several times slower on Ampere and later)."""
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = bool(config.TF32)
+        torch.backends.cudnn.allow_tf32 = bool(config.TF32)
 
 
-def _metrics_record(epoch: int, train: Dict[str, float], acc1: float, acc5: float, loss: float,
-                    ema: Optional[Tuple[float, float, float]]) -> Dict[str, Any]:
-    record = {'epoch': epoch, 'train_loss': train['loss'], 'val_acc1': acc1, 'val_acc5': acc5, 'val_loss': loss,
-              'lr': train['lr'], 'time': train['time'], 'skipped_updates': train['skipped']}
+_DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
+
+
+def wrap_for_training(model: nn.Module, config: Any, dist_info: DistInfo) -> nn.Module:
+    """DDP when distributed, then ``torch.compile`` when ``COMPILE``.
+
+    ``broadcast_buffers=False`` as in the official code: Swin's buffers are tables derived from the geometry (no
+    BatchNorm statistics), identical on every rank, and re-sending them before every forward costs up to 56 MiB
+    (SwinV2-B 12to24) per step.
+    """
+    train_model = model
+    if dist_info.distributed:
+        device = dist_info.device
+        # torch >= 2.12 names the per-forward broadcast `forward_sync_buffers` and deprecates the old keyword.
+        no_broadcast = {'forward_sync_buffers' if 'forward_sync_buffers' in _DDP_PARAMETERS else
+                        'broadcast_buffers': False}
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                                              find_unused_parameters=False, **no_broadcast)
+    return torch.compile(train_model) if config.COMPILE else train_model
+
+
+def _metrics_record(epoch: int, train: Dict[str, float], broken: int,
+                    val: Optional[Tuple[float, float, float]], ema: Optional[Tuple[float, float, float]]
+                    ) -> Dict[str, Any]:
+    record = {'epoch': epoch, 'train_loss': train['loss'], 'lr': train['lr'], 'time': train['time'],
+              'skipped_updates': train['skipped'], 'broken_images': broken}
+    if val is not None:
+        record.update(val_acc1=val[0], val_acc5=val[1], val_loss=val[2])
     if ema is not None:
         record.update(ema_acc1=ema[0], ema_acc5=ema[1], ema_loss=ema[2])
     return record
-
-
-def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = None) -> Dict[str, Any]:
-    """Build model, data, optimizer, scheduler, losses, EMA and checkpoints from ``config``, then evaluate
-    (``EVAL_MODE``), measure throughput (``THROUGHPUT_MODE``) or train. Returns a small summary dict.
-
-    ``config`` must already have the linear LR scaling applied.
-    """
-    import data
-    import models
-    from lr_scheduler import build_scheduler
-    from optimizer import build_optimizer
-
-    log = logger or _LOG
-    device = dist_info.device
-    _, dataset_val, loader_train, loader_val, mixup_fn = data.build_loader(config)
-    if mixup_fn is not None and not config.EVAL_MODE and not config.THROUGHPUT_MODE and config.DATA.BATCH_SIZE % 2:
-        raise ConfigError(f"DATA.BATCH_SIZE = {config.DATA.BATCH_SIZE} must be even when Mixup/CutMix is on "
-                          f"(AUG.MIXUP = {config.AUG.MIXUP}, AUG.CUTMIX = {config.AUG.CUTMIX}); use an even batch "
-                          f"size or set AUG.MIXUP 0 AUG.CUTMIX 0")
-
-    model = models.build_model(config)
-    model.to(device)
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info(f"model {config.MODEL.TYPE}/{config.MODEL.NAME}: {n_parameters} trainable parameters")
-    trust = bool(config.TRUST_CHECKPOINTS)
-
-    if config.EVAL_MODE or config.THROUGHPUT_MODE:
-        precision = resolve_precision(config, device)
-        path = config.MODEL.RESUME
-        if path:
-            load_model_state(model, load_checkpoint_file(path, trust=trust), path)
-            log.info(f"loaded weights from {path}")
-        elif config.MODEL.PRETRAINED:
-            _load_pretrained(models, model, config.MODEL.PRETRAINED, log, trust)
-        elif config.EVAL_MODE:
-            log.warning("--eval without --resume or --pretrained: evaluating randomly initialised weights")
-        eval_model = torch.compile(model) if config.COMPILE else model
-        if config.THROUGHPUT_MODE:
-            return {'throughput': throughput(loader_val, eval_model, precision, log)}
-        acc1, acc5, loss = validate(config, loader_val, eval_model, precision, log)
-        log.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
-        return {'acc1': acc1, 'acc5': acc5, 'loss': loss}
-
-    optimizer = build_optimizer(config, model)
-    apex_amp = apex_amp_module(config)
-    if apex_amp is not None:
-        model, optimizer = apex_amp.initialize(model, optimizer, opt_level=config.AMP_OPT_LEVEL)
-    precision = resolve_precision(config, device, apex_amp)
-    log.info(f"precision: {precision.describe()} on {device}")
-    updates_per_epoch = len(loader_train) // config.TRAIN.ACCUMULATION_STEPS
-    if updates_per_epoch < 1:
-        raise ConfigError(f"TRAIN.ACCUMULATION_STEPS = {config.TRAIN.ACCUMULATION_STEPS} exceeds the "
-                          f"{len(loader_train)} training batches per epoch")
-    lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch)
-    criterion = build_criterion(config, mixup_fn)
-    model_ema = None
-    if config.TRAIN.EMA.ENABLE:
-        # ModelEmaV3 averages floating-point tensors and copies integer buffers (e.g. index tables).
-        model_ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY, use_warmup=config.TRAIN.EMA.WARMUP)
-
-    # Resume: an explicit --resume wins over auto-resume; --pretrained only when not resuming.
-    start_epoch, start_step, max_accuracy = config.TRAIN.START_EPOCH, 0, 0.0
-    resume_path, checkpoint = config.MODEL.RESUME or None, None
-    if resume_path:
-        checkpoint = load_checkpoint_file(resume_path, trust=trust)
-    elif config.TRAIN.AUTO_RESUME:
-        resume_path, checkpoint = auto_resume(config.OUTPUT, trust=trust, logger=log)
-    if checkpoint is not None:
-        start_epoch, start_step, max_accuracy = restore_training_state(
-            checkpoint, model, optimizer, lr_scheduler, precision.scaler, model_ema, resume_path, log)
-        saved_world = (checkpoint.get('rng') or {}).get('world_size')
-        if start_step and saved_world not in (None, dist_info.world_size):
-            log.info(f"resume: {resume_path} was saved mid-epoch with {saved_world} processes, now "
-                     f"{dist_info.world_size}: epoch {start_epoch} restarts from its beginning")
-            start_step = 0
-        log.info(f"resumed from {resume_path}: starting at epoch {start_epoch}"
-                 + (f", update {start_step}" if start_step else '') + f", max accuracy {max_accuracy:.2f}%")
-    elif config.MODEL.PRETRAINED:
-        _load_pretrained(models, model, config.MODEL.PRETRAINED, log, trust)
-        if model_ema is not None:
-            model_ema.set(model)
-
-    train_model: nn.Module = model
-    if dist_info.distributed:
-        train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=False)
-    if config.COMPILE:
-        train_model = torch.compile(train_model)
-    eval_model = torch.compile(model) if config.COMPILE else model
-
-    tb_writer = create_tb_writer(config.OUTPUT, config.TENSORBOARD, dist_info.is_main)
-    metrics = MetricsFile(f"{config.OUTPUT}/metrics.jsonl", start_epoch) if dist_info.is_main else None
-    manager = CheckpointManager(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS, log)
-    config_dict = config_to_dict(config)
-
-    def save(epoch_done: int, step: int, kind: str, is_best: bool = False) -> None:
-        rng = gather_rng_states()  # collective: every rank takes part
-        if not dist_info.is_main:
-            return
-        state = build_checkpoint(config_dict, epoch_done, model, optimizer, lr_scheduler, precision.scaler,
-                                 model_ema, max_accuracy, step, rng)
-        # The epoch's sample order is a pure function of (seed, epoch) (the samplers' set_epoch); recording
-        # where in it the checkpoint stands lets a resume check that it replays the same order.
-        state['data_order'] = {'sampler': type(loader_train.sampler).__name__, 'seed': int(config.SEED),
-                               'epoch': epoch_done + 1, 'batches_done': step * config.TRAIN.ACCUMULATION_STEPS,
-                               'batch_size': int(config.DATA.BATCH_SIZE), 'world_size': dist_info.world_size}
-        try:
-            if kind == 'epoch':
-                manager.save_epoch(state, epoch_done, is_best)
-            elif kind == 'best':
-                manager.save_best(state)
-            else:
-                manager.save_last(state)
-        except CheckpointSaveError as e:
-            # Training goes on: the previous checkpoint is intact and the next save may succeed.
-            log.error(f"checkpoint not saved: {e}")
-
-    if checkpoint is not None:
-        order = checkpoint.get('data_order') or {}
-        if start_step and order and (order.get('seed'), order.get('batch_size')) != \
-                (config.SEED, config.DATA.BATCH_SIZE):
-            log.warning(f"resume: {resume_path} was saved mid-epoch with SEED {order.get('seed')} and batch size "
-                        f"{order.get('batch_size')}, now {config.SEED} and {config.DATA.BATCH_SIZE}: the rest of "
-                        f"epoch {start_epoch} follows another sample order")
-        restore_rank_rng(checkpoint.get('rng'), config.SEED + dist_info.rank + 1000 * start_epoch, log)
-        del checkpoint
-    if dist_info.is_main:
-        remove_stale_temp_files(config.OUTPUT, log)
-
-    log.info("start training")
-    run_start = time.time()
-    acc1 = acc5 = val_loss = None
-    try:
-        with PreemptionGuard(device) as preemption:
-            for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-                if hasattr(loader_train.sampler, 'set_epoch'):
-                    loader_train.sampler.set_epoch(epoch)
-                step_offset = start_step if epoch == start_epoch else 0
-                train_stats = train_one_epoch(
-                    config, train_model, criterion, loader_train, optimizer, epoch, mixup_fn, lr_scheduler,
-                    precision, model_ema=model_ema, start_step=step_offset, tb_writer=tb_writer, logger=log,
-                    run_started=run_start, start_epoch=start_epoch, preemption=preemption,
-                    save_fn=lambda step, e=epoch: save(e - 1, step, 'last'))
-                broken = data.pop_broken_count(loader_train) if hasattr(loader_train.dataset, 'broken_images') else 0
-                if broken:
-                    log.warning(f"epoch {epoch}: {broken} unreadable training images were skipped")
-
-                acc1, acc5, val_loss = validate(config, loader_val, eval_model, precision, log)
-                log.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
-                ema_stats = None
-                if model_ema is not None:
-                    ema_stats = validate(config, loader_val, model_ema.module, precision, log, prefix='EMA')
-                is_best = acc1 > max_accuracy
-                max_accuracy = max(max_accuracy, acc1)
-                log.info(f"Max accuracy: {max_accuracy:.2f}%")
-
-                # Metrics first: a kill between the two then re-runs the epoch (whose line is dropped on resume)
-                # instead of resuming after an epoch whose line was never written.
-                if metrics is not None:
-                    metrics.append(_metrics_record(epoch, train_stats, acc1, acc5, val_loss, ema_stats))
-                is_last = epoch == config.TRAIN.EPOCHS - 1
-                on_schedule = (epoch + 1) % config.SAVE_FREQ == 0 or is_last
-                if on_schedule:
-                    save(epoch, 0, 'epoch', is_best)
-                elif is_best:
-                    save(epoch, 0, 'best')
-                if tb_writer is not None:
-                    tb_writer.add_scalar('val/acc1', acc1, epoch)
-                    tb_writer.add_scalar('val/acc5', acc5, epoch)
-                    tb_writer.add_scalar('val/loss', val_loss, epoch)
-                    if ema_stats is not None:
-                        tb_writer.add_scalar('val/ema_acc1', ema_stats[0], epoch)
-                    tb_writer.flush()
-                if not is_last and preemption.agreed_stop():  # collective: every rank reaches it
-                    log.warning(f"{preemption.received}: stopping after epoch {epoch}; saving a checkpoint")
-                    if not on_schedule:
-                        save(epoch, 0, 'last')
-                    raise Preempted(f"preempted ({preemption.received}) after epoch {epoch}")
-    finally:
-        if tb_writer is not None:
-            tb_writer.close()
-    log.info(f"Training time {format_seconds(time.time() - run_start)}")
-    return {'max_accuracy': max_accuracy, 'acc1': acc1, 'acc5': acc5, 'loss': val_loss}
 
 
 def _load_pretrained(models: Any, model: nn.Module, path: str, log: logging.Logger, trust: bool) -> None:
@@ -586,3 +470,225 @@ def _load_pretrained(models: Any, model: nn.Module, path: str, log: logging.Logg
     except ValueError as e:
         raise CheckpointError(f"--pretrained {path}: {e}") from None
     log.info(f"loaded pretrained weights from {path}")
+
+
+def _evaluate_only(config: Any, model: nn.Module, loader_val: DataLoader, dataset_val: Any, device: torch.device,
+                   log: logging.Logger) -> Dict[str, Any]:
+    """``--eval`` / ``--throughput``: load the weights, then validate or time."""
+    import models
+    precision = resolve_precision(config, device)
+    trust = bool(config.TRUST_CHECKPOINTS)
+    if config.MODEL.RESUME:
+        load_model_state(model, load_checkpoint_file(config.MODEL.RESUME, trust=trust), config.MODEL.RESUME)
+        log.info(f"loaded weights from {config.MODEL.RESUME}")
+    elif config.MODEL.PRETRAINED:
+        _load_pretrained(models, model, config.MODEL.PRETRAINED, log, trust)
+    elif config.EVAL_MODE:
+        log.warning("--eval without --resume or --pretrained: evaluating randomly initialised weights")
+    eval_model = torch.compile(model) if config.COMPILE else model
+    if config.THROUGHPUT_MODE:
+        return {'throughput': throughput(loader_val, eval_model, precision, log)}
+    acc1, acc5, loss = validate(config, loader_val, eval_model, precision, log)
+    log.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
+    return {'acc1': acc1, 'acc5': acc5, 'loss': loss}
+
+
+def _resume(config: Any, state: TrainState, dist_info: DistInfo, log: logging.Logger) -> Optional[Dict[str, Any]]:
+    """Restore ``state`` from ``--resume`` or auto-resume (``--pretrained`` only when not resuming); returns the
+    checkpoint's saved RNG states (None when not resuming), to be restored right before training starts."""
+    import models
+    trust = bool(config.TRUST_CHECKPOINTS)
+    path, checkpoint = config.MODEL.RESUME or None, None
+    if path:
+        checkpoint = load_checkpoint_file(path, trust=trust)
+    elif config.TRAIN.AUTO_RESUME:
+        path, checkpoint = auto_resume(config.OUTPUT, trust=trust, logger=log)
+    if checkpoint is None:
+        if config.MODEL.PRETRAINED:
+            _load_pretrained(models, state.model, config.MODEL.PRETRAINED, log, trust)
+            if state.ema is not None:
+                state.ema.set(state.model)
+        return None
+    restore_training_state(checkpoint, state, path, log)
+    saved_world = (checkpoint.get('rng') or {}).get('world_size')
+    if state.update and saved_world not in (None, dist_info.world_size):
+        log.info(f"resume: {path} was saved mid-epoch with {saved_world} processes, now {dist_info.world_size}: "
+                 f"epoch {state.epoch} restarts from its beginning")
+        state.update = 0
+    order = checkpoint.get('data_order') or {}
+    if state.update and order and (order.get('seed'), order.get('batch_size')) != \
+            (config.SEED, config.DATA.BATCH_SIZE):
+        log.warning(f"resume: {path} was saved mid-epoch with SEED {order.get('seed')} and batch size "
+                    f"{order.get('batch_size')}, now {config.SEED} and {config.DATA.BATCH_SIZE}: the rest of epoch "
+                    f"{state.epoch} follows another sample order")
+    log.info(f"resumed from {path}: starting at epoch {state.epoch}"
+             + (f", update {state.update}" if state.update else '') + f", max accuracy {state.max_accuracy:.2f}%")
+    return checkpoint.get('rng') or {}
+
+
+def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = None,
+        pretrain: bool = False) -> Dict[str, Any]:
+    """Build model, data, train state and checkpoints from ``config``, then evaluate (``EVAL_MODE``), measure
+    throughput (``THROUGHPUT_MODE``) or train. ``pretrain``: SimMIM pre-training (the model returns its loss;
+    no validation). Returns a small summary dict. ``config`` must already have the linear LR scaling applied.
+    """
+    import data
+    import models
+    from lr_scheduler import build_scheduler
+    from optimizer import build_optimizer
+
+    log = logger or _LOG
+    device = dist_info.device
+    set_matmul_precision(config, device)
+
+    # ---------------------------------------------------------------- data and model
+    if pretrain:
+        loader_train, dataset_val, loader_val, mixup_fn = data.build_loader(config, simmim=True, is_pretrain=True), \
+            None, None, None
+    else:
+        _, dataset_val, loader_train, loader_val, mixup_fn = data.build_loader(config)
+    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+    if mixup_fn is not None and training and config.DATA.BATCH_SIZE % 2:
+        raise ConfigError(f"DATA.BATCH_SIZE = {config.DATA.BATCH_SIZE} must be even when Mixup/CutMix is on "
+                          f"(AUG.MIXUP = {config.AUG.MIXUP}, AUG.CUTMIX = {config.AUG.CUTMIX}); use an even batch "
+                          f"size or set AUG.MIXUP 0 AUG.CUTMIX 0")
+    model = models.build_model(config, is_pretrain=pretrain).to(device)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info(f"model {config.MODEL.TYPE}/{config.MODEL.NAME}: {n_parameters} trainable parameters")
+    if not training:
+        return _evaluate_only(config, model, loader_val, dataset_val, device, log)
+
+    # ---------------------------------------------------------------- train state
+    accum = config.TRAIN.ACCUMULATION_STEPS
+    updates_per_epoch = len(loader_train) // accum
+    if updates_per_epoch < 1:
+        raise ConfigError(f"TRAIN.ACCUMULATION_STEPS = {accum} exceeds the {len(loader_train)} training batches "
+                          f"per epoch; lower it or DATA.BATCH_SIZE")
+    optimizer = build_optimizer(config, model, simmim=True, is_pretrain=True) if pretrain else \
+        build_optimizer(config, model)
+    # The EMA copies the fp32 weights before apex O2 casts the model to fp16 (an fp16 EMA at decay 0.9998 would
+    # round its updates away); ModelEmaV3 then adds the fp16 weights into its fp32 copy.
+    ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY, use_warmup=config.TRAIN.EMA.WARMUP) \
+        if config.TRAIN.EMA.ENABLE else None
+    apex_amp = apex_amp_module(config)
+    if apex_amp is not None:
+        model, optimizer = apex_amp.initialize(model, optimizer, opt_level=config.AMP_OPT_LEVEL)
+    precision = resolve_precision(config, device, apex_amp)
+    log.info(f"precision: {precision.describe()} on {device}")
+    state = TrainState(model=model, optimizer=optimizer,
+                       lr_scheduler=build_scheduler(config, optimizer, updates_per_epoch),
+                       scaler=torch.amp.GradScaler(device.type) if precision.needs_scaler else None, ema=ema,
+                       epoch=config.TRAIN.START_EPOCH, updates_per_epoch=updates_per_epoch)
+    saved_rng = _resume(config, state, dist_info, log)
+    train_model = wrap_for_training(model, config, dist_info)
+    eval_model = torch.compile(model) if config.COMPILE else model
+    loss_fn = masked_image_loss(device) if pretrain else \
+        classification_loss(build_criterion(config, mixup_fn), mixup_fn, device)
+    update_step = UpdateStep(train_model, state, precision, loss_fn, config.TRAIN.CLIP_GRAD)
+
+    # ---------------------------------------------------------------- outputs
+    tb_writer = create_tb_writer(config.OUTPUT, config.TENSORBOARD, dist_info.is_main)
+    metrics = MetricsFile(f"{config.OUTPUT}/metrics.jsonl", state.epoch) if dist_info.is_main else None
+    manager = CheckpointManager(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS, log)
+    config_dict = config_to_dict(config)
+    if dist_info.is_main:
+        remove_stale_temp_files(config.OUTPUT, log)
+
+    def save(kind: str, is_best: bool = False) -> None:
+        rng = gather_rng_states()  # collective: every rank takes part
+        if not dist_info.is_main:
+            return
+        checkpoint = build_checkpoint(state, config_dict, rng)
+        # The epoch's sample order is a pure function of (seed, epoch) (the samplers' set_epoch); recording
+        # where in it the checkpoint stands lets a resume check that it replays the same order.
+        checkpoint['data_order'] = {'sampler': type(loader_train.sampler).__name__, 'seed': int(config.SEED),
+                                    'epoch': state.epoch, 'batches_done': state.update * accum,
+                                    'batch_size': int(config.DATA.BATCH_SIZE), 'world_size': dist_info.world_size}
+        try:
+            if kind == 'epoch':
+                manager.save_epoch(checkpoint, state.epoch - 1, is_best)
+            elif kind == 'best':
+                manager.save_best(checkpoint)
+            else:
+                manager.save_last(checkpoint)
+        except CheckpointSaveError as e:
+            # Training goes on: the previous checkpoint is intact and the next save may succeed.
+            log.error(f"checkpoint not saved: {e}")
+
+    # ---------------------------------------------------------------- train
+    if saved_rng is not None:  # last: anything set up after it (a TensorBoard writer...) may draw random numbers
+        restore_rank_rng(saved_rng, config.SEED + dist_info.rank + 1000 * state.epoch, log)
+    log.info("start training")
+    run_start = time.time()
+    val = None
+    # Stop-signal checks are collectives with several processes: every PRINT_FREQ updates (same indices on
+    # every rank); in one process they are free, so after every update.
+    preempt_every = config.PRINT_FREQ if dist_info.distributed else 1
+    save_every = config.TRAIN.SAVE_EVERY_STEPS
+    try:
+        with PreemptionGuard(device) as preemption:
+            for epoch in range(state.epoch, config.TRAIN.EPOCHS):
+                state.epoch = epoch
+                if hasattr(loader_train.sampler, 'set_epoch'):
+                    loader_train.sampler.set_epoch(epoch)
+                loader = loader_from(loader_train, state.update * accum,
+                                     seed=(epoch * 100003 + state.update) * 1009 + dist_info.rank)
+                train_log = TrainLog(config, state, device, log, tb_writer)
+                for result in train_one_epoch(state, update_step, loader, accum):
+                    train_log.record(*result)
+                    if state.update == updates_per_epoch:
+                        break  # the epoch's end: validation, checkpoint and the stop check follow
+                    saved = bool(save_every) and state.update % save_every == 0
+                    if saved:
+                        save('last')
+                    if state.update % preempt_every == 0 and preemption.agreed_stop():
+                        log.warning(f"{preemption.received}: stopping after update {state.update}/"
+                                    f"{updates_per_epoch} of epoch {epoch}; saving a checkpoint")
+                        if not saved:
+                            save('last')
+                        raise Preempted(f"preempted ({preemption.received}) in epoch {epoch} after update "
+                                        f"{state.update}/{updates_per_epoch}", preemption.exit_code)
+                train_stats = train_log.summary()
+                broken = data.pop_broken_count(loader_train) if hasattr(loader_train.dataset, 'broken_images') \
+                    else 0
+                if broken:
+                    log.warning(f"epoch {epoch}: {broken} unreadable training images were skipped")
+
+                ema_val = is_best = None
+                if loader_val is not None:
+                    val = validate(config, loader_val, eval_model, precision, log)
+                    log.info(f"Accuracy of the network on the {len(dataset_val)} test images: {val[0]:.1f}%")
+                    if state.ema is not None:
+                        ema_val = validate(config, loader_val, state.ema.module, precision, log, prefix='EMA')
+                    is_best = val[0] > state.max_accuracy
+                    state.max_accuracy = max(state.max_accuracy, val[0])
+                    log.info(f"Max accuracy: {state.max_accuracy:.2f}%")
+                state.epoch, state.update = epoch + 1, 0
+
+                # Metrics first: a kill between the two then re-runs the epoch (whose line is dropped on resume)
+                # instead of resuming after an epoch whose line was never written.
+                if metrics is not None:
+                    metrics.append(_metrics_record(epoch, train_stats, broken, val, ema_val))
+                is_last = epoch == config.TRAIN.EPOCHS - 1
+                on_schedule = (epoch + 1) % config.SAVE_FREQ == 0 or is_last
+                if on_schedule:
+                    save('epoch', bool(is_best))
+                elif is_best:
+                    save('best')
+                if tb_writer is not None and val is not None:
+                    for name, value in zip(('acc1', 'acc5', 'loss'), val):
+                        tb_writer.add_scalar(f'val/{name}', value, epoch)
+                    if ema_val is not None:
+                        tb_writer.add_scalar('val/ema_acc1', ema_val[0], epoch)
+                    tb_writer.flush()
+                if not is_last and preemption.agreed_stop():  # collective: every rank reaches it
+                    log.warning(f"{preemption.received}: stopping after epoch {epoch}; saving a checkpoint")
+                    if not on_schedule:
+                        save('last')
+                    raise Preempted(f"preempted ({preemption.received}) after epoch {epoch}", preemption.exit_code)
+    finally:
+        if tb_writer is not None:
+            tb_writer.close()
+    log.info(f"Training time {format_seconds(time.time() - run_start)}")
+    acc1, acc5, loss = val if val is not None else (None, None, None)
+    return {'max_accuracy': state.max_accuracy, 'acc1': acc1, 'acc5': acc5, 'loss': loss}

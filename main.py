@@ -57,12 +57,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Run the command line; returns the process exit code.
+def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
+    """Run the command line; returns the process exit code. ``pretrain``: SimMIM pre-training
+    (``main_simmim_pt.py``).
 
     0: done; 2: bad input (config, data layout, checkpoint file), with a one-line message; 1: stopped for
-    non-finite losses; 143 (``utils.preemption.PREEMPTED_EXIT_CODE``): stopped by SIGTERM/SIGUSR1 after saving a
-    checkpoint that the next start resumes from.
+    non-finite losses; 143 (``utils.preemption.PREEMPTED_EXIT_CODE``) or 130 (Ctrl-C): stopped by
+    SIGTERM/SIGUSR1/SIGINT after saving a checkpoint that the next start resumes from.
     """
     args = parse_args(argv)
     # The config is built and checked before torch is imported (config.py imports no torch), so that a typo in
@@ -84,10 +85,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from utils.distributed import cleanup_distributed, init_distributed
     from utils.logger import create_logger
     from utils.misc import seed_everything
-    from utils.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from utils.preemption import Preempted
 
     try:
-        dist_info = init_distributed(config.DEVICE)
+        dist_info = init_distributed(config.DEVICE, config.DIST_TIMEOUT)
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -108,7 +109,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if config.AMP_OPT_LEVEL in ('O1', 'O2') and config.AMP_ENABLE and engine.apex_amp_module(config) is None:
             logger.warning(f"--amp-opt-level {config.AMP_OPT_LEVEL}: NVIDIA apex (apex.amp) is not installed; "
                            f"using native torch.amp mixed precision instead (AMP_DTYPE {config.AMP_DTYPE})")
-        engine.run(config, dist_info, logger)
+        engine.run(config, dist_info, logger, pretrain=pretrain)
         return 0
     except (ConfigError, DatasetLayoutError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -117,9 +118,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Preempted as e:
-        print(f"{e}: the next start resumes from the newest checkpoint in {config.OUTPUT} "
-              f"(exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
+        print(f"{e}: checkpoint saved; the same command resumes from it (auto-resume reads {config.OUTPUT}; or "
+              f"add --resume {os.path.join(config.OUTPUT, 'ckpt_last.pth')}) (exit code {e.exit_code})",
+              file=sys.stderr)
+        return e.exit_code
     finally:
         cleanup_distributed()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -230,7 +231,14 @@ def _loader_kwargs(config: Any) -> Dict[str, Any]:
     if workers > 0:
         kwargs['persistent_workers'] = bool(config.DATA.PERSISTENT_WORKERS)
         kwargs['prefetch_factor'] = config.DATA.PREFETCH_FACTOR
+        kwargs['worker_init_fn'] = ignore_ctrl_c
     return kwargs
+
+
+def ignore_ctrl_c(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT. A terminal's Ctrl-C reaches the whole process group; a worker that died
+    of it would break the batch the main process is finishing before it saves (utils.preemption)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _train_sampler(dataset: Dataset, config: Any, rank: int, world: int) -> Sampler:

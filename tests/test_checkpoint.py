@@ -13,8 +13,8 @@ from utils import checkpoint as ckpt
 def _state(epoch: int, step: int = 0) -> dict:
     model = nn.Linear(3, 2)
     torch.nn.init.constant_(model.weight, float(epoch))
-    return ckpt.build_checkpoint({'TRAIN': {'EPOCHS': 5}}, epoch, model, max_accuracy=10.0 * epoch, step=step,
-                                 rng=ckpt.gather_rng_states())
+    state = ckpt.TrainState(model, epoch=epoch + 1, update=step, max_accuracy=10.0 * epoch)
+    return ckpt.build_checkpoint(state, {'TRAIN': {'EPOCHS': 5}}, rng=ckpt.gather_rng_states())
 
 
 class _Marker:
@@ -129,13 +129,15 @@ def test_restore_training_state_strict_and_complete(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.randn(4, 3)).sum().backward()
     optimizer.step()
-    state = ckpt.build_checkpoint({}, 4, model, optimizer, max_accuracy=55.0, step=0)
+    checkpoint = ckpt.build_checkpoint(ckpt.TrainState(model, optimizer, epoch=5, max_accuracy=55.0), {})
+    assert (checkpoint['epoch'], checkpoint['step']) == (4, 0)  # the official meaning: last completed epoch
     path = str(tmp_path / 'c.pth')
-    ckpt.save_checkpoint_file(state, path)
+    ckpt.save_checkpoint_file(checkpoint, path)
     other = nn.Linear(3, 2)
     other_opt = torch.optim.AdamW(other.parameters(), lr=0.1)
-    start_epoch, step, best = ckpt.restore_training_state(ckpt.load_checkpoint_file(path), other, other_opt)
-    assert (start_epoch, step, best) == (5, 0, 55.0)
+    restored = ckpt.TrainState(other, other_opt)
+    ckpt.restore_training_state(ckpt.load_checkpoint_file(path), restored)
+    assert (restored.epoch, restored.update, restored.max_accuracy) == (5, 0, 55.0)
     assert torch.equal(other.weight, model.weight)
     assert other_opt.state_dict()['state'][0]['step'] == 1
     with pytest.raises(ckpt.CheckpointError, match='does not match the model'):

@@ -68,12 +68,14 @@ def _ok(result):
     return result
 
 
-def _interrupt(cmd, sig, after_lines, delay=0.0, timeout=180):
-    """Start ``cmd``, send ``sig`` once ``after_lines`` training log lines appeared (plus ``delay`` s).
+def _interrupt(cmd, sig, after_lines, delay=0.0, timeout=180, group=False):
+    """Start ``cmd``, send ``sig`` once ``after_lines`` training log lines appeared (plus ``delay`` s); with
+    ``group`` to its whole process group, DataLoader workers included, as a terminal sends Ctrl-C.
 
     Returns (exit code, output, whether the signal reached a running process).
     """
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=group)
     seen, lines, sent = 0, [], False
     deadline = time.time() + timeout
     try:
@@ -84,7 +86,10 @@ def _interrupt(cmd, sig, after_lines, delay=0.0, timeout=180):
                 if seen == after_lines:
                     time.sleep(delay)
                     if proc.poll() is None:
-                        proc.send_signal(sig)
+                        if group:
+                            os.killpg(proc.pid, sig)
+                        else:
+                            proc.send_signal(sig)
                         sent = True
                     break
             if time.time() > deadline:
@@ -153,7 +158,7 @@ def test_preemption_signal_saves_exits_143_and_resumes_exactly(sig, after, digit
     code, text, sent = _interrupt(cmd, sig, after)
     assert sent
     assert code == PREEMPTED_EXIT_CODE, text[-3000:]
-    assert 'preempted' in text and 'the next start resumes' in text
+    assert 'preempted' in text and 'the same command resumes from it' in text
     run_dir = os.path.join(out, MODEL_DIR)
     saved = torch.load(os.path.join(run_dir, 'ckpt_last.pth'), weights_only=True)
     assert (saved['epoch'], saved['step']) > (-1, 0)
@@ -162,6 +167,43 @@ def test_preemption_signal_saves_exits_143_and_resumes_exactly(sig, after, digit
     assert 'resumed from' in result.stdout
     _assert_same_run(run_dir, reference)
     _count(request, 'kills survived')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('workers,persistent', [(0, 'True'), (2, 'True'), (2, 'False')],
+                         ids=['workers0', 'workers2-persistent', 'workers2'])
+def test_ctrl_c_mid_epoch_saves_exits_130_and_resumes_exactly(workers, persistent, digits, tmp_path, request):
+    """Ctrl-C to the process group mid-epoch (RandAugment, erasing, Mixup on): the update finishes,
+    ckpt_last.pth is written, one line says how to resume, exit 130; the rerun's per-epoch validation accuracy
+    and loss, and its final weights, equal the uninterrupted run's with the same data workers."""
+    extra = ['DATA.NUM_WORKERS', str(workers), 'DATA.PERSISTENT_WORKERS', persistent]
+    reference_out = str(tmp_path / 'reference')
+    _ok(_run(_cmd(digits, reference_out, extra)))
+    out = str(tmp_path / 'interrupted')
+    cmd = _cmd(digits, out, extra)
+    code, text, sent = _interrupt(cmd, signal.SIGINT, 6, group=True)
+    assert sent
+    assert code == 130, text[-3000:]
+    assert 'Traceback' not in text and 'KeyboardInterrupt' not in text, text[-3000:]
+    assert 'Ctrl-C: finishing the current update' in text
+    assert f"--resume {os.path.join(out, MODEL_DIR, 'ckpt_last.pth')}" in text and '(exit code 130)' in text
+    run_dir = os.path.join(out, MODEL_DIR)
+    saved = torch.load(os.path.join(run_dir, 'ckpt_last.pth'), weights_only=True)
+    assert saved['epoch'] == 0 and 0 < saved['step'] < 4, (saved['epoch'], saved['step'])  # inside epoch 1
+    _ok(_run(cmd))
+    _assert_same_run(run_dir, _state(os.path.join(reference_out, MODEL_DIR)))
+    _count(request, 'kills survived')
+
+
+def test_second_ctrl_c_stops_at_once():
+    from utils.preemption import PreemptionGuard
+    with PreemptionGuard() as guard:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert guard.received == 'SIGINT' and guard.exit_code == 130
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes; it must raise before this ends
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def _agree_worker(rank, world, port, results):
@@ -216,7 +258,7 @@ def real_checkpoint(tmp_path_factory):
     import models
     from lr_scheduler import build_scheduler
     from optimizer import build_optimizer
-    from utils.checkpoint import build_checkpoint, gather_rng_states, save_checkpoint_file
+    from utils.checkpoint import TrainState, build_checkpoint, gather_rng_states, save_checkpoint_file
     config = _tiny_config()
     model = models.build_model(config)
     optimizer = build_optimizer(config, model)
@@ -224,7 +266,8 @@ def real_checkpoint(tmp_path_factory):
     optimizer.step()
     scheduler = build_scheduler(config, optimizer, 4)
     path = str(tmp_path_factory.mktemp('ckpt') / 'ckpt_epoch_0.pth')
-    save_checkpoint_file(build_checkpoint({}, 0, model, optimizer, scheduler, rng=gather_rng_states()), path)
+    state = TrainState(model, optimizer, scheduler, epoch=1)
+    save_checkpoint_file(build_checkpoint(state, {}, rng=gather_rng_states()), path)
     return path
 
 
@@ -232,12 +275,14 @@ def _restore_into_fresh(path):
     import models
     from lr_scheduler import build_scheduler
     from optimizer import build_optimizer
-    from utils.checkpoint import load_checkpoint_file, restore_training_state
+    from utils.checkpoint import TrainState, load_checkpoint_file, restore_training_state
     config = _tiny_config()
     model = models.build_model(config)
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, 4)
-    return restore_training_state(load_checkpoint_file(path), model, optimizer, scheduler, path=path)
+    state = TrainState(model, optimizer, scheduler)
+    restore_training_state(load_checkpoint_file(path), state, path=path)
+    return state.epoch, state.update, state.max_accuracy
 
 
 def test_truncated_and_bit_flipped_checkpoints_load_or_fail_cleanly(real_checkpoint, tmp_path, request):

@@ -15,7 +15,7 @@ SCRIPTS = os.path.join(ROOT, 'scripts')
 
 from config import config_to_dict, load_config  # noqa: E402
 from models import build_model  # noqa: E402
-from utils.checkpoint import build_checkpoint, save_checkpoint_file  # noqa: E402
+from utils.checkpoint import TrainState, build_checkpoint, save_checkpoint_file  # noqa: E402
 
 TINY_OPTS = ['DATA.IMG_SIZE', '32', 'MODEL.NUM_CLASSES', '3', 'MODEL.SWIN.EMBED_DIM', '16',
              'MODEL.SWIN.DEPTHS', '[1, 1]', 'MODEL.SWIN.NUM_HEADS', '[1, 2]', 'MODEL.SWIN.WINDOW_SIZE', '4',
@@ -53,7 +53,7 @@ def tiny_run(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(config).eval()
     ckpt = str(root / 'ckpt.pth')
-    save_checkpoint_file(build_checkpoint(config_to_dict(config), 0, model), ckpt)
+    save_checkpoint_file(build_checkpoint(TrainState(model, epoch=1), config_to_dict(config)), ckpt)
     rng = np.random.default_rng(0)
     images = root / 'images'
     for name in CLASSES:

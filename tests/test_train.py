@@ -165,12 +165,16 @@ def _train_steps(config, rank, world, out_path):
     loader = DataLoader(TensorDataset(images, labels), batch_size=config.DATA.BATCH_SIZE, sampler=sampler,
                         drop_last=True)
     optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(config, optimizer, len(loader) // config.TRAIN.ACCUMULATION_STEPS)
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    precision = engine.Precision(torch.device('cpu'))
-    stats = engine.train_one_epoch(config, train_model, torch.nn.CrossEntropyLoss(), loader, optimizer, 0, None,
-                                   scheduler, precision)
-    assert stats['updates'] == 2
+    accum = config.TRAIN.ACCUMULATION_STEPS
+    state = engine.TrainState(model, optimizer, build_scheduler(config, optimizer, len(loader) // accum),
+                              updates_per_epoch=len(loader) // accum)
+    train_model = engine.wrap_for_training(model, config, SimpleNamespace(distributed=world > 1,
+                                                                          device=torch.device('cpu')))
+    cpu = torch.device('cpu')
+    loss_fn = engine.classification_loss(torch.nn.CrossEntropyLoss(), None, cpu)
+    update_step = engine.UpdateStep(train_model, state, engine.Precision(cpu), loss_fn)
+    results = list(engine.train_one_epoch(state, update_step, loader, accum))
+    assert len(results) == state.update == 2
     if rank == 0:
         torch.save(model.state_dict(), out_path)
 

@@ -35,6 +35,7 @@ import random
 import re
 import shutil
 import stat
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -314,29 +315,64 @@ def restore_rank_rng(rng: Optional[Mapping[str, Any]], fallback_seed: int,
 # ----------------------------------------------------------------------------- building and restoring state
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under DDP and ``torch.compile`` wrappers (so keys carry no prefixes)."""
+    """The plain module under DDP, ``torch.compile`` and EMA wrappers (so keys carry no prefixes).
+
+    The one unwrap helper of the project: ``_orig_mod`` (compile), ``DistributedDataParallel.module``, and
+    ``ModelEmaV3.module`` (timm's EMA keeps its copy there).
+    """
     while True:
         if hasattr(model, '_orig_mod'):
             model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel) or _is_ema(model):
             model = model.module
         else:
             return model
 
 
-def build_checkpoint(config_dict: Dict[str, Any], epoch: int, model: torch.nn.Module, optimizer: Any = None,
-                     lr_scheduler: Any = None, scaler: Any = None, ema: Any = None, max_accuracy: float = 0.0,
-                     step: int = 0, rng: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The checkpoint dict (official keys plus ours); see the module docstring for their meaning."""
+def _is_ema(obj: Any) -> bool:
+    from timm.utils import ModelEmaV3  # timm is imported lazily: this module is also used by light scripts
+    return isinstance(obj, ModelEmaV3)
+
+
+@dataclass
+class TrainState:
+    """Everything a training checkpoint restores, in one object (big_vision's train state).
+
+    ``epoch`` is the epoch in progress (or the next to start) and ``update`` the optimizer updates done in it;
+    ``updates_per_epoch`` is set by the engine from the loader and is not saved. ``model`` is the plain module
+    (no DDP or compile wrapper); ``ema`` a ``timm.utils.ModelEmaV3``.
+    """
+    model: torch.nn.Module
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    scaler: Any = None
+    ema: Any = None
+    epoch: int = 0
+    update: int = 0
+    max_accuracy: float = 0.0
+    updates_per_epoch: int = 0
+
+    @property
+    def global_update(self) -> int:
+        """Optimizer updates since the start of training (the schedulers' and the EMA's step index)."""
+        return self.epoch * self.updates_per_epoch + self.update
+
+
+def build_checkpoint(state: TrainState, config_dict: Dict[str, Any],
+                     rng: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The checkpoint dict of ``state`` (official keys plus ours); see the module docstring for their meaning."""
+    def state_dict(obj: Any) -> Any:
+        return obj.state_dict() if obj is not None else None
+
     checkpoint: Dict[str, Any] = {
-        'model': unwrap_model(model).state_dict(),
-        'optimizer': optimizer.state_dict() if optimizer is not None else None,
-        'lr_scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None,
-        'scaler': scaler.state_dict() if scaler is not None else None,
-        'ema': unwrap_model(ema.module).state_dict() if ema is not None else None,
-        'max_accuracy': float(max_accuracy),
-        'epoch': int(epoch),
-        'step': int(step),
+        'model': unwrap_model(state.model).state_dict(),
+        'optimizer': state_dict(state.optimizer),
+        'lr_scheduler': state_dict(state.lr_scheduler),
+        'scaler': state_dict(state.scaler),
+        'ema': unwrap_model(state.ema).state_dict() if state.ema is not None else None,
+        'max_accuracy': float(state.max_accuracy),
+        'epoch': int(state.epoch) - 1,  # the last completed epoch, as the official code reads it
+        'step': int(state.update),
         'config': config_dict,
     }
     if rng is not None:
@@ -387,41 +423,41 @@ def load_model_state(model: torch.nn.Module, checkpoint: Mapping[str, Any], path
         raise CheckpointError(f"{path} does not fit the model: {_first_line(e)}") from None
 
 
-def restore_training_state(checkpoint: Mapping[str, Any], model: torch.nn.Module, optimizer: Any = None,
-                           lr_scheduler: Any = None, scaler: Any = None, ema: Any = None,
-                           path: str = '<checkpoint>', logger: Optional[logging.Logger] = None
-                           ) -> Tuple[int, int, float]:
-    """Restore model, optimizer, scheduler, scaler and EMA; returns ``(start_epoch, start_step, max_accuracy)``.
+def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, path: str = '<checkpoint>',
+                           logger: Optional[logging.Logger] = None) -> None:
+    """Restore ``state`` (model, optimizer, scheduler, scaler, EMA, epoch, update, best accuracy) in place.
 
     A checkpoint without optimizer state (e.g. weights only) restores the model and starts at epoch 0.
     """
     log = logger or _LOG
-    load_model_state(model, checkpoint, path)
-    if optimizer is None or not checkpoint.get('optimizer'):
+    load_model_state(state.model, checkpoint, path)
+    if state.optimizer is None or not checkpoint.get('optimizer'):
         log.info("resume: %s holds model weights only; training starts at epoch 0", path)
-        return 0, 0, float(checkpoint.get('max_accuracy', 0.0) or 0.0)
+        state.epoch, state.update = 0, 0
+        state.max_accuracy = float(checkpoint.get('max_accuracy', 0.0) or 0.0)
+        return
     try:
-        optimizer.load_state_dict(checkpoint['optimizer'])
+        state.optimizer.load_state_dict(checkpoint['optimizer'])
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"{path}: optimizer state does not fit this model/optimizer: {e}") from None
     try:
-        if lr_scheduler is not None and checkpoint.get('lr_scheduler'):
-            lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-        if scaler is not None and checkpoint.get('scaler'):
-            scaler.load_state_dict(checkpoint['scaler'])
+        if state.lr_scheduler is not None and checkpoint.get('lr_scheduler'):
+            state.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+        if state.scaler is not None and checkpoint.get('scaler'):
+            state.scaler.load_state_dict(checkpoint['scaler'])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: scheduler/scaler state is unusable: {type(e).__name__}: {e}") from None
-    if scaler is not None and not checkpoint.get('scaler'):
+    if state.scaler is not None and not checkpoint.get('scaler'):
         log.info("resume: %s has no loss-scaler state; the scaler starts fresh", path)
-    if ema is not None:
+    if state.ema is not None:
         if checkpoint.get('ema'):
             try:
-                unwrap_model(ema.module).load_state_dict(checkpoint['ema'])
+                unwrap_model(state.ema).load_state_dict(checkpoint['ema'])
             except (RuntimeError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{path}: EMA weights do not fit the model: {_first_line(e)}") from None
         else:
             log.info("resume: %s has no EMA weights; the EMA starts from the resumed model", path)
-            ema.set(unwrap_model(model))
+            state.ema.set(unwrap_model(state.model))
     try:
         epoch = int(checkpoint.get('epoch', -1))
         step = int(checkpoint.get('step', 0) or 0)
@@ -430,7 +466,7 @@ def restore_training_state(checkpoint: Mapping[str, Any], model: torch.nn.Module
         raise CheckpointError(f"{path}: epoch/step/max_accuracy are not numbers: {e}") from None
     if epoch < -1 or step < 0:
         raise CheckpointError(f"{path}: impossible position epoch {epoch}, step {step}")
-    return epoch + 1, step, max_accuracy
+    state.epoch, state.update, state.max_accuracy = epoch + 1, step, max_accuracy
 
 
 # ----------------------------------------------------------------------------- the output folder

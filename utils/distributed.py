@@ -5,6 +5,7 @@ process group; the helpers then act as identities.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, List
@@ -31,7 +32,11 @@ class DistInfo:
 
 
 def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA when available else CPU; ``cuda`` without a GPU is an error naming the key."""
+    """``auto`` -> CUDA when available else CPU; ``cuda`` without a GPU is an error naming the key.
+
+    A local rank without a GPU of its own is an error too: mapping it onto another rank's GPU (modulo the device
+    count) would hide a launch with more processes per node than visible GPUs and slow both ranks down.
+    """
     if preference not in ('auto', 'cpu', 'cuda'):
         raise ValueError(f"DEVICE = {preference!r} is not one of ['auto', 'cpu', 'cuda']")
     if preference == 'cuda' and not torch.cuda.is_available():
@@ -39,7 +44,12 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
                            "or --device auto")
     if preference == 'cpu' or not torch.cuda.is_available():
         return torch.device('cpu')
-    return torch.device('cuda', local_rank % torch.cuda.device_count())
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise RuntimeError(f"LOCAL_RANK {local_rank} has no GPU: this node shows {count} "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); start at "
+                           f"most {count} processes per node (torchrun --nproc_per_node {count})")
+    return torch.device('cuda', local_rank)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -52,22 +62,27 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def init_distributed(device_preference: str = 'auto') -> DistInfo:
+def init_distributed(device_preference: str = 'auto', timeout_minutes: float = 60) -> DistInfo:
     """Join the process group described by ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (as set by ``torchrun``).
 
-    NCCL on CUDA, gloo on CPU. Returns the single-process ``DistInfo`` when ``WORLD_SIZE`` is unset or 1.
+    NCCL on CUDA, bound to this rank's GPU (``device_id``: the communicator is created at once, on the right
+    device), gloo on CPU. ``timeout_minutes`` (``DIST_TIMEOUT``) is how long a collective waits for a slow rank,
+    e.g. while rank 0 writes a large checkpoint to network storage. Returns the single-process ``DistInfo`` when
+    ``WORLD_SIZE`` is unset or 1.
     """
+    if not timeout_minutes > 0:
+        raise ValueError(f"DIST_TIMEOUT = {timeout_minutes!r} must be a positive number of minutes")
     world_size = _env_int('WORLD_SIZE', 1)
     rank = _env_int('RANK', 0)
     local_rank = _env_int('LOCAL_RANK', 0)
     device = resolve_device(device_preference, local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        if device.type == 'cuda':
-            torch.cuda.set_device(device)
-        backend = 'nccl' if device.type == 'cuda' else 'gloo'
-        dist.init_process_group(backend=backend, init_method='env://', world_size=world_size, rank=rank)
-    elif device.type == 'cuda':
+    if device.type == 'cuda':
         torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        cuda = device.type == 'cuda'
+        dist.init_process_group(backend='nccl' if cuda else 'gloo', init_method='env://', world_size=world_size,
+                                rank=rank, timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device if cuda else None)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

@@ -39,6 +39,12 @@ def memory_mb(device: torch.device) -> float:
         return peak / (2 ** 20 if sys.platform == 'darwin' else 2 ** 10)
 
 
+def memory_label(device: torch.device) -> str:
+    """What ``memory_mb`` measures, named for the log: ``max_mem`` (CUDA peak allocated) or ``rss`` (CPU)."""
+    name = 'max_mem' if device.type == 'cuda' else 'rss'
+    return f"{name} {memory_mb(device):.0f}MB"
+
+
 def format_seconds(seconds: float) -> str:
     """``H:MM:SS`` for logs."""
     return str(datetime.timedelta(seconds=int(max(0.0, seconds))))

@@ -1,4 +1,8 @@
-"""Graceful stop on preemption: SIGTERM or SIGUSR1 -> finish the step, save a checkpoint, exit with 143.
+"""Graceful stop on preemption or Ctrl-C: SIGTERM, SIGUSR1 or SIGINT -> finish the update, save, exit.
+
+Exit codes: 143 (128 + SIGTERM) after SIGTERM/SIGUSR1, 130 (128 + SIGINT) after Ctrl-C, as a shell reports a
+job ended by that signal. A second Ctrl-C stops at once (Python's ``KeyboardInterrupt``), losing only the
+partial update.
 
 Schedulers announce preemption with a signal before they kill a job: SLURM sends SIGTERM (or, with
 ``--signal=USR1@<seconds>``, SIGUSR1) and Kubernetes/torchrun send SIGTERM, then SIGKILL after a grace period.
@@ -16,6 +20,7 @@ while another waits in a collective.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from typing import Dict, Iterable, Optional
@@ -25,11 +30,16 @@ import torch
 from .distributed import is_distributed
 
 PREEMPTED_EXIT_CODE = 143
-STOP_SIGNALS = ('SIGTERM', 'SIGUSR1')
+INTERRUPTED_EXIT_CODE = 130
+STOP_SIGNALS = ('SIGTERM', 'SIGUSR1', 'SIGINT')
 
 
 class Preempted(Exception):
-    """Raised by the engine after the preemption checkpoint is written; ``main.py`` exits with 143."""
+    """Raised by the engine after the stop checkpoint is written; ``main.py`` exits with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = PREEMPTED_EXIT_CODE):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class PreemptionGuard:
@@ -47,8 +57,19 @@ class PreemptionGuard:
 
     def _handle(self, signum: int, frame: object) -> None:
         # Only set a flag: logging or saving inside a signal handler can deadlock on locks held by the loop.
+        if signum == getattr(signal, 'SIGINT', None):
+            if self.received == 'SIGINT':
+                raise KeyboardInterrupt  # the second Ctrl-C: stop at once
+            # os.write, not print: a handler that prints while the loop is printing raises a reentrancy error.
+            os.write(2, b"\nCtrl-C: finishing the current update, then saving a checkpoint "
+                        b"(Ctrl-C again to stop at once)\n")
         if self.received is None:
             self.received = signal.Signals(signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """130 when the stop came from Ctrl-C (SIGINT), else 143."""
+        return INTERRUPTED_EXIT_CODE if self.received == 'SIGINT' else PREEMPTED_EXIT_CODE
 
     def __enter__(self) -> 'PreemptionGuard':
         if threading.current_thread() is threading.main_thread():
