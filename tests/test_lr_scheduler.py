@@ -14,10 +14,10 @@ IMAGENET_TRAIN = 1281167
 
 
 def _optimizer(lr=1.0, scales=()):
-    """One plain group (lr) plus one group per lr_scale, as build_optimizer makes them."""
+    """One plain group (lr) plus one group per lr_scale, as build_optimizer makes them (lr = BASE_LR * lr_scale)."""
     groups = [{'params': [nn.Parameter(torch.zeros(1))], 'lr': lr}]
     for s in scales:
-        groups.append({'params': [nn.Parameter(torch.zeros(1))], 'lr': lr * s, 'initial_lr': lr, 'lr_scale': s})
+        groups.append({'params': [nn.Parameter(torch.zeros(1))], 'lr': lr * s, 'lr_scale': s})
     return torch.optim.SGD(groups, lr=lr)
 
 
@@ -153,18 +153,25 @@ def test_zero_iterations_per_epoch_is_an_error():
 
 
 @pytest.mark.parametrize('name', ['cosine', 'linear', 'step', 'multistep'])
-def test_lr_scale_is_honoured_once(name):
-    config = load_config(None, ['TRAIN.LR_SCHEDULER.NAME', name, 'TRAIN.EPOCHS', '6', 'TRAIN.WARMUP_EPOCHS', '1',
-                                'TRAIN.LR_SCHEDULER.DECAY_EPOCHS', '2', 'TRAIN.LR_SCHEDULER.MULTISTEPS', '[3]'])
+def test_layer_decay_group_follows_the_schedule_from_its_own_base(name):
+    """Official (timm 0.4.12) semantics: a group with lr_scale s runs the schedule of BASE_LR * s with the same,
+    unscaled WARMUP_LR and MIN_LR; lr_scale is not applied a second time (current timm would)."""
+    opts = ['TRAIN.LR_SCHEDULER.NAME', name, 'TRAIN.EPOCHS', '6', 'TRAIN.WARMUP_EPOCHS', '1',
+            'TRAIN.LR_SCHEDULER.DECAY_EPOCHS', '2', 'TRAIN.LR_SCHEDULER.MULTISTEPS', '[3]']
+    config = load_config(None, opts)
     opt = _optimizer(config.TRAIN.BASE_LR, scales=(0.5, 0.25))
     sched = build_scheduler(config, opt, 10)
-    for g, s in zip(opt.param_groups[1:], (0.5, 0.25)):
-        assert g['lr'] == pytest.approx(s * config.TRAIN.WARMUP_LR, rel=1e-12)  # warmup start, scaled once
-    for t in (0, 5, 10, 25, 45, 59, 60):
+    plain = []
+    for s in (0.5, 0.25):  # the same schedule run on its own at BASE_LR * s
+        one = _optimizer(config.TRAIN.BASE_LR * s)
+        plain.append((one, build_scheduler(config, one, 10)))
+    for g in opt.param_groups:
+        assert g['lr'] == config.TRAIN.WARMUP_LR  # the warmup starts from the unscaled WARMUP_LR
+    for t in range(61):
         sched.step_update(t)
-        plain = opt.param_groups[0]['lr']
-        assert opt.param_groups[1]['lr'] == pytest.approx(0.5 * plain, rel=1e-12)
-        assert opt.param_groups[2]['lr'] == pytest.approx(0.25 * plain, rel=1e-12)
+        for g, (one, one_sched) in zip(opt.param_groups[1:], plain):
+            one_sched.step_update(t)
+            assert g['lr'] == pytest.approx(one.param_groups[0]['lr'], rel=1e-12)
 
 
 def test_layer_decay_optimizer_with_scheduler():
@@ -178,9 +185,9 @@ def test_layer_decay_optimizer_with_scheduler():
     sched = build_scheduler(config, opt, 10)
     for t in (0, 10, 25, 40):
         sched.step_update(t)
-        want = official_cosine(t, 5e-4, 5e-7, 5e-6, 10, 40)
         for g in opt.param_groups:
-            assert g['lr'] == pytest.approx(want * g['lr_scale'], rel=1e-12)
+            want = official_cosine(t, 5e-4 * g['lr_scale'], 5e-7, 5e-6, 10, 40)
+            assert g['lr'] == pytest.approx(want, rel=1e-12)
     assert sorted({g['lr_scale'] for g in opt.param_groups}) == [0.25, 0.5, 1.0]
 
 

@@ -192,7 +192,8 @@ def test_no_trainable_parameters_is_an_error():
 def test_layer_ids_follow_the_official_scheme():
     depths = [2, 2, 6, 2]
     assert layer_id('patch_embed.proj.weight', depths) == 0
-    assert layer_id('absolute_pos_embed', depths) == 0
+    assert layer_id('mask_token', depths) == 0
+    assert layer_id('absolute_pos_embed', depths) == 13  # official get_swin_layer: not an embedding, the last layer
     assert layer_id('layers.0.blocks.0.norm1.weight', depths) == 1
     assert layer_id('layers.0.blocks.1.attn.qkv.weight', depths) == 2
     assert layer_id('layers.0.downsample.reduction.weight', depths) == 2  # last block of stage 0
@@ -212,12 +213,11 @@ def test_layer_decay_groups_scales_and_lrs():
     top = 1 + 2 + 1
     by_name = {}
     for g in opt.param_groups:
-        assert g['lr'] == pytest.approx(0.01 * g['lr_scale'], rel=1e-15)
-        assert g['initial_lr'] == 0.01
+        assert g['lr'] == pytest.approx(0.01 * g['lr_scale'], rel=1e-15)  # the group's schedule base
         for n in g['param_names']:
             by_name[n] = g
     assert by_name['patch_embed.proj.weight']['lr_scale'] == 0.5 ** top
-    assert by_name['absolute_pos_embed']['lr_scale'] == 0.5 ** top
+    assert by_name['absolute_pos_embed']['lr_scale'] == 1.0  # official: the last layer
     assert by_name['layers.0.blocks.0.attn.qkv.weight']['lr_scale'] == 0.5 ** 3
     assert by_name['layers.0.downsample.reduction.weight']['lr_scale'] == 0.5 ** 3
     assert by_name['layers.1.blocks.1.mlp.0.weight']['lr_scale'] == 0.5 ** 1
