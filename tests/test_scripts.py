@@ -184,3 +184,11 @@ def test_plot_metrics_writes_png_and_rejects_bad_records(tmp_path):
     (tmp_path / 'bad.jsonl').write_text('{"epoch": 0}\n')
     with pytest.raises(ValueError, match='missing keys'):
         plot_runs([str(tmp_path / 'bad.jsonl')], str(tmp_path / 'x.png'))
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHON=sys.executable)
+    result = subprocess.run(['bash', 'scripts/gpu_check.sh'], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert 'no CUDA device' in result.stdout
