@@ -659,7 +659,8 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
                     val = validate(config, loader_val, eval_model, precision, log)
                     log.info(f"Accuracy of the network on the {len(dataset_val)} test images: {val[0]:.1f}%")
                     if state.ema is not None:
-                        ema_val = validate(config, loader_val, state.ema.module, precision, log, prefix='EMA')
+                        ema_val = validate(config, loader_val, unwrap_model(state.ema), precision, log,
+                                           prefix='EMA')
                     is_best = val[0] > state.max_accuracy
                     state.max_accuracy = max(state.max_accuracy, val[0])
                     log.info(f"Max accuracy: {state.max_accuracy:.2f}%")
