@@ -80,6 +80,19 @@ def final_checkpoint(folder: str) -> str:
     return path
 
 
+def cpu_model() -> str:
+    """The CPU's model name (demo times differ a lot between machines, so the summary names it)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            info = dict(line.split(':', 1) for line in f.read().split('\n\n')[0].splitlines() if ':' in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        return f"{info['model name']} (family {info.get('cpu family', '?')} model {info.get('model', '?')})"
+    except (OSError, KeyError, ValueError):
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data-path', default='./demo_data', help='where to write the digits images')
@@ -136,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         short = os.path.relpath(path)
         return path if short.startswith('..') else short
     print(f"""
-=== done in {elapsed / 60:.1f} min ({elapsed:.0f} s)
+=== done in {elapsed / 60:.1f} min ({elapsed:.0f} s) on {cpu_model()}, {os.cpu_count()} cores
 top-1 at {train_cfg.DATA.IMG_SIZE} px:            {acc_train[0]:.2f}%  (top-5 {acc_train[1]:.2f}%)
 top-1 after fine-tuning at {finetune_cfg.DATA.IMG_SIZE} px: {acc_finetune[0]:.2f}%  (top-5 {acc_finetune[1]:.2f}%)
 logs:         {rel(train_dir)}/log_rank0.txt, {rel(finetune_dir)}/log_rank0.txt (evaluations: .../eval/)

@@ -539,6 +539,8 @@ def test_training_with_broken_images_counts_them(digits, tmp_path, capsys):
     assert 'Accuracy of the network on the 22 test images' in log  # 16 + 6 files; 3 are skipped in the count
     metrics = json.loads(open(tmp_path / 'o' / MODEL_DIR / 'metrics.jsonl').readline())
     assert 0.0 <= metrics['val_acc1'] <= 100.0
+    skipped = int(log.split('unreadable training images were skipped')[0].rsplit('epoch 0: ', 1)[1])
+    assert metrics['broken_images'] == skipped > 0
 
 
 # ----------------------------------------------------------------------------- bad input
