@@ -7,6 +7,12 @@ What ``load_pretrained`` does, and logs:
 - maps a 21841-class ImageNet-22K head to 1000 ImageNet-1K classes with the official index list
   (``map22kto1k.txt``), or re-initialises a head of any other size (zeros, as the official code does);
 - anything else that does not fit (another architecture, other widths/heads) is an error naming the key.
+
+A SimMIM pre-training checkpoint (keys under ``encoder.``) is converted as the official SimMIM fine-tune
+(``utils_simmim.load_pretrained``) does: only ``encoder.*``, prefix stripped, ``mask_token`` and the decoder
+dropped, ``rpe_mlp`` renamed ``cpb_mlp``, and each V1 ``relative_position_bias_table`` resized by the official
+cubic spline over geometrically spaced relative positions (``geometric_resize_relative_position_bias_table``)
+instead of the bicubic grid resize. It has no head: the model's head keeps its fresh initialisation, as upstream.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import math
 import os
 from typing import Dict, Mapping, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -51,6 +58,69 @@ def resize_relative_position_bias_table(table: torch.Tensor, window_size) -> tor
     return grid.reshape(heads, -1).permute(1, 0).to(table.dtype).contiguous()
 
 
+def is_simmim_checkpoint(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``state`` is a SimMIM pre-training state dict (its encoder's weights are under ``encoder.``)."""
+    return any(k.startswith('encoder.') for k in state)
+
+
+def convert_simmim_checkpoint(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The encoder of a SimMIM state dict in classifier names, as the official ``utils_simmim.load_pretrained``:
+    ``encoder.*`` only (the decoder goes), prefix stripped, ``mask_token`` dropped (upstream leaves it to
+    ``load_state_dict(strict=False)``), and ``rpe_mlp`` (the released SwinV2 checkpoints' name) -> ``cpb_mlp``."""
+    out = {}
+    for key, value in state.items():
+        if not key.startswith('encoder.') or key == 'encoder.mask_token':
+            continue
+        out[key[len('encoder.'):].replace('rpe_mlp', 'cpb_mlp')] = value
+    return out
+
+
+def geometric_resize_relative_position_bias_table(table: torch.Tensor, dst_size: int) -> torch.Tensor:
+    """``(S^2, nH)`` V1 table of a square window resized to ``(dst_size^2, nH)`` as the official SimMIM fine-tune.
+
+    Upstream (``utils_simmim.remap_pretrained_keys_swin``) places the S source offsets at geometrically spaced
+    positions (ratio q found by bisection so that the progression reaches ``dst_size // 2``), fits a cubic
+    interpolating spline per head with ``scipy.interpolate.interp2d(kind='cubic')`` and evaluates it at the
+    integer offsets. interp2d was removed in SciPy 1.14; on gridded data it was FITPACK's ``regrid_smth`` with
+    s=0 plus ``bispev``, which is exactly ``RectBivariateSpline(kx=3, ky=3, s=0)`` (same knots and
+    coefficients; both clamp points outside the data range to its edge). interp2d takes ``z[y, x]`` and returns
+    ``[y, x]``, RectBivariateSpline takes ``z[x, y]``: passing (y, x) keeps the same orientation. Checked against
+    interp2d's output in tests/test_simmim_finetune.py (fixtures made with SciPy 1.13).
+    """
+    from scipy.interpolate import RectBivariateSpline
+
+    length, heads = table.shape
+    src_size = int(length ** 0.5)
+    if src_size * src_size != length:
+        raise ValueError(f"cannot resize a relative position table of {length} rows: not a square window")
+
+    def geometric_progression(a: float, r: float, n: int) -> float:
+        return a * (1.0 - r ** n) / (1.0 - r)
+
+    left, right = 1.01, 1.5  # upstream's bisection, kept step for step so q is the same float
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if geometric_progression(1, q, src_size // 2) > dst_size // 2:
+            right = q
+        else:
+            left = q
+    dis, cur = [], 1.0
+    for i in range(src_size // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    src = np.array([-d for d in reversed(dis)] + [0] + dis)  # (S,) source offsets, geometric spacing
+    t = dst_size // 2.0
+    dst = np.arange(-t, t + 0.1, 1.0)  # (dst_size,) integer target offsets
+    columns = []
+    for h in range(heads):
+        z = table[:, h].view(src_size, src_size).float().numpy()  # (S, S) indexed [y, x]
+        spline = RectBivariateSpline(src, src, z, kx=3, ky=3, s=0)
+        columns.append(torch.from_numpy(spline(dst, dst)).float().reshape(-1, 1))  # (dst^2, 1)
+    # float32 as upstream (torch.Tensor), not the checkpoint's dtype: a float16 checkpoint's table is resized
+    # in float32 and not rounded back (load_state_dict casts to the model's dtype)
+    return torch.cat(columns, dim=1)  # (dst^2, nH)
+
+
 def resize_absolute_pos_embed(pos: torch.Tensor, grid) -> torch.Tensor:
     """``(1, L, C)`` absolute position embedding of a square grid resized bicubically to ``grid`` (h, w)."""
     _, length, channels = pos.shape
@@ -78,7 +148,15 @@ def load_pretrained(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
     naming the key when a tensor cannot be made to fit.
     """
     log = logger or _LOG
-    state = {k: v for k, v in _read(checkpoint, trust).items() if k.rsplit('.', 1)[-1] not in DERIVED_BUFFERS}
+    state = _read(checkpoint, trust)
+    simmim = is_simmim_checkpoint(state)
+    if simmim:
+        dropped = [k for k in state if not k.startswith('encoder.') or k == 'encoder.mask_token']
+        state = convert_simmim_checkpoint(state)
+        log.info(f"load_pretrained: SimMIM checkpoint: encoder weights taken with the 'encoder.' prefix removed; "
+                 f"dropped {len(dropped)} tensors (mask token and decoder: {dropped[:4]}"
+                 f"{' ...' if len(dropped) > 4 else ''})")
+    state = {k: v for k, v in state.items() if k.rsplit('.', 1)[-1] not in DERIVED_BUFFERS}
     own = model.state_dict()
     modules = dict(model.named_modules())
     adapted, reinitialized = [], []
@@ -89,7 +167,13 @@ def load_pretrained(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
                 raise ValueError(f"{key}: checkpoint has {state[key].shape[1]} heads, the model "
                                  f"{own[key].shape[1]}")
             window = modules[key.rsplit('.', 1)[0]].window_size
-            state[key] = resize_relative_position_bias_table(state[key], window)
+            if simmim:  # the official SimMIM fine-tune's resize, square windows only as upstream
+                if window[0] != window[1]:
+                    raise ValueError(f"{key}: the SimMIM table resize needs a square window, the model has "
+                                     f"{tuple(window)}")
+                state[key] = geometric_resize_relative_position_bias_table(state[key], 2 * window[0] - 1)
+            else:
+                state[key] = resize_relative_position_bias_table(state[key], window)
             adapted.append(key)
         elif key == 'absolute_pos_embed' and key in own and state[key].shape != own[key].shape:
             if state[key].shape[-1] != own[key].shape[-1]:
@@ -115,6 +199,14 @@ def load_pretrained(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
                 reinitialized += ['head.weight', 'head.bias']
             log.warning(f"load_pretrained: checkpoint head has {classes_in} classes, the model {classes_out}: "
                         f"the head is re-initialised (zeros) and trained from scratch")
+
+    if (simmim and 'head.weight' not in state and 'head.weight' in own
+            and isinstance(getattr(model, 'head', None), nn.Linear)):
+        # a pre-training checkpoint has no head: the official SimMIM fine-tune leaves the model's freshly built
+        # head (trunc_normal std 0.02, bias 0) as it is, and so does this
+        reinitialized += ['head.weight', 'head.bias']
+        log.warning("load_pretrained: the SimMIM checkpoint has no classification head: the model's head keeps "
+                    "its fresh initialisation and is trained from scratch")
 
     missing = [k for k in own if k not in state and k not in reinitialized]
     unexpected = [k for k in state if k not in own]
