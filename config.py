@@ -364,8 +364,12 @@ def _check_types(config: CN) -> None:
         raise ConfigError(f"AUG.CUTMIX_MINMAX must be None or [min, max] ratios, got {minmax!r}")
 
 
-def validate_config(config: CN) -> None:
-    """Check values the model, loop and data would otherwise trip over deep inside; raise ConfigError."""
+def validate_config(config: CN, pretrain: bool = False) -> None:
+    """Check values the model, loop and data would otherwise trip over deep inside; raise ConfigError.
+
+    ``pretrain``: the config is for SimMIM pre-training, which has no Mixup/CutMix (its loader ignores the
+    ``AUG.MIXUP*`` keys, which the official pre-training configs leave at their defaults), so the even-batch
+    check for Mixup does not apply."""
     _check_types(config)
     for key, allowed in CHOICES.items():
         value = _get(config, key)
@@ -397,7 +401,7 @@ def validate_config(config: CN) -> None:
         raise ConfigError(f"TRAIN.EMA.DECAY must be in (0, 1), got {config.TRAIN.EMA.DECAY!r}")
     mixup_on = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
-    if training and mixup_on and config.DATA.BATCH_SIZE % 2:  # timm's Mixup pairs images in every mode
+    if training and mixup_on and not pretrain and config.DATA.BATCH_SIZE % 2:  # timm's Mixup pairs images in every mode
         raise ConfigError(f"DATA.BATCH_SIZE = {config.DATA.BATCH_SIZE} must be even for Mixup/CutMix "
                           f"with AUG.MIXUP_MODE = {config.AUG.MIXUP_MODE!r}")
     if config.TRAIN.LR_SCHEDULER.NAME == 'step' and config.TRAIN.LR_SCHEDULER.DECAY_EPOCHS < 1:
@@ -457,13 +461,14 @@ def load_config(cfg_file: Optional[str] = None, opts: Iterable[str] = ()) -> CN:
     return config
 
 
-def get_config(args: Any, notes: Optional[List[str]] = None) -> CN:
+def get_config(args: Any, notes: Optional[List[str]] = None, pretrain: bool = False) -> CN:
     """Build the config from parsed command-line ``args`` (the official flags), as the official code does.
 
     Flags win over ``--opts``, which win over the file. ``OUTPUT`` becomes ``<output>/<MODEL.NAME>/<TAG>``.
     A warmup as long as the run is clipped (``clip_warmup``); its warning is appended to ``notes`` when given
     (``main`` logs it once the log exists, on rank 0 only), else logged here. ``load_config``, the library
     entry, keeps such a warmup an error. Imports no torch, so that a bad config is reported at once.
+    ``pretrain``: SimMIM pre-training (``main.main(..., pretrain=True)``), see ``validate_config``.
     """
     config = get_defaults()
     if getattr(args, 'cfg', None):
@@ -516,7 +521,7 @@ def get_config(args: Any, notes: Optional[List[str]] = None) -> CN:
     config.LOCAL_RANK = int(os.environ.get('LOCAL_RANK', flag('local_rank') or 0))
     config.OUTPUT = os.path.join(config.OUTPUT or 'output', config.MODEL.NAME, config.TAG)
     note = clip_warmup(config)
-    validate_config(config)
+    validate_config(config, pretrain=pretrain)
     if note and notes is not None:
         notes.append(note)
     elif note:

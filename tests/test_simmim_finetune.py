@@ -97,3 +97,20 @@ def test_our_simmim_state_dict_loads_into_the_finetune_model():
     result = models.load_pretrained(model, {'model': pt_model.state_dict()})
     assert result['reinitialized'] == ['head.weight', 'head.bias']
     torch.testing.assert_close(model.patch_embed.proj.weight, pt_model.encoder.patch_embed.proj.weight)
+
+
+def test_odd_batch_is_fine_for_simmim_pretraining_but_not_for_mixup_classification(monkeypatch):
+    """SimMIM pre-training has no Mixup (the official pre-training configs leave AUG.MIXUP at 0.8 unused), so
+    an odd batch is valid there; classification with Mixup keeps the even-batch error."""
+    import main
+    from config import ConfigError, get_config
+    from main_simmim_pt import simmim_argv
+    monkeypatch.delenv('LOCAL_RANK', raising=False)
+    pt = ['--cfg', 'configs/simmim/simmim_pretrain__swin_base__img192_window6__800ep.yaml', '--data-path', '/d',
+          '--batch-size', '3']
+    config = get_config(main.parse_args(simmim_argv(pt)), pretrain=True)
+    assert config.DATA.BATCH_SIZE == 3 and config.AUG.MIXUP > 0
+    ft = ['--cfg', 'configs/simmim/simmim_finetune__swin_base__img224_window7__800ep.yaml', '--data-path', '/d',
+          '--batch-size', '3']
+    with pytest.raises(ConfigError, match='must be even for Mixup'):
+        get_config(main.parse_args(simmim_argv(ft)))
