@@ -71,7 +71,7 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
     from config import ConfigError, get_config
     notes: List[str] = []  # warnings about the config, logged once the log exists
     try:
-        config = get_config(args, notes)
+        config = get_config(args, notes, pretrain=pretrain)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
