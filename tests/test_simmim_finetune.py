@@ -114,3 +114,28 @@ def test_odd_batch_is_fine_for_simmim_pretraining_but_not_for_mixup_classificati
           '--batch-size', '3']
     with pytest.raises(ConfigError, match='must be even for Mixup'):
         get_config(main.parse_args(simmim_argv(ft)))
+
+
+@pytest.mark.slow
+def test_simmim_demo_pretrains_reconstructs_and_finetunes(tmp_path):
+    """scripts/simmim_demo.py, shortened: the PNG is written, the masked-pixel loss falls, a top-1 is printed."""
+    import re
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+    out = tmp_path / 'out'
+    run = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'simmim_demo.py'), '--data-path',
+                          str(tmp_path / 'data'), '--output', str(out), '--pretrain-epochs', '3',
+                          '--finetune-epochs', '1'], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (out / 'simmim_reconstruction.png').stat().st_size > 10_000
+    first, last = map(float, re.search(r'pre-training loss: ([\d.]+) \(epoch 0\) -> ([\d.]+) \(epoch 2\)',
+                                       run.stdout).groups())
+    assert last < first
+    per_epoch = re.findall(r'epoch +\d+: ([\d.]+)', run.stdout)
+    assert len(per_epoch) == 3
+    acc1 = float(re.search(r'fine-tune top-1: +([\d.]+)%', run.stdout).group(1))
+    assert 0.0 <= acc1 <= 100.0
+    assert 'SimMIM checkpoint: encoder weights taken' in run.stdout  # the fine-tune loaded the pre-training
