@@ -38,10 +38,10 @@ class DemoError(RuntimeError):
     """A demo step failed; the message says which and where its log is."""
 
 
-def run_main(args: List[str], title: str) -> str:
-    """Run ``python main.py <args>`` from the repository root, echoing its output live; return that output."""
-    command = [sys.executable, os.path.join(ROOT, 'main.py')] + args
-    print(f"\n=== {title}\n$ python main.py {' '.join(args)}", flush=True)
+def run_main(args: List[str], title: str, script: str = 'main.py') -> str:
+    """Run ``python <script> <args>`` from the repository root, echoing its output live; return that output."""
+    command = [sys.executable, os.path.join(ROOT, script)] + args
+    print(f"\n=== {title}\n$ python {script} {' '.join(args)}", flush=True)
     lines = []
     env = dict(os.environ)
     # One compute thread: this tiny model's matrices are too small to gain from more, and a second thread

@@ -20,36 +20,17 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from typing import List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from scripts.demo import DemoError, cpu_model, final_checkpoint, last_accuracy, run_dir  # noqa: E402
+from scripts.demo import DemoError, cpu_model, final_checkpoint, last_accuracy, run_dir, run_main  # noqa: E402
 from scripts.make_demo_data import write_digits  # noqa: E402
 
 PRETRAIN_CFG = os.path.join(ROOT, 'configs', 'demo', 'simmim_pretrain_digits_32.yaml')
 FINETUNE_CFG = os.path.join(ROOT, 'configs', 'demo', 'simmim_finetune_digits_32.yaml')
-
-
-def run_script(script: str, args: List[str], title: str) -> str:
-    """Run ``python <script> <args>`` from the repository root, echoing its output live; return that output."""
-    command = [sys.executable, os.path.join(ROOT, script)] + args
-    print(f"\n=== {title}\n$ python {script} {' '.join(args)}", flush=True)
-    env = dict(os.environ)
-    env.setdefault('OMP_NUM_THREADS', '1')  # as scripts/demo.py: one compute thread beside one data worker
-    lines = []
-    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1) as process:
-        assert process.stdout is not None
-        for line in process.stdout:
-            sys.stdout.write(line)
-            lines.append(line)
-    if process.returncode != 0:
-        raise DemoError(f"{title} failed (exit code {process.returncode}); see the output above")
-    return ''.join(lines)
 
 
 def epoch_losses(folder: str) -> List[float]:
@@ -157,8 +138,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name in (pt_cfg.MODEL.NAME, ft_cfg.MODEL.NAME):
             shutil.rmtree(os.path.join(output, name), ignore_errors=True)
 
-        run_script('main_simmim_pt.py', ['--cfg', PRETRAIN_CFG, '--data-path', os.path.join(data_path, 'train')]
-                   + common + pt_opts, '2/4 SimMIM pre-training (masked-image modelling, labels unused)')
+        run_main(['--cfg', PRETRAIN_CFG, '--data-path', os.path.join(data_path, 'train')] + common + pt_opts,
+                 '2/4 SimMIM pre-training (masked-image modelling, labels unused)', script='main_simmim_pt.py')
         pt_ckpt = final_checkpoint(pt_dir)
         losses = epoch_losses(pt_dir)
         print("\nmasked-pixel L1 loss per epoch (mean over the epoch's updates):")
@@ -169,9 +150,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         val_loss = write_reconstructions(PRETRAIN_CFG, pt_ckpt, os.path.join(data_path, 'val'), png)
         print(f"masked-pixel L1 loss on the plotted validation digits: {val_loss:.4f}")
 
-        out = run_script('main_simmim_ft.py', ['--cfg', FINETUNE_CFG, '--data-path', data_path,
-                                               '--pretrained', pt_ckpt] + common + ft_opts,
-                         '4/4 fine-tuning the pre-trained encoder as a classifier (layer-wise lr decay)')
+        out = run_main(['--cfg', FINETUNE_CFG, '--data-path', data_path, '--pretrained', pt_ckpt] + common + ft_opts,
+                       '4/4 fine-tuning the pre-trained encoder as a classifier (layer-wise lr decay)',
+                       script='main_simmim_ft.py')
         acc1, acc5 = last_accuracy(out, 'fine-tune')
     except DemoError as e:
         print(f"\ndemo failed: {e}", file=sys.stderr)
