@@ -7,6 +7,11 @@
 #      compiled, train and inference, with peak memory; the markdown tables go to docs/BENCHMARKS.md by hand.
 # Without a CUDA device it says so and exits 0. Output lands in $GPU_CHECK_OUT (default gpu_check_output/).
 set -euo pipefail
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+    echo "usage: bash scripts/gpu_check.sh    (no arguments; PYTHON and GPU_CHECK_OUT override the interpreter and"
+    echo "       the output folder). Runs the gpu tests, the demo on CUDA and the Swin-T bf16 benchmark."
+    exit 0
+fi
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
