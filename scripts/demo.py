@@ -7,7 +7,7 @@ Steps, all through the real command line (``main.py``) and its YACS configs in `
 2. train a small Swin at 32 px from scratch (Mixup/CutMix, random erasing, AdamW, cosine schedule with warmup,
    checkpoints, TensorBoard);
 3. evaluate its last checkpoint with ``--eval --resume``;
-4. fine-tune that checkpoint at 64 px with a window of 8 instead of 4 through ``--pretrained``;
+4. fine-tune that checkpoint at 48 px with a window of 6 instead of 4 through ``--pretrained``;
 5. evaluate the fine-tuned model, plot the loss/accuracy curves, and print where everything is.
 
 Exits non-zero if a step fails or the final top-1 is below ``--min-acc``. Earlier demo runs in ``--output``
@@ -30,7 +30,7 @@ from scripts.make_demo_data import write_digits  # noqa: E402
 from scripts.plot_metrics import plot_runs  # noqa: E402
 
 TRAIN_CFG = os.path.join(ROOT, 'configs', 'demo', 'swin_demo_digits_32.yaml')
-FINETUNE_CFG = os.path.join(ROOT, 'configs', 'demo', 'swin_demo_digits_64_ft.yaml')
+FINETUNE_CFG = os.path.join(ROOT, 'configs', 'demo', 'swin_demo_digits_48_ft.yaml')
 ACC_LINE = re.compile(r'\* Acc@1 ([\d.]+) Acc@5 ([\d.]+)')
 
 

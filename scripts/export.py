@@ -6,7 +6,7 @@ The ONNX file is checked against the PyTorch model on a random batch with onnxru
 the project's safe loader (``weights_only=True``). The config comes from ``--cfg`` (+ ``--opts``) or, when
 omitted, from the config stored in the checkpoint.
 
-    python scripts/export.py --resume demo_output/swin_demo_digits_64_ft/default/ckpt_best.pth \\
+    python scripts/export.py --resume demo_output/swin_demo_digits_48_ft/default/ckpt_best.pth \\
         --onnx model.onnx --safetensors model.safetensors
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ loader (``weights_only=True``). Images get the deterministic eval transform of t
 from ``--class-names`` (one per line, in label order) or ``--data-path`` (the dataset folder: class folders
 sorted by name, as training labelled them); otherwise labels are printed as numbers.
 
-    python scripts/predict.py --resume demo_output/swin_demo_digits_64_ft/default/ckpt_best.pth \\
+    python scripts/predict.py --resume demo_output/swin_demo_digits_48_ft/default/ckpt_best.pth \\
         --data-path demo_data demo_data/val/digit_7
 """
 from __future__ import annotations
