@@ -278,15 +278,20 @@ class ImageDataset(Dataset):
                 raise TypeError(f"{type(self).__name__} index must be an int or a SampleKey, got "
                                 f"{type(index).__name__} {index!r}") from None
         tries = 1 if self.on_broken != 'substitute' else min(len(self), MAX_SUBSTITUTE_TRIES)
+        # A transform with ``takes_encoded`` (DATA.LOADER fast / gpu, data.fast) decodes the file itself in its
+        # ``decode`` step, which may draw random numbers first (the crop picks the JPEG's DCT scale), so it runs
+        # under the key's generators, seeded afresh for each substitute.
+        encoded = getattr(self.transform, 'takes_encoded', False)
         for attempt in range(tries):
             i = (index + attempt) % len(self)
-            try:
-                img = self._load(i)
-            except DECODE_ERRORS as exc:
-                self._broken(i, exc)
-                continue
-            if self.transform is not None:
-                with seeded_rngs(index) if isinstance(index, SampleKey) else contextlib.nullcontext():
+            seeded = isinstance(index, SampleKey) and self.transform is not None
+            with seeded_rngs(index) if seeded else contextlib.nullcontext():
+                try:
+                    img = self.transform.decode(self.read(i)) if encoded else self._load(i)
+                except DECODE_ERRORS as exc:
+                    self._broken(i, exc)
+                    continue
+                if self.transform is not None:
                     img = self.transform(img)
             return img, self.samples[i][1]
         if self.on_broken == 'drop':
