@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import struct
+import sys
 import time
 import zipfile
 import zlib
@@ -36,6 +37,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
@@ -464,7 +466,11 @@ class ZipImageDataset(ImageDataset):
         indices = list(indices)
         archive = self._archive()
         step = max(1, len(indices) // 10)
-        for n, i in enumerate(indices):
+        # A bar on an interactive terminal, on rank 0 only (every rank fills its own cache at the same time).
+        from tqdm import tqdm
+        quiet = not sys.stderr.isatty() or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+        for n, i in enumerate(tqdm(indices, desc=f'caching {os.path.basename(self.zip_path)}', unit='img',
+                                   disable=quiet, leave=False)):
             if n % step == 0:
                 logger.info("caching %s: %d / %d", self.zip_path, n, len(indices))
             try:

@@ -292,9 +292,9 @@ class FastTrainTransform:
         pixels, (i, j, h, w), interpolation = decoded
         crop = torch.from_numpy(pixels).permute(2, 0, 1)[:, i:i + h, j:j + w]  # (3, h, w) view
         out = F2.resize(crop, [self.size, self.size], interpolation=interpolation, antialias=True)  # (3, S, S)
+        img = Image.fromarray(out.permute(1, 2, 0).contiguous().numpy())  # (S, S, 3)
         if self.flip is not None:
-            out = self.flip(out)
-        img = Image.fromarray(out.permute(1, 2, 0).numpy())
+            img = self.flip(img)  # RandomHorizontalFlip's own draw; Pillow's transpose is a cheap row copy
         if self.secondary is not None:
             img = self.secondary(img)
         hwc = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))  # (S, S, 3)

@@ -175,15 +175,14 @@ def stage_functions(size: int, train: bool) -> Dict[str, List[Tuple[str, Callabl
             return Image.open(f).convert('RGB')
 
     if train:
-        def fast_resize_flip(decoded: Any) -> Any:
+        def fast_resize(decoded: Any) -> Any:
             from torchvision.transforms.v2 import functional as F2
             pixels, (i, j, h, w), interpolation = decoded
             crop = torch.from_numpy(pixels).permute(2, 0, 1)[:, i:i + h, j:j + w]
             return F2.resize(crop, [size, size], interpolation=interpolation, antialias=True)
 
-        def fast_randaugment(chw: torch.Tensor) -> Image.Image:
-            img = Image.fromarray(fast.flip(chw).permute(1, 2, 0).numpy())
-            return fast.secondary(img)
+        def fast_flip(chw: torch.Tensor) -> Image.Image:
+            return fast.flip(Image.fromarray(chw.permute(1, 2, 0).contiguous().numpy()))
 
         def fast_final(img: Image.Image) -> Any:
             from data.fast import erase_params
@@ -192,8 +191,8 @@ def stage_functions(size: int, train: bool) -> Dict[str, List[Tuple[str, Callabl
         return {
             'timm': [('decode', pil_decode), ('crop+resize', timm_t[0]), ('flip', timm_t[1]),
                      ('RandAugment', timm_t[2]), ('to-tensor/normalise/erase', lambda x: timm_t[5](timm_t[4](timm_t[3](x))))],
-            'fast': [('decode', lambda p: fast.decode(read_bytes(p))), ('crop+resize', fast_resize_flip),
-                     ('flip', lambda x: x), ('RandAugment', fast_randaugment), ('to-tensor/normalise/erase', fast_final)],
+            'fast': [('decode', lambda p: fast.decode(read_bytes(p))), ('crop+resize', fast_resize),
+                     ('flip', fast_flip), ('RandAugment', fast.secondary), ('to-tensor/normalise/erase', fast_final)],
         }
     return {
         'timm': [('decode', pil_decode), ('crop+resize', lambda x: timm_t[1](timm_t[0](x))),

@@ -375,3 +375,10 @@ def test_main_trains_and_evaluates_with_loader(folder, tmp_path, loader):
     result = subprocess.run(args, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert ' * Acc@1 ' in result.stdout + result.stderr
+
+
+def test_simmim_pretraining_refuses_other_loaders(folder):
+    from config import ConfigError
+    from data import build_loader_simmim
+    with pytest.raises(ConfigError, match="DATA.LOADER 'gpu'.*SimMIM"):
+        build_loader_simmim(cfg(folder, 'gpu'))
