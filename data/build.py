@@ -122,7 +122,7 @@ def loader_collate(is_train: bool, config: Any) -> Optional[Callable]:
     kind = config.DATA.LOADER
     if kind == 'fast':
         from .fast import fast_collate
-        return fast_collate(config)
+        return fast_collate(is_train, config)
     if kind == 'gpu':
         from .gpu import gpu_collate
         return gpu_collate(is_train, config)

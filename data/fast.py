@@ -292,7 +292,8 @@ class FastTrainTransform:
         pixels, (i, j, h, w), interpolation = decoded
         crop = torch.from_numpy(pixels).permute(2, 0, 1)[:, i:i + h, j:j + w]  # (3, h, w) view
         out = F2.resize(crop, [self.size, self.size], interpolation=interpolation, antialias=True)  # (3, S, S)
-        img = Image.fromarray(out.permute(1, 2, 0).contiguous().numpy())  # (S, S, 3)
+        # (3, S, S) planes -> RGB image: Pillow's merge is 5x a transposing copy (torch or numpy) here
+        img = Image.merge('RGB', [Image.fromarray(plane) for plane in out.numpy()])
         if self.flip is not None:
             img = self.flip(img)  # RandomHorizontalFlip's own draw; Pillow's transpose is a cheap row copy
         if self.secondary is not None:
@@ -315,7 +316,7 @@ def eval_geometry(width: int, height: int, size: int, crop: bool) -> Tuple[Tuple
 
 
 class FastEvalTransform:
-    """Encoded bytes -> uint8 (H, W, 3): the deterministic eval transform (short side to int(256/224*size),
+    """Encoded bytes -> uint8 (3, H, W): the deterministic eval transform (short side to int(256/224*size),
     center crop; or a plain resize without TEST.CROP) with torchvision's uint8 antialiased resize. It resizes the
     whole image and crops, as the reference: Pillow resizing only the surviving box (fractional coordinates)
     measured 2.2x slower than this here, and torch cannot take a fractional box. Max difference to the reference
@@ -338,8 +339,8 @@ class FastEvalTransform:
         chw = torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W) view
         (rh, rw), (top, left) = eval_geometry(chw.shape[2], chw.shape[1], self.size, self.crop)
         out = F2.resize(chw, [rh, rw], interpolation=self.interpolation, antialias=True)
-        out = out[:, top:top + self.size, left:left + self.size]  # (3, S, S)
-        return out.permute(1, 2, 0).contiguous(), torch.zeros(1, dtype=torch.int64)  # (S, S, 3), no erasing
+        out = out[:, top:top + self.size, left:left + self.size].contiguous()  # (3, S, S): no transposing copy
+        return out, torch.zeros(1, dtype=torch.int64)  # no erasing
 
 
 # ----------------------------------------------------------------------------- the device side
@@ -445,16 +446,18 @@ class DeviceCollate:
                                None, self.finish)
         items = [item for item, _ in kept]
         if self.stack:
-            images = torch.stack([img for img, _ in items])  # (B, S, S, 3) uint8
+            images = torch.stack([img for img, _ in items])  # (B, S, S, 3) or (B, 3, S, S) uint8
             extras = torch.stack([e for _, e in items])  # (B, 4k+1) int64
         else:
             images, extras = [img for img, _ in items], [e for _, e in items]
         return DeviceBatch(images, targets, extras, self.finish)
 
 
-def fast_collate(config: Any) -> DeviceCollate:
+def fast_collate(is_train: bool, config: Any) -> DeviceCollate:
+    """Training batches are (B, S, S, 3) (Pillow's layout, after RandAugment), eval batches (B, 3, S, S)."""
     size = config.DATA.IMG_SIZE
-    return DeviceCollate(_UInt8Finish(DeviceFinish(config.AUG.REMODE)), empty_shape=(0, size, size, 3))
+    return DeviceCollate(_UInt8Finish(DeviceFinish(config.AUG.REMODE)),
+                         empty_shape=(0, size, size, 3) if is_train else (0, 3, size, size))
 
 
 def batch_to_device(batch: Any, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:

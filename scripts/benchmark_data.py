@@ -182,7 +182,7 @@ def stage_functions(size: int, train: bool) -> Dict[str, List[Tuple[str, Callabl
             return F2.resize(crop, [size, size], interpolation=interpolation, antialias=True)
 
         def fast_flip(chw: torch.Tensor) -> Image.Image:
-            return fast.flip(Image.fromarray(chw.permute(1, 2, 0).contiguous().numpy()))
+            return fast.flip(Image.merge('RGB', [Image.fromarray(plane) for plane in chw.numpy()]))
 
         def fast_final(img: Image.Image) -> Any:
             from data.fast import erase_params
