@@ -284,7 +284,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('--rounds', type=int, default=3, help='interleaved rounds; medians are printed (default 3)')
     parser.add_argument('--loaders', nargs='+', default=['timm', 'timm-prefetch', 'torch', 'fast', 'gpu'])
     parser.add_argument('--skip-stages', action='store_true', help='only the loader figures')
-    parser.add_argument('--device', default='cpu', help="where the device-side finish runs (default cpu; 'cuda')")
+    parser.add_argument('--device', default='cpu',
+                        help="where the device-side finish runs (default cpu); with 'cuda' the loader rows also "
+                             "include the copy and the finish on the GPU (end to end, as the training loop sees it)")
     args = parser.parse_args(argv)
     logging.getLogger('data').setLevel(logging.ERROR)
     torch.set_num_threads(1)  # as inside a DataLoader worker
@@ -325,7 +327,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             for workers in args.workers:
                 for name in args.loaders:
                     transform, collate, keyed = built[name]
-                    rate = time_loader(files, transform, collate, keyed, workers, args.batch_size, args.epochs)
+                    rate = time_loader(files, transform, collate, keyed, workers, args.batch_size, args.epochs,
+                                       device if device.type != 'cpu' else None)
                     rates.setdefault((name, workers), []).append(rate)
         print(f"## {kind} loader: images/s (median of {args.rounds} rounds; ratio = median of per-round ratios to "
               f"timm)\n")
@@ -338,8 +341,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 ratio = statistics.median(x / t for x, t in zip(rates[(name, w)], rates[('timm', w)]))
                 cells.append(f"{med:.0f} ({ratio:.2f}x)")
             print(f"| {name}{'*' if name == 'gpu' else ''} | " + " | ".join(cells) + " |")
-        print("\n*gpu: the workers' share only (read bytes, draw parameters); decoding and augmentation run on the "
-              "device (the 'device-side finish' figure above)\n")
+        if device.type == 'cpu':
+            print("\n*gpu: the workers' share only (read bytes, draw parameters); decoding and augmentation run on "
+                  "the device (the 'device-side finish' figure above)\n")
+        else:
+            print(f"\nend to end: every batch copied to {device} and finished there (batch_to_device)\n")
     print(machine())
     if tmp is not None:
         tmp.cleanup()
