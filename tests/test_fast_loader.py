@@ -382,3 +382,30 @@ def test_simmim_pretraining_refuses_other_loaders(folder):
     from data import build_loader_simmim
     with pytest.raises(ConfigError, match="DATA.LOADER 'gpu'.*SimMIM"):
         build_loader_simmim(cfg(folder, 'gpu'))
+
+
+@pytest.mark.parametrize('loader', ['fast', 'gpu'])
+def test_zip_layout_with_loader(folder, tmp_path, loader):
+    """The zip + map layout (bytes from the archive, cached or not) feeds the fast and gpu loaders too."""
+    from scripts.pack_zip import pack_split
+    mapping = pack_split(os.path.join(folder, 'train'), str(tmp_path / 'train.zip'), str(tmp_path / 'train_map.txt'),
+                         progress=False)
+    pack_split(os.path.join(folder, 'val'), str(tmp_path / 'val.zip'), str(tmp_path / 'val_map.txt'), mapping,
+               progress=False)
+    plain = epoch_batches(build_loader(cfg(folder, loader))[2], 0)
+    zipped = epoch_batches(build_loader(cfg(str(tmp_path), loader, 'DATA.ZIP_MODE', 'True',
+                                            'DATA.CACHE_MODE', 'full'))[2], 0)
+    for (a, ya), (b, yb) in zip(plain, zipped):
+        assert torch.equal(ya, yb) and torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_benchmark_data_script_runs(folder):
+    from helpers import subprocess_env
+    result = subprocess.run([sys.executable, 'scripts/benchmark_data.py', '--data-path', os.path.join(folder, 'train'),
+                             '--img-size', '64', '--batch-size', '4', '--rounds', '1', '--epochs', '1',
+                             '--workers', '0'], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert 'AVX flags' in out and '| **total** |' in out and '| fast | ' in out and 'eval loader' in out
