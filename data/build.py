@@ -302,7 +302,9 @@ def build_loader(config: Any) -> Tuple[Optional[Dataset], Dataset, Optional[Data
     yields ``SampleKey``s (ints that carry seed and epoch), so each sample's augmentation is a function of
     (SEED, epoch, index) alone; a loader over a slice of ``list(sampler)`` (a mid-epoch resume) reproduces the
     rest of the epoch exactly, with any number of workers. ``DATA.NUM_WORKERS`` is capped at the cores per
-    local process.
+    local process. ``DATA.LOADER`` picks the per-sample transform and collate (``loader_transform``,
+    ``loader_collate``): with 'fast' / 'gpu' the batches are ``data.fast.DeviceBatch``es, finished on the device by
+    ``data.batch_to_device``; the samplers are the same for every loader.
     Validation is sharded exactly: sum correct counts over ranks and divide by ``len(dataset_val)`` minus the
     broken images (``data.pop_broken_count``).
     """

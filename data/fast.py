@@ -22,7 +22,6 @@ images, or for ``gpu`` a list of encoded images), and ``batch.on_device(device)`
 from __future__ import annotations
 
 import importlib
-import io
 import math
 import random
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -38,7 +37,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F2
 
-from .datasets import decode_image, to_rgb
+from .datasets import decode_image
 
 LOADERS = ('torch', 'fast', 'gpu')
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import logging
 import os
 import statistics
@@ -190,7 +189,8 @@ def stage_functions(size: int, train: bool) -> Dict[str, List[Tuple[str, Callabl
 
         return {
             'timm': [('decode', pil_decode), ('crop+resize', timm_t[0]), ('flip', timm_t[1]),
-                     ('RandAugment', timm_t[2]), ('to-tensor/normalise/erase', lambda x: timm_t[5](timm_t[4](timm_t[3](x))))],
+                     ('RandAugment', timm_t[2]),
+                     ('to-tensor/normalise/erase', lambda x: timm_t[5](timm_t[4](timm_t[3](x))))],
             'fast': [('decode', lambda p: fast.decode(read_bytes(p))), ('crop+resize', fast_resize),
                      ('flip', fast_flip), ('RandAugment', fast.secondary), ('to-tensor/normalise/erase', fast_final)],
         }
@@ -318,9 +318,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             ta, tb = sum(stages['timm'].values()), sum(stages['fast'].values())
             print(f"| **total** | {ta:.3f} | {tb:.3f} | {ta / tb:.2f}x |")
             finish = time_device_finish(files, args.img_size, train, device, args.batch_size, args.rounds)
+            augment = ' + flip + RandAugment + erase' if train else ''
             print(f"\ndevice-side finish on {device} per image: fast (normalise{' + erase' if train else ''}) "
-                  f"{finish['fast']:.3f} ms; gpu (decode + crop/resize{' + flip + RandAugment + erase' if train else ''}"
-                  f" + normalise) {finish['gpu']:.3f} ms\n")
+                  f"{finish['fast']:.3f} ms; gpu (decode + crop/resize{augment} + normalise) {finish['gpu']:.3f} ms\n")
         rates: Dict[Tuple[str, int], List[float]] = {}
         built = contenders(args.img_size, train)
         for r in range(args.rounds):

@@ -2,7 +2,6 @@
 code), device-side normalise/erase equal the float path, the eval transform is near the reference, and the gpu
 loader samples exactly what the torch loader samples (same images per rank and epoch, same order, exact resume)."""
 import io
-import math
 import os
 import random
 import subprocess
