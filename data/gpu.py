@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -29,10 +30,12 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F2
 
-from .datasets import decode_image
+from .datasets import DECODE_ERRORS, decode_image
 from .fast import (GEOMETRIC_OPS, DeviceBatch, DeviceCollate, DeviceFinish, affine_matrix, augment_ops,
                    check_fast_config, erase_params, eval_geometry, read_bytes, rrc_interpolation, size_only,
                    timm_train_pieces)
+
+logger = logging.getLogger(__name__)
 
 _PIL_TO_MODE = {Image.NEAREST: 'nearest', Image.BILINEAR: 'bilinear', Image.BICUBIC: 'bicubic'}
 _INTERPOLATIONS = (InterpolationMode.NEAREST, InterpolationMode.BILINEAR, InterpolationMode.BICUBIC)
@@ -111,7 +114,7 @@ class GpuTrainTransform:
         interpolation = rrc_interpolation(self.crop)
         flip = self.flip is not None and bool(torch.rand(1) < self.flip.p)  # RandomHorizontalFlip's draw
         ops = self.recorder([]) if self.recorder is not None else []
-        plan = {'crop': box, 'interpolation': _INTERPOLATIONS.index(interpolation), 'flip': flip, 'ops': ops,
+        plan = {'size': (w, h), 'crop': box, 'interpolation': _INTERPOLATIONS.index(interpolation), 'flip': flip, 'ops': ops,
                 'erase': erase_params(self.eraser, self.size, self.size)}
         return payload, plan
 
@@ -133,7 +136,8 @@ class GpuEvalTransform:
 
     def __call__(self, decoded: Tuple[torch.Tensor, Tuple[int, int]]) -> Tuple[torch.Tensor, Dict[str, Any]]:
         payload, (w, h) = decoded
-        return payload, {'eval': eval_geometry(w, h, self.size, self.crop), 'interpolation': self.interpolation}
+        return payload, {'size': (w, h), 'eval': eval_geometry(w, h, self.size, self.crop),
+                         'interpolation': self.interpolation}
 
 
 # ----------------------------------------------------------------------------- device side: tensor ops
@@ -194,17 +198,41 @@ def apply_op(x: torch.Tensor, op: Tuple[str, Tuple[float, ...], Optional[str], T
     return TENSOR_OPS[name](x, *args)
 
 
-def decode_batch(payloads: Sequence[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
-    """(3, H, W) uint8 images on ``device``: JPEG bytes through one batched ``decode_jpeg`` there (nvJPEG on
-    CUDA), already-decoded pixels copied."""
+def _decode_jpegs(payloads: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
     from torchvision.io import ImageReadMode, decode_jpeg
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+        warnings.simplefilter('ignore')
+        return decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device if device.type == 'cuda' else 'cpu')
+
+
+def _decode_one(payload: torch.Tensor, size: Tuple[int, int], device: torch.device) -> torch.Tensor:
+    """One JPEG the batched call rejected: alone on the device, else Pillow on the CPU (it reads some files
+    nvJPEG does not), else a black image of the header's size with a warning, so that the run goes on as with
+    unreadable files elsewhere (the worker already checked the header and the end marker)."""
+    try:
+        return _decode_jpegs([payload], device)[0].to(device)
+    except RuntimeError:
+        pass
+    try:
+        pixels = np.array(decode_image(bytes(payload.numpy())))
+        return torch.from_numpy(pixels).permute(2, 0, 1).to(device)  # (3, H, W)
+    except DECODE_ERRORS as exc:
+        logger.warning("DATA.LOADER gpu: a JPEG of %dx%d px that passed the worker's checks cannot be decoded "
+                       "(%s: %s); a black image takes its place", size[0], size[1], type(exc).__name__, exc)
+        return torch.zeros((3, size[1], size[0]), dtype=torch.uint8, device=device)
+
+
+def decode_batch(payloads: Sequence[torch.Tensor], device: torch.device,
+                 sizes: Optional[Sequence[Tuple[int, int]]] = None) -> List[torch.Tensor]:
+    """(3, H, W) uint8 images on ``device``: JPEG bytes through one batched ``decode_jpeg`` there (nvJPEG on
+    CUDA), already-decoded pixels copied. A batch that fails is decoded image by image (``_decode_one``)."""
     jpegs = [k for k, p in enumerate(payloads) if p.dim() == 1]
     out: List[Optional[torch.Tensor]] = [None] * len(payloads)
     if jpegs:
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
-            warnings.simplefilter('ignore')
-            decoded = decode_jpeg([payloads[k] for k in jpegs], mode=ImageReadMode.RGB,
-                                  device=device if device.type == 'cuda' else 'cpu')
+        try:
+            decoded = _decode_jpegs([payloads[k] for k in jpegs], device)
+        except RuntimeError:
+            decoded = [_decode_one(payloads[k], sizes[k] if sizes else (0, 0), device) for k in jpegs]
         for k, img in zip(jpegs, decoded):
             out[k] = img.to(device, non_blocking=True)
     for k, p in enumerate(payloads):
@@ -225,7 +253,8 @@ class GpuFinish:
         """uint8 (B, 3, S, S) on ``device``: the plans executed on the decoded images."""
         s = self.size
         out = torch.empty((len(payloads), 3, s, s), dtype=torch.uint8, device=device)
-        for b, (img, plan) in enumerate(zip(decode_batch(payloads, device), plans)):
+        images = decode_batch(payloads, device, [plan['size'] for plan in plans])
+        for b, (img, plan) in enumerate(zip(images, plans)):
             interpolation = _INTERPOLATIONS[plan['interpolation']]
             if 'eval' in plan:
                 (rh, rw), (top, left) = plan['eval']

@@ -416,7 +416,7 @@ def test_benchmark_data_script_runs(folder):
 def test_loader_finishes_on_cuda_like_on_cpu(folder, loader):
     """The same batches finished on CUDA (nvJPEG, CUDA kernels, CUDA noise generator) and on the CPU agree outside
     the erased boxes (decoders and kernels differ by rounding), and a CUDA epoch replays exactly."""
-    train = build_loader(cfg(folder, loader, 'AUG.REPROB', '0'))[2]
+    train = build_loader(cfg(folder, loader, 'AUG.REPROB', '0.0'))[2]
     cuda, cpu = torch.device('cuda'), torch.device('cpu')
     train.sampler.set_epoch(0)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
@@ -430,3 +430,29 @@ def test_loader_finishes_on_cuda_like_on_cpu(folder, loader):
     train.sampler.set_epoch(0)
     again = [batch_to_device(batch, cuda)[0].cpu() for batch in train]
     assert all(torch.equal(x, y) for x, y in zip(first, again))
+
+
+def test_gpu_decode_falls_back_image_by_image(folder, monkeypatch, caplog):
+    """A batch decode_jpeg rejects is decoded image by image (Pillow for what the device decoder refuses: the
+    same pixels here); a file nothing decodes becomes a black image with a warning, and the run goes on."""
+    import data.gpu as gpu_mod
+    config = cfg(folder, 'gpu', 'AUG.REPROB', '0.0')
+    train = build_loader(config)[2]
+    batch = next(iter(train))
+    want, _ = batch_to_device(batch, torch.device('cpu'))
+    real = gpu_mod._decode_jpegs
+
+    def no_batches(payloads, device):
+        if len(payloads) > 1:
+            raise RuntimeError('nvjpeg: unsupported')
+        return real(payloads, device)
+    monkeypatch.setattr(gpu_mod, '_decode_jpegs', no_batches)
+    got, _ = batch_to_device(batch, torch.device('cpu'))
+    assert torch.equal(got, want)
+
+    def nothing(payloads, device):
+        raise RuntimeError('nvjpeg: unsupported')
+    monkeypatch.setattr(gpu_mod, '_decode_jpegs', nothing)
+    monkeypatch.setattr(gpu_mod, 'decode_image', lambda data_: (_ for _ in ()).throw(OSError('broken data')))
+    got, _ = batch_to_device(batch, torch.device('cpu'))
+    assert 'cannot be decoded' in caplog.text and got.shape == want.shape
