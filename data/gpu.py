@@ -271,14 +271,50 @@ class GpuFinish:
 
     def __call__(self, batch: DeviceBatch, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         targets = batch.targets.to(device, non_blocking=True)
-        if not batch.images:
+        if len(batch.images) == 0:
             return torch.empty((0, 3, self.size, self.size), device=device), targets
-        images = self.images(batch.images, batch.extras, device)
-        erase = [p['erase'] for p in batch.extras if 'erase' in p]
-        erase_t = torch.stack(erase) if erase and erase[0].numel() > 1 else None
-        return self.device_finish(images, erase_t), targets
+        plans, erase = batch.extras
+        images = self.images(batch.images.unpack(), plans, device)
+        return self.device_finish(images, erase if erase.shape[1] > 1 else None), targets
+
+
+class PackedImages:
+    """A batch's encoded JPEGs as one uint8 tensor plus lengths, and the (rare) Pillow-decoded images by position.
+
+    One tensor per batch instead of one per image: DataLoader workers pass every tensor through its own shared
+    memory file descriptor, and 128 per batch times the batches in flight can exceed the open-file limit."""
+
+    def __init__(self, payloads: Sequence[torch.Tensor]) -> None:
+        jpegs = [p for p in payloads if p.dim() == 1]
+        self.count = len(payloads)
+        self.data = torch.cat(jpegs) if jpegs else torch.empty(0, dtype=torch.uint8)  # all the bytes, (N,)
+        self.lengths = [int(p.numel()) for p in jpegs]
+        self.pixels = [(k, p) for k, p in enumerate(payloads) if p.dim() != 1]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def unpack(self) -> List[torch.Tensor]:
+        """The payloads in batch order: 1-D byte views (contiguous) and (3, H, W) pixel tensors."""
+        views = iter(torch.split(self.data, self.lengths)) if self.lengths else iter(())
+        pixels = dict(self.pixels)
+        return [pixels[k] if k in pixels else next(views) for k in range(self.count)]
+
+
+class GpuCollate(DeviceCollate):
+    """Collate for DATA.LOADER gpu: ``DeviceBatch(PackedImages, targets, (plans, erase (B, 4k+1)), GpuFinish)``;
+    the plans are plain Python values (pickled in-band), the erasing parameters one stacked tensor."""
+
+    def __call__(self, samples: Sequence[Optional[Tuple[Tuple[Any, Dict[str, Any]], int]]]) -> DeviceBatch:
+        kept = [s for s in samples if s is not None]
+        targets = torch.tensor([label for _, label in kept], dtype=torch.int64)
+        plans = [dict(plan) for (_, plan), _ in kept]
+        erase = [plan.pop('erase', torch.zeros(1, dtype=torch.int64)) for plan in plans]
+        erase_t = torch.stack(erase) if erase else torch.zeros((0, 1), dtype=torch.int64)  # (B, 4k+1)
+        return DeviceBatch(PackedImages([payload for (payload, _), _ in kept]), targets, (plans, erase_t),
+                           self.finish)
 
 
 def gpu_collate(is_train: bool, config: Any) -> DeviceCollate:
     size = config.DATA.IMG_SIZE
-    return DeviceCollate(GpuFinish(size, config.AUG.REMODE), stack=False, empty_shape=(0, 3, size, size))
+    return GpuCollate(GpuFinish(size, config.AUG.REMODE), stack=False, empty_shape=(0, 3, size, size))

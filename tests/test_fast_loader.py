@@ -305,7 +305,8 @@ def test_gpu_loader_samples_what_the_torch_loader_samples(folder, world):
             n = 0
             for batch, (_, torch_targets) in zip(loader, torch_loader):
                 assert torch.equal(batch.targets, torch_targets)
-                for payload in batch.images:
+                assert batch.images.data.dim() == 1  # one tensor of bytes per batch, not one per image
+                for payload in batch.images.unpack():
                     path = gpu_ds.samples[keys[n]][0]
                     if payload.dim() == 1:
                         with open(path, 'rb') as f:
@@ -456,3 +457,10 @@ def test_gpu_decode_falls_back_image_by_image(folder, monkeypatch, caplog):
     monkeypatch.setattr(gpu_mod, 'decode_image', lambda data_: (_ for _ in ()).throw(OSError('broken data')))
     got, _ = batch_to_device(batch, torch.device('cpu'))
     assert 'cannot be decoded' in caplog.text and got.shape == want.shape
+
+
+@pytest.mark.parametrize('loader', ['fast', 'gpu'])
+def test_all_dropped_validation_batch_is_empty(folder, loader):
+    collate = loader_collate(False, cfg(folder, loader))
+    images, targets = batch_to_device(collate([None, None]), torch.device('cpu'))
+    assert images.shape == (0, 3, 64, 64) and targets.shape == (0,)
