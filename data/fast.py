@@ -37,13 +37,14 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F2
 
+from config import ConfigError
+
 from .datasets import decode_image
 
-LOADERS = ('torch', 'fast', 'gpu')
 
-
-class LoaderDependencyError(ImportError):
-    """A package that a ``DATA.LOADER`` choice needs is missing or broken; the message names it and the fix."""
+class LoaderDependencyError(ConfigError):
+    """A package that a ``DATA.LOADER`` choice needs is missing or broken; the message names it and the fix. A
+    ConfigError, so main.py prints it as one line and exits 2."""
 
 
 def require(module: str, pip_name: str, loader: str) -> Any:

@@ -350,8 +350,10 @@ def test_missing_decoder_package_is_named(folder, monkeypatch):
             raise ImportError("No module named 'simplejpeg'")
         return real(name, *a)
     monkeypatch.setattr(data.fast.importlib, 'import_module', fake)
+    from config import ConfigError
     with pytest.raises(data.fast.LoaderDependencyError, match=r"DATA.LOADER 'fast'.*pip install simplejpeg"):
         build_dataset(True, cfg(folder, 'fast'))
+    assert issubclass(data.fast.LoaderDependencyError, ConfigError)  # main.py: one line, exit 2
 
 
 def test_bad_loader_choice_and_small_images_are_config_errors(folder):
