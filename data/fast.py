@@ -80,7 +80,14 @@ class Decoder:
     (CMYK JPEGs, PNG, ...). Damaged data raises one of ``data.datasets.DECODE_ERRORS`` (ValueError/OSError)."""
 
     def __init__(self, loader: str) -> None:
+        self.loader = loader
         self.simplejpeg = require('simplejpeg', 'simplejpeg', loader)
+
+    def __getstate__(self) -> dict:  # modules do not pickle (spawned DataLoader workers): import it again there
+        return {'loader': self.loader}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state['loader'])
 
     def size(self, data: bytes) -> Optional[Tuple[int, int]]:
         """(width, height) from a JPEG header that simplejpeg decodes, else None."""
@@ -131,26 +138,43 @@ GEOMETRIC_OPS = ('shear_x', 'shear_y', 'translate_x_rel', 'translate_y_rel', 'tr
                  'translate_y_abs', 'rotate')
 
 
-def _cv2_geometric_op(name: str) -> Callable:
+_CV2_SINGLE_THREAD = False
+
+
+def _cv2() -> Any:
+    """OpenCV, set to one thread per process: a warp of one 224 px image is too small to share out, and its
+    default pool (a thread per core) in each of N DataLoader workers would oversubscribe the CPU."""
+    global _CV2_SINGLE_THREAD
+    import cv2
+    if not _CV2_SINGLE_THREAD:
+        cv2.setNumThreads(1)
+        _CV2_SINGLE_THREAD = True
+    return cv2
+
+
+class Cv2AffineOp:
     """timm's Pillow affine op ``name`` through cv2.warpAffine: Pillow's bicubic affine is a generic per-pixel
     loop (2.7 ms on 224 px here, against 0.8 ms), and the five affine ops are a third of RandAugment's choices.
-    Same matrix, fill and interpolation family; OpenCV's cubic kernel is a = -0.75 where Pillow's is -0.5."""
-    import cv2
-    flags = {Image.NEAREST: cv2.INTER_NEAREST, Image.BILINEAR: cv2.INTER_LINEAR, Image.BICUBIC: cv2.INTER_CUBIC}
+    Same matrix, fill and interpolation family; OpenCV's cubic kernel is a = -0.75 where Pillow's is -0.5.
+    A class, not a closure, so that the transform pickles (spawned DataLoader workers)."""
 
-    def op(img: Image.Image, arg: float, **kwargs: Any) -> Image.Image:
+    def __init__(self, name: str) -> None:
+        self.name = self.__name__ = name
+
+    def __call__(self, img: Image.Image, arg: float, **kwargs: Any) -> Image.Image:
+        cv2 = _cv2()
         timm_auto_augment._check_args_tf(kwargs)  # draws the interpolation as timm does (DATA.INTERPOLATION random)
-        a, b, c, d, e, f = affine_matrix(name, arg, img.size)
-        if name == 'rotate' and arg % 360 == 0:
+        if self.name == 'rotate' and arg % 360 == 0:
             return img.copy()
+        a, b, c, d, e, f = affine_matrix(self.name, arg, img.size)
         m = np.array([[a, b, c], [d, e, f]], dtype=np.float64)
         m[:, 2] += m[:, :2] @ (0.5, 0.5) - 0.5  # Pillow samples at pixel centres, OpenCV at integer coordinates
+        flags = {Image.NEAREST: cv2.INTER_NEAREST, Image.BILINEAR: cv2.INTER_LINEAR}.get(kwargs['resample'],
+                                                                                        cv2.INTER_CUBIC)
         fill = kwargs.get('fillcolor', (128, 128, 128))
-        out = cv2.warpAffine(np.asarray(img), m, img.size, flags=flags.get(kwargs['resample'], cv2.INTER_CUBIC)
-                             | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT, borderValue=tuple(fill))
+        out = cv2.warpAffine(np.asarray(img), m, img.size, flags=flags | cv2.WARP_INVERSE_MAP,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=tuple(fill))
         return Image.fromarray(out)
-    op.__name__ = name
-    return op
 
 
 def augment_ops(transform: Any) -> List[Any]:
@@ -169,7 +193,7 @@ def use_cv2_affine(transform: Any, loader: str) -> None:
     for op in augment_ops(transform):
         name = getattr(op.aug_fn, '__name__', '')
         if name in GEOMETRIC_OPS:
-            op.aug_fn = _cv2_geometric_op(name)
+            op.aug_fn = Cv2AffineOp(name)
 
 
 # ----------------------------------------------------------------------------- random erasing (drawn on the CPU)

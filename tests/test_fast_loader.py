@@ -205,7 +205,7 @@ def test_affine_ops_near_pillow(name, arg):
     img = photo(96, 80, seed=2)
     kwargs = dict(fillcolor=(124, 116, 104), resample=Image.BICUBIC)
     ref = np.asarray(getattr(timm_auto_augment, name)(img, arg, **kwargs)).astype(int)
-    fast = np.asarray(data.fast._cv2_geometric_op(name)(img, arg, **kwargs)).astype(int)
+    fast = np.asarray(data.fast.Cv2AffineOp(name)(img, arg, **kwargs)).astype(int)
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1)
     gpu = apply_op(x, (name, (arg,), 'bicubic', (124, 116, 104))).permute(1, 2, 0).numpy().astype(int)
     for out in (fast, gpu):
@@ -466,3 +466,14 @@ def test_all_dropped_validation_batch_is_empty(folder, loader):
     collate = loader_collate(False, cfg(folder, loader))
     images, targets = batch_to_device(collate([None, None]), torch.device('cpu'))
     assert images.shape == (0, 3, 64, 64) and targets.shape == (0,)
+
+
+def test_transforms_pickle_for_spawned_workers(folder):
+    import pickle
+    for loader in ('fast', 'gpu'):
+        ds, _ = build_dataset(True, cfg(folder, loader))
+        copy = pickle.loads(pickle.dumps(ds))
+        with seeded_rngs(SampleKey(2, 0, 3)):
+            a = copy[SampleKey(2, 0, 3)]
+        b = ds[SampleKey(2, 0, 3)]
+        assert torch.equal(a[0][0], b[0][0])
