@@ -43,6 +43,8 @@ _C.DATA.REPEATED_AUG = 0                 # (ours) repeats of each image per epoc
 _C.DATA.STRICT_IMAGES = False            # (ours) an unreadable image is an error instead of a skip
 _C.DATA.TRAIN_SPLIT = 'train'            # (ours) folder / zip prefix of the training split
 _C.DATA.VAL_SPLIT = 'val'                # (ours)
+_C.DATA.LOADER = 'torch'                 # (ours) torch: timm transforms, float batches | fast: uint8 on the CPU,
+                                         # normalise + erasing on the device | gpu: decode + augment on the device
 
 # ----------------------------------------------------------------------------- model
 _C.MODEL = CN()
@@ -220,6 +222,7 @@ CHOICES = {
     'DATA.DATASET': ('imagenet', 'imagenet22K', 'folder'),
     'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic', 'nearest'),
     'DATA.CACHE_MODE': ('no', 'part', 'full'),
+    'DATA.LOADER': ('torch', 'fast', 'gpu'),
     'MODEL.TYPE': ('swin', 'swinv2'),
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'),
     'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd', 'fused_adam', 'fused_lamb'),

@@ -112,11 +112,20 @@ def build_criterion(config: Any, mixup_fn: Any) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
+def batch_to_device(batch: Batch, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(images, targets) on ``device``. A batch of DATA.LOADER fast/gpu (``data.fast.DeviceBatch``) finishes
+    there: normalisation and erasing (for gpu also decoding and augmentation) run on the device."""
+    on_device = getattr(batch, 'on_device', None)
+    if on_device is not None:
+        return on_device(device)
+    return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+
+
 def classification_loss(criterion: nn.Module, mixup_fn: Optional[Callable], device: torch.device) -> LossFn:
-    """``loss_fn(model, (images, targets))``: copy to the device, Mixup/CutMix there, then the criterion."""
+    """``loss_fn(model, (images, targets))``: to the device (``batch_to_device``), Mixup/CutMix there, then the
+    criterion."""
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
-        images = batch[0].to(device, non_blocking=True)
-        targets = batch[1].to(device, non_blocking=True)
+        images, targets = batch_to_device(batch, device)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         return criterion(model(images).float(), targets)
@@ -362,11 +371,10 @@ def validate(config: Any, data_loader: DataLoader, model: nn.Module, precision: 
     count = 0  # images, counted on the host: no host-to-device copy per batch
     criterion = nn.CrossEntropyLoss(reduction='sum')
     start, num_batches = time.time(), len(data_loader)
-    for idx, (images, targets) in enumerate(data_loader):
-        if images.shape[0] == 0:
+    for idx, batch in enumerate(data_loader):
+        if len(batch[1]) == 0:
             continue  # every image of the batch was unreadable and dropped
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        images, targets = batch_to_device(batch, device)
         with autocast:
             outputs = model(images)
         outputs = outputs.float()
@@ -400,7 +408,7 @@ def throughput(data_loader: DataLoader, model: nn.Module, precision: Optional[Pr
     device = precision.device if precision is not None else next(model.parameters()).device
     autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
     model.eval()
-    images = next(img for img, _ in data_loader if img.shape[0] > 0).to(device, non_blocking=True)
+    images = batch_to_device(next(b for b in data_loader if len(b[1]) > 0), device)[0]
     batch_size = images.shape[0]
 
     def sync() -> None:

@@ -17,7 +17,10 @@ The engine reads it from the main process once an epoch has been fully consumed:
 
     n_broken = data.pop_broken_count(data_loader_train)   # returns the count and resets it to 0
 
-Batches are plain ``(images, targets)``; SimMIM pre-training batches are ``[images, masks, targets]`` (``data.simmim``).
+Batches are plain ``(images, targets)`` with ``DATA.LOADER torch`` (the default); with ``fast`` / ``gpu`` they are
+``data.fast.DeviceBatch``es that unpack the same way and finish on the device: ``images, targets =
+data.batch_to_device(batch, device)`` (normalisation and erasing there; for ``gpu`` also decoding and augmentation).
+SimMIM pre-training batches are ``[images, masks, targets]`` (``data.simmim``).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from .build import build_dataset, build_mixup, build_transform
 from .build import build_loader as _build_classification_loader
 from .datasets import (BrokenImageError, DatasetLayoutError, ImageDataset, ImageFolderDataset,
                        ImageNet22KDataset, ZipImageDataset, decode_image, to_rgb)
+from .fast import DeviceBatch, LoaderDependencyError, batch_to_device
 from .samplers import DistributedEvalSampler, RepeatAugSampler, ShardShuffleSampler, eval_shard_indices
 from .simmim import MaskGenerator, SimMIMTransform, build_loader_simmim
 
@@ -59,6 +63,7 @@ def pop_broken_count(loader_or_dataset: Any) -> int:
 
 
 __all__ = ['build_loader', 'build_dataset', 'build_transform', 'build_mixup', 'broken_count', 'pop_broken_count',
+           'batch_to_device', 'DeviceBatch', 'LoaderDependencyError',
            'BrokenImageError', 'DatasetLayoutError', 'ImageDataset', 'ImageFolderDataset', 'ImageNet22KDataset',
            'ZipImageDataset', 'decode_image', 'to_rgb', 'DistributedEvalSampler', 'RepeatAugSampler',
            'ShardShuffleSampler', 'eval_shard_indices', 'MaskGenerator', 'SimMIMTransform', 'build_loader_simmim']

@@ -58,6 +58,22 @@ def _fix_posterize(transform: Any) -> None:
                 op.aug_fn = _posterize_allowing_zero_bits
 
 
+def train_transform_kwargs(config: Any) -> Dict[str, Any]:
+    """timm ``create_transform`` arguments of the training augmentation (shared by every ``DATA.LOADER``)."""
+    return dict(
+        input_size=config.DATA.IMG_SIZE,
+        is_training=True,
+        scale=tuple(config.AUG.RRC_SCALE),
+        hflip=config.AUG.HFLIP,
+        color_jitter=config.AUG.COLOR_JITTER if config.AUG.COLOR_JITTER > 0 else None,
+        auto_augment=config.AUG.AUTO_AUGMENT if config.AUG.AUTO_AUGMENT not in ('', 'none', None) else None,
+        re_prob=config.AUG.REPROB,
+        re_mode=config.AUG.REMODE,
+        re_count=config.AUG.RECOUNT,
+        interpolation=config.DATA.INTERPOLATION,
+    )
+
+
 def build_transform(is_train: bool, config: Any) -> Callable:
     """The training augmentation (timm) or the deterministic eval transform for ``config``.
 
@@ -68,18 +84,7 @@ def build_transform(is_train: bool, config: Any) -> Callable:
     """
     size = config.DATA.IMG_SIZE
     if is_train:
-        transform = create_transform(
-            input_size=size,
-            is_training=True,
-            scale=tuple(config.AUG.RRC_SCALE),
-            hflip=config.AUG.HFLIP,
-            color_jitter=config.AUG.COLOR_JITTER if config.AUG.COLOR_JITTER > 0 else None,
-            auto_augment=config.AUG.AUTO_AUGMENT if config.AUG.AUTO_AUGMENT not in ('', 'none', None) else None,
-            re_prob=config.AUG.REPROB,
-            re_mode=config.AUG.REMODE,
-            re_count=config.AUG.RECOUNT,
-            interpolation=config.DATA.INTERPOLATION,
-        )
+        transform = create_transform(**train_transform_kwargs(config))
         if size <= 32:
             # Small images: a padded random crop instead of a random-resized crop. pad_if_needed keeps the
             # output size fixed for images smaller than the crop.
@@ -95,6 +100,33 @@ def build_transform(is_train: bool, config: Any) -> Callable:
         resize = [transforms.Resize((size, size), interpolation=interpolation)]
     return transforms.Compose(resize + [transforms.ToTensor(),
                                         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def loader_transform(is_train: bool, config: Any) -> Callable:
+    """The per-sample transform of ``DATA.LOADER``: ``build_transform`` for 'torch'; for 'fast' and 'gpu' the
+    encoded-bytes transforms of ``data.fast`` / ``data.gpu`` (their batches finish on the device)."""
+    kind = config.DATA.LOADER
+    if kind == 'torch':
+        return build_transform(is_train, config)
+    if kind == 'fast':
+        from .fast import FastEvalTransform, FastTrainTransform
+        return FastTrainTransform(config) if is_train else FastEvalTransform(config)
+    if kind == 'gpu':
+        from .gpu import GpuEvalTransform, GpuTrainTransform
+        return GpuTrainTransform(config) if is_train else GpuEvalTransform(config)
+    raise ValueError(f"DATA.LOADER = {kind!r} is not one of ['torch', 'fast', 'gpu']")
+
+
+def loader_collate(is_train: bool, config: Any) -> Optional[Callable]:
+    """The DataLoader ``collate_fn`` of ``DATA.LOADER`` (None: torch's default, for 'torch' training)."""
+    kind = config.DATA.LOADER
+    if kind == 'fast':
+        from .fast import fast_collate
+        return fast_collate(is_train, config)
+    if kind == 'gpu':
+        from .gpu import gpu_collate
+        return gpu_collate(is_train, config)
+    return None if is_train else SkipNoneCollate(config.DATA.IMG_SIZE)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -146,7 +178,7 @@ def build_dataset(is_train: bool, config: Any, class_to_idx: Optional[Dict[str, 
     Raises ``DatasetLayoutError`` for a missing split/map/archive, an empty class folder, a label out of range
     or more classes than ``MODEL.NUM_CLASSES``.
     """
-    transform = build_transform(is_train, config)
+    transform = loader_transform(is_train, config)
     on_broken = 'error' if config.DATA.STRICT_IMAGES else ('substitute' if is_train else 'drop')
     root = config.DATA.DATA_PATH
     kind = config.DATA.DATASET
@@ -270,7 +302,9 @@ def build_loader(config: Any) -> Tuple[Optional[Dataset], Dataset, Optional[Data
     yields ``SampleKey``s (ints that carry seed and epoch), so each sample's augmentation is a function of
     (SEED, epoch, index) alone; a loader over a slice of ``list(sampler)`` (a mid-epoch resume) reproduces the
     rest of the epoch exactly, with any number of workers. ``DATA.NUM_WORKERS`` is capped at the cores per
-    local process.
+    local process. ``DATA.LOADER`` picks the per-sample transform and collate (``loader_transform``,
+    ``loader_collate``): with 'fast' / 'gpu' the batches are ``data.fast.DeviceBatch``es, finished on the device by
+    ``data.batch_to_device``; the samplers are the same for every loader.
     Validation is sharded exactly: sum correct counts over ranks and divide by ``len(dataset_val)`` minus the
     broken images (``data.pop_broken_count``).
     """
@@ -292,10 +326,11 @@ def build_loader(config: Any) -> Tuple[Optional[Dataset], Dataset, Optional[Data
                 f"{dataset_train.description}: {len(sampler_train)} training images per rank, fewer than "
                 f"DATA.BATCH_SIZE = {config.DATA.BATCH_SIZE}, so no full batch can be formed; lower "
                 f"DATA.BATCH_SIZE or add images")
-        loader_train = DataLoader(dataset_train, sampler=sampler_train, drop_last=True, **kwargs)
+        loader_train = DataLoader(dataset_train, sampler=sampler_train, drop_last=True,
+                                  collate_fn=loader_collate(True, config), **kwargs)
 
     sampler_val = DistributedEvalSampler(len(dataset_val), world, rank, contiguous=config.TEST.SEQUENTIAL,
                                          shuffle=config.TEST.SHUFFLE, seed=config.SEED)
     loader_val = DataLoader(dataset_val, sampler=sampler_val, drop_last=False,
-                            collate_fn=SkipNoneCollate(config.DATA.IMG_SIZE), **kwargs)
+                            collate_fn=loader_collate(False, config), **kwargs)
     return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)

@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import struct
+import sys
 import time
 import zipfile
 import zlib
@@ -36,6 +37,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
@@ -278,15 +280,20 @@ class ImageDataset(Dataset):
                 raise TypeError(f"{type(self).__name__} index must be an int or a SampleKey, got "
                                 f"{type(index).__name__} {index!r}") from None
         tries = 1 if self.on_broken != 'substitute' else min(len(self), MAX_SUBSTITUTE_TRIES)
+        # A transform with ``takes_encoded`` (DATA.LOADER fast / gpu, data.fast) decodes the file itself in its
+        # ``decode`` step, which may draw random numbers first (the crop picks the JPEG's DCT scale), so it runs
+        # under the key's generators, seeded afresh for each substitute.
+        encoded = getattr(self.transform, 'takes_encoded', False)
         for attempt in range(tries):
             i = (index + attempt) % len(self)
-            try:
-                img = self._load(i)
-            except DECODE_ERRORS as exc:
-                self._broken(i, exc)
-                continue
-            if self.transform is not None:
-                with seeded_rngs(index) if isinstance(index, SampleKey) else contextlib.nullcontext():
+            seeded = isinstance(index, SampleKey) and self.transform is not None
+            with seeded_rngs(index) if seeded else contextlib.nullcontext():
+                try:
+                    img = self.transform.decode(self.read(i)) if encoded else self._load(i)
+                except DECODE_ERRORS as exc:
+                    self._broken(i, exc)
+                    continue
+                if self.transform is not None:
                     img = self.transform(img)
             return img, self.samples[i][1]
         if self.on_broken == 'drop':
@@ -459,7 +466,11 @@ class ZipImageDataset(ImageDataset):
         indices = list(indices)
         archive = self._archive()
         step = max(1, len(indices) // 10)
-        for n, i in enumerate(indices):
+        # A bar on an interactive terminal, on rank 0 only (every rank fills its own cache at the same time).
+        from tqdm import tqdm
+        quiet = not sys.stderr.isatty() or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+        for n, i in enumerate(tqdm(indices, desc=f'caching {os.path.basename(self.zip_path)}', unit='img',
+                                   disable=quiet, leave=False)):
             if n % step == 0:
                 logger.info("caching %s: %d / %d", self.zip_path, n, len(indices))
             try:

@@ -135,6 +135,10 @@ def build_loader_simmim(config: Any) -> DataLoader:
     Its sampler has ``set_epoch`` (call it every epoch) and yields ``SampleKey``s like the classification
     training sampler.
     """
+    if config.DATA.LOADER != 'torch':
+        from config import ConfigError
+        raise ConfigError(f"DATA.LOADER {config.DATA.LOADER!r} is for classification; SimMIM pre-training has its "
+                          f"own transform (mask generator) and needs DATA.LOADER torch")
     rank, world = dist_info()
     dataset = build_dataset_simmim(config)
     sampler = _train_sampler(dataset, config, rank, world)

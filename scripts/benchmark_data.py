@@ -1,116 +1,352 @@
 #!/usr/bin/env python
-"""Measure the training input pipeline: decode + augment images/s in one process (= per DataLoader worker),
-then the full training loader with N workers.
+"""Measure the input pipelines on the same real JPEG files, interleaved in one process (rounds; medians; ratios):
 
-Without --data-path it writes --num-images ImageNet-like JPEGs (500x375, quality 90) to a temporary folder.
-With --data-path it reads <data-path>/<DATA.TRAIN_SPLIT>/<class>/<image> (or the zip layout with --zip).
+- timm: ``create_transform(S, is_training=True, auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25,
+  re_mode='pixel', interpolation='bicubic')`` over ``Image.open(f).convert('RGB')`` (timm's reader) and a torch
+  DataLoader (float batches); ``timm-prefetch``: the same with ``use_prefetcher=True`` (uint8 batches, normalise and
+  erasing left to timm's PrefetchLoader on the GPU, not run here);
+- ours: ``DATA.LOADER torch`` (the timm transform plus per-sample seeding), ``fast`` (uint8 batches; normalise +
+  erasing on the device) and ``gpu`` (the workers only read bytes and draw parameters; decode and augmentation run on
+  the device: on this machine's CPU, per image, in the "device" rows).
 
-    python scripts/benchmark_data.py --num-images 256 --workers 0 2 --batch-size 32
+Per stage (one process, one thread: what one DataLoader worker does per image), then the loaders with 1 and N
+workers, for the training and the eval transforms. Every figure is printed with the CPU model and its AVX flags.
+
+    python scripts/benchmark_data.py                        # scikit-image photos -> 256 JPEGs in a temp folder
+    python scripts/benchmark_data.py --data-path DIR        # DIR/<class>/<image> (or DIR/train/<class>/...)
+
+The default images: the 16 photographs bundled with scikit-image (``pip install scikit-image``), each resized to
+cover 540x405 and cut to 500x375 at 15 offsets (every other one mirrored) plus one 1600x1200 version, JPEG quality
+90: 240 ImageNet-sized files and 16 large ones.
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import logging
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import load_config  # noqa: E402
-from data.build import _loader_kwargs, _train_sampler, build_dataset  # noqa: E402
-from data.datasets import decode_image  # noqa: E402
+from data.build import _fix_posterize, loader_collate, loader_transform  # noqa: E402
+from data.datasets import SampleKey, seeded_rngs  # noqa: E402
+from data.fast import batch_to_device  # noqa: E402
+
+PHOTOS = ['astronaut', 'brick', 'camera', 'chelsea', 'clock_motion', 'coffee', 'coins', 'grass', 'gravel',
+          'hubble_deep_field', 'ihc', 'moon', 'motorcycle_left', 'motorcycle_right', 'retina', 'rocket']
 
 
-def make_jpeg_folder(root: str, num_images: int, size: tuple = (500, 375), classes: int = 4) -> None:
-    """ImageNet-like JPEGs: smooth colour fields plus noise, so they compress like photos rather than noise."""
-    rng = np.random.default_rng(0)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    for i in range(num_images):
-        folder = os.path.join(root, 'train', f'class{i % classes}')
+# ----------------------------------------------------------------------------- images
+
+def make_photo_folder(out: str, offsets: int = 15, large: bool = True) -> List[str]:
+    """scikit-image's photographs as ImageNet-like JPEGs under ``out/c<k>/`` (see the module docstring)."""
+    try:
+        import skimage.data
+    except ImportError:
+        raise SystemExit("the default images are scikit-image's photographs: pip install scikit-image, or pass "
+                         "--data-path <folder of JPEGs>") from None
+    src = os.path.dirname(skimage.data.__file__)
+    files = []
+    for c, name in enumerate(PHOTOS):
+        path = next(p for p in glob.glob(os.path.join(src, name + '.*')))
+        img = Image.open(path).convert('RGB')
+
+        def cover(w: int, h: int) -> Image.Image:
+            s = max(w / img.width, h / img.height)
+            return img.resize((round(img.width * s + 0.5), round(img.height * s + 0.5)), Image.LANCZOS)
+        base = cover(540, 405)
+        folder = os.path.join(out, f'c{c % 4}')
         os.makedirs(folder, exist_ok=True)
-        fx, fy, phase = rng.uniform(0.005, 0.05, 3) * [1, 1, 400]
-        base = np.stack([np.sin(xx * fx + phase + c) * np.cos(yy * fy + c) for c in range(3)], -1)
-        pixels = (base * 100 + 128 + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(os.path.join(folder, f'{i:05d}.jpg'), quality=90)
+        for o in range(offsets):
+            dx, dy = (o * 7) % max(1, base.width - 500), (o * 5) % max(1, base.height - 375)
+            tile = base.crop((dx, dy, dx + 500, dy + 375))
+            if o % 2:
+                tile = tile.transpose(Image.FLIP_LEFT_RIGHT)
+            files.append(os.path.join(folder, f'{name}_{o}.jpg'))
+            tile.save(files[-1], quality=90)
+        if large:
+            files.append(os.path.join(folder, f'{name}_large.jpg'))
+            cover(1600, 1200).crop((0, 0, 1600, 1200)).save(files[-1], quality=90)
+    return files
 
 
-def time_single_process(dataset, n: int) -> dict:
-    """Images/s for decode only and for decode + train transform, one process, no batching."""
-    indices = [i % len(dataset) for i in range(n)]
-    dataset[indices[0]]  # warm-up (lazy imports, zip handle)
-    t0 = time.perf_counter()
-    for i in indices:
-        decode_image(dataset.read(i))
-    t1 = time.perf_counter()
-    for i in indices:
-        dataset[i]
-    t2 = time.perf_counter()
-    return {'decode': n / (t1 - t0), 'decode+augment': n / (t2 - t1)}
+def list_images(root: str) -> List[str]:
+    files = sorted(glob.glob(os.path.join(root, '*', '*.*')) + glob.glob(os.path.join(root, 'train', '*', '*.*')))
+    files = [f for f in files if f.lower().endswith(('.jpg', '.jpeg', '.png'))]
+    if not files:
+        raise SystemExit(f"no images under {root}/<class>/ or {root}/train/<class>/")
+    return files
 
 
-def time_loader(dataset, config, epochs: int) -> tuple:
-    """Images/s of the training DataLoader over ``epochs`` epochs, first batch (worker start-up) excluded."""
-    loader = torch.utils.data.DataLoader(dataset, sampler=_train_sampler(dataset, config, 0, 1), drop_last=True,
-                                         **_loader_kwargs(config))
-    images, start = 0, None
-    for epoch in range(epochs):
-        loader.sampler.set_epoch(epoch)
-        for x, _ in loader:
-            if start is None:
-                start = time.perf_counter()  # after the first batch
-                continue
-            images += x.shape[0]
-    elapsed = time.perf_counter() - start
-    return images / elapsed, images
+def machine() -> str:
+    model, flags = '?', ''
+    try:
+        out = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith('Model name:'):
+                model = line.split(':', 1)[1].strip()
+            if line.startswith('Flags:'):
+                flags = ' '.join(sorted({f for f in line.split()[1:] if f.startswith('avx')}))
+    except OSError:
+        pass
+    return (f"CPU: {model}; {os.cpu_count()} CPUs; AVX flags: {flags or 'none'}; load average "
+            f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; torch {torch.__version__}")
+
+
+# ----------------------------------------------------------------------------- contenders
+
+def timm_transform(size: int, train: bool, prefetch: bool = False) -> Any:
+    from timm.data import create_transform
+    if train:
+        t = create_transform(size, is_training=True, auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25,
+                             re_mode='pixel', interpolation='bicubic', use_prefetcher=prefetch)
+        _fix_posterize(t)  # Pillow 13 rejects 0-bit posterize, which m9-mstd0.5 reaches (see docs/DATA.md)
+        return t
+    return create_transform(size, is_training=False, interpolation='bicubic', crop_pct=224 / 256,
+                            use_prefetcher=prefetch)
+
+
+class FileDataset(Dataset):
+    """timm's reader (``Image.open(f).convert('RGB')``) + a transform, or one of our encoded transforms
+    (``decode`` then ``__call__``) under the sample's key."""
+
+    def __init__(self, files: Sequence[str], transform: Any, keyed: bool = False) -> None:
+        self.files, self.transform, self.keyed = list(files), transform, keyed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        with seeded_rngs(SampleKey(index, 0, 0)) if self.keyed else _null():
+            if getattr(self.transform, 'takes_encoded', False):
+                return self.transform(self.transform.decode(self.files[index])), 0
+            with open(self.files[index], 'rb') as f:
+                img = Image.open(f).convert('RGB')
+            return self.transform(img), 0
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def our_config(loader: str, size: int) -> Any:
+    return load_config(None, ['DATA.LOADER', loader, 'DATA.IMG_SIZE', str(size)])
+
+
+def contenders(size: int, train: bool) -> Dict[str, Tuple[Any, Optional[Callable], bool]]:
+    """name -> (per-sample transform, collate_fn, keyed)."""
+    out: Dict[str, Tuple[Any, Optional[Callable], bool]] = {
+        'timm': (timm_transform(size, train), None, False),
+        'timm-prefetch': (timm_transform(size, train, prefetch=True), None, False),
+    }
+    for loader in ('torch', 'fast', 'gpu'):
+        config = our_config(loader, size)
+        collate = loader_collate(train, config)
+        out[loader] = (loader_transform(train, config), collate, train)
+    return out
+
+
+# ----------------------------------------------------------------------------- per-stage timing
+
+def stage_functions(size: int, train: bool) -> Dict[str, List[Tuple[str, Callable]]]:
+    """name -> [(stage, f(state) -> state)] whose composition is that contender's per-sample work."""
+    from data.fast import FastEvalTransform, FastTrainTransform, read_bytes
+    timm_t = timm_transform(size, train).transforms
+    fast = (FastTrainTransform if train else FastEvalTransform)(our_config('fast', size))
+
+    def pil_decode(path: str) -> Image.Image:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+
+    if train:
+        def fast_resize(decoded: Any) -> Any:
+            from torchvision.transforms.v2 import functional as F2
+            pixels, (i, j, h, w), interpolation = decoded
+            crop = torch.from_numpy(pixels).permute(2, 0, 1)[:, i:i + h, j:j + w]
+            return F2.resize(crop, [size, size], interpolation=interpolation, antialias=True)
+
+        def fast_flip(chw: torch.Tensor) -> Image.Image:
+            return fast.flip(Image.merge('RGB', [Image.fromarray(plane) for plane in chw.numpy()]))
+
+        def fast_final(img: Image.Image) -> Any:
+            from data.fast import erase_params
+            return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)), erase_params(fast.eraser, size, size)
+
+        return {
+            'timm': [('decode', pil_decode), ('crop+resize', timm_t[0]), ('flip', timm_t[1]),
+                     ('RandAugment', timm_t[2]),
+                     ('to-tensor/normalise/erase', lambda x: timm_t[5](timm_t[4](timm_t[3](x))))],
+            'fast': [('decode', lambda p: fast.decode(read_bytes(p))), ('crop+resize', fast_resize),
+                     ('flip', fast_flip), ('RandAugment', fast.secondary), ('to-tensor/normalise/erase', fast_final)],
+        }
+    return {
+        'timm': [('decode', pil_decode), ('crop+resize', lambda x: timm_t[1](timm_t[0](x))),
+                 ('to-tensor/normalise/erase', lambda x: timm_t[3](timm_t[2](x)))],
+        'fast': [('decode', lambda p: fast.decode(read_bytes(p))), ('crop+resize', lambda x: fast(x)),
+                 ('to-tensor/normalise/erase', lambda x: x)],
+    }
+
+
+def time_stages(files: Sequence[str], size: int, train: bool, rounds: int, batch: int) -> Dict[str, Dict[str, float]]:
+    """Median ms per image of each stage (and the collate of ``batch`` samples, per image)."""
+    stages = stage_functions(size, train)
+    times: Dict[Tuple[str, str], List[float]] = {}
+    for r in range(rounds):
+        for name, steps in stages.items():
+            states: List[Any] = list(files)
+            for k, (stage, fn) in enumerate(steps):
+                t0 = time.perf_counter()
+                outs = [fn(s) for s in states]  # unseeded: per-sample seeding would add the same cost to both
+                times.setdefault((name, stage), []).append((time.perf_counter() - t0) / len(files) * 1e3)
+                states = outs
+            samples = [(s, 0) for s in states[:batch]]
+            collate = default_collate if name == 'timm' else loader_collate(train, our_config('fast', size))
+            t0 = time.perf_counter()
+            collate(samples)
+            times.setdefault((name, 'collate'), []).append((time.perf_counter() - t0) / len(samples) * 1e3)
+    out: Dict[str, Dict[str, float]] = {}
+    for (name, stage), v in times.items():
+        out.setdefault(name, {})[stage] = statistics.median(v)
+    return out
+
+
+def time_device_finish(files: Sequence[str], size: int, train: bool, device: torch.device, batch: int,
+                       rounds: int) -> Dict[str, float]:
+    """ms per image of the device-side finish (normalise/erase; gpu: decode + augment too) on ``device``."""
+    out: Dict[str, List[float]] = {}
+    for r in range(rounds):
+        for loader in ('fast', 'gpu'):
+            config = our_config(loader, size)
+            transform, collate = loader_transform(train, config), loader_collate(train, config)
+            items = []
+            for n, f in enumerate(files[:batch]):
+                with seeded_rngs(SampleKey(n, r, 0)):
+                    items.append((transform(transform.decode(f)), 0))
+            b = collate(items)
+            if device.type == 'cuda':
+                b.pin_memory()
+                batch_to_device(b, device)  # warm-up (nvJPEG handles, kernels)
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            images, _ = batch_to_device(b, device)
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+            out.setdefault(loader, []).append((time.perf_counter() - t0) / len(items) * 1e3)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- loaders
+
+def time_loader(files: Sequence[str], transform: Any, collate: Optional[Callable], keyed: bool, workers: int,
+                batch: int, epochs: int, device: Optional[torch.device] = None) -> float:
+    """Images/s of a DataLoader over ``files`` (persistent workers; the first epoch is warm-up, not timed).
+    With ``device``, batches are also finished there (batch_to_device), as the training loop does."""
+    loader = DataLoader(FileDataset(files, transform, keyed), batch_size=batch, shuffle=False, drop_last=True,
+                        num_workers=workers, persistent_workers=workers > 0, collate_fn=collate,
+                        pin_memory=device is not None and device.type == 'cuda')
+    images, start = 0, 0.0
+    for epoch in range(epochs + 1):
+        if epoch == 1:
+            start = time.perf_counter()
+        for b in loader:
+            if device is not None:
+                x, _ = batch_to_device(b, device)
+                if device.type == 'cuda':
+                    torch.cuda.synchronize(device)
+            if epoch >= 1:
+                images += len(b[1])
+    return images / (time.perf_counter() - start)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--data-path', help='dataset root (default: generate JPEGs in a temporary folder)')
-    parser.add_argument('--zip', action='store_true', help='read <data-path>/train.zip + train_map.txt')
-    parser.add_argument('--num-images', type=int, default=256, help='images to generate / time (default 256)')
-    parser.add_argument('--img-size', type=int, default=224, help='DATA.IMG_SIZE (default 224)')
-    parser.add_argument('--batch-size', type=int, default=32, help='loader batch size (default 32)')
-    parser.add_argument('--workers', type=int, nargs='+', default=[0, 2],
-                        help='DataLoader worker counts to time (default: 0 2)')
-    parser.add_argument('--epochs', type=int, default=2, help='loader epochs per worker count (default 2)')
-    parser.add_argument('--cfg', help='YAML config whose DATA/AUG settings to use (default: the defaults)')
-    parser.add_argument('--opts', nargs='*', default=[], help='extra config KEY VALUE pairs')
+    parser.add_argument('--data-path', help='folder of images: <path>/<class>/<image> (default: make the photos)')
+    parser.add_argument('--num-images', type=int, default=0, help='use only the first N images (default: all)')
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--workers', type=int, nargs='+', default=[1, 2], help='loader worker counts (default 1 2)')
+    parser.add_argument('--epochs', type=int, default=2, help='timed epochs per loader run (default 2)')
+    parser.add_argument('--rounds', type=int, default=3, help='interleaved rounds; medians are printed (default 3)')
+    parser.add_argument('--loaders', nargs='+', default=['timm', 'timm-prefetch', 'torch', 'fast', 'gpu'])
+    parser.add_argument('--skip-stages', action='store_true', help='only the loader figures')
+    parser.add_argument('--device', default='cpu',
+                        help="where the device-side finish runs (default cpu); with 'cuda' the loader rows also "
+                             "include the copy and the finish on the GPU (end to end, as the training loop sees it)")
     args = parser.parse_args(argv)
+    logging.getLogger('data').setLevel(logging.ERROR)
+    torch.set_num_threads(1)  # as inside a DataLoader worker
 
     tmp = None
-    data_path = args.data_path
-    if not data_path:
-        tmp = tempfile.TemporaryDirectory(prefix='swin_bench_')
-        data_path = tmp.name
-        print(f"writing {args.num_images} JPEGs (500x375) to {data_path}")
-        make_jpeg_folder(data_path, args.num_images)
-
-    def config_for(workers: int):
-        opts = ['DATA.DATA_PATH', data_path, 'DATA.IMG_SIZE', str(args.img_size), 'DATA.BATCH_SIZE',
-                str(args.batch_size), 'DATA.NUM_WORKERS', str(workers), 'DATA.ZIP_MODE', str(args.zip),
-                'DATA.CACHE_MODE', 'no', 'MODEL.NUM_CLASSES', '21841', *args.opts]
-        return load_config(args.cfg, opts)
-
-    logging_off = __import__('logging').getLogger('data.build')
-    logging_off.setLevel('ERROR')  # the class-count warning is noise here
-    dataset, _ = build_dataset(True, config_for(0))
-    torch.set_num_threads(1)  # as inside a DataLoader worker
-    rates = time_single_process(dataset, min(args.num_images, len(dataset)))
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, image size {args.img_size}, "
-          f"{len(dataset)} training images")
-    for name, rate in rates.items():
-        print(f"  one process, {name:15s}: {rate:8.1f} images/s")
-    for workers in args.workers:
-        config = config_for(workers)
-        rate, n = time_loader(build_dataset(True, config)[0], config, args.epochs)
-        print(f"  loader, {workers:2d} workers, batch {args.batch_size}: {rate:8.1f} images/s ({n} images timed)")
+    if args.data_path:
+        files = list_images(args.data_path)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix='swin_photos_')
+        files = make_photo_folder(tmp.name)
+    if args.num_images:
+        files = files[::max(1, len(files) // args.num_images)][:args.num_images]
+    sizes = [Image.open(f).size for f in files]
+    print(machine())
+    print(f"{len(files)} images, {sum(os.path.getsize(f) for f in files) / len(files) / 1024:.0f} KiB average, "
+          f"{sum(1 for w, h in sizes if w * h > 1e6)} over 1 MP; size {args.img_size}, batch {args.batch_size}, "
+          f"{args.rounds} rounds\n")
+    device = torch.device(args.device)
+    for train in (True, False):
+        kind = 'train' if train else 'eval'
+        if not args.skip_stages:
+            stages = time_stages(files, args.img_size, train, args.rounds, args.batch_size)
+            names = list(next(iter(stages.values())))
+            print(f"## {kind}: ms per image, one process, one thread (medians of {args.rounds} rounds)\n")
+            print("| stage | timm | ours (fast) | ratio |\n| --- | --- | --- | --- |")
+            for stage in names:
+                a, b = stages['timm'][stage], stages['fast'][stage]
+                print(f"| {stage} | {a:.3f} | {b:.3f} | {a / b if b > 0 else float('inf'):.2f}x |")
+            ta, tb = sum(stages['timm'].values()), sum(stages['fast'].values())
+            print(f"| **total** | {ta:.3f} | {tb:.3f} | {ta / tb:.2f}x |")
+            finish = time_device_finish(files, args.img_size, train, device, args.batch_size, args.rounds)
+            augment = ' + flip + RandAugment + erase' if train else ''
+            print(f"\ndevice-side finish on {device} per image: fast (normalise{' + erase' if train else ''}) "
+                  f"{finish['fast']:.3f} ms; gpu (decode + crop/resize{augment} + normalise) {finish['gpu']:.3f} ms\n")
+        rates: Dict[Tuple[str, int], List[float]] = {}
+        built = contenders(args.img_size, train)
+        for r in range(args.rounds):
+            for workers in args.workers:
+                for name in args.loaders:
+                    transform, collate, keyed = built[name]
+                    rate = time_loader(files, transform, collate, keyed, workers, args.batch_size, args.epochs,
+                                       device if device.type != 'cpu' else None)
+                    rates.setdefault((name, workers), []).append(rate)
+        print(f"## {kind} loader: images/s (median of {args.rounds} rounds; ratio = median of per-round ratios to "
+              f"timm)\n")
+        print("| loader | " + " | ".join(f"{w} worker{'s' if w > 1 else ''}" for w in args.workers) + " |")
+        print("| --- |" + " --- |" * len(args.workers))
+        for name in args.loaders:
+            cells = []
+            for w in args.workers:
+                med = statistics.median(rates[(name, w)])
+                ratio = statistics.median(x / t for x, t in zip(rates[(name, w)], rates[('timm', w)]))
+                cells.append(f"{med:.0f} ({ratio:.2f}x)")
+            print(f"| {name}{'*' if name == 'gpu' else ''} | " + " | ".join(cells) + " |")
+        if device.type == 'cpu':
+            print("\n*gpu: the workers' share only (read bytes, draw parameters); decoding and augmentation run on "
+                  "the device (the 'device-side finish' figure above)\n")
+        else:
+            print(f"\nend to end: every batch copied to {device} and finished there (batch_to_device)\n")
+    print(machine())
     if tmp is not None:
         tmp.cleanup()
 
