@@ -486,9 +486,6 @@ def build_fsdp_model(config: Any, dist_info: DistInfo, build: Callable[[], nn.Mo
     and ranks are seeded ``SEED + rank``): built under ``SEED`` on a forked RNG, so the ranks' own streams are
     untouched. Built on the CPU: ``fully_shard`` then moves each block's shard to the device, one block at a time,
     so no GPU holds the whole model."""
-    if not dist_info.distributed:
-        raise ConfigError("TRAIN.FSDP.ENABLE (--fsdp) needs 2 or more processes (torchrun --nproc_per_node N); "
-                          "in one process train without --fsdp")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.SEED)
         return build()
@@ -590,6 +587,9 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
     set_matmul_precision(config, device)
 
     # ---------------------------------------------------------------- data and model
+    if config.TRAIN.FSDP.ENABLE and not (config.EVAL_MODE or config.THROUGHPUT_MODE) and not dist_info.distributed:
+        raise ConfigError("TRAIN.FSDP.ENABLE (--fsdp) needs 2 or more processes (torchrun --nproc_per_node N); "
+                          "in one process train without --fsdp")
     if pretrain:
         loader_train, dataset_val, loader_val, mixup_fn = data.build_loader(config, simmim=True, is_pretrain=True), \
             None, None, None

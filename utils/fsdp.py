@@ -20,9 +20,11 @@ write any), so loading a DCP directory runs no code from it; tensors themselves 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
+import warnings
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -167,10 +169,22 @@ def read_metadata(path: str) -> Metadata:
     return SafeReader(path).read_metadata()
 
 
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every call without a process group that it assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='torch.distributed is disabled, unavailable or uninitialized')
+        yield
+
+
+def _no_dist() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
 def _load(state_dict: Dict[str, Any], path: str) -> None:
     try:
-        dcp.load(state_dict, storage_reader=SafeReader(path), planner=TensorOnlyLoadPlanner(),
-                 no_dist=not (dist.is_available() and dist.is_initialized()))
+        with _quiet_single_process():
+                dcp.load(state_dict, storage_reader=SafeReader(path), planner=TensorOnlyLoadPlanner(), no_dist=_no_dist())
     except ShardedCheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures in CheckpointException
@@ -199,7 +213,8 @@ def save_sharded(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], e
     state: Dict[str, Any] = {'model': model_sd, 'optimizer': optim_sd['state']}
     if ema is not None:
         state['ema'] = get_model_state_dict(_ema_module(ema))
-    dcp.save(state, checkpoint_id=path, no_dist=not (dist.is_available() and dist.is_initialized()))
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=path, no_dist=_no_dist())
     return {'param_groups': optim_sd['param_groups']}
 
 
@@ -247,7 +262,9 @@ def read_full_tensors(path: str, prefix: str = 'model') -> Dict[str, torch.Tenso
     if not template:
         raise ShardedCheckpointError(f"sharded checkpoint {path} holds no {prefix!r} tensors")
     try:
-        dcp.load({prefix: template}, storage_reader=SafeReader(path), planner=TensorOnlyLoadPlanner(), no_dist=True)
+        with _quiet_single_process():
+            dcp.load({prefix: template}, storage_reader=SafeReader(path), planner=TensorOnlyLoadPlanner(),
+                     no_dist=True)
     except ShardedCheckpointError:
         raise
     except Exception as e:  # noqa: BLE001
