@@ -284,26 +284,48 @@ def test_sharded_checkpoint_resumes_exactly_with_2_and_carries_on_with_1(digits,
     assert [m[0] for m in _metrics(run_dir)] == [0, 1, 2, 3]
 
 
+def _descendants(pid):
+    """``pid``'s child processes, recursively (torchrun starts its workers in sessions of their own)."""
+    found = []
+    try:
+        with open(f'/proc/{pid}/task/{pid}/children') as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        return found
+    for child in children:
+        found += [child] + _descendants(child)
+    return found
+
+
+def _kill_tree(pid):
+    """SIGKILL torchrun and every worker at once, as a node failure would."""
+    for p in [pid] + _descendants(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.slow
 def test_sigkill_mid_training_or_mid_save_then_resume_matches_uninterrupted(digits, reference, tmp_path):
-    """The whole launch (torchrun and both ranks) is SIGKILLed at random points with a sharded save after every
+    """The whole launch (torchrun and both ranks, found through /proc) is SIGKILLed at random points with a sharded save after every
     update, twice; auto-resume then ends with the uninterrupted run's weights and accuracies."""
     out = str(tmp_path)
     run_dir = os.path.join(out, MODEL_DIR)
     cmd = _cmd(digits, out, 3, extra=['TRAIN.SAVE_EVERY_STEPS', '1'])
     rng = random.Random(0)
     kills = 0
-    for _ in range(2):
+    for most in (3, 2):  # 6 updates in the run, each logged: the second kill still finds lines to wait for
         proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        seen, wanted = 0, rng.randint(1, 4)
+        seen, wanted = 0, rng.randint(1, most)
         try:
             for line in proc.stdout:
                 if 'Train: [' in line:
                     seen += 1
                     if seen == wanted:
                         time.sleep(rng.uniform(0.0, 0.3))  # lands in the save that follows, or after it
-                        os.killpg(proc.pid, signal.SIGKILL)
+                        _kill_tree(proc.pid)
                         kills += 1
                         break
         finally:
