@@ -426,3 +426,39 @@ def test_pickles_in_a_sharded_checkpoint_are_refused(tmp_path):
     with pytest.raises(ckpt.UnsafeCheckpointError):
         ckpt.auto_resume(str(tmp_path))
     assert not os.path.exists(marker)
+
+
+def test_swinv2_huge_and_giant_configs_have_the_paper_sizes():
+    """SwinV2-H 658M and SwinV2-G 3.0B parameters with a 1000-class head (the SwinV2 paper's counts), built on
+    the meta device; their 22K files as the official 22K configs are named and set up."""
+    import models
+    from config import load_config
+    for name, millions in (('huge', 658.0), ('giant', 3001.9)):
+        config = load_config(os.path.join(ROOT, f'configs/swinv2/swinv2_{name}_patch4_window12_192_22k.yaml'),
+                             ['MODEL.NUM_CLASSES', '1000'])
+        assert config.TRAIN.FSDP.ENABLE and config.TRAIN.USE_CHECKPOINT
+        with torch.device('meta'):
+            model = models.build_model(config)
+        assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - millions) < 0.1
+
+
+def test_estimate_memory_divides_by_the_world_size_and_checkpointing_keeps_less(capsys):
+    from scripts import estimate_memory
+    from config import load_config
+    config = load_config(opts=['MODEL.TYPE', 'swinv2', 'MODEL.SWINV2.EMBED_DIM', '32', 'MODEL.SWINV2.DEPTHS', '[2,2]',
+                               'MODEL.SWINV2.NUM_HEADS', '[2,4]', 'MODEL.SWINV2.WINDOW_SIZE', '4',
+                               'MODEL.SWINV2.PRETRAINED_WINDOW_SIZES', '[0,0]', 'DATA.IMG_SIZE', '64'])
+    rows = estimate_memory.estimate(config, world_size=4, batch_size=2, amp_dtype=None)
+    info, ddp, fsdp, ckpt = rows['_info'], rows['ddp'], rows['fsdp'], rows['fsdp_ckpt']
+    assert ddp['weights'] == ddp['grads'] == 4 * info['params'] and ddp['optimizer'] == 8 * info['params']
+    assert fsdp['optimizer'] == ddp['optimizer'] / 4 and fsdp['weights'] == ddp['weights'] / 4 + info['gathered']
+    assert 0 < ckpt['activations'] < fsdp['activations'] == ddp['activations']
+    # twice the images: up to twice the saved bytes (V2's position-bias tables and masks are per model, not image)
+    double = estimate_memory.estimate(config, world_size=4, batch_size=4, amp_dtype=None)['ddp']['activations']
+    assert 1.5 < double / ddp['activations'] <= 2.0
+    bf16 = estimate_memory.estimate(config, world_size=4, batch_size=2, amp_dtype='bfloat16')['ddp']['activations']
+    assert bf16 < 0.8 * ddp['activations']
+    cfg = os.path.join(ROOT, 'configs/swinv2/swinv2_tiny_patch4_window8_256.yaml')
+    assert estimate_memory.main(['--cfg', cfg, '--world-size', '2', '--batch-size', '1']) == 0
+    out = capsys.readouterr().out
+    assert 'DDP' in out and 'FSDP + checkpointing' in out
