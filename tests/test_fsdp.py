@@ -49,8 +49,9 @@ def _config(model_type, extra=()):
                              *extra])
 
 
-def _train(config, fsdp, rank, world):
-    """2 updates (accumulation 2) of a fixed random data set in fp32, with EMA; returns (model, ema, norms)."""
+def _train(config, fsdp, rank, world, train=True):
+    """2 updates (accumulation 2) of a fixed random data set in fp32, with EMA; returns (state, grad norms).
+    ``train=False``: the state as built, untrained."""
     import engine
     import models
     from lr_scheduler import build_scheduler
@@ -79,6 +80,8 @@ def _train(config, fsdp, rank, world):
     train_model = engine.wrap_for_training(model, config, dist_info)
     loss_fn = engine.classification_loss(torch.nn.CrossEntropyLoss(), None, cpu)
     update_step = engine.UpdateStep(train_model, state, precision, loss_fn, config.TRAIN.CLIP_GRAD)
+    if not train:
+        return state, []
     norms = [float(norm) for _, norm, _ in engine.train_one_epoch(state, update_step, loader, accum)]
     return state, norms
 
@@ -102,6 +105,8 @@ def _equivalence_worker(rank, world, init_file, out_dir):
             results[model_type] = {'ddp': ddp_state.model.state_dict(), 'ddp_ema': ddp_state.ema.module.state_dict(),
                                    'fsdp': _full(fsdp_state.model), 'fsdp_ema': _full(fsdp_state.ema.module),
                                    'ddp_norms': ddp_norms, 'fsdp_norms': fsdp_norms}
+            if model_type == 'swin':  # DDP's single-file checkpoint resumed by FSDP
+                results['from_file'] = _file_into_fsdp(config, ddp_state, rank, world)
             if model_type == 'swinv2':  # a sharded checkpoint of it, and its logits, for the export check
                 checkpoint = build_checkpoint(fsdp_state, {}, gather_rng_states(), weights=False)
                 CheckpointManager(out_dir, 0).save_sharded(checkpoint, fsdp_state, 'epoch')
@@ -114,6 +119,25 @@ def _equivalence_worker(rank, world, init_file, out_dir):
             torch.save(results, os.path.join(out_dir, 'results.pt'))
     finally:
         dist.destroy_process_group()
+
+
+def _file_into_fsdp(config, ddp_state, rank, world):
+    """restore_training_state of DDP's checkpoint dict (full tensors, optimizer by index) into a fresh sharded
+    state: model, AdamW moments and EMA as full tensors, for comparison with DDP's."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from utils.checkpoint import build_checkpoint, restore_training_state
+    checkpoint = build_checkpoint(ddp_state, {})
+    fresh, _ = _train(config, True, rank, world, train=False)
+    restore_training_state(checkpoint, fresh)
+    optim = get_optimizer_state_dict(fresh.model, fresh.optimizer,
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = [n for g in ddp_state.optimizer.param_groups for n in g['param_names']]
+    ddp_moments = {n: ddp_state.optimizer.state[p]['exp_avg_sq'] for g in ddp_state.optimizer.param_groups
+                   for n, p in zip(g['param_names'], g['params'])}
+    return {'model': _full(fresh.model), 'ema': _full(fresh.ema.module), 'position': (fresh.epoch, fresh.update),
+            'moments': {n: optim['state'][n]['exp_avg_sq'] for n in names} if rank == 0 else {},  # gathered on 0
+            'ddp_moments': ddp_moments}
 
 
 def _memory(rank, world):
@@ -163,6 +187,19 @@ def test_fsdp_trains_to_ddp_weights_with_accumulation_clipping_and_ema(model_typ
         torch.testing.assert_close(r['fsdp_ema'][key], r['ddp_ema'][key], rtol=1e-5, atol=1e-5, msg=key)
         moved += int(not torch.equal(value, initial[key]))
     assert moved > 10
+
+
+@pytest.mark.slow
+def test_single_file_checkpoint_resumes_into_fsdp(equivalence):
+    """A DDP checkpoint file (full tensors, optimizer state by index) loads into sharded model, AdamW and EMA."""
+    r, ddp = equivalence[1]['from_file'], equivalence[1]['swin']
+    assert r['position'] == (0, 2)  # 2 updates into epoch 0
+    for key, value in ddp['ddp'].items():
+        assert torch.equal(r['model'][key], value), key
+        assert torch.equal(r['ema'][key], ddp['ddp_ema'][key]), key
+    assert r['moments'].keys() == r['ddp_moments'].keys()
+    for key, value in r['ddp_moments'].items():
+        assert torch.equal(r['moments'][key], value) and value.abs().sum() > 0, key
 
 
 def _initial_weights(model_type):

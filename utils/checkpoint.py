@@ -368,6 +368,13 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def _is_fsdp(module: Any) -> bool:
+    """Whether ``module`` was sharded by FSDP2 (its tensors are DTensor shards)."""
+    import sys
+    fsdp = sys.modules.get('torch.distributed.fsdp')  # never imported: nothing can be sharded
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
+
+
 def _is_ema(obj: Any) -> bool:
     from timm.utils import ModelEmaV3  # timm is imported lazily: this module is also used by light scripts
     return isinstance(obj, ModelEmaV3)
@@ -462,7 +469,11 @@ def load_model_state(model: torch.nn.Module, checkpoint: Mapping[str, Any], path
                          "count).")
         raise CheckpointError('\n'.join(lines))
     try:
-        target.load_state_dict(state, strict=False)
+        if _is_fsdp(target):  # each rank keeps its slice of the full tensors
+            from .fsdp import load_full_state
+            load_full_state(target, None, None, state)
+        else:
+            target.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes and keys fit; e.g. a non-tensor entry where a tensor belongs
         raise CheckpointError(f"{path} does not fit the model: {_first_line(e)}") from None
 
@@ -500,7 +511,11 @@ def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, pat
         state.max_accuracy = float(checkpoint.get('max_accuracy', 0.0) or 0.0)
         return
     try:
-        if not sharded:
+        if not sharded and _is_fsdp(unwrap_model(state.model)):  # a single file into sharded modules
+            from .fsdp import load_full_state
+            load_full_state(unwrap_model(state.model), state.optimizer, None, checkpoint['model'],
+                            checkpoint['optimizer'])
+        elif not sharded:
             state.optimizer.load_state_dict(checkpoint['optimizer'])
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"{path}: optimizer state does not fit this model/optimizer: {e}") from None
@@ -520,12 +535,16 @@ def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, pat
     elif state.ema is not None:
         if checkpoint.get('ema'):
             try:
-                unwrap_model(state.ema).load_state_dict(checkpoint['ema'])
+                if _is_fsdp(unwrap_model(state.ema)):
+                    from .fsdp import load_full_state
+                    load_full_state(unwrap_model(state.ema), None, None, checkpoint['ema'])
+                else:
+                    unwrap_model(state.ema).load_state_dict(checkpoint['ema'])
             except (RuntimeError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{path}: EMA weights do not fit the model: {_first_line(e)}") from None
         else:
             log.info("resume: %s has no EMA weights; the EMA starts from the resumed model", path)
-            state.ema.set(unwrap_model(state.model))
+            _copy_into_ema(state)
     try:
         epoch = int(checkpoint.get('epoch', -1))
         step = int(checkpoint.get('step', 0) or 0)
@@ -538,7 +557,10 @@ def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, pat
 
 
 def _copy_into_ema(state: TrainState) -> None:
-    """EMA := model, parameter by parameter (works for sharded modules, whose shards line up)."""
+    """EMA := model (for sharded modules too, shard by shard: model and EMA are sharded alike)."""
+    if not _is_fsdp(unwrap_model(state.model)):
+        state.ema.set(unwrap_model(state.model))
+        return
     with torch.no_grad():
         for e, m in zip(unwrap_model(state.ema).state_dict().values(), unwrap_model(state.model).state_dict().values()):
             e.copy_(m)

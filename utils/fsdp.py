@@ -251,6 +251,31 @@ def load_sharded(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], e
     return has_ema
 
 
+def load_full_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], ema: Any,
+                    model_state: Mapping[str, torch.Tensor], optimizer_state: Optional[Mapping[str, Any]] = None,
+                    ema_state: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    """Full (unsharded) state dicts, e.g. of a single-file DDP checkpoint, into a sharded model, optimizer and
+    EMA: every rank keeps its own slice. ``optimizer_state`` is ``Optimizer.state_dict()`` (parameters by
+    index); its groups' ``param_names`` (which ``optimizer.build_optimizer`` records) map indices to names."""
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    if optimizer is not None and optimizer_state:
+        groups, state = [], {}
+        for group in optimizer_state['param_groups']:
+            names = group.get('param_names')
+            if not names or len(names) != len(group['params']):
+                raise ShardedCheckpointError("the optimizer state names no parameters (param_names), so it cannot "
+                                             "be sharded")
+            state.update({name: optimizer_state['state'][i] for i, name in zip(group['params'], names)
+                          if i in optimizer_state['state']})
+            groups.append(dict(group, params=list(names)))
+        set_state_dict(model, optimizer, model_state_dict=dict(model_state),
+                       optim_state_dict={'state': state, 'param_groups': groups}, options=options)
+    else:
+        set_model_state_dict(model, dict(model_state), options=options)
+    if ema is not None and ema_state:
+        set_model_state_dict(_ema_module(ema), dict(ema_state), options=options)
+
+
 def read_full_tensors(path: str, prefix: str = 'model') -> Dict[str, torch.Tensor]:
     """Every tensor under ``prefix`` (``model`` or ``ema``) of DCP directory ``path``, as full CPU tensors in
     this one process (no process group, no GPU): what an export to one file needs."""
