@@ -344,30 +344,41 @@ def _kill_tree(pid):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_training_or_mid_save_then_resume_matches_uninterrupted(digits, reference, tmp_path):
-    """The whole launch (torchrun and both ranks, found through /proc) is SIGKILLed at random points with a sharded save after every
-    update, twice; auto-resume then ends with the uninterrupted run's weights and accuracies."""
+def test_sigterm_then_sigkill_mid_training_or_mid_save_then_resume_matches_uninterrupted(digits, reference, tmp_path):
+    """A sharded save after every update. SIGTERM to torchrun: the ranks finish the update, save a mid-epoch
+    checkpoint and exit 143. Then the whole launch (torchrun and both ranks, found through /proc) is SIGKILLed at
+    a random point (in training or in a save). Auto-resume ends with the uninterrupted run's weights and
+    accuracies."""
     out = str(tmp_path)
     run_dir = os.path.join(out, MODEL_DIR)
     cmd = _cmd(digits, out, 3, extra=['TRAIN.SAVE_EVERY_STEPS', '1'])
     rng = random.Random(0)
-    kills = 0
-    for most in (3, 2):  # 6 updates in the run, each logged: the second kill still finds lines to wait for
+    texts = []
+    for sig, wanted in ((signal.SIGTERM, 3), (signal.SIGKILL, rng.randint(1, 2))):
         proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        seen, wanted = 0, rng.randint(1, most)
+        seen, lines = 0, []
         try:
             for line in proc.stdout:
+                lines.append(line)
                 if 'Train: [' in line:
                     seen += 1
-                    if seen == wanted:
+                    if seen == wanted and sig == signal.SIGTERM:
+                        proc.send_signal(signal.SIGTERM)  # torchrun passes it on to the ranks
+                    elif seen == wanted:
                         time.sleep(rng.uniform(0.0, 0.3))  # lands in the save that follows, or after it
                         _kill_tree(proc.pid)
-                        kills += 1
                         break
+            lines.append(proc.communicate(timeout=120)[0] or '')
         finally:
-            proc.wait(timeout=120)
-    assert kills == 2
+            if proc.poll() is None:
+                _kill_tree(proc.pid)
+                proc.wait()
+        texts.append(''.join(lines))
+        assert seen == wanted, texts[-1][-3000:]
+    assert 'preempted (SIGTERM)' in texts[0] and '(exit code 143)' in texts[0], texts[0][-3000:]
+    assert f"--resume {os.path.join(run_dir, 'ckpt_last')}" in texts[0]
+    assert 'resumed from' in texts[1] and '_update_' in texts[1]  # the SIGTERM's mid-epoch checkpoint
     result = _run(cmd)
     assert 'resumed from' in result.stdout
     assert _metrics(run_dir) == _metrics(reference)
