@@ -165,9 +165,10 @@ class UpdateStep:
 
     Owns precision (fp32, bf16, fp16 with the state's GradScaler, apex), accumulation (DDP or FSDP gradient sync
     only on the last micro-batch, through the DDP/FSDP module whatever wraps it), clipping (``TRAIN.CLIP_GRAD``;
-    the grad norm, of the full gradient also under FSDP, is returned either way) and the non-finite guard: an update with non-finite gradients is skipped on the device
-    (GradScaler does so for fp16; ``_step_unless`` for the rest). The EMA follows every update; after a skipped
-    one it moves towards unchanged weights, which is harmless and needs no sync.
+    the norm of the whole gradient, also under FSDP, is returned either way) and the non-finite guard: an update
+    with non-finite gradients is skipped on the device (GradScaler does so for fp16; ``_step_unless`` for the
+    rest). The EMA follows every update; after a skipped one it moves towards unchanged weights, which is harmless
+    and needs no sync.
 
     ``__call__(micro_batches) -> (mean loss, grad norm, skipped)``, all device tensors.
     """
@@ -481,11 +482,11 @@ def wrap_for_training(model: nn.Module, config: Any, dist_info: DistInfo) -> nn.
     return torch.compile(train_model) if config.COMPILE else train_model
 
 
-def build_fsdp_model(config: Any, dist_info: DistInfo, build: Callable[[], nn.Module]) -> nn.Module:
+def build_fsdp_model(config: Any, build: Callable[[], nn.Module]) -> nn.Module:
     """``build()`` with the same initial weights on every rank (FSDP keeps each rank's own slice of what it holds,
     and ranks are seeded ``SEED + rank``): built under ``SEED`` on a forked RNG, so the ranks' own streams are
-    untouched. Built on the CPU: ``fully_shard`` then moves each block's shard to the device, one block at a time,
-    so no GPU holds the whole model."""
+    untouched. Built on the CPU: ``fully_shard`` then moves one block at a time to the device and keeps only its
+    shard there, so no GPU holds the whole model (each rank's host memory does, briefly, and the EMA's copy)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.SEED)
         return build()
@@ -602,7 +603,7 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
                           f"size or set AUG.MIXUP 0 AUG.CUTMIX 0")
     fsdp = bool(config.TRAIN.FSDP.ENABLE) and training
     if fsdp:
-        model = build_fsdp_model(config, dist_info, lambda: models.build_model(config, is_pretrain=pretrain))
+        model = build_fsdp_model(config, lambda: models.build_model(config, is_pretrain=pretrain))
     else:
         model = models.build_model(config, is_pretrain=pretrain).to(device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)

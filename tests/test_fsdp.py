@@ -445,6 +445,21 @@ def test_kill_mid_save_leaves_previous_checkpoint_in_use(tmp_path):
     assert restored.optimizer.state_dict()['state'][0]['exp_avg'].abs().sum() > 0
 
 
+def test_auto_resume_skips_a_sharded_checkpoint_with_a_damaged_shard(tmp_path, caplog):
+    from utils import checkpoint as ckpt
+    _plain_sharded_checkpoint(str(tmp_path), epoch=0)
+    _plain_sharded_checkpoint(str(tmp_path), epoch=1)
+    shard = tmp_path / 'ckpt_epoch_1' / '__0_0.distcp'
+    shard.write_bytes(shard.read_bytes()[:50])
+    with caplog.at_level('WARNING'):
+        path, state = ckpt.auto_resume(str(tmp_path))
+    assert path == str(tmp_path / 'ckpt_epoch_0') and state['epoch'] == 0
+    assert 'ckpt_epoch_1' in caplog.text and 'truncated' in caplog.text
+    shard.unlink()
+    with pytest.raises(ckpt.CheckpointError, match='__0_0.distcp is missing'):
+        ckpt.load_checkpoint_file(str(tmp_path / 'ckpt_epoch_1'))
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = marker

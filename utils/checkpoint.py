@@ -126,12 +126,16 @@ def load_checkpoint_file(path: str, trust: bool = False, map_location: Any = 'cp
 def load_sharded_checkpoint(path: str, trust: bool = False) -> Dict[str, Any]:
     """A sharded checkpoint directory's ``train_state.pth`` with ``'sharded_dir': path`` added; its tensors are
     read by ``restore_training_state`` / ``load_model_state``. Raises ``CheckpointError`` for an incomplete
-    directory."""
-    from .fsdp import METADATA_NAME
+    directory (no metadata, a missing or truncated shard) or an unreadable ``train_state.pth``."""
+    from .fsdp import METADATA_NAME, ShardedCheckpointError, verify_sharded
     if not os.path.isfile(os.path.join(path, METADATA_NAME)):
         raise CheckpointError(f"sharded checkpoint {path} is incomplete: no {METADATA_NAME} (a save that did not "
                               f"finish?)")
     meta = load_checkpoint_file(os.path.join(path, TRAIN_STATE_NAME), trust=trust)
+    try:
+        verify_sharded(path)
+    except ShardedCheckpointError as e:
+        raise CheckpointError(str(e)) from None
     meta['sharded_dir'] = path
     return meta
 

@@ -181,6 +181,23 @@ def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
+def verify_sharded(path: str) -> Metadata:
+    """The metadata of DCP directory ``path`` after checking that every shard file it names exists and is long
+    enough (a truncated or missing shard is found here, before any rank starts loading); no tensor is read."""
+    metadata = read_metadata(path)
+    needed: Dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        name = str(info.relative_path)
+        needed[name] = max(needed.get(name, 0), int(info.offset) + int(info.length))
+    for name, size in sorted(needed.items()):
+        file = os.path.join(path, name)
+        have = os.path.getsize(file) if os.path.isfile(file) else None
+        if have is None or have < size:
+            raise ShardedCheckpointError(f"sharded checkpoint {path}: shard {name} is "
+                                         f"{'missing' if have is None else f'truncated ({have} of {size} bytes)'}")
+    return metadata
+
+
 def _load(state_dict: Dict[str, Any], path: str) -> None:
     try:
         with _quiet_single_process():
