@@ -252,9 +252,17 @@ def digits(tmp_path_factory):
     return write_digits_folder(tmp_path_factory.mktemp('digits'), 4, 8, 4)
 
 
+def _free_port():
+    """A TCP port nobody listens on now (other suites' torchrun runs may be using fixed ones)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
 def _cmd(data, out, epochs, nproc=2, fsdp=True, extra=()):
     launch = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port',
-              str(29000 + random.randrange(900))] if nproc > 1 else [sys.executable]
+              str(_free_port())] if nproc > 1 else [sys.executable]
     return launch + ['main.py', '--data-path', data, '--output', out, '--batch-size', str(BATCH), '--device', 'cpu',
                      '--disable_amp', *(['--fsdp'] if fsdp else []), '--opts', *TINY, *PLAIN,
                      'TRAIN.EPOCHS', str(epochs), *extra]

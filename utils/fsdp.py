@@ -109,27 +109,27 @@ def train_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dic
 
 # ----------------------------------------------------------------------------- safe reading
 
+_METADATA = 'torch.distributed.checkpoint.metadata'
+# What DCP's metadata pickle holds: its plain dataclasses and enums, torch.Size, dtypes and layouts, paths. Only
+# these names resolve (not whole modules: some classes there, e.g. the file-system writers, act on construction).
 _SAFE_GLOBALS = {
-    ('torch', 'Size'), ('torch.serialization', '_get_layout'), ('collections', 'OrderedDict'),
-    ('pathlib', 'PosixPath'), ('pathlib', 'WindowsPath'), ('pathlib', 'PurePosixPath'),
-    ('pathlib', 'PureWindowsPath'), ('builtins', 'set'), ('builtins', 'frozenset'),
+    *((_METADATA, name) for name in ('Metadata', 'MetadataIndex', 'TensorStorageMetadata', 'BytesStorageMetadata',
+                                     'ChunkStorageMetadata', 'TensorProperties', 'StorageMeta',
+                                     '_MEM_FORMAT_ENCODING')),
+    ('torch.distributed.checkpoint.filesystem', '_StorageInfo'), ('torch', 'Size'),
+    ('torch.serialization', '_get_layout'), ('collections', 'OrderedDict'), ('pathlib', 'PosixPath'),
+    ('pathlib', 'PurePosixPath'), ('pathlib', 'WindowsPath'), ('pathlib', 'PureWindowsPath'),
 }
-_SAFE_MODULES = ('torch.distributed.checkpoint.metadata', 'torch.distributed.checkpoint.filesystem',
-                 'torch.distributed.checkpoint.planner', 'torch.distributed.checkpoint._extension')
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Resolves only DCP's metadata classes (dataclasses and enums), ``torch.Size`` and dtypes."""
+    """Resolves only the names in ``_SAFE_GLOBALS`` and torch dtypes; anything else is refused."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
         if module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        if module in _SAFE_MODULES:
-            obj = super().find_class(module, name)
-            if isinstance(obj, type):  # classes only: constructing a dataclass runs no foreign code
-                return obj
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's metadata")
 
 
