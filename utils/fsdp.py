@@ -201,7 +201,7 @@ def verify_sharded(path: str) -> Metadata:
 def _load(state_dict: Dict[str, Any], path: str) -> None:
     try:
         with _quiet_single_process():
-                dcp.load(state_dict, storage_reader=SafeReader(path), planner=TensorOnlyLoadPlanner(), no_dist=_no_dist())
+            dcp.load(state_dict, storage_reader=SafeReader(path), planner=TensorOnlyLoadPlanner(), no_dist=_no_dist())
     except ShardedCheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures in CheckpointException
