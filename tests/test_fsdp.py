@@ -407,6 +407,17 @@ def test_fsdp_in_one_process_is_an_error_naming_the_key(digits, tmp_path, capsys
     assert code == 2 and 'TRAIN.FSDP.ENABLE (--fsdp)' in err and 'torchrun' in err
 
 
+def test_fsdp_cpu_offload_on_the_cpu_is_an_error_naming_the_key(digits, tmp_path, capsys, monkeypatch):
+    import main
+    monkeypatch.setenv('WORLD_SIZE', '2')  # past the process-count check; the offload check comes first
+    monkeypatch.setattr('utils.distributed.init_distributed', lambda *a, **k: SimpleNamespace(
+        rank=0, world_size=2, local_rank=0, device=torch.device('cpu'), is_main=True, distributed=True))
+    code = main.main(['--data-path', digits, '--output', str(tmp_path), '--device', 'cpu', '--fsdp',
+                      '--opts', *TINY, 'TRAIN.FSDP.CPU_OFFLOAD', 'True'])
+    err = capsys.readouterr().err
+    assert code == 2 and 'TRAIN.FSDP.CPU_OFFLOAD' in err and err.count('\n') == 1
+
+
 def test_fsdp_with_apex_is_a_config_error():
     from config import ConfigError, load_config
     with pytest.raises(ConfigError, match=r'TRAIN.FSDP.ENABLE \(--fsdp\).*AMP_OPT_LEVEL O1'):
