@@ -115,6 +115,7 @@ def _equivalence_worker(rank, world, init_file, out_dir):
                     results['logits'] = fsdp_state.model(torch.randn(3, 3, 32, 32,
                                                                      generator=torch.Generator().manual_seed(5)))
         results['memory'] = _memory(rank, world)
+        results['nonfinite'] = _nonfinite_on_one_rank(rank, world)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, 'results.pt'))
     finally:
@@ -138,6 +139,37 @@ def _file_into_fsdp(config, ddp_state, rank, world):
     return {'model': _full(fresh.model), 'ema': _full(fresh.ema.module), 'position': (fresh.epoch, fresh.update),
             'moments': {n: optim['state'][n]['exp_avg_sq'] for n in names} if rank == 0 else {},  # gathered on 0
             'ddp_moments': ddp_moments}
+
+
+def _nonfinite_on_one_rank(rank, world):
+    """Two UpdateStep calls under FSDP; in the second only rank 1's loss is inf. Returns, per precision (fp32, and
+    fp16 with GradScaler), every rank's (skipped flags, whether its shards changed in the bad update, scale)."""
+    import engine
+    import models
+    from optimizer import build_optimizer
+    from utils.distributed import all_gather_objects
+    cpu = torch.device('cpu')
+    out = {}
+    for name, dtype in (('fp32', None), ('fp16', torch.float16)):
+        config = _config('swin')
+        torch.manual_seed(0)
+        precision = engine.Precision(cpu, dtype)
+        model = engine.fsdp_shard(models.build_model(config), config, precision)
+        scaler = torch.amp.GradScaler('cpu') if dtype else None
+        state = engine.TrainState(model, build_optimizer(config, model), scaler=scaler, updates_per_epoch=10)
+
+        def loss_fn(m, batch):
+            loss = torch.nn.functional.cross_entropy(m(batch[0]).float(), batch[1])
+            return loss * float('inf') if batch[2] and rank == 1 else loss
+        step = engine.UpdateStep(model, state, precision, loss_fn, config.TRAIN.CLIP_GRAD)
+        g = torch.Generator().manual_seed(rank)
+        images, labels = torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 4, (2,), generator=g)
+        flags = [bool(step([(images, labels, False)])[2])]
+        before = [p.to_local().clone() for p in model.parameters()]
+        flags.append(bool(step([(images, labels, True)])[2]))
+        changed = any(not torch.equal(b, p.to_local()) for b, p in zip(before, model.parameters()))
+        out[name] = all_gather_objects((flags, changed, scaler.get_scale() if scaler else None))
+    return out
 
 
 def _memory(rank, world):
@@ -187,6 +219,17 @@ def test_fsdp_trains_to_ddp_weights_with_accumulation_clipping_and_ema(model_typ
         torch.testing.assert_close(r['fsdp_ema'][key], r['ddp_ema'][key], rtol=1e-5, atol=1e-5, msg=key)
         moved += int(not torch.equal(value, initial[key]))
     assert moved > 10
+
+
+@pytest.mark.slow
+def test_nonfinite_gradient_on_one_rank_skips_the_update_on_every_rank(equivalence):
+    """The guard needs no host sync and agrees across ranks: the norm of the sharded gradient is global (fp32),
+    and GradScaler's inf check over DTensor gradients is too (fp16): both ranks skip, the scale halves on both."""
+    for name, ranks in equivalence[1]['nonfinite'].items():
+        for flags, changed, scale in ranks:
+            assert flags == [False, True] and not changed, (name, ranks)
+        if name == 'fp16':
+            assert ranks[0][2] == ranks[1][2] == 65536.0 / 2, ranks
 
 
 @pytest.mark.slow
