@@ -98,7 +98,7 @@ def _equivalence_worker(rank, world, init_file, out_dir):
         from utils.checkpoint import CheckpointManager, build_checkpoint, gather_rng_states
         results = {}
         for model_type, extra in (('swin', ['TRAIN.USE_CHECKPOINT', 'True', 'TRAIN.LAYER_DECAY', '0.8']),
-                                  ('swinv2', [])):
+                                  ('swinv2', ['TRAIN.OPTIMIZER.NAME', 'sgd', 'TRAIN.BASE_LR', '0.1'])):
             config = _config(model_type, extra)
             ddp_state, ddp_norms = _train(config, False, rank, world)
             fsdp_state, fsdp_norms = _train(config, True, rank, world)
@@ -116,6 +116,7 @@ def _equivalence_worker(rank, world, init_file, out_dir):
                                                                      generator=torch.Generator().manual_seed(5)))
         results['memory'] = _memory(rank, world)
         results['nonfinite'] = _nonfinite_on_one_rank(rank, world)
+        results['reductions'] = _reductions_per_update(rank, world)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, 'results.pt'))
     finally:
@@ -172,6 +173,34 @@ def _nonfinite_on_one_rank(rank, world):
     return out
 
 
+def _reductions_per_update(rank, world):
+    """(gradient reductions in one update of 3 micro-batches, FSDP parameter groups). FSDP2 has no public hook
+    for its reduce-scatters, so its private ``foreach_reduce`` is counted (one call per group and reduction)."""
+    import engine
+    import models
+    from optimizer import build_optimizer
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group_module
+    config = _config('swin')
+    precision = engine.Precision(torch.device('cpu'))
+    model = engine.fsdp_shard(models.build_model(config), config, precision)
+    state = engine.TrainState(model, build_optimizer(config, model), updates_per_epoch=10)
+    step = engine.UpdateStep(model, state, precision, engine.classification_loss(
+        torch.nn.CrossEntropyLoss(), None, torch.device('cpu')))
+    calls = []
+    original = group_module.foreach_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+    group_module.foreach_reduce = counting
+    try:
+        step([(torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2,))) for _ in range(3)])
+    finally:
+        group_module.foreach_reduce = original
+    return len(calls), sum(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def _memory(rank, world):
     """Per-rank bytes of params, grads and AdamW state after one step, DDP (plain tensors) vs FSDP (shards)."""
     import engine
@@ -206,13 +235,17 @@ def equivalence(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize('model_type', ['swin', 'swinv2'])
 def test_fsdp_trains_to_ddp_weights_with_accumulation_clipping_and_ema(model_type, equivalence):
-    """V1 with activation checkpointing and layer-decay groups, V2 plain: after 2 updates (2 micro-batches
-    each, clipping at 0.3 active) FSDP's weights and EMA equal DDP's to 1e-5, and so do the grad norms."""
+    """V1 with activation checkpointing and layer-decay groups (AdamW), V2 with SGD (whose update, unlike
+    AdamW's, scales with the clipped gradient): after 2 updates (2 micro-batches each, clipping at 0.3 active)
+    FSDP's weights and EMA equal DDP's to 1e-5, and so do the grad norms."""
     r = equivalence[1][model_type]
     assert len(r['ddp_norms']) == 2 and min(r['ddp_norms']) > 0.3  # clipping really happened
     assert r['fsdp_norms'] == pytest.approx(r['ddp_norms'], rel=1e-5)
     assert r['ddp'].keys() == r['fsdp'].keys()
     initial = _initial_weights(model_type)
+    worst = max(float((r['fsdp'][k] - v).abs().max()) for k, v in r['ddp'].items())
+    print(f"{model_type}: FSDP vs DDP max |weight difference| {worst:.2e}, grad norms {r['fsdp_norms']} vs "
+          f"{r['ddp_norms']}")
     moved = 0
     for key, value in r['ddp'].items():
         torch.testing.assert_close(r['fsdp'][key], value, rtol=1e-5, atol=1e-5, msg=key)
@@ -230,6 +263,13 @@ def test_nonfinite_gradient_on_one_rank_skips_the_update_on_every_rank(equivalen
             assert flags == [False, True] and not changed, (name, ranks)
         if name == 'fp16':
             assert ranks[0][2] == ranks[1][2] == 65536.0 / 2, ranks
+
+
+@pytest.mark.slow
+def test_accumulation_reduces_gradients_once_per_update(equivalence):
+    """3 micro-batches: each FSDP group reduce-scatters its gradients once (after the last), not 3 times."""
+    calls, groups = equivalence[1]['reductions']
+    assert groups == 4 and calls == groups  # 3 blocks + the root
 
 
 @pytest.mark.slow
