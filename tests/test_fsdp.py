@@ -400,6 +400,15 @@ def test_sharded_checkpoint_resumes_exactly_with_2_and_carries_on_with_1(digits,
     resumed, _ = _exported(run_dir, 'ckpt_epoch_2', tmp_path)
     straight, exported = _exported(reference, 'ckpt_epoch_2', tmp_path)
     _assert_same_weights(resumed, straight)
+    # scripts/export.py (and predict.py) read a sharded directory directly, with the config stored in it
+    from safetensors.torch import load_file
+
+    from scripts import export
+    assert export.main(['--resume', os.path.join(reference, 'ckpt_best'), '--safetensors',
+                        str(tmp_path / 'best.safetensors')]) == 0
+    best_epoch = max(_metrics(reference), key=lambda m: (m[1], -m[0]))[0]  # the first epoch with the top accuracy
+    _assert_same_weights(load_file(str(tmp_path / 'best.safetensors')),
+                         _exported(reference, f'ckpt_epoch_{best_epoch}', tmp_path)[0])
     # --eval of the exported file reproduces the epoch's logged accuracy (in one process, no FSDP)
     result = _run([sys.executable, 'main.py', '--data-path', digits, '--output', str(tmp_path / 'eval'),
                    '--batch-size', str(BATCH), '--device', 'cpu', '--disable_amp', '--eval', '--resume', exported,

@@ -797,15 +797,20 @@ def _point_link(target_name: str, link: str) -> None:
     os.replace(tmp, link)
 
 
+def read_sharded_model(sharded_dir: str, ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The full model (or EMA) state dict of a sharded checkpoint, read in this process onto the CPU."""
+    from .fsdp import ShardedCheckpointError, read_full_tensors
+    try:
+        return read_full_tensors(sharded_dir, 'ema' if ema else 'model')
+    except ShardedCheckpointError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def export_sharded_model(sharded_dir: str, path: str, ema: bool = False) -> Dict[str, torch.Tensor]:
     """Write the model (or EMA) weights of sharded checkpoint ``sharded_dir`` as one official checkpoint file
     ``{'model': state_dict}`` (readable by ``--eval --resume``, ``--pretrained``, ``load_pretrained`` and
     ``torch.load(weights_only=True)``). Runs in one process on the CPU: no GPU ever holds the full model; it
     needs host memory for one copy of the weights. Returns the state dict."""
-    from .fsdp import ShardedCheckpointError, read_full_tensors
-    try:
-        state_dict = read_full_tensors(sharded_dir, 'ema' if ema else 'model')
-    except ShardedCheckpointError as e:
-        raise CheckpointError(str(e)) from None
+    state_dict = read_sharded_model(sharded_dir, ema)
     save_checkpoint_file({'model': state_dict}, path)
     return state_dict
