@@ -12,8 +12,10 @@ tensors with shapes and dtypes but no storage):
   unsharded fp32 gradient before the reduce-scatter;
 - activations: measured, not modelled: one forward of ``--batch-size`` images at ``DATA.IMG_SIZE`` (fake
   tensors, under autocast in the AMP dtype) with a saved-tensor hook that adds up the bytes autograd keeps for
-  backward (each storage once, parameters excluded). With checkpointing, what is kept is measured the same way
-  with ``TRAIN.USE_CHECKPOINT`` on, plus the largest block's own saved bytes (its recomputation in backward).
+  backward (each storage once, parameters excluded). Under DDP that includes autocast's low-precision copies
+  of the fp32 weights; under FSDP the weights are gathered in the compute dtype and need none. With
+  checkpointing, what is kept is measured the same way with ``TRAIN.USE_CHECKPOINT`` on, plus the most any
+  one block saves (its recomputation in backward).
   The fake run takes the model's CPU code paths, which save about what the CUDA ones do.
 
 Not counted: the CUDA context (~0.5-1 GB), allocator fragmentation, DDP's gradient buckets (another copy of
@@ -34,22 +36,13 @@ GIB = 1024 ** 3
 
 
 def saved_bytes(model, images) -> int:
-    """Bytes autograd saves for backward in one forward of ``images`` (each storage counted once)."""
+    """Bytes autograd saves for backward in one forward of ``images`` (each storage counted once; parameters
+    and views of them, such as a transposed weight, are not activations)."""
     import torch
-    from torch.multiprocessing.reductions import StorageWeakRef
-    seen = set()
-    total = [0]
-
-    def pack(t):
-        key = StorageWeakRef(t.untyped_storage())
-        if key not in seen and not isinstance(t, torch.nn.Parameter):
-            seen.add(key)
-            total[0] += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    out = {}
+    with torch.autograd.graph.saved_tensors_hooks(_counter(out, model), lambda t: t):
         model(images)
-    return total[0]
+    return out['bytes']
 
 
 def largest_block(model) -> Tuple[int, object]:
@@ -59,36 +52,44 @@ def largest_block(model) -> Tuple[int, object]:
     return max(((sum(p.numel() for p in b.parameters()), b) for b in blocks), key=lambda x: x[0])
 
 
-def block_saved_bytes(model, images, block) -> int:
-    """Bytes ``block`` alone saves for backward during the forward of ``images`` (hooked at that block)."""
+def block_saved_bytes(model, images) -> int:
+    """The most bytes any one Swin block saves for backward during the forward of ``images`` (what its
+    recomputation under activation checkpointing holds at once)."""
     import torch
-    out = {}
+
+    from models.swin_common import SwinBlock
+    per_block = []
+    state = {}
 
     def pre(module, args):
-        out['hook'] = torch.autograd.graph.saved_tensors_hooks(_counter(out), lambda t: t)
-        out['hook'].__enter__()
+        state['out'] = {}
+        state['hook'] = torch.autograd.graph.saved_tensors_hooks(_counter(state['out'], model), lambda t: t)
+        state['hook'].__enter__()
 
     def post(module, args, result):
-        out['hook'].__exit__(None, None, None)
+        state['hook'].__exit__(None, None, None)
+        per_block.append(state['out']['bytes'])
 
-    handles = [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+    handles = []
+    for block in (m for m in model.modules() if isinstance(m, SwinBlock)):
+        handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
     try:
         model(images)
     finally:
         for h in handles:
             h.remove()
-    return out.get('bytes', 0)
+    return max(per_block)
 
 
-def _counter(out):
+def _counter(out, model):
+    """A saved-tensor pack hook adding each new storage's bytes to ``out['bytes']``, parameters' storages not."""
     from torch.multiprocessing.reductions import StorageWeakRef
-    seen = set()
+    seen = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
     out['bytes'] = 0
 
     def pack(t):
-        import torch
         key = StorageWeakRef(t.untyped_storage())
-        if key not in seen and not isinstance(t, torch.nn.Parameter):
+        if key not in seen:
             seen.add(key)
             out['bytes'] += t.untyped_storage().nbytes()
         return t
@@ -115,11 +116,15 @@ def estimate(config, world_size: int, batch_size: int, amp_dtype: Optional[str])
         dtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(amp_dtype or '')
         autocast = torch.autocast('cpu', dtype=dtype) if dtype else contextlib.nullcontext()
         compute_bytes = 2 if dtype else 4
+        block_params, block = largest_block(model)
         with autocast:
             model.set_grad_checkpointing(False)
+            ddp_act = saved_bytes(model, images)  # fp32 weights: autocast's low-precision weight copies count
+            if dtype:  # FSDP gathers the weights in the compute dtype (param_dtype): no copies, and the gathered
+                for p in model.parameters():  # weights are FSDP's (freed after use), not activations
+                    p.data = p.data.to(dtype)  # (.to() on the module cannot swap these fake parameters)
             plain_act = saved_bytes(model, images)
-            block_params, block = largest_block(model)
-            block_act = block_saved_bytes(model, images, block)
+            block_act = block_saved_bytes(model, images)
             model.set_grad_checkpointing(True)
             ckpt_act = saved_bytes(model, images) + block_act
 
@@ -127,7 +132,7 @@ def estimate(config, world_size: int, batch_size: int, amp_dtype: Optional[str])
     gathered = 2 * compute_bytes * block_params + 4 * block_params  # 2 gathered blocks + 1 unsharded grad
     sharded = {k: v / world_size for k, v in full.items()}
     sharded['weights'] += gathered
-    rows = {'ddp': dict(full, activations=plain_act), 'fsdp': dict(sharded, activations=plain_act),
+    rows = {'ddp': dict(full, activations=ddp_act), 'fsdp': dict(sharded, activations=plain_act),
             'fsdp_ckpt': dict(sharded, activations=ckpt_act)}
     for row in rows.values():
         row['total'] = sum(row.values())
