@@ -172,6 +172,11 @@ _C.TRAIN.MAX_NONFINITE_STEPS = 20        # (ours) stop after this many non-finit
 _C.TRAIN.SAVE_EVERY_STEPS = 0            # (ours) mid-epoch checkpoint every N optimizer updates; 0 = off
 _C.TRAIN.KEEP_CHECKPOINTS = 3            # (ours) keep the last K epoch checkpoints (plus best and last)
 
+_C.TRAIN.FSDP = CN()                     # (ours) sharded data parallel (torch FSDP2) and sharded checkpoints
+_C.TRAIN.FSDP.ENABLE = False             # --fsdp; needs torchrun with 2+ processes
+_C.TRAIN.FSDP.CPU_OFFLOAD = False        # shards, gradients and optimizer state live in host memory
+_C.TRAIN.FSDP.RESHARD_AFTER_FORWARD = True  # free gathered block weights after forward (re-gather in backward)
+
 # ----------------------------------------------------------------------------- augmentation
 _C.AUG = CN()
 _C.AUG.COLOR_JITTER = 0.4
@@ -402,6 +407,10 @@ def validate_config(config: CN, pretrain: bool = False) -> None:
         raise ConfigError(f"TRAIN.LAYER_DECAY must be in (0, 1], got {config.TRAIN.LAYER_DECAY!r}")
     if config.TRAIN.EMA.ENABLE and not 0.0 < config.TRAIN.EMA.DECAY < 1.0:
         raise ConfigError(f"TRAIN.EMA.DECAY must be in (0, 1), got {config.TRAIN.EMA.DECAY!r}")
+    if config.TRAIN.FSDP.ENABLE and config.AMP_ENABLE and config.AMP_OPT_LEVEL in ('O1', 'O2'):
+        raise ConfigError(f"TRAIN.FSDP.ENABLE (--fsdp) does not work with apex AMP_OPT_LEVEL "
+                          f"{config.AMP_OPT_LEVEL} (--amp-opt-level); drop --amp-opt-level (FSDP's mixed precision "
+                          f"follows AMP_DTYPE)")
     mixup_on = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
     if training and mixup_on and not pretrain and config.DATA.BATCH_SIZE % 2:  # timm's Mixup pairs images in every mode
@@ -521,6 +530,8 @@ def get_config(args: Any, notes: Optional[List[str]] = None, pretrain: bool = Fa
         config.DEVICE = args.device
     if flag('trust_checkpoint'):
         config.TRUST_CHECKPOINTS = True
+    if flag('fsdp'):
+        config.TRAIN.FSDP.ENABLE = True
     config.LOCAL_RANK = int(os.environ.get('LOCAL_RANK', flag('local_rank') or 0))
     config.OUTPUT = os.path.join(config.OUTPUT or 'output', config.MODEL.NAME, config.TAG)
     note = clip_warmup(config)

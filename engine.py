@@ -37,7 +37,8 @@ from config import ConfigError, config_to_dict
 from utils.checkpoint import (CheckpointError, CheckpointManager, CheckpointSaveError, TrainState, auto_resume,
                               build_checkpoint, gather_rng_states, load_checkpoint_file, load_model_state,
                               remove_stale_temp_files, restore_rank_rng, restore_training_state, unwrap_model)
-from utils.distributed import DistInfo, all_reduce_sum, get_world_size
+from utils.distributed import DistInfo, all_reduce_sum, get_world_size, is_distributed
+from utils.fsdp import find_fsdp, shard_model
 from utils.logger import MetricsFile, create_tb_writer
 from utils.misc import format_seconds, memory_label
 from utils.preemption import Preempted, PreemptionGuard
@@ -171,11 +172,12 @@ def _step_unless(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
 class UpdateStep:
     """One optimizer update from the micro-batches of ``TRAIN.ACCUMULATION_STEPS`` (nanoGPT's update).
 
-    Owns precision (fp32, bf16, fp16 with the state's GradScaler, apex), accumulation (DDP gradient sync only on
-    the last micro-batch, through the DDP module whatever wraps it), clipping (``TRAIN.CLIP_GRAD``; the grad norm
-    is returned either way) and the non-finite guard: an update with non-finite gradients is skipped on the device
-    (GradScaler does so for fp16; ``_step_unless`` for the rest). The EMA follows every update; after a skipped
-    one it moves towards unchanged weights, which is harmless and needs no sync.
+    Owns precision (fp32, bf16, fp16 with the state's GradScaler, apex), accumulation (DDP or FSDP gradient sync
+    only on the last micro-batch, through the DDP/FSDP module whatever wraps it), clipping (``TRAIN.CLIP_GRAD``;
+    the norm of the whole gradient, also under FSDP, is returned either way) and the non-finite guard: an update
+    with non-finite gradients is skipped on the device (GradScaler does so for fp16; ``_step_unless`` for the
+    rest). The EMA follows every update; after a skipped one it moves towards unchanged weights, which is harmless
+    and needs no sync.
 
     ``__call__(micro_batches) -> (mean loss, grad norm, skipped)``, all device tensors.
     """
@@ -183,7 +185,7 @@ class UpdateStep:
     def __init__(self, train_model: nn.Module, state: TrainState, precision: Precision, loss_fn: LossFn,
                  clip_grad: Optional[float] = None):
         self.model, self.state, self.precision, self.loss_fn = train_model, state, precision, loss_fn
-        self.ddp = find_ddp(train_model)
+        self.ddp, self.fsdp = find_ddp(train_model), find_fsdp(train_model)
         self.max_norm = float(clip_grad) if clip_grad else math.inf
         self.params = [p for p in state.model.parameters() if p.requires_grad]
 
@@ -192,6 +194,8 @@ class UpdateStep:
         loss_sum = torch.zeros((), device=precision.device)
         for i, batch in enumerate(micro_batches):
             last = i == n - 1
+            if self.fsdp is not None:
+                self.fsdp.set_requires_gradient_sync(last)  # reduce-scatter only after the last micro-batch
             with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
                 with precision.autocast():
                     loss = self.loss_fn(self.model, batch)
@@ -202,7 +206,9 @@ class UpdateStep:
             state.scaler.unscale_(optimizer)
         params = list(precision.apex_amp.master_params(optimizer)) if precision.apex_amp else self.params
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
-        bad = ~torch.isfinite(grad_norm)  # the same on every rank: gradients are all-reduced
+        if hasattr(grad_norm, 'full_tensor'):  # FSDP: a replicated DTensor (the norm of the whole gradient)
+            grad_norm = grad_norm.full_tensor()
+        bad = ~torch.isfinite(grad_norm)  # the same on every rank: gradients are all-reduced (or the norm is)
         if state.scaler is not None:
             state.scaler.step(optimizer)  # skips on inf/nan without a sync (fused optimizers)
             state.scaler.update()
@@ -371,10 +377,17 @@ def validate(config: Any, data_loader: DataLoader, model: nn.Module, precision: 
     count = 0  # images, counted on the host: no host-to-device copy per batch
     criterion = nn.CrossEntropyLoss(reduction='sum')
     start, num_batches = time.time(), len(data_loader)
+    # FSDP: every forward gathers weights from all ranks, so every rank must run as many as the others; ranks
+    # with fewer (or empty) batches run spare forwards on an image they already saw, and count nothing.
+    lockstep = find_fsdp(model) is not None and is_distributed()
+    spare: Optional[torch.Tensor] = None
+    forwards = 0
     for idx, batch in enumerate(data_loader):
         if len(batch[1]) == 0:
             continue  # every image of the batch was unreadable and dropped
         images, targets = batch_to_device(batch, device)
+        if lockstep and spare is None:
+            spare = images[:1]
         with autocast:
             outputs = model(images)
         outputs = outputs.float()
@@ -387,6 +400,14 @@ def validate(config: Any, data_loader: DataLoader, model: nn.Module, precision: 
             log.info(f"{prefix + ' ' if prefix else ''}Test: [{idx + 1}/{num_batches}]\teta {format_seconds(eta)}\t"
                      f"loss {loss_sum / count:.4f}\tAcc@1 {100 * top1 / count:.3f}\tAcc@5 {100 * top5 / count:.3f}"
                      f"\t{memory_label(device)}")
+        forwards += 1
+    if lockstep:
+        most = torch.tensor([forwards], device=device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        spare = spare if spare is not None else torch.zeros((1, *_input_shape(model)), device=device)
+        with autocast:
+            for _ in range(int(most.item()) - forwards):
+                model(spare)
     totals = all_reduce_sum(torch.cat([totals, torch.tensor([float(count)], dtype=torch.float64).to(device)]))
     loss_sum, correct1, correct5, count = totals.tolist()
     if count == 0:
@@ -397,6 +418,14 @@ def validate(config: Any, data_loader: DataLoader, model: nn.Module, precision: 
     else:
         log.info(f' * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.4f}')  # the official line, then the loss
     return acc1, acc5, loss
+
+
+def _input_shape(model: nn.Module) -> Tuple[int, int, int]:
+    """(channels, height, width) of the images ``model`` was built for (a rank with no image at all)."""
+    plain = unwrap_model(model)
+    plain = getattr(plain, 'encoder', plain)  # SimMIM
+    h, w = plain.img_size
+    return plain.patch_embed.in_chans, h, w
 
 
 @torch.no_grad()
@@ -443,14 +472,15 @@ _DDP_PARAMETERS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
 def wrap_for_training(model: nn.Module, config: Any, dist_info: DistInfo) -> nn.Module:
-    """DDP when distributed, then ``torch.compile`` when ``COMPILE``.
+    """DDP when distributed (not for a model already sharded by ``fsdp_shard``), then ``torch.compile`` when
+    ``COMPILE``.
 
     ``broadcast_buffers=False`` as in the official code: Swin's buffers are tables derived from the geometry (no
     BatchNorm statistics), identical on every rank, and re-sending them before every forward costs up to 56 MiB
     (SwinV2-B 12to24) per step.
     """
     train_model = model
-    if dist_info.distributed:
+    if dist_info.distributed and find_fsdp(model) is None:
         device = dist_info.device
         # torch >= 2.12 names the per-forward broadcast `forward_sync_buffers` and deprecates the old keyword.
         no_broadcast = {'forward_sync_buffers' if 'forward_sync_buffers' in _DDP_PARAMETERS else
@@ -458,6 +488,22 @@ def wrap_for_training(model: nn.Module, config: Any, dist_info: DistInfo) -> nn.
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
                                               find_unused_parameters=False, **no_broadcast)
     return torch.compile(train_model) if config.COMPILE else train_model
+
+
+def build_fsdp_model(config: Any, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` with the same initial weights on every rank (FSDP keeps each rank's own slice of what it holds,
+    and ranks are seeded ``SEED + rank``): built under ``SEED`` on a forked RNG, so the ranks' own streams are
+    untouched. Built on the CPU: ``fully_shard`` then moves one block at a time to the device and keeps only its
+    shard there, so no GPU holds the whole model (each rank's host memory does, briefly, and the EMA's copy)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.SEED)
+        return build()
+
+
+def fsdp_shard(model: nn.Module, config: Any, precision: 'Precision') -> nn.Module:
+    """``utils.fsdp.shard_model`` with the config's precision, offload and resharding."""
+    return shard_model(model, param_dtype=precision.dtype, cpu_offload=config.TRAIN.FSDP.CPU_OFFLOAD,
+                       reshard_after_forward=config.TRAIN.FSDP.RESHARD_AFTER_FORWARD, device=precision.device)
 
 
 def _metrics_record(epoch: int, train: Dict[str, float], broken: int,
@@ -501,21 +547,21 @@ def _evaluate_only(config: Any, model: nn.Module, loader_val: DataLoader, datase
     return {'acc1': acc1, 'acc5': acc5, 'loss': loss}
 
 
-def _resume(config: Any, state: TrainState, dist_info: DistInfo, log: logging.Logger) -> Optional[Dict[str, Any]]:
-    """Restore ``state`` from ``--resume`` or auto-resume (``--pretrained`` only when not resuming); returns the
-    checkpoint's saved RNG states (None when not resuming), to be restored right before training starts."""
-    import models
+def _find_resume(config: Any, log: logging.Logger) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """The checkpoint of ``--resume`` or auto-resume (path, contents), or (None, None)."""
     trust = bool(config.TRUST_CHECKPOINTS)
-    path, checkpoint = config.MODEL.RESUME or None, None
-    if path:
-        checkpoint = load_checkpoint_file(path, trust=trust)
-    elif config.TRAIN.AUTO_RESUME:
-        path, checkpoint = auto_resume(config.OUTPUT, trust=trust, logger=log)
+    if config.MODEL.RESUME:
+        return config.MODEL.RESUME, load_checkpoint_file(config.MODEL.RESUME, trust=trust)
+    if config.TRAIN.AUTO_RESUME:
+        return auto_resume(config.OUTPUT, trust=trust, logger=log)
+    return None, None
+
+
+def _resume(config: Any, state: TrainState, dist_info: DistInfo, log: logging.Logger, path: Optional[str],
+            checkpoint: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Restore ``state`` from ``checkpoint`` (``_find_resume``); returns its saved RNG states (None when not
+    resuming), to be restored right before training starts."""
     if checkpoint is None:
-        if config.MODEL.PRETRAINED:
-            _load_pretrained(models, state.model, config.MODEL.PRETRAINED, log, trust)
-            if state.ema is not None:
-                state.ema.set(state.model)
         return None
     restore_training_state(checkpoint, state, path, log)
     saved_world = (checkpoint.get('rng') or {}).get('world_size')
@@ -550,6 +596,12 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
     set_matmul_precision(config, device)
 
     # ---------------------------------------------------------------- data and model
+    if config.TRAIN.FSDP.ENABLE and not (config.EVAL_MODE or config.THROUGHPUT_MODE) and not dist_info.distributed:
+        raise ConfigError("TRAIN.FSDP.ENABLE (--fsdp) needs 2 or more processes (torchrun --nproc_per_node N); "
+                          "in one process train without it (--opts TRAIN.FSDP.ENABLE False)")
+    if config.TRAIN.FSDP.ENABLE and config.TRAIN.FSDP.CPU_OFFLOAD and device.type != 'cuda':
+        raise ConfigError("TRAIN.FSDP.CPU_OFFLOAD moves the shards from GPU to host memory; this run is on the CPU "
+                          "already (DEVICE / --device), so set TRAIN.FSDP.CPU_OFFLOAD False")
     if pretrain:
         loader_train, dataset_val, loader_val, mixup_fn = data.build_loader(config, simmim=True, is_pretrain=True), \
             None, None, None
@@ -560,7 +612,11 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
         raise ConfigError(f"DATA.BATCH_SIZE = {config.DATA.BATCH_SIZE} must be even when Mixup/CutMix is on "
                           f"(AUG.MIXUP = {config.AUG.MIXUP}, AUG.CUTMIX = {config.AUG.CUTMIX}); use an even batch "
                           f"size or set AUG.MIXUP 0 AUG.CUTMIX 0")
-    model = models.build_model(config, is_pretrain=pretrain).to(device)
+    fsdp = bool(config.TRAIN.FSDP.ENABLE) and training
+    if fsdp:
+        model = build_fsdp_model(config, lambda: models.build_model(config, is_pretrain=pretrain))
+    else:
+        model = models.build_model(config, is_pretrain=pretrain).to(device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(f"model {config.MODEL.TYPE}/{config.MODEL.NAME}: {n_parameters} trainable parameters")
     if not training:
@@ -572,22 +628,32 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
     if updates_per_epoch < 1:
         raise ConfigError(f"TRAIN.ACCUMULATION_STEPS = {accum} exceeds the {len(loader_train)} training batches "
                           f"per epoch; lower it or DATA.BATCH_SIZE")
-    optimizer = build_optimizer(config, model, simmim=True, is_pretrain=True) if pretrain else \
-        build_optimizer(config, model)
+    resume_path, checkpoint = _find_resume(config, log)
+    if checkpoint is None and config.MODEL.PRETRAINED:  # into the plain model: before the EMA copies it, and
+        _load_pretrained(models, model, config.MODEL.PRETRAINED, log, bool(config.TRUST_CHECKPOINTS))  # sharding
     # The EMA copies the fp32 weights before apex O2 casts the model to fp16 (an fp16 EMA at decay 0.9998 would
-    # round its updates away); ModelEmaV3 then adds the fp16 weights into its fp32 copy.
+    # round its updates away); ModelEmaV3 then adds the fp16 weights into its fp32 copy. Under FSDP the copy is
+    # sharded like the model, so its update is a shard-by-shard lerp with no communication.
     ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY, use_warmup=config.TRAIN.EMA.WARMUP) \
         if config.TRAIN.EMA.ENABLE else None
-    apex_amp = apex_amp_module(config)
+    apex_amp = None if fsdp else apex_amp_module(config)
+    precision = resolve_precision(config, device, apex_amp)
+    if fsdp:  # before the optimizer: it must hold the sharded (DTensor) parameters
+        model = fsdp_shard(model, config, precision)
+        if ema is not None:
+            fsdp_shard(ema.module, config, precision)
+    optimizer = build_optimizer(config, model, simmim=True, is_pretrain=True) if pretrain else \
+        build_optimizer(config, model)
     if apex_amp is not None:
         model, optimizer = apex_amp.initialize(model, optimizer, opt_level=config.AMP_OPT_LEVEL)
-    precision = resolve_precision(config, device, apex_amp)
-    log.info(f"precision: {precision.describe()} on {device}")
+    log.info(f"precision: {precision.describe()} on {device}" + (
+        f"; FSDP over {dist_info.world_size} processes (cpu offload {config.TRAIN.FSDP.CPU_OFFLOAD}, reshard after "
+        f"forward {config.TRAIN.FSDP.RESHARD_AFTER_FORWARD})" if fsdp else ''))
     state = TrainState(model=model, optimizer=optimizer,
                        lr_scheduler=build_scheduler(config, optimizer, updates_per_epoch),
                        scaler=torch.amp.GradScaler(device.type) if precision.needs_scaler else None, ema=ema,
                        epoch=config.TRAIN.START_EPOCH, updates_per_epoch=updates_per_epoch)
-    saved_rng = _resume(config, state, dist_info, log)
+    saved_rng = _resume(config, state, dist_info, log, resume_path, checkpoint)
     train_model = wrap_for_training(model, config, dist_info)
     eval_model = torch.compile(model) if config.COMPILE else model
     loss_fn = masked_image_loss(device) if pretrain else \
@@ -604,16 +670,18 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
 
     def save(kind: str, is_best: bool = False) -> None:
         rng = gather_rng_states()  # collective: every rank takes part
-        if not dist_info.is_main:
+        if not (dist_info.is_main or fsdp):
             return
-        checkpoint = build_checkpoint(state, config_dict, rng)
+        checkpoint = build_checkpoint(state, config_dict, rng, weights=not fsdp)
         # The epoch's sample order is a pure function of (seed, epoch) (the samplers' set_epoch); recording
         # where in it the checkpoint stands lets a resume check that it replays the same order.
         checkpoint['data_order'] = {'sampler': type(loader_train.sampler).__name__, 'seed': int(config.SEED),
                                     'epoch': state.epoch, 'batches_done': state.update * accum,
                                     'batch_size': int(config.DATA.BATCH_SIZE), 'world_size': dist_info.world_size}
         try:
-            if kind == 'epoch':
+            if fsdp:  # a collective: every rank writes its shards
+                manager.save_sharded(checkpoint, state, kind, is_best)
+            elif kind == 'epoch':
                 manager.save_epoch(checkpoint, state.epoch - 1, is_best)
             elif kind == 'best':
                 manager.save_best(checkpoint)

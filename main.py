@@ -52,6 +52,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='set by torch.distributed.launch; torchrun uses the LOCAL_RANK variable')
     parser.add_argument('--device', type=str, choices=['auto', 'cpu', 'cuda'],
                         help='where to run (DEVICE); auto: CUDA when available')
+    parser.add_argument('--fsdp', action='store_true',
+                        help='shard weights, gradients and optimizer state over the processes (TRAIN.FSDP.ENABLE; '
+                             'torch FSDP2) and save sharded checkpoints')
     parser.add_argument('--trust-checkpoint', action='store_true',
                         help='allow full unpickling of checkpoint files you trust (TRUST_CHECKPOINTS)')
     return parser.parse_args(argv)
@@ -118,8 +121,9 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Preempted as e:
+        last = 'ckpt_last' if config.TRAIN.FSDP.ENABLE else 'ckpt_last.pth'  # sharded: a link to a directory
         print(f"{e}: checkpoint saved; the same command resumes from it (auto-resume reads {config.OUTPUT}; or "
-              f"add --resume {os.path.join(config.OUTPUT, 'ckpt_last.pth')}) (exit code {e.exit_code})",
+              f"add --resume {os.path.join(config.OUTPUT, last)}) (exit code {e.exit_code})",
               file=sys.stderr)
         return e.exit_code
     finally:

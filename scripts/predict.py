@@ -51,11 +51,13 @@ def load_model(checkpoint_path: str, cfg: Optional[str] = None, opts: Sequence[s
     """(model in eval mode on ``device``, config) from a checkpoint and an optional config file."""
     from models import build_model
     from models.pretrained import extract_state_dict
-    from utils.checkpoint import CheckpointError, load_checkpoint_file, load_model_state
+    from utils.checkpoint import CheckpointError, load_checkpoint_file, load_model_state, read_sharded_model
     checkpoint = load_checkpoint_file(checkpoint_path, trust=trust)
     config = load_config(cfg, opts) if cfg else config_from_checkpoint(checkpoint, checkpoint_path, opts)
     model = build_model(config)
-    if ema:
+    if checkpoint.get('sharded_dir'):  # a sharded (FSDP) checkpoint directory: its tensors read in full here
+        state = read_sharded_model(checkpoint['sharded_dir'], ema)
+    elif ema:
         if not isinstance(checkpoint.get('ema'), dict):
             raise CheckpointError(f"{checkpoint_path} has no EMA weights (train with TRAIN.EMA.ENABLE True)")
         state = checkpoint['ema']

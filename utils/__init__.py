@@ -2,6 +2,8 @@
 
 - ``utils.checkpoint``: the one module that reads and writes checkpoint files (save, resume, export).
 - ``utils.distributed``: process-group set-up from the ``torchrun`` environment and small collectives.
+- ``utils.fsdp``: FSDP2 sharding of the model and DCP reading/writing of sharded state (``utils.checkpoint``
+  decides the file layout).
 - ``utils.logger``: per-rank log files, TensorBoard and the ``metrics.jsonl`` writer.
 - ``utils.misc``: seeding, memory and time formatting.
 

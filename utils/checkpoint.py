@@ -22,6 +22,20 @@ Writes are atomic: a temporary file in the same folder, flushed and fsynced, the
 (e.g. disk full) removes the temporary file, leaves the previous checkpoint untouched and raises
 ``CheckpointSaveError`` naming the file and the reason.
 
+Sharded checkpoints (``TRAIN.FSDP.ENABLE``) are directories of ``torch.distributed.checkpoint`` (DCP) shards:
+
+- ``ckpt_epoch_{e}/``: state after epoch ``e``; ``ckpt_epoch_{e}_update_{u}/``: a mid-epoch save, ``u``
+  updates into epoch ``e`` (only the newest is kept);
+- ``ckpt_last``: a symbolic link to the newest of them (replaced atomically); ``ckpt_best/``: the best epoch's
+  files as hard links (so pruning the epoch directory does not remove it).
+
+Each holds DCP's ``*.distcp`` shards and ``.metadata`` (model, optimizer moments and EMA, every rank writing
+its own shard) and ``train_state.pth``, the checkpoint dict above without those tensors (scheduler, scaler,
+RNG, counters, config, the optimizer's hyper-parameters), written by rank 0. A directory is written as
+``.<name>.tmp`` and renamed when complete, so a kill mid-save leaves only a temporary directory (removed at the
+next start) and the previous checkpoints intact. It loads with any number of processes, with or without FSDP;
+``export_sharded_model`` writes its weights as one official ``{'model': state_dict}`` file.
+
 Loading always uses ``torch.load(weights_only=True)``; a file that needs arbitrary unpickling (old official
 checkpoints with a pickled config, or anything malicious) is refused with ``UnsafeCheckpointError`` unless the
 caller opts in (``TRUST_CHECKPOINTS`` / ``--trust-checkpoint``); nothing from a refused file is executed.
@@ -47,6 +61,12 @@ from .distributed import all_gather_objects, get_rank, get_world_size
 
 _LOG = logging.getLogger(__name__)
 EPOCH_FILE = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
+EPOCH_DIR = re.compile(r'^ckpt_epoch_(\d+)$')
+MID_DIR = re.compile(r'^ckpt_epoch_(\d+)_update_(\d+)$')
+SHARDED_LAST = 'ckpt_last'
+SHARDED_BEST = 'ckpt_best'
+TRAIN_STATE_NAME = 'train_state.pth'
+
 BEST_NAME = 'ckpt_best.pth'
 LAST_NAME = 'ckpt_last.pth'
 TRUST_HINT = "set TRUST_CHECKPOINTS True (--trust-checkpoint) only if you trust where the file came from"
@@ -72,6 +92,8 @@ def load_checkpoint_file(path: str, trust: bool = False, map_location: Any = 'cp
     Raises ``CheckpointError`` for a missing, truncated or unreadable file and ``UnsafeCheckpointError`` for a
     file that would need full unpickling (unless ``trust``).
     """
+    if os.path.isdir(path):
+        return load_sharded_checkpoint(path, trust=trust)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.endswith('.safetensors'):
@@ -99,6 +121,23 @@ def load_checkpoint_file(path: str, trust: bool = False, map_location: Any = 'cp
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint file {path} holds a {type(obj).__name__}, not a dict")
     return obj
+
+
+def load_sharded_checkpoint(path: str, trust: bool = False) -> Dict[str, Any]:
+    """A sharded checkpoint directory's ``train_state.pth`` with ``'sharded_dir': path`` added; its tensors are
+    read by ``restore_training_state`` / ``load_model_state``. Raises ``CheckpointError`` for an incomplete
+    directory (no metadata, a missing or truncated shard) or an unreadable ``train_state.pth``."""
+    from .fsdp import METADATA_NAME, ShardedCheckpointError, verify_sharded
+    if not os.path.isfile(os.path.join(path, METADATA_NAME)):
+        raise CheckpointError(f"sharded checkpoint {path} is incomplete: no {METADATA_NAME} (a save that did not "
+                              f"finish?)")
+    meta = load_checkpoint_file(os.path.join(path, TRAIN_STATE_NAME), trust=trust)
+    try:
+        verify_sharded(path)
+    except ShardedCheckpointError as e:
+        raise CheckpointError(str(e)) from None
+    meta['sharded_dir'] = path
+    return meta
 
 
 def _first_line(e: BaseException) -> str:
@@ -179,6 +218,7 @@ def save_checkpoint_file(obj: Mapping[str, Any], path: str) -> None:
 
 
 _TEMP_FILE = re.compile(r'^\.(ckpt_[A-Za-z0-9_]+\.pth)\.tmp\.(\d+)$')
+_TEMP_DIR = re.compile(r'^\.ckpt_[A-Za-z0-9_]+\.(tmp|old)$')  # sharded saves (one name for all ranks)
 
 
 def remove_stale_temp_files(output_dir: str, logger: Optional[logging.Logger] = None) -> List[str]:
@@ -191,6 +231,9 @@ def remove_stale_temp_files(output_dir: str, logger: Optional[logging.Logger] = 
         match = _TEMP_FILE.match(name)
         if match and int(match.group(2)) != os.getpid():
             _remove_quietly(os.path.join(output_dir, name))
+            removed.append(name)
+        elif _TEMP_DIR.match(name):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
             removed.append(name)
     if removed:
         log.info("removed %d unfinished checkpoint temp file(s) from an interrupted save: %s", len(removed),
@@ -329,6 +372,13 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def _is_fsdp(module: Any) -> bool:
+    """Whether ``module`` was sharded by FSDP2 (its tensors are DTensor shards)."""
+    import sys
+    fsdp = sys.modules.get('torch.distributed.fsdp')  # never imported: nothing can be sharded
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
+
+
 def _is_ema(obj: Any) -> bool:
     from timm.utils import ModelEmaV3  # timm is imported lazily: this module is also used by light scripts
     return isinstance(obj, ModelEmaV3)
@@ -359,17 +409,19 @@ class TrainState:
 
 
 def build_checkpoint(state: TrainState, config_dict: Dict[str, Any],
-                     rng: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The checkpoint dict of ``state`` (official keys plus ours); see the module docstring for their meaning."""
+                     rng: Optional[Dict[str, Any]] = None, weights: bool = True) -> Dict[str, Any]:
+    """The checkpoint dict of ``state`` (official keys plus ours); see the module docstring for their meaning.
+
+    ``weights=False``: without model, optimizer and EMA (a sharded checkpoint stores those through DCP)."""
     def state_dict(obj: Any) -> Any:
         return obj.state_dict() if obj is not None else None
 
     checkpoint: Dict[str, Any] = {
-        'model': unwrap_model(state.model).state_dict(),
-        'optimizer': state_dict(state.optimizer),
+        'model': unwrap_model(state.model).state_dict() if weights else None,
+        'optimizer': state_dict(state.optimizer) if weights else None,
         'lr_scheduler': state_dict(state.lr_scheduler),
         'scaler': state_dict(state.scaler),
-        'ema': unwrap_model(state.ema).state_dict() if state.ema is not None else None,
+        'ema': unwrap_model(state.ema).state_dict() if state.ema is not None and weights else None,
         'max_accuracy': float(state.max_accuracy),
         'epoch': int(state.epoch) - 1,  # the last completed epoch, as the official code reads it
         'step': int(state.update),
@@ -387,6 +439,9 @@ def load_model_state(model: torch.nn.Module, checkpoint: Mapping[str, Any], path
     ``CheckpointError`` listing every tensor that does not fit (name, shape in the file, shape in the model; the
     first 10 of each kind, then a count), and saying when ``--pretrained`` is the flag that adapts the weights.
     """
+    if checkpoint.get('sharded_dir'):
+        _load_sharded_tensors(checkpoint, model, None, None)
+        return
     if 'model' not in checkpoint or not isinstance(checkpoint['model'], Mapping):
         raise CheckpointError(f"{path} has no 'model' state dict (keys: {sorted(checkpoint)[:10]})")
     target = unwrap_model(model)
@@ -418,26 +473,54 @@ def load_model_state(model: torch.nn.Module, checkpoint: Mapping[str, Any], path
                          "count).")
         raise CheckpointError('\n'.join(lines))
     try:
-        target.load_state_dict(state, strict=False)
+        if _is_fsdp(target):  # each rank keeps its slice of the full tensors
+            from .fsdp import load_full_state
+            load_full_state(target, None, None, state)
+        else:
+            target.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes and keys fit; e.g. a non-tensor entry where a tensor belongs
         raise CheckpointError(f"{path} does not fit the model: {_first_line(e)}") from None
+
+
+def _load_sharded_tensors(checkpoint: Mapping[str, Any], model: torch.nn.Module, optimizer: Any, ema: Any) -> bool:
+    """Model (and optimizer state, EMA when given) from a sharded checkpoint's DCP shards; returns whether the
+    EMA was restored."""
+    from .fsdp import ShardedCheckpointError, load_sharded
+    try:
+        return load_sharded(unwrap_model(model), optimizer, ema, checkpoint['sharded_dir'],
+                            checkpoint.get('optimizer_groups'))
+    except ShardedCheckpointError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, path: str = '<checkpoint>',
                            logger: Optional[logging.Logger] = None) -> None:
     """Restore ``state`` (model, optimizer, scheduler, scaler, EMA, epoch, update, best accuracy) in place.
 
-    A checkpoint without optimizer state (e.g. weights only) restores the model and starts at epoch 0.
+    A checkpoint without optimizer state (e.g. weights only) restores the model and starts at epoch 0. A sharded
+    checkpoint (a directory) loads into any world size, sharded or not.
     """
     log = logger or _LOG
-    load_model_state(state.model, checkpoint, path)
-    if state.optimizer is None or not checkpoint.get('optimizer'):
+    sharded = bool(checkpoint.get('sharded_dir'))
+    if sharded:
+        with_optimizer = state.optimizer is not None and bool(checkpoint.get('optimizer_groups'))
+        ema_restored = _load_sharded_tensors(checkpoint, state.model, state.optimizer if with_optimizer else None,
+                                             state.ema)
+    else:
+        load_model_state(state.model, checkpoint, path)
+        with_optimizer = state.optimizer is not None and bool(checkpoint.get('optimizer'))
+    if not with_optimizer:
         log.info("resume: %s holds model weights only; training starts at epoch 0", path)
         state.epoch, state.update = 0, 0
         state.max_accuracy = float(checkpoint.get('max_accuracy', 0.0) or 0.0)
         return
     try:
-        state.optimizer.load_state_dict(checkpoint['optimizer'])
+        if not sharded and _is_fsdp(unwrap_model(state.model)):  # a single file into sharded modules
+            from .fsdp import load_full_state
+            load_full_state(unwrap_model(state.model), state.optimizer, None, checkpoint['model'],
+                            checkpoint['optimizer'])
+        elif not sharded:
+            state.optimizer.load_state_dict(checkpoint['optimizer'])
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"{path}: optimizer state does not fit this model/optimizer: {e}") from None
     try:
@@ -449,15 +532,23 @@ def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, pat
         raise CheckpointError(f"{path}: scheduler/scaler state is unusable: {type(e).__name__}: {e}") from None
     if state.scaler is not None and not checkpoint.get('scaler'):
         log.info("resume: %s has no loss-scaler state; the scaler starts fresh", path)
-    if state.ema is not None:
+    if state.ema is not None and sharded:
+        if not ema_restored:
+            log.info("resume: %s has no EMA weights; the EMA starts from the resumed model", path)
+            _copy_into_ema(state)
+    elif state.ema is not None:
         if checkpoint.get('ema'):
             try:
-                unwrap_model(state.ema).load_state_dict(checkpoint['ema'])
+                if _is_fsdp(unwrap_model(state.ema)):
+                    from .fsdp import load_full_state
+                    load_full_state(unwrap_model(state.ema), None, None, checkpoint['ema'])
+                else:
+                    unwrap_model(state.ema).load_state_dict(checkpoint['ema'])
             except (RuntimeError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{path}: EMA weights do not fit the model: {_first_line(e)}") from None
         else:
             log.info("resume: %s has no EMA weights; the EMA starts from the resumed model", path)
-            state.ema.set(unwrap_model(state.model))
+            _copy_into_ema(state)
     try:
         epoch = int(checkpoint.get('epoch', -1))
         step = int(checkpoint.get('step', 0) or 0)
@@ -467,6 +558,16 @@ def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, pat
     if epoch < -1 or step < 0:
         raise CheckpointError(f"{path}: impossible position epoch {epoch}, step {step}")
     state.epoch, state.update, state.max_accuracy = epoch + 1, step, max_accuracy
+
+
+def _copy_into_ema(state: TrainState) -> None:
+    """EMA := model (for sharded modules too, shard by shard: model and EMA are sharded alike)."""
+    if not _is_fsdp(unwrap_model(state.model)):
+        state.ema.set(unwrap_model(state.model))
+        return
+    with torch.no_grad():
+        for e, m in zip(unwrap_model(state.ema).state_dict().values(), unwrap_model(state.model).state_dict().values()):
+            e.copy_(m)
 
 
 # ----------------------------------------------------------------------------- the output folder
@@ -483,16 +584,37 @@ def epoch_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
     return sorted(found)
 
 
+def sharded_checkpoints(output_dir: str) -> List[Tuple[Tuple[int, int], str]]:
+    """``((epoch, step), path)`` of the sharded checkpoint directories, as the checkpoint dict counts them
+    (``epoch`` completed, ``step`` updates into the next), from their names; unordered."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if os.path.islink(path) or not os.path.isdir(path):
+            continue
+        match = EPOCH_DIR.match(name)
+        if match:
+            found.append(((int(match.group(1)), 0), path))
+        match = MID_DIR.match(name)
+        if match:
+            found.append(((int(match.group(1)) - 1, int(match.group(2))), path))
+    return found
+
+
 def auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.Logger] = None
                 ) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
     """The furthest readable checkpoint in ``output_dir`` and its contents, or ``(None, None)``.
 
-    Epoch files are ranked by the number in their name (never by mtime); ``ckpt_last.pth`` is used when it is
-    further along (a mid-epoch save). A file that does not load is skipped with a logged reason and the next
-    one tried. An unsafe file (needs unpickling) is an error rather than a skip.
+    Epoch files and sharded directories are ranked by the numbers in their names (never by mtime);
+    ``ckpt_last.pth`` is used when it is further along (a mid-epoch save). A checkpoint that does not load (or a
+    sharded directory without its metadata) is skipped with a logged reason and the next one tried. An unsafe
+    file (needs unpickling) is an error rather than a skip.
     """
     log = logger or _LOG
     candidates: List[Tuple[Tuple[int, int], str]] = [((e, 0), p) for e, p in epoch_checkpoints(output_dir)]
+    candidates += sharded_checkpoints(output_dir)
     candidates.sort(reverse=True)
     last = os.path.join(output_dir, LAST_NAME)
     if os.path.isfile(last) and not any(_same_file(last, p) for _, p in candidates):
@@ -506,19 +628,20 @@ def auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.L
             raise
         except CheckpointError as e:
             log.warning("auto-resume: skipping %s: %s", last, e)
-    for (epoch, _), path in candidates:
+    for (epoch, step), path in candidates:
         try:
             checkpoint = load_checkpoint_file(path, trust=trust)
         except UnsafeCheckpointError:
             raise
         except CheckpointError as e:
-            log.warning("auto-resume: skipping %s: %s; trying the previous epoch", path, e)
+            log.warning("auto-resume: skipping %s: %s; trying the previous one", path, e)
             continue
-        if int(checkpoint.get('epoch', epoch)) != epoch:
+        if step == 0 and int(checkpoint.get('epoch', epoch)) != epoch:
             log.warning("auto-resume: %s says epoch %s inside; using it as epoch %d", path,
                         checkpoint.get('epoch'), epoch)
             checkpoint['epoch'] = epoch
-        log.info("auto-resume: %s (epoch %d)", path, epoch)
+        log.info("auto-resume: %s (epoch %d%s)", path, epoch,
+                 f" done, {step} updates into the next" if step else '')
         return path, checkpoint
     if candidates:
         log.warning("auto-resume: no readable checkpoint in %s; training starts from scratch", output_dir)
@@ -578,3 +701,116 @@ class CheckpointManager:
             except OSError as e:
                 self.log.warning("could not remove old checkpoint %s: %s", path, e)
         return removed
+
+    # ------------------------------------------------------------------------- sharded (FSDP) checkpoints
+
+    def save_sharded(self, checkpoint: Dict[str, Any], state: TrainState, kind: str, is_best: bool = False) -> str:
+        """Write a sharded checkpoint directory; a collective (every rank writes its shards).
+
+        ``checkpoint``: ``build_checkpoint(..., weights=False)`` (rank 0's is written). ``kind``: ``epoch``
+        (``ckpt_epoch_{checkpoint['epoch']}``, also ``ckpt_best`` when ``is_best``), ``last`` (a mid-epoch
+        ``ckpt_epoch_{e}_update_{u}``) or ``best`` (``ckpt_best`` only). Raises ``CheckpointSaveError`` on every
+        rank when any rank failed; the previous checkpoints are then intact.
+        """
+        from .distributed import all_gather_objects, barrier, broadcast_object
+        from .fsdp import save_sharded
+        epoch, step = int(checkpoint['epoch']), int(checkpoint['step'])
+        name = {'epoch': f'ckpt_epoch_{epoch}', 'last': f'ckpt_epoch_{epoch + 1}_update_{step}',
+                'best': SHARDED_BEST}[kind]
+        final = os.path.join(self.output_dir, name)
+        tmp = os.path.join(self.output_dir, f'.{name}.tmp')
+        main = get_rank() == 0
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # a save killed half-way
+            os.makedirs(self.output_dir, exist_ok=True)
+        barrier()
+        error = None
+        try:
+            groups = save_sharded(unwrap_model(state.model), state.optimizer, state.ema, tmp)
+        except Exception as e:  # noqa: BLE001 - DCP reports any rank's failure on every rank
+            error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        errors = [e for e in all_gather_objects(error) if e]
+        if not errors and main:
+            try:
+                save_checkpoint_file(dict(checkpoint, optimizer_groups=groups), os.path.join(tmp, TRAIN_STATE_NAME))
+                _fsync_dir(tmp)
+                _replace_dir(tmp, final)
+                _fsync_dir(self.output_dir)
+                if kind != 'best':
+                    _point_link(name, os.path.join(self.output_dir, SHARDED_LAST))
+                if is_best and kind == 'epoch':
+                    best_tmp = os.path.join(self.output_dir, f'.{SHARDED_BEST}.tmp')
+                    shutil.rmtree(best_tmp, ignore_errors=True)
+                    shutil.copytree(final, best_tmp, copy_function=_link_or_copy_file)
+                    _replace_dir(best_tmp, os.path.join(self.output_dir, SHARDED_BEST))
+            except (OSError, CheckpointSaveError) as e:
+                errors.append(str(e))
+        if main and errors:
+            shutil.rmtree(tmp, ignore_errors=True)
+        errors = broadcast_object(errors)
+        if errors:
+            raise CheckpointSaveError(f"could not write sharded checkpoint {final}: {errors[0]} (the previous "
+                                      f"checkpoints are intact)")
+        if main:
+            self.log.info("saved %s%s", final, " (best so far)" if is_best else "")
+            self.prune_sharded()
+        barrier()  # nobody starts the next save (which clears its temporary directory) before this one is done
+        return final
+
+    def prune_sharded(self) -> List[str]:
+        """Delete mid-epoch directories other than ``ckpt_last``'s target, and epoch directories beyond the last
+        ``keep`` (``ckpt_best`` holds its own hard links, so it survives)."""
+        last = os.path.realpath(os.path.join(self.output_dir, SHARDED_LAST))
+        found = sorted(sharded_checkpoints(self.output_dir))
+        epochs = [p for (e, s), p in found if s == 0 and EPOCH_DIR.match(os.path.basename(p))]
+        doomed = [p for (e, s), p in found if MID_DIR.match(os.path.basename(p)) and os.path.realpath(p) != last]
+        if self.keep > 0:
+            doomed += [p for p in epochs[:-self.keep] if os.path.realpath(p) != last]
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+        return doomed
+
+
+def _link_or_copy_file(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    """Rename directory ``src`` to ``dst``. An existing ``dst`` is moved aside first (POSIX cannot rename over a
+    non-empty directory); a kill between the two renames leaves ``dst`` missing but ``src`` complete."""
+    old = os.path.join(os.path.dirname(dst), f'.{os.path.basename(dst)}.old')
+    if os.path.lexists(dst):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _point_link(target_name: str, link: str) -> None:
+    """Make ``link`` a relative symbolic link to ``target_name`` (same folder), replaced atomically."""
+    tmp = os.path.join(os.path.dirname(link), f'.{os.path.basename(link)}.link.tmp')
+    _remove_quietly(tmp)
+    os.symlink(target_name, tmp)
+    os.replace(tmp, link)
+
+
+def read_sharded_model(sharded_dir: str, ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The full model (or EMA) state dict of a sharded checkpoint, read in this process onto the CPU."""
+    from .fsdp import ShardedCheckpointError, read_full_tensors
+    try:
+        return read_full_tensors(sharded_dir, 'ema' if ema else 'model')
+    except ShardedCheckpointError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def export_sharded_model(sharded_dir: str, path: str, ema: bool = False) -> Dict[str, torch.Tensor]:
+    """Write the model (or EMA) weights of sharded checkpoint ``sharded_dir`` as one official checkpoint file
+    ``{'model': state_dict}`` (readable by ``--eval --resume``, ``--pretrained``, ``load_pretrained`` and
+    ``torch.load(weights_only=True)``). Runs in one process on the CPU: no GPU ever holds the full model; it
+    needs host memory for one copy of the weights. Returns the state dict."""
+    state_dict = read_sharded_model(sharded_dir, ema)
+    save_checkpoint_file({'model': state_dict}, path)
+    return state_dict
