@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from config import ConfigError, config_to_dict
+from data.fast import batch_to_device
 from utils.checkpoint import (CheckpointError, CheckpointManager, CheckpointSaveError, TrainState, auto_resume,
                               build_checkpoint, gather_rng_states, load_checkpoint_file, load_model_state,
                               remove_stale_temp_files, restore_rank_rng, restore_training_state, unwrap_model)
@@ -111,15 +112,6 @@ def build_criterion(config: Any, mixup_fn: Any) -> nn.Module:
     if config.MODEL.LABEL_SMOOTHING > 0.0:
         return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
     return nn.CrossEntropyLoss()
-
-
-def batch_to_device(batch: Batch, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(images, targets) on ``device``. A batch of DATA.LOADER fast/gpu (``data.fast.DeviceBatch``) finishes
-    there: normalisation and erasing (for gpu also decoding and augmentation) run on the device."""
-    on_device = getattr(batch, 'on_device', None)
-    if on_device is not None:
-        return on_device(device)
-    return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
 
 
 def classification_loss(criterion: nn.Module, mixup_fn: Optional[Callable], device: torch.device) -> LossFn:

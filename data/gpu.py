@@ -32,7 +32,7 @@ from torchvision.transforms.v2 import functional as F2
 
 from .datasets import DECODE_ERRORS, decode_image
 from .fast import (GEOMETRIC_OPS, DeviceBatch, DeviceCollate, DeviceFinish, affine_matrix, augment_ops,
-                   check_fast_config, erase_params, eval_geometry, read_bytes, rrc_interpolation, size_only,
+                   check_fast_config, erase_params, eval_geometry, is_jpeg, read_bytes, rrc_interpolation, size_only,
                    timm_train_pieces)
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ _OP_ALIASES = {'_posterize_allowing_zero_bits': 'posterize'}
 def encoded_or_pixels(data: bytes) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """(payload, (w, h)): the raw bytes as a 1-D uint8 tensor for a JPEG that nvJPEG / libjpeg decode as RGB, else
     the image decoded here by Pillow as (3, H, W) uint8 (raises a DECODE_ERRORS exception when it is damaged)."""
-    if data[:2] == b'\xff\xd8' and data.rstrip(b'\x00')[-2:] == b'\xff\xd9':
+    if is_jpeg(data) and data.rstrip(b'\x00')[-2:] == b'\xff\xd9':
         with Image.open(io.BytesIO(data)) as img:  # header only
             if img.format == 'JPEG' and img.mode in ('RGB', 'L'):
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), img.size

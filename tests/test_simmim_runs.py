@@ -58,7 +58,7 @@ def test_official_configs_pretrain_then_finetune_on_cpu(version, digits, tmp_pat
                    os.path.join(digits, 'train'), '--batch-size', '2', '--output', str(tmp_path / 'pt'),
                    '--device', 'cpu', '--opts', *short]))
     assert 'Train: [0/1][1/2]' in pt.stdout + pt.stderr and 'bfloat16 autocast' in pt.stdout + pt.stderr
-    pt_dir = tmp_path / 'pt' / f'simmim_pretrain' / os.path.basename(pretrain_cfg)[:-5]
+    pt_dir = tmp_path / 'pt' / 'simmim_pretrain' / os.path.basename(pretrain_cfg)[:-5]
     checkpoint = _only(str(pt_dir))
     saved = torch.load(checkpoint, weights_only=True)
     assert 'encoder.mask_token' in saved['model'] and 'decoder.0.weight' in saved['model']
@@ -115,8 +115,8 @@ def test_torchrun_pretraining_resumes_after_a_kill(tmp_path):
     resumed = _ok(_run(command(interrupted)))
     assert 'auto-resume: ' in resumed.stdout + resumed.stderr
     final = torch.load(os.path.join(run_dir, 'ckpt_epoch_1.pth'), weights_only=True)['model']
-    expected = torch.load(os.path.join(reference, 'simmim_pretrain_digits_32', 'default', 'ckpt_epoch_1.pth'),
-                          weights_only=True)['model']
+    reference_file = os.path.join(reference, 'simmim_pretrain_digits_32', 'default', 'ckpt_epoch_1.pth')
+    expected = torch.load(reference_file, weights_only=True)['model']
     assert final.keys() == expected.keys()
     for key in expected:
         assert torch.equal(final[key], expected[key]), f"{key} differs after the resume"

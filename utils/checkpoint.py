@@ -473,13 +473,18 @@ def load_model_state(model: torch.nn.Module, checkpoint: Mapping[str, Any], path
                          "count).")
         raise CheckpointError('\n'.join(lines))
     try:
-        if _is_fsdp(target):  # each rank keeps its slice of the full tensors
-            from .fsdp import load_full_state
-            load_full_state(target, None, None, state)
-        else:
-            target.load_state_dict(state, strict=False)
+        _load_full_weights(target, state, strict=False)
     except RuntimeError as e:  # shapes and keys fit; e.g. a non-tensor entry where a tensor belongs
         raise CheckpointError(f"{path} does not fit the model: {_first_line(e)}") from None
+
+
+def _load_full_weights(module: torch.nn.Module, state: Mapping[str, torch.Tensor], strict: bool) -> None:
+    """A full state dict into a plain module, or into a sharded one (each rank keeps its slice; not strict)."""
+    if _is_fsdp(module):
+        from .fsdp import load_full_state
+        load_full_state(module, state)
+    else:
+        module.load_state_dict(state, strict=strict)
 
 
 def _load_sharded_tensors(checkpoint: Mapping[str, Any], model: torch.nn.Module, optimizer: Any, ema: Any) -> bool:
@@ -517,8 +522,7 @@ def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, pat
     try:
         if not sharded and _is_fsdp(unwrap_model(state.model)):  # a single file into sharded modules
             from .fsdp import load_full_state
-            load_full_state(unwrap_model(state.model), state.optimizer, None, checkpoint['model'],
-                            checkpoint['optimizer'])
+            load_full_state(unwrap_model(state.model), checkpoint['model'], state.optimizer, checkpoint['optimizer'])
         elif not sharded:
             state.optimizer.load_state_dict(checkpoint['optimizer'])
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
@@ -539,11 +543,7 @@ def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, pat
     elif state.ema is not None:
         if checkpoint.get('ema'):
             try:
-                if _is_fsdp(unwrap_model(state.ema)):
-                    from .fsdp import load_full_state
-                    load_full_state(unwrap_model(state.ema), None, None, checkpoint['ema'])
-                else:
-                    unwrap_model(state.ema).load_state_dict(checkpoint['ema'])
+                _load_full_weights(unwrap_model(state.ema), checkpoint['ema'], strict=True)
             except (RuntimeError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{path}: EMA weights do not fit the model: {_first_line(e)}") from None
         else:

@@ -268,11 +268,11 @@ def load_sharded(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], e
     return has_ema
 
 
-def load_full_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], ema: Any,
-                    model_state: Mapping[str, torch.Tensor], optimizer_state: Optional[Mapping[str, Any]] = None,
-                    ema_state: Optional[Mapping[str, torch.Tensor]] = None) -> None:
-    """Full (unsharded) state dicts, e.g. of a single-file DDP checkpoint, into a sharded model, optimizer and
-    EMA: every rank keeps its own slice. ``optimizer_state`` is ``Optimizer.state_dict()`` (parameters by
+def load_full_state(model: nn.Module, model_state: Mapping[str, torch.Tensor],
+                    optimizer: Optional[torch.optim.Optimizer] = None,
+                    optimizer_state: Optional[Mapping[str, Any]] = None) -> None:
+    """Full (unsharded) state dicts, e.g. of a single-file DDP checkpoint, into a sharded model (or EMA copy) and
+    optimizer: every rank keeps its own slice. ``optimizer_state`` is ``Optimizer.state_dict()`` (parameters by
     index); its groups' ``param_names`` (which ``optimizer.build_optimizer`` records) map indices to names."""
     options = StateDictOptions(full_state_dict=True, strict=False)
     if optimizer is not None and optimizer_state:
@@ -289,8 +289,6 @@ def load_full_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
                        optim_state_dict={'state': state, 'param_groups': groups}, options=options)
     else:
         set_model_state_dict(model, dict(model_state), options=options)
-    if ema is not None and ema_state:
-        set_model_state_dict(_ema_module(ema), dict(ema_state), options=options)
 
 
 def read_full_tensors(path: str, prefix: str = 'model') -> Dict[str, torch.Tensor]:
