@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from config import ConfigError, config_to_dict
-from data.fast import batch_to_device
+from data import batch_to_device
 from utils.checkpoint import (CheckpointError, CheckpointManager, CheckpointSaveError, TrainState, auto_resume,
                               build_checkpoint, gather_rng_states, load_checkpoint_file, load_model_state,
                               remove_stale_temp_files, restore_rank_rng, restore_training_state, unwrap_model)

@@ -18,21 +18,28 @@ The engine reads it from the main process once an epoch has been fully consumed:
     n_broken = data.pop_broken_count(data_loader_train)   # returns the count and resets it to 0
 
 Batches are plain ``(images, targets)`` with ``DATA.LOADER torch`` (the default); with ``fast`` / ``gpu`` they are
-``data.fast.DeviceBatch``es that unpack the same way and finish on the device: ``images, targets =
+``data.device_batch.DeviceBatch``es that unpack the same way and finish on the device: ``images, targets =
 data.batch_to_device(batch, device)`` (normalisation and erasing there; for ``gpu`` also decoding and augmentation).
 SimMIM pre-training batches are ``[images, masks, targets]`` (``data.simmim``).
+
+Modules, each importing only from those above it (``tests/test_architecture.py`` checks it):
+``seeding`` (SampleKey, per-sample RNGs) -> ``datasets`` (sources) -> ``samplers`` -> ``transforms`` (timm's pieces,
+eval geometry) -> ``device_batch`` (DeviceBatch, device-side finish) -> ``fast``, ``gpu`` (loaders) -> ``build``
+-> ``simmim`` -> this package.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from .build import build_dataset, build_mixup, build_transform
+from .build import build_dataset, build_mixup
 from .build import build_loader as _build_classification_loader
 from .datasets import (BrokenImageError, DatasetLayoutError, ImageDataset, ImageFolderDataset,
                        ImageNet22KDataset, ZipImageDataset, decode_image, to_rgb)
-from .fast import DeviceBatch, LoaderDependencyError, batch_to_device
+from .device_batch import DeviceBatch, batch_to_device
+from .fast import LoaderDependencyError
 from .samplers import DistributedEvalSampler, RepeatAugSampler, ShardShuffleSampler, eval_shard_indices
 from .simmim import MaskGenerator, SimMIMTransform, build_loader_simmim
+from .transforms import build_transform
 
 
 def build_loader(config: Any, simmim: bool = False, is_pretrain: bool = False) -> Any:

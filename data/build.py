@@ -1,4 +1,9 @@
-"""``build_loader``, ``build_dataset`` and ``build_transform``: the official entry points, made exact and checked."""
+"""``build_loader`` and ``build_dataset``: the official entry points, made exact and checked.
+
+Layer: over every other module of ``data`` except ``data.simmim`` (which builds on this one); it picks the
+sources, samplers and the ``DATA.LOADER`` transform and collate, and holds the loader settings all loaders share
+(``loader_kwargs``, ``train_sampler``). ``build_transform`` (``DATA.LOADER torch``) lives in ``data.transforms``.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,100 +12,25 @@ import signal
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
-from PIL import Image
-from timm.data import Mixup, create_transform
-from timm.data import auto_augment as timm_auto_augment
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import Mixup
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision import transforms
-from torchvision.transforms import InterpolationMode
+
+from utils.distributed import dist_info
 
 from .datasets import (IMAGENET22K_CLASSES, DatasetLayoutError, ImageDataset, ImageFolderDataset,
                        ImageNet22KDataset, SkipNoneCollate, ZipImageDataset)
+from .fast import FastEvalTransform, FastTrainTransform, fast_collate
+from .gpu import GpuEvalTransform, GpuTrainTransform, gpu_collate
 from .samplers import (DistributedEvalSampler, DistributedTrainSampler, RepeatAugSampler, ShardShuffleSampler,
-                       dist_info, eval_shard_indices, part_cache_shard)
+                       eval_shard_indices, part_cache_shard)
+from .transforms import build_transform
 
 logger = logging.getLogger(__name__)
 
 IMAGENET22K_MAPS = {True: 'ILSVRC2011fall_whole_map_train.txt', False: 'ILSVRC2011fall_whole_map_val.txt'}
 
-# Eval resize interpolation per DATA.INTERPOLATION. 'random' is a training-time choice; for a deterministic
-# eval the official code falls back to bilinear, and so do we.
-_EVAL_INTERPOLATION = {
-    'bicubic': InterpolationMode.BICUBIC,
-    'bilinear': InterpolationMode.BILINEAR,
-    'nearest': InterpolationMode.NEAREST,
-    'random': InterpolationMode.BILINEAR,
-}
 
-
-# ----------------------------------------------------------------------------- transforms
-
-def _posterize_allowing_zero_bits(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
-    """timm's posterize op, with 0 bits kept giving a black image as Pillow < 13 did.
-
-    RandAugment's 'PosterizeIncreasing' reaches 0 bits at magnitude 10 (m9 with mstd 0.5 gets there), and
-    Pillow 13 rejects bits outside 1..8, which would crash a training run at random.
-    """
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return timm_auto_augment.posterize(img, bits_to_keep, **kwargs)
-
-
-def _fix_posterize(transform: Any) -> None:
-    """Swap timm's posterize for the zero-bit-safe one inside RandAugment / AutoAugment / AugMix ops."""
-    for t in getattr(transform, 'transforms', []):
-        ops = list(getattr(t, 'ops', []))
-        for sub_policy in getattr(t, 'policy', []):  # AutoAugment: a list of op lists
-            ops.extend(sub_policy)
-        for op in ops:
-            if getattr(op, 'aug_fn', None) is timm_auto_augment.posterize:
-                op.aug_fn = _posterize_allowing_zero_bits
-
-
-def train_transform_kwargs(config: Any) -> Dict[str, Any]:
-    """timm ``create_transform`` arguments of the training augmentation (shared by every ``DATA.LOADER``)."""
-    return dict(
-        input_size=config.DATA.IMG_SIZE,
-        is_training=True,
-        scale=tuple(config.AUG.RRC_SCALE),
-        hflip=config.AUG.HFLIP,
-        color_jitter=config.AUG.COLOR_JITTER if config.AUG.COLOR_JITTER > 0 else None,
-        auto_augment=config.AUG.AUTO_AUGMENT if config.AUG.AUTO_AUGMENT not in ('', 'none', None) else None,
-        re_prob=config.AUG.REPROB,
-        re_mode=config.AUG.REMODE,
-        re_count=config.AUG.RECOUNT,
-        interpolation=config.DATA.INTERPOLATION,
-    )
-
-
-def build_transform(is_train: bool, config: Any) -> Callable:
-    """The training augmentation (timm) or the deterministic eval transform for ``config``.
-
-    Train: RandomResizedCrop + flip + RandAugment + random erasing through timm's ``create_transform``; for
-    ``DATA.IMG_SIZE <= 32`` the crop is a padded RandomCrop (CIFAR style) as in the official code.
-    Eval: with ``TEST.CROP`` resize the short side to int(256 / 224 * size) and center-crop, else resize
-    straight to (size, size); then ImageNet mean/std normalisation.
-    """
-    size = config.DATA.IMG_SIZE
-    if is_train:
-        transform = create_transform(**train_transform_kwargs(config))
-        if size <= 32:
-            # Small images: a padded random crop instead of a random-resized crop. pad_if_needed keeps the
-            # output size fixed for images smaller than the crop.
-            transform.transforms[0] = transforms.RandomCrop(size, padding=4, pad_if_needed=True)
-        _fix_posterize(transform)
-        return transform
-
-    interpolation = _EVAL_INTERPOLATION[config.DATA.INTERPOLATION]
-    if config.TEST.CROP:
-        resize = [transforms.Resize(int((256 / 224) * size), interpolation=interpolation),
-                  transforms.CenterCrop(size)]
-    else:
-        resize = [transforms.Resize((size, size), interpolation=interpolation)]
-    return transforms.Compose(resize + [transforms.ToTensor(),
-                                        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
-
+# ----------------------------------------------------------------------------- DATA.LOADER: transform and collate
 
 def loader_transform(is_train: bool, config: Any) -> Callable:
     """The per-sample transform of ``DATA.LOADER``: ``build_transform`` for 'torch'; for 'fast' and 'gpu' the
@@ -109,10 +39,8 @@ def loader_transform(is_train: bool, config: Any) -> Callable:
     if kind == 'torch':
         return build_transform(is_train, config)
     if kind == 'fast':
-        from .fast import FastEvalTransform, FastTrainTransform
         return FastTrainTransform(config) if is_train else FastEvalTransform(config)
     if kind == 'gpu':
-        from .gpu import GpuEvalTransform, GpuTrainTransform
         return GpuTrainTransform(config) if is_train else GpuEvalTransform(config)
     raise ValueError(f"DATA.LOADER = {kind!r} is not one of ['torch', 'fast', 'gpu']")
 
@@ -121,10 +49,8 @@ def loader_collate(is_train: bool, config: Any) -> Optional[Callable]:
     """The DataLoader ``collate_fn`` of ``DATA.LOADER`` (None: torch's default, for 'torch' training)."""
     kind = config.DATA.LOADER
     if kind == 'fast':
-        from .fast import fast_collate
         return fast_collate(is_train, config)
     if kind == 'gpu':
-        from .gpu import gpu_collate
         return gpu_collate(is_train, config)
     return None if is_train else SkipNoneCollate(config.DATA.IMG_SIZE)
 
@@ -152,11 +78,13 @@ def _check_labels(dataset: ImageDataset, limit: Optional[int] = None) -> None:
                                  f"(labels span {low}..{high})")
 
 
-def _split_name(is_train: bool, config: Any) -> str:
+def split_name(is_train: bool, config: Any) -> str:
+    """``DATA.TRAIN_SPLIT`` or ``DATA.VAL_SPLIT``: the folder or archive name of the split."""
     return config.DATA.TRAIN_SPLIT if is_train else config.DATA.VAL_SPLIT
 
 
-def _zip_cache_indices(is_train: bool, num_samples: int, config: Any) -> Optional[range | list]:
+def zip_cache_indices(is_train: bool, num_samples: int, config: Any) -> Optional[range | list]:
+    """The samples of a zip split this rank caches in memory per ``DATA.CACHE_MODE`` (None: no cache)."""
     mode = config.DATA.CACHE_MODE
     if mode == 'no':
         return None
@@ -183,12 +111,12 @@ def build_dataset(is_train: bool, config: Any, class_to_idx: Optional[Dict[str, 
     root = config.DATA.DATA_PATH
     kind = config.DATA.DATASET
     if kind in ('imagenet', 'folder'):
-        split = _split_name(is_train, config)
+        split = split_name(is_train, config)
         if config.DATA.ZIP_MODE:
             dataset = ZipImageDataset(os.path.join(root, f'{split}.zip'), os.path.join(root, f'{split}_map.txt'),
                                       transform, on_broken)
             _check_labels(dataset)  # the class count check below bounds them from above
-            cache = _zip_cache_indices(is_train, len(dataset), config)
+            cache = zip_cache_indices(is_train, len(dataset), config)
             if cache is not None:
                 dataset.fill_cache(cache)
         else:
@@ -247,7 +175,8 @@ def worker_count(requested: int) -> int:
     return requested
 
 
-def _loader_kwargs(config: Any) -> Dict[str, Any]:
+def loader_kwargs(config: Any) -> Dict[str, Any]:
+    """The ``DataLoader`` settings every loader shares: batch size, capped workers, pinning, the seeded generator."""
     workers = worker_count(config.DATA.NUM_WORKERS)
     kwargs: Dict[str, Any] = dict(
         batch_size=config.DATA.BATCH_SIZE,
@@ -273,7 +202,9 @@ def ignore_ctrl_c(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _train_sampler(dataset: Dataset, config: Any, rank: int, world: int) -> Sampler:
+def train_sampler(dataset: Dataset, config: Any, rank: int, world: int) -> Sampler:
+    """The training sampler for ``config`` (repeated augmentation, a part-cache shard, or torch's order) on
+    rank ``rank`` of ``world``; it yields ``SampleKey``s."""
     n = len(dataset)
     if config.DATA.REPEATED_AUG > 1:
         return RepeatAugSampler(n, world, rank, repeats=config.DATA.REPEATED_AUG, seed=config.SEED)
@@ -303,8 +234,8 @@ def build_loader(config: Any) -> Tuple[Optional[Dataset], Dataset, Optional[Data
     (SEED, epoch, index) alone; a loader over a slice of ``list(sampler)`` (a mid-epoch resume) reproduces the
     rest of the epoch exactly, with any number of workers. ``DATA.NUM_WORKERS`` is capped at the cores per
     local process. ``DATA.LOADER`` picks the per-sample transform and collate (``loader_transform``,
-    ``loader_collate``): with 'fast' / 'gpu' the batches are ``data.fast.DeviceBatch``es, finished on the device by
-    ``data.batch_to_device``; the samplers are the same for every loader.
+    ``loader_collate``): with 'fast' / 'gpu' the batches are ``data.device_batch.DeviceBatch``es, finished on the
+    device by ``data.batch_to_device``; the samplers are the same for every loader.
     Validation is sharded exactly: sum correct counts over ranks and divide by ``len(dataset_val)`` minus the
     broken images (``data.pop_broken_count``).
     """
@@ -318,9 +249,9 @@ def build_loader(config: Any) -> Tuple[Optional[Dataset], Dataset, Optional[Data
     dataset_val, _ = build_dataset(False, config, class_to_idx=class_to_idx)
     logger.info("rank %d: val dataset %r", rank, dataset_val)
 
-    kwargs = _loader_kwargs(config)
+    kwargs = loader_kwargs(config)
     if dataset_train is not None:
-        sampler_train = _train_sampler(dataset_train, config, rank, world)
+        sampler_train = train_sampler(dataset_train, config, rank, world)
         if len(sampler_train) < config.DATA.BATCH_SIZE:
             raise DatasetLayoutError(
                 f"{dataset_train.description}: {len(sampler_train)} training images per rank, fewer than "

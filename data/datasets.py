@@ -12,35 +12,35 @@ handle unreadable files by the dataset's ``on_broken`` policy:
 The count lives in a shared-memory tensor (``BrokenImageCounter``) created in the main process, so DataLoader
 workers (fork or spawn) add to the same number that the engine reads.
 
-Training samplers yield ``SampleKey``s: an int (the dataset index) that also carries (seed, epoch, draw). For
-such a key the random transform runs under generators seeded from those four numbers alone (``seeded_rngs``), so
-a sample's augmentation does not depend on which worker process drew it, how many workers there are, whether
-they persist across epochs, or what they did before: a resumed run and a run on another world size augment each
-image exactly as an uninterrupted one. A plain int index keeps the process's own random state (evaluation).
+Training samplers yield ``SampleKey``s (``data.seeding``); for such a key the dataset runs the random transform
+under ``seeded_rngs(key)``, so a sample's augmentation is a function of (seed, epoch, index, draw) alone. A plain
+int index keeps the process's own random state (evaluation).
+
+Layer: above ``data.seeding``; the samplers, transforms and loaders build on these sources.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import io
 import json
 import logging
 import os
-import random
 import struct
 import sys
 import time
 import zipfile
 import zlib
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from utils.distributed import dist_info
+
+from .seeding import SampleKey, seeded_rngs
 
 logger = logging.getLogger(__name__)
 
@@ -93,97 +93,6 @@ class BrokenImageCounter:
         return old
 
 
-# ----------------------------------------------------------------------------- per-sample random state
-
-_UINT64 = (1 << 64) - 1
-
-
-class SampleKey(int):
-    """A dataset index that also names its augmentation: ``(seed, epoch, draw)``.
-
-    It is an ``int`` equal to the index, so everything that handles indices (slicing ``list(sampler)``,
-    ``dataset.samples[key]``, sets of indices) keeps working. ``draw`` tells apart copies of one image within an
-    epoch (repeated augmentation); it is 0 otherwise. Keys pickle to DataLoader workers with their fields.
-
-    The fields are class attributes of a slot-less subclass made once per (epoch, seed, draw): an int subclass
-    cannot have slots, and a per-instance ``__dict__`` would make a key ~250 bytes instead of ~56 (ImageNet's
-    1.28M keys of an epoch, which a mid-epoch resume lists, would take 320 MB instead of 72 MB).
-    """
-
-    __slots__ = ()
-    epoch: int
-    seed: int
-    draw: int
-
-    def __new__(cls, index: int, epoch: int, seed: int, draw: int = 0) -> 'SampleKey':
-        if index < 0 or epoch < 0 or draw < 0:
-            raise ValueError(f"SampleKey needs a non-negative index, epoch and draw, got index {index}, "
-                             f"epoch {epoch}, draw {draw}")
-        return int.__new__(_key_class(int(epoch), int(seed), int(draw)), index)
-
-    def __reduce__(self) -> Tuple[Any, Tuple[int, int, int, int]]:
-        return SampleKey, (int(self), self.epoch, self.seed, self.draw)
-
-    def __repr__(self) -> str:
-        return f"SampleKey({int(self)}, epoch={self.epoch}, seed={self.seed}, draw={self.draw})"
-
-
-def key_maker(epoch: int, seed: int, draw: int = 0) -> Callable[[int], SampleKey]:
-    """A fast ``index -> SampleKey(index, epoch, seed, draw)`` for samplers (no per-key checks or lookups)."""
-    if epoch < 0 or draw < 0:
-        raise ValueError(f"SampleKey needs a non-negative epoch and draw, got epoch {epoch}, draw {draw}")
-    return functools.partial(int.__new__, _key_class(int(epoch), int(seed), int(draw)))
-
-
-@functools.lru_cache(maxsize=None)
-def _key_class(epoch: int, seed: int, draw: int) -> type:
-    """The ``SampleKey`` subclass carrying these fields (one per epoch and copy: a few hundred in a run)."""
-    return type('SampleKey', (SampleKey,), {'__slots__': (), 'epoch': epoch, 'seed': seed, 'draw': draw})
-
-
-def augmentation_seeds(key: SampleKey) -> Tuple[int, int, int]:
-    """Seeds (torch: 64 bits, python ``random``: 64 bits, numpy: 32 bits) for ``key``.
-
-    A BLAKE2b hash of (seed, epoch, index, draw) as fixed-width words: nearby inputs give unrelated seeds,
-    where ``seed + index`` would give epoch 1, index 0 the stream of epoch 0, index 1. (~1 us; numpy's
-    SeedSequence mixes as well but takes ~10 us.) numpy gets 32 bits because ``np.random.seed(int)`` is 5x
-    faster than seeding from an array, and in the transforms numpy only picks RandAugment's ops.
-    """
-    words = struct.pack('<4Q', key.seed & _UINT64, key.epoch, int(key), key.draw)
-    digest = hashlib.blake2b(words, digest_size=20, person=b'swin-augment').digest()
-    return (int.from_bytes(digest[:8], 'little'), int.from_bytes(digest[8:16], 'little'),
-            int.from_bytes(digest[16:], 'little'))
-
-
-@contextlib.contextmanager
-def seeded_rngs(key: SampleKey) -> Iterator[None]:
-    """Run the body with the global torch (CPU), ``random`` and numpy generators seeded for ``key``.
-
-    Those are what the transforms draw from (torchvision's crop, flip and jitter: torch; timm's crop, RandAugment
-    magnitudes and erasing boxes: ``random``; RandAugment's op choice: numpy; erasing pixels: torch). Only the
-    CPU generator is reseeded: ``torch.manual_seed`` would also reseed CUDA's.
-
-    In the main process (0 workers) the caller's states are restored afterwards, so the training loop's RNG
-    streams (Mixup, dropout; checkpoints save them) are not touched by data loading. A worker process's own
-    streams serve nothing but the transforms, so they are left seeded: saving and restoring numpy's state alone
-    costs ~70 us, against ~10 us for the rest, per sample.
-    """
-    torch_seed, py_seed, np_seed = augmentation_seeds(key)
-    restore = torch.utils.data.get_worker_info() is None
-    if restore:
-        states = torch.default_generator.get_state(), random.getstate(), np.random.get_state()
-    torch.default_generator.manual_seed(torch_seed)
-    random.seed(py_seed)
-    np.random.seed(np_seed)
-    try:
-        yield
-    finally:
-        if restore:
-            torch.default_generator.set_state(states[0])
-            random.setstate(states[1])
-            np.random.set_state(states[2])
-
-
 # ----------------------------------------------------------------------------- decoding
 
 _SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
@@ -212,6 +121,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert('RGB')
     return img.convert('RGB')  # L, 1, P, CMYK, YCbCr, LAB, HSV, ...
+
+
+JPEG_SOI = b'\xff\xd8'  # a JPEG file's first two bytes
+
+
+def is_jpeg(data: bytes) -> bool:
+    return data[:2] == JPEG_SOI
+
+
+def read_bytes(source: Any) -> bytes:
+    """A path or bytes (what ``ImageDataset.read`` returns) -> the encoded bytes."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    with open(source, 'rb') as f:
+        return f.read()
 
 
 def decode_image(data: Any) -> Image.Image:
@@ -354,7 +278,6 @@ def _scan_classes(root: str, class_to_idx: Dict[str, int]) -> List[Sample]:
     ``make_dataset`` over all classes at once has no progress hook, and an ImageNet-sized folder on a network
     disk can take minutes; a line every ``SCAN_PROGRESS_SECONDS`` says it is alive. Small folders log nothing.
     """
-    from .samplers import dist_info  # samplers imports this module
     report = dist_info()[0] == 0
     classes = sorted(class_to_idx)
     samples: List[Sample] = []
@@ -468,7 +391,7 @@ class ZipImageDataset(ImageDataset):
         step = max(1, len(indices) // 10)
         # A bar on an interactive terminal, on rank 0 only (every rank fills its own cache at the same time).
         from tqdm import tqdm
-        quiet = not sys.stderr.isatty() or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+        quiet = not sys.stderr.isatty() or dist_info()[0] != 0
         for n, i in enumerate(tqdm(indices, desc=f'caching {os.path.basename(self.zip_path)}', unit='img',
                                    disable=quiet, leave=False)):
             if n % step == 0:

@@ -5,7 +5,7 @@ DataLoader workers read each file's bytes and draw all of the sample's random pa
 the flip, RandAugment's op choice and magnitudes (timm's ``RandAugment`` run on a recorder instead of an image),
 and the erasing boxes and noise seed. The batch carries the encoded images and these plans; ``on_device`` decodes
 them with ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA, a batched call) and executes the plans with torchvision
-tensor ops on the device, then normalises and erases (``data.fast.DeviceFinish``).
+tensor ops on the device, then normalises and erases (``data.device_batch.DeviceFinish``).
 
 The same code runs with ``device='cpu'`` (the tests, CPU training), so CI exercises what runs on the GPU. What is
 sampled (which images, in which order, per rank and epoch) is the torch loader's sampler itself; the augmentation of
@@ -14,6 +14,8 @@ a sample is a pure function of (SEED, epoch, index) as on the other loaders, tho
 
 Non-JPEG files, CMYK JPEGs and JPEGs without an end marker (truncated) are decoded by Pillow in the worker (a
 damaged one then takes the broken-image path there) and travel as uint8 pixels.
+
+Layer: a loader, over ``data.datasets``, ``data.transforms`` and ``data.device_batch`` (not over ``data.fast``).
 """
 from __future__ import annotations
 
@@ -27,20 +29,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.data import auto_augment as timm_auto_augment
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F2
 
-from .datasets import DECODE_ERRORS, decode_image
-from .fast import (GEOMETRIC_OPS, DeviceBatch, DeviceCollate, DeviceFinish, affine_matrix, augment_ops,
-                   check_fast_config, erase_params, eval_geometry, is_jpeg, read_bytes, rrc_interpolation, size_only,
-                   timm_train_pieces)
+from config import ConfigError
+
+from .datasets import DECODE_ERRORS, decode_image, is_jpeg, read_bytes
+from .device_batch import DeviceBatch, DeviceCollate, DeviceFinish, erase_params
+from .transforms import (EVAL_INTERPOLATION, GEOMETRIC_OPS, affine_matrix, augment_ops, check_fast_config,
+                         eval_geometry, posterize_allowing_zero_bits, rrc_interpolation, size_only,
+                         timm_train_pieces)
 
 logger = logging.getLogger(__name__)
 
 _PIL_TO_MODE = {Image.NEAREST: 'nearest', Image.BILINEAR: 'bilinear', Image.BICUBIC: 'bicubic'}
 _INTERPOLATIONS = (InterpolationMode.NEAREST, InterpolationMode.BILINEAR, InterpolationMode.BICUBIC)
-# timm's aug_fn names -> the ops below (the zero-bit-safe posterize of data.build counts as posterize)
-_OP_ALIASES = {'_posterize_allowing_zero_bits': 'posterize'}
+# timm's aug_fn names -> the ops below (the zero-bit-safe posterize of data.transforms counts as posterize)
+_OP_ALIASES = {posterize_allowing_zero_bits.__name__: 'posterize'}
 
 
 # ----------------------------------------------------------------------------- worker side: read and draw
@@ -64,7 +70,6 @@ class _Recorder:
         self.name = _OP_ALIASES.get(name, name)
 
     def __call__(self, record: list, *args: Any, **kwargs: Any) -> list:
-        from timm.data import auto_augment as timm_auto_augment
         resample = None
         if self.name in GEOMETRIC_OPS:
             timm_auto_augment._check_args_tf(kwargs)
@@ -79,7 +84,6 @@ def plan_recorder(secondary: Any) -> Any:
     augmentation. Other secondary transforms (ColorJitter without AUTO_AUGMENT) have no GPU plan: an error."""
     if secondary is None or not getattr(secondary, 'transforms', None):
         return None
-    from config import ConfigError
     recorder = copy.deepcopy(secondary)
     ops = augment_ops(recorder)
     if not ops:
@@ -120,16 +124,16 @@ class GpuTrainTransform:
 
 
 class GpuEvalTransform:
-    """Encoded bytes -> (payload, plan) of the deterministic eval transform (the geometry of ``data.fast``)."""
+    """Encoded bytes -> (payload, plan) of the deterministic eval transform (``data.transforms.eval_geometry``, as
+    ``data.fast``)."""
 
     takes_encoded = True
 
     def __init__(self, config: Any) -> None:
         check_fast_config(config)
-        from .build import _EVAL_INTERPOLATION
         self.size = config.DATA.IMG_SIZE
         self.crop = bool(config.TEST.CROP)
-        self.interpolation = _INTERPOLATIONS.index(_EVAL_INTERPOLATION[config.DATA.INTERPOLATION])
+        self.interpolation = _INTERPOLATIONS.index(EVAL_INTERPOLATION[config.DATA.INTERPOLATION])
 
     def decode(self, source: Any) -> Tuple[torch.Tensor, Tuple[int, int]]:
         return encoded_or_pixels(read_bytes(source))
@@ -165,7 +169,7 @@ def _posterize(x: torch.Tensor, bits: float) -> torch.Tensor:
     if bits >= 8:
         return x
     if bits <= 0:
-        return torch.zeros_like(x)  # what Pillow < 13 gave (see data.build._posterize_allowing_zero_bits)
+        return torch.zeros_like(x)  # what Pillow < 13 gave (see data.transforms.posterize_allowing_zero_bits)
     return F2.posterize(x, bits)
 
 
@@ -199,6 +203,7 @@ def apply_op(x: torch.Tensor, op: Tuple[str, Tuple[float, ...], Optional[str], T
 
 
 def _decode_jpegs(payloads: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
+    # Lazily: torchvision.io loads its image codecs (libjpeg, nvJPEG) on import, which only DATA.LOADER gpu needs.
     from torchvision.io import ImageReadMode, decode_jpeg
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
         warnings.simplefilter('ignore')

@@ -1,7 +1,7 @@
 """Samplers: exact distributed evaluation, repeated augmentation, and a shuffled fixed shard for part caching.
 
-All take ``num_replicas`` and ``rank`` explicitly (tests simulate ranks that way); ``dist_info()`` gives the
-real ones, world size 1 when torch.distributed is not initialised.
+All take ``num_replicas`` and ``rank`` explicitly (tests simulate ranks that way); ``utils.distributed.dist_info()``
+gives the real ones, world size 1 when torch.distributed is not initialised.
 
 The training samplers (``DistributedTrainSampler``, ``RepeatAugSampler``, ``ShardShuffleSampler``) yield
 ``SampleKey``s: ints equal to the dataset index that also carry (seed, epoch, draw), from which the dataset
@@ -10,20 +10,15 @@ seeds the sample's augmentation. Their order and their keys are a pure function 
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
-from .datasets import DatasetLayoutError, key_maker
+from utils.distributed import dist_info
 
-
-def dist_info() -> Tuple[int, int]:
-    """(rank, world_size); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from .datasets import DatasetLayoutError
+from .seeding import key_maker
 
 
 def _check_rank(num_replicas: int, rank: int) -> None:

@@ -8,6 +8,8 @@ loader settings, so per-rank sharding is exact and every sample's crop, flip and
 sample): a mid-epoch resume reproduces the rest of the epoch exactly.
 
 Batches are ``[images (B, 3, S, S), masks (B, S/p, S/p) int64, targets (B,)]`` as the official loader yields them.
+
+Layer: the top of ``data`` below ``__init__``: it builds on ``data.build``'s shared loader settings.
 """
 from __future__ import annotations
 
@@ -21,9 +23,11 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms
 
-from .build import _loader_kwargs, _split_name, _train_sampler, _zip_cache_indices
+from config import ConfigError
+from utils.distributed import dist_info
+
+from .build import loader_kwargs, split_name, train_sampler, zip_cache_indices
 from .datasets import DatasetLayoutError, ImageFolderDataset, ZipImageDataset
-from .samplers import dist_info
 
 # The official SimMIM crop: RandomResizedCrop to DATA.IMG_SIZE with this scale and aspect-ratio range.
 CROP_SCALE = (0.67, 1.0)
@@ -119,10 +123,10 @@ def build_dataset_simmim(config: Any) -> Dataset:
         raise DatasetLayoutError("DATA.DATA_PATH is empty: pass --data-path (the folder of class folders, e.g. "
                                  "<imagenet>/train)")
     if config.DATA.ZIP_MODE:
-        split = _split_name(True, config)
+        split = split_name(True, config)
         dataset = ZipImageDataset(os.path.join(root, f'{split}.zip'), os.path.join(root, f'{split}_map.txt'),
                                   transform, on_broken)
-        cache = _zip_cache_indices(True, len(dataset), config)
+        cache = zip_cache_indices(True, len(dataset), config)
         if cache is not None:
             dataset.fill_cache(cache)
         return dataset
@@ -136,17 +140,16 @@ def build_loader_simmim(config: Any) -> DataLoader:
     training sampler.
     """
     if config.DATA.LOADER != 'torch':
-        from config import ConfigError
         raise ConfigError(f"DATA.LOADER {config.DATA.LOADER!r} is for classification; SimMIM pre-training has its "
                           f"own transform (mask generator) and needs DATA.LOADER torch")
     rank, world = dist_info()
     dataset = build_dataset_simmim(config)
-    sampler = _train_sampler(dataset, config, rank, world)
+    sampler = train_sampler(dataset, config, rank, world)
     if len(sampler) < config.DATA.BATCH_SIZE:
         raise DatasetLayoutError(
             f"{dataset.description}: {len(sampler)} images per rank, fewer than DATA.BATCH_SIZE = "
             f"{config.DATA.BATCH_SIZE}, so no full batch can be formed; lower DATA.BATCH_SIZE or add images")
-    return DataLoader(dataset, sampler=sampler, drop_last=True, collate_fn=collate_fn, **_loader_kwargs(config))
+    return DataLoader(dataset, sampler=sampler, drop_last=True, collate_fn=collate_fn, **loader_kwargs(config))
 
 
 __all__ = ['CROP_RATIO', 'CROP_SCALE', 'MaskGenerator', 'SimMIMTransform', 'build_dataset_simmim',

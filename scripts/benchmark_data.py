@@ -39,9 +39,10 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import load_config  # noqa: E402
-from data.build import _fix_posterize, loader_collate, loader_transform  # noqa: E402
-from data.datasets import SampleKey, seeded_rngs  # noqa: E402
-from data.fast import batch_to_device  # noqa: E402
+from data import batch_to_device  # noqa: E402
+from data.build import loader_collate, loader_transform  # noqa: E402
+from data.seeding import SampleKey, seeded_rngs  # noqa: E402
+from data.transforms import fix_posterize  # noqa: E402
 
 PHOTOS = ['astronaut', 'brick', 'camera', 'chelsea', 'clock_motion', 'coffee', 'coins', 'grass', 'gravel',
           'hubble_deep_field', 'ihc', 'moon', 'motorcycle_left', 'motorcycle_right', 'retina', 'rocket']
@@ -111,7 +112,7 @@ def timm_transform(size: int, train: bool, prefetch: bool = False) -> Any:
     if train:
         t = create_transform(size, is_training=True, auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25,
                              re_mode='pixel', interpolation='bicubic', use_prefetcher=prefetch)
-        _fix_posterize(t)  # Pillow 13 rejects 0-bit posterize, which m9-mstd0.5 reaches (see docs/DATA.md)
+        fix_posterize(t)  # Pillow 13 rejects 0-bit posterize, which m9-mstd0.5 reaches (see docs/DATA.md)
         return t
     return create_transform(size, is_training=False, interpolation='bicubic', crop_pct=224 / 256,
                             use_prefetcher=prefetch)
@@ -165,7 +166,8 @@ def contenders(size: int, train: bool) -> Dict[str, Tuple[Any, Optional[Callable
 
 def stage_functions(size: int, train: bool) -> Dict[str, List[Tuple[str, Callable]]]:
     """name -> [(stage, f(state) -> state)] whose composition is that contender's per-sample work."""
-    from data.fast import FastEvalTransform, FastTrainTransform, read_bytes
+    from data.datasets import read_bytes
+    from data.fast import FastEvalTransform, FastTrainTransform
     timm_t = timm_transform(size, train).transforms
     fast = (FastTrainTransform if train else FastEvalTransform)(our_config('fast', size))
 
@@ -184,7 +186,7 @@ def stage_functions(size: int, train: bool) -> Dict[str, List[Tuple[str, Callabl
             return fast.flip(Image.merge('RGB', [Image.fromarray(plane) for plane in chw.numpy()]))
 
         def fast_final(img: Image.Image) -> Any:
-            from data.fast import erase_params
+            from data.device_batch import erase_params
             return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)), erase_params(fast.eraser, size, size)
 
         return {

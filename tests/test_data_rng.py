@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 import data.build
 import data.datasets
-import data.samplers
+import data.seeding
 from config import load_config
 from data import build_dataset, build_loader
 
@@ -149,7 +149,7 @@ def test_epochs_differ_and_replay_exactly(folder):
         assert torch.equal(first[i], replay[i])
         assert not torch.equal(first[i], second[i]), f"index {i}: epochs 1 and 2 gave the same augmentation"
     # The mixer does not collide where seed + index would (epoch 1, index 0 vs epoch 0, index 1, ...).
-    seeds = {data.datasets.augmentation_seeds(data.datasets.SampleKey(i, e, 7))
+    seeds = {data.seeding.augmentation_seeds(data.seeding.SampleKey(i, e, 7))
              for e in range(20) for i in range(200)}
     assert len(seeds) == 20 * 200
 
@@ -161,7 +161,7 @@ def test_same_augmentation_for_world_size_1_and_2(folder, repeats):
     dataset, _ = build_dataset(True, config)
 
     def augmented(rank, world):
-        sampler = data.build._train_sampler(dataset, config, rank, world)
+        sampler = data.build.train_sampler(dataset, config, rank, world)
         sampler.set_epoch(3)
         return {(int(k), getattr(k, 'draw', 0)): dataset[k][0] for k in sampler}
 
@@ -235,7 +235,7 @@ def test_folder_scan_logs_progress(folder, monkeypatch, caplog):
     assert lines[1].startswith(f"scanning {root}: 2 / 2 classes, 11 images so far, ")
     assert lines[2].startswith(f"scanned {root}: 2 classes, 11 images in ")
 
-    monkeypatch.setattr(data.samplers, 'dist_info', lambda: (1, 2))  # other ranks stay quiet
+    monkeypatch.setattr(data.datasets, 'dist_info', lambda: (1, 2))  # other ranks stay quiet
     caplog.clear()
     with caplog.at_level(logging.INFO, logger='data.datasets'):
         data.datasets.scan_class_folder(root)

@@ -12,13 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
+import data.device_batch
 import data.fast
+import data.transforms
 from config import load_config
 from data import build_loader, build_transform
-from data.build import _train_sampler, build_dataset, loader_collate
-from data.datasets import SampleKey, seeded_rngs
-from data.fast import DeviceFinish, FastEvalTransform, FastTrainTransform, batch_to_device, erase_boxes
+from data.build import build_dataset, loader_collate, train_sampler
+from data.device_batch import DeviceFinish, batch_to_device, erase_boxes
+from data.fast import FastEvalTransform, FastTrainTransform
 from data.gpu import TENSOR_OPS, GpuEvalTransform, GpuTrainTransform, apply_op
+from data.seeding import SampleKey, seeded_rngs
 from engine import loader_from
 from timm.data import auto_augment as timm_auto_augment
 from timm.data.random_erasing import RandomErasing
@@ -101,7 +104,7 @@ def test_device_erase_area_is_timms():
         eraser(timm_img)
         timm_areas.append(int((timm_img[0] != 1e6).sum()))
         random.seed(seed)
-        params.append(data.fast.erase_params(eraser, 48, 48))
+        params.append(data.device_batch.erase_params(eraser, 48, 48))
     out = finish(grey, torch.stack(params))
     base = finish(grey, None)
     ours = [int((o[0] != b[0]).sum()) for o, b in zip(out, base)]
@@ -127,7 +130,7 @@ def test_uint8_batch_plus_device_normalise_equals_float_path():
 def spy_ops(transform):
     """Wrap each timm op's aug_fn so that (name, args) are logged and the op still runs."""
     log = []
-    for op in data.fast.augment_ops(transform):
+    for op in data.transforms.augment_ops(transform):
         def spy(img, *args, _fn=op.aug_fn, _name=op.name, **kwargs):
             log.append((_name, tuple(round(float(a), 9) for a in args)))
             return _fn(img, *args, **kwargs)
@@ -220,7 +223,7 @@ def test_affine_ops_near_pillow(name, arg):
 def test_tensor_ops_near_pillow(name, args):
     img = photo(64, 48, seed=1)
     fn = getattr(timm_auto_augment, name) if name != 'posterize' else \
-        __import__('data.build', fromlist=['x'])._posterize_allowing_zero_bits
+        data.transforms.posterize_allowing_zero_bits
     ref = np.asarray(fn(img, *args)).astype(int)
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1)
     out = TENSOR_OPS[name](x, *args).permute(1, 2, 0).numpy().astype(int)
@@ -294,7 +297,7 @@ def test_gpu_loader_samples_what_the_torch_loader_samples(folder, world):
     gpu_config = cfg(folder, 'gpu')
     gpu_ds, _ = build_dataset(True, gpu_config)
     for rank in range(world):
-        s_torch, s_gpu = (_train_sampler(ds, cfg(folder, 'torch'), rank, world) for ds in (torch_ds, gpu_ds))
+        s_torch, s_gpu = (train_sampler(ds, cfg(folder, 'torch'), rank, world) for ds in (torch_ds, gpu_ds))
         for epoch in (0, 1):
             s_torch.set_epoch(epoch)
             s_gpu.set_epoch(epoch)

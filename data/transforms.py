@@ -1,0 +1,190 @@
+"""The pieces of the training and eval transforms, shared by every ``DATA.LOADER``.
+
+timm builds the training augmentation from the config (``train_transform_kwargs``): ``build_transform`` composes
+it for ``DATA.LOADER torch``; ``timm_train_pieces`` hands its parts (crop, flip, RandAugment, erasing) to the fast
+and gpu loaders, which run them on uint8 pixels or record them as plans for the device. The eval geometry (resize
+the short side to int(256/224 * size), center crop) and its interpolation are here too, so that the three loaders
+agree on them. RandAugment's affine ops are described here once (``affine_matrix``), for the OpenCV (fast) and
+the tensor (gpu) versions.
+
+Layer: a leaf of ``data`` (it imports no other ``data`` module; from the project only ``config``).
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from PIL import Image
+from timm.data import create_transform
+from timm.data import auto_augment as timm_auto_augment
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from config import ConfigError
+
+# Eval resize interpolation per DATA.INTERPOLATION. 'random' is a training-time choice; for a deterministic
+# eval the official code falls back to bilinear, and so do we.
+EVAL_INTERPOLATION = {
+    'bicubic': InterpolationMode.BICUBIC,
+    'bilinear': InterpolationMode.BILINEAR,
+    'nearest': InterpolationMode.NEAREST,
+    'random': InterpolationMode.BILINEAR,
+}
+
+
+# ----------------------------------------------------------------------------- timm's augmentation, as the reference
+
+def posterize_allowing_zero_bits(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize op, with 0 bits kept giving a black image as Pillow < 13 did.
+
+    RandAugment's 'PosterizeIncreasing' reaches 0 bits at magnitude 10 (m9 with mstd 0.5 gets there), and
+    Pillow 13 rejects bits outside 1..8, which would crash a training run at random.
+    """
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return timm_auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def augment_ops(transform: Any) -> List[Any]:
+    """timm's AugmentOps inside a RandAugment / AutoAugment / Compose."""
+    ops = []
+    for t in list(getattr(transform, 'transforms', [])) + [transform]:
+        ops.extend(getattr(t, 'ops', []))
+        for sub_policy in getattr(t, 'policy', []):
+            ops.extend(sub_policy)
+    return ops
+
+
+def fix_posterize(transform: Any) -> None:
+    """Swap timm's posterize for the zero-bit-safe one inside RandAugment / AutoAugment / AugMix ops."""
+    for op in augment_ops(transform):
+        if getattr(op, 'aug_fn', None) is timm_auto_augment.posterize:
+            op.aug_fn = posterize_allowing_zero_bits
+
+
+def train_transform_kwargs(config: Any) -> Dict[str, Any]:
+    """timm ``create_transform`` arguments of the training augmentation (shared by every ``DATA.LOADER``)."""
+    return dict(
+        input_size=config.DATA.IMG_SIZE,
+        is_training=True,
+        scale=tuple(config.AUG.RRC_SCALE),
+        hflip=config.AUG.HFLIP,
+        color_jitter=config.AUG.COLOR_JITTER if config.AUG.COLOR_JITTER > 0 else None,
+        auto_augment=config.AUG.AUTO_AUGMENT if config.AUG.AUTO_AUGMENT not in ('', 'none', None) else None,
+        re_prob=config.AUG.REPROB,
+        re_mode=config.AUG.REMODE,
+        re_count=config.AUG.RECOUNT,
+        interpolation=config.DATA.INTERPOLATION,
+    )
+
+
+def build_transform(is_train: bool, config: Any) -> Callable:
+    """The training augmentation (timm) or the deterministic eval transform for ``config``.
+
+    Train: RandomResizedCrop + flip + RandAugment + random erasing through timm's ``create_transform``; for
+    ``DATA.IMG_SIZE <= 32`` the crop is a padded RandomCrop (CIFAR style) as in the official code.
+    Eval: with ``TEST.CROP`` resize the short side to int(256 / 224 * size) and center-crop, else resize
+    straight to (size, size); then ImageNet mean/std normalisation.
+    """
+    size = config.DATA.IMG_SIZE
+    if is_train:
+        transform = create_transform(**train_transform_kwargs(config))
+        if size <= 32:
+            # Small images: a padded random crop instead of a random-resized crop. pad_if_needed keeps the
+            # output size fixed for images smaller than the crop.
+            transform.transforms[0] = transforms.RandomCrop(size, padding=4, pad_if_needed=True)
+        fix_posterize(transform)
+        return transform
+
+    interpolation = EVAL_INTERPOLATION[config.DATA.INTERPOLATION]
+    if config.TEST.CROP:
+        resize = [transforms.Resize(int((256 / 224) * size), interpolation=interpolation),
+                  transforms.CenterCrop(size)]
+    else:
+        resize = [transforms.Resize((size, size), interpolation=interpolation)]
+    return transforms.Compose(resize + [transforms.ToTensor(),
+                                        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+# ----------------------------------------------------------------------------- RandAugment's affine ops
+
+def affine_matrix(name: str, arg: float, size: Tuple[int, int]) -> Tuple[float, ...]:
+    """Pillow's AFFINE coefficients (output -> input, pixel-centre coordinates) of timm's geometric op ``name``
+    (its ``aug_fn.__name__``) with level argument ``arg`` on an image of ``size`` (w, h)."""
+    w, h = size
+    if name == 'shear_x':
+        return (1, arg, 0, 0, 1, 0)
+    if name == 'shear_y':
+        return (1, 0, 0, arg, 1, 0)
+    if name == 'translate_x_rel':
+        return (1, 0, arg * w, 0, 1, 0)
+    if name == 'translate_y_rel':
+        return (1, 0, 0, 0, 1, arg * h)
+    if name == 'translate_x_abs':
+        return (1, 0, arg, 0, 1, 0)
+    if name == 'translate_y_abs':
+        return (1, 0, 0, 0, 1, arg)
+    if name == 'rotate':  # Image.rotate's matrix (counter-clockwise about the centre)
+        angle = -math.radians(arg)
+        a, b = round(math.cos(angle), 15), round(math.sin(angle), 15)
+        d, e = -b, a
+        cx, cy = w / 2, h / 2
+        return (a, b, a * -cx + b * -cy + cx, d, e, d * -cx + e * -cy + cy)
+    raise KeyError(name)
+
+
+GEOMETRIC_OPS = ('shear_x', 'shear_y', 'translate_x_rel', 'translate_y_rel', 'translate_x_abs',
+                 'translate_y_abs', 'rotate')
+
+
+# ----------------------------------------------------------------------------- config -> timm's pieces (fast, gpu)
+
+def timm_train_pieces(config: Any) -> Tuple[RandomResizedCropAndInterpolation, Optional[Any], Any,
+                                            Optional[RandomErasing]]:
+    """(random-resized crop, flip, secondary transform (RandAugment / AutoAugment / ColorJitter), erasing) built by
+    timm's ``create_transform`` from the same arguments as ``build_transform``, so both paths parse the
+    config alike."""
+    primary, secondary, final = create_transform(separate=True, **train_transform_kwargs(config))
+    crop = next(t for t in primary.transforms if isinstance(t, RandomResizedCropAndInterpolation))
+    flip = next((t for t in primary.transforms if type(t).__name__ == 'RandomHorizontalFlip'), None)
+    eraser = next((t for t in final.transforms if isinstance(t, RandomErasing)), None)
+    fix_posterize(secondary)
+    return crop, flip, secondary, eraser
+
+
+def check_fast_config(config: Any) -> None:
+    """Settings the fast/gpu loaders cannot honour: a clear error naming the keys."""
+    if config.DATA.IMG_SIZE <= 32:
+        raise ConfigError(f"DATA.LOADER {config.DATA.LOADER!r} needs DATA.IMG_SIZE > 32 (small images use a padded "
+                          f"random crop, which only DATA.LOADER torch implements); got {config.DATA.IMG_SIZE}")
+
+
+def rrc_interpolation(crop: RandomResizedCropAndInterpolation) -> InterpolationMode:
+    """The crop's interpolation, drawn as timm does when it is 'random' (after the crop parameters)."""
+    interpolation = crop.interpolation
+    if isinstance(interpolation, (tuple, list)):
+        interpolation = random.choice(interpolation)
+    return interpolation
+
+
+def size_only(width: int, height: int) -> torch.Tensor:
+    """A zero-storage (3, H, W) tensor: timm's ``get_params`` only reads an image's size."""
+    return torch.empty((1, 1, 1), dtype=torch.uint8).expand(3, height, width)
+
+
+def eval_geometry(width: int, height: int, size: int, crop: bool) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """(resized (h, w), crop offset (top, left)) of the eval transform: torchvision's Resize(int(256/224 * size))
+    short side (the long side truncated as torchvision does) and CenterCrop(size); without ``crop`` (size, size)."""
+    if not crop:
+        return (size, size), (0, 0)
+    short = int((256 / 224) * size)
+    if width <= height:
+        rh, rw = int(short * height / width), short
+    else:
+        rh, rw = short, int(short * width / height)
+    return (rh, rw), (int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0)))
