@@ -22,7 +22,7 @@ Batches are plain ``(images, targets)`` with ``DATA.LOADER torch`` (the default)
 data.batch_to_device(batch, device)`` (normalisation and erasing there; for ``gpu`` also decoding and augmentation).
 SimMIM pre-training batches are ``[images, masks, targets]`` (``data.simmim``).
 
-Modules, each importing only from those above it (``tests/test_architecture.py`` checks it):
+Modules, bottom layer first; each imports only from those before it (``tests/test_architecture.py`` checks it):
 ``seeding`` (SampleKey, per-sample RNGs) -> ``datasets`` (sources) -> ``samplers`` -> ``transforms`` (timm's pieces,
 eval geometry) -> ``device_batch`` (DeviceBatch, device-side finish) -> ``fast``, ``gpu`` (loaders) -> ``build``
 -> ``simmim`` -> this package.
