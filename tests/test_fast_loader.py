@@ -19,7 +19,7 @@ from data.build import _train_sampler, build_dataset, loader_collate
 from data.datasets import SampleKey, seeded_rngs
 from data.fast import DeviceFinish, FastEvalTransform, FastTrainTransform, batch_to_device, erase_boxes
 from data.gpu import TENSOR_OPS, GpuEvalTransform, GpuTrainTransform, apply_op
-from engine import loader_from
+from data.samplers import loader_from
 from timm.data import auto_augment as timm_auto_augment
 from timm.data.random_erasing import RandomErasing
 
