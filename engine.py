@@ -5,7 +5,10 @@ No argument parsing here: ``main.py`` builds the config and the process group an
 The shape follows nanoGPT's update and big_vision's ``update_fn(train_state, batch)``: a ``TrainState``
 (``utils.checkpoint``) holds everything a checkpoint restores; ``UpdateStep`` turns the micro-batches of one
 optimizer update into that update (precision, accumulation, clipping, non-finite guard); ``train_one_epoch`` is
-a short loop that yields after every update, and ``run`` decides logging, saving and preemption between updates.
+a short loop that yields after every update. ``run`` wires: ``build_training`` sets the run up, ``train_epoch``
+trains an epoch (logging, the non-finite stop, ``save_or_stop_mid_epoch`` between updates) and ``end_of_epoch``
+validates, records, saves and checks for a stop. Checkpoints go through one ``utils.checkpoint.Checkpointer``
+(``save(state, kind, is_best)``, ``restore(state)``); what they contain is its business.
 
 Host syncs: none inside an update. The host reads device values only in ``TrainLog.log`` (every ``PRINT_FREQ``
 batches), at the end of an epoch and in validation's progress lines.
@@ -24,22 +27,26 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
-from config import ConfigError, config_to_dict
-from data import batch_to_device
-from utils.checkpoint import (CheckpointError, CheckpointManager, CheckpointSaveError, TrainState, auto_resume,
-                              build_checkpoint, gather_rng_states, load_checkpoint_file, load_model_state,
-                              remove_stale_temp_files, restore_rank_rng, restore_training_state, unwrap_model)
-from utils.distributed import DistInfo, all_reduce_sum, get_world_size, is_distributed
-from utils.fsdp import find_fsdp, shard_model
+import data
+import models
+from config import ConfigError, validate_config
+from data import batch_to_device, loader_from
+from lr_scheduler import build_scheduler
+from models.swin_common import SwinBlock
+from optimizer import build_optimizer
+from utils.checkpoint import CheckpointError, Checkpointer, TrainState, load_weights
+from utils.distributed import DistInfo, all_reduce_sum, get_world_size, is_distributed, is_sharded, unwrap_model
+from utils.fsdp import shard_model
 from utils.logger import MetricsFile, create_tb_writer
 from utils.misc import format_seconds, memory_label
 from utils.preemption import Preempted, PreemptionGuard
@@ -136,11 +143,7 @@ def masked_image_loss(device: torch.device) -> LossFn:
 
 def find_ddp(model: nn.Module) -> Optional[DistributedDataParallel]:
     """The DDP module under any ``torch.compile`` wrapper (``no_sync`` lives there), or None."""
-    while not isinstance(model, DistributedDataParallel):
-        if not hasattr(model, '_orig_mod'):
-            return None
-        model = model._orig_mod
-    return model
+    return unwrap_model(model, DistributedDataParallel)
 
 
 def _step_unless(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
@@ -177,7 +180,7 @@ class UpdateStep:
     def __init__(self, train_model: nn.Module, state: TrainState, precision: Precision, loss_fn: LossFn,
                  clip_grad: Optional[float] = None):
         self.model, self.state, self.precision, self.loss_fn = train_model, state, precision, loss_fn
-        self.ddp, self.fsdp = find_ddp(train_model), find_fsdp(train_model)
+        self.ddp, self.fsdp = find_ddp(train_model), unwrap_model(train_model, FSDPModule)
         self.max_norm = float(clip_grad) if clip_grad else math.inf
         self.params = [p for p in state.model.parameters() if p.requires_grad]
 
@@ -242,41 +245,20 @@ def train_one_epoch(state: TrainState, update_step: UpdateStep, data_loader: Dat
         yield update_step(micro_batches)
 
 
-class _SkipSampler(Sampler):
-    """The first epoch after a mid-epoch resume: the epoch's order with the already-trained part removed."""
-
-    def __init__(self, indices: list):
-        self.indices = indices
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def loader_from(loader: DataLoader, skip_batches: int, seed: int = 0) -> DataLoader:
-    """``loader`` itself, or one like it that starts ``skip_batches`` batches into the current epoch's order.
-
-    The new loader gets its own generator (seeded with ``seed``): starting an iterator draws a worker base seed
-    from the loader's generator, and drawing it from the global RNG would shift the restored RNG stream by one
-    draw compared with the uninterrupted run, which drew it at the start of the epoch, before the checkpoint.
-    """
-    if not skip_batches:
-        return loader
-    indices = list(loader.sampler)[skip_batches * loader.batch_size:]
-    kwargs = dict(batch_size=loader.batch_size, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                  pin_memory=loader.pin_memory, drop_last=loader.drop_last, worker_init_fn=loader.worker_init_fn,
-                  generator=torch.Generator().manual_seed(seed))
-    if loader.num_workers > 0:
-        kwargs['prefetch_factor'] = loader.prefetch_factor
-    return DataLoader(loader.dataset, sampler=_SkipSampler(indices), **kwargs)
+class LogWindow(NamedTuple):
+    """What ``TrainLog`` read on the host at its last log line (``batch`` 0-based, of ``num_batches``)."""
+    loss: float
+    lr: float
+    loss_scale: Optional[float]
+    batch: int
+    num_batches: int
+    longest_bad_run: int  # the most consecutive skipped (non-finite) updates of the epoch so far
 
 
 class TrainLog:
     """An epoch's running loss sums, kept on the device and logged every ``PRINT_FREQ`` batches (the only host
-    syncs of training), and the count of consecutive skipped (non-finite) updates, which stops the run at
-    ``TRAIN.MAX_NONFINITE_STEPS`` when it is read."""
+    syncs of training), and the count of consecutive skipped (non-finite) updates; ``last_window`` holds what
+    the last log line read (``stop_if_nonfinite`` stops the run from it)."""
 
     def __init__(self, config: Any, state: TrainState, device: torch.device, log: logging.Logger, tb_writer: Any):
         self.config, self.state, self.device, self.log, self.tb_writer = config, state, device, log, tb_writer
@@ -289,6 +271,7 @@ class TrainLog:
         self.bad_run = self.longest_bad_run = zero
         self.epoch_start = self.window_start = time.time()
         self.window_updates = 0
+        self.last_window: Optional[LogWindow] = None
 
     def record(self, loss: torch.Tensor, grad_norm: torch.Tensor, bad: torch.Tensor) -> None:
         """Add one update's results (device ops only); logs when the window is full or the epoch ends."""
@@ -311,13 +294,7 @@ class TrainLog:
         scale = state.scaler.get_scale() if state.scaler is not None else None
         num_batches = state.updates_per_epoch * self.accum
         batch = state.update * self.accum - 1
-        if longest >= config.TRAIN.MAX_NONFINITE_STEPS:
-            scale_text = f"{scale:.1f}" if scale is not None else 'none (no loss scaler)'
-            raise NonFiniteLossError(
-                f"stopping: {config.TRAIN.MAX_NONFINITE_STEPS} consecutive non-finite losses/gradients "
-                f"(TRAIN.MAX_NONFINITE_STEPS) by epoch {state.epoch} step {batch}/{num_batches}: lr {lr:.3e}, "
-                f"loss {window_loss}, loss scale {scale_text}. Lower TRAIN.BASE_LR, enable TRAIN.CLIP_GRAD, or "
-                f"train in bf16/fp32 (AMP_DTYPE bfloat16 or --disable_amp)")
+        self.last_window = LogWindow(window_loss, lr, scale, batch, num_batches, int(longest))
         now = time.time()
         update_time = (now - self.window_start) / self.window_updates
         epoch_eta = update_time * (state.updates_per_epoch - state.update)
@@ -351,6 +328,20 @@ class TrainLog:
                 'updates': updates, 'skipped': int(skipped), 'time': epoch_time}
 
 
+def stop_if_nonfinite(config: Any, train_log: TrainLog) -> None:
+    """Raise ``NonFiniteLossError`` once ``TRAIN.MAX_NONFINITE_STEPS`` updates in a row were skipped for non-finite
+    losses or gradients, as the last log line read it (no host sync of its own)."""
+    window, limit = train_log.last_window, config.TRAIN.MAX_NONFINITE_STEPS
+    if window is None or window.longest_bad_run < limit:
+        return
+    scale = f"{window.loss_scale:.1f}" if window.loss_scale is not None else 'none (no loss scaler)'
+    raise NonFiniteLossError(
+        f"stopping: {limit} consecutive non-finite losses/gradients (TRAIN.MAX_NONFINITE_STEPS) by epoch "
+        f"{train_log.state.epoch} step {window.batch}/{window.num_batches}: lr {window.lr:.3e}, loss {window.loss}, "
+        f"loss scale {scale}. Lower TRAIN.BASE_LR, enable TRAIN.CLIP_GRAD, or train in bf16/fp32 (AMP_DTYPE "
+        f"bfloat16 or --disable_amp)")
+
+
 @torch.no_grad()
 def validate(config: Any, data_loader: DataLoader, model: nn.Module, precision: Optional[Precision] = None,
              logger: Optional[logging.Logger] = None, prefix: str = '') -> Tuple[float, float, float]:
@@ -371,7 +362,7 @@ def validate(config: Any, data_loader: DataLoader, model: nn.Module, precision: 
     start, num_batches = time.time(), len(data_loader)
     # FSDP: every forward gathers weights from all ranks, so every rank must run as many as the others; ranks
     # with fewer (or empty) batches run spare forwards on an image they already saw, and count nothing.
-    lockstep = find_fsdp(model) is not None and is_distributed()
+    lockstep = is_sharded(model) and is_distributed()
     spare: Optional[torch.Tensor] = None
     forwards = 0
     for idx, batch in enumerate(data_loader):
@@ -472,7 +463,7 @@ def wrap_for_training(model: nn.Module, config: Any, dist_info: DistInfo) -> nn.
     (SwinV2-B 12to24) per step.
     """
     train_model = model
-    if dist_info.distributed and find_fsdp(model) is None:
+    if dist_info.distributed and not is_sharded(model):
         device = dist_info.device
         # torch >= 2.12 names the per-forward broadcast `forward_sync_buffers` and deprecates the old keyword.
         no_broadcast = {'forward_sync_buffers' if 'forward_sync_buffers' in _DDP_PARAMETERS else
@@ -493,136 +484,70 @@ def build_fsdp_model(config: Any, build: Callable[[], nn.Module]) -> nn.Module:
 
 
 def fsdp_shard(model: nn.Module, config: Any, precision: 'Precision') -> nn.Module:
-    """``utils.fsdp.shard_model`` with the config's precision, offload and resharding."""
-    return shard_model(model, param_dtype=precision.dtype, cpu_offload=config.TRAIN.FSDP.CPU_OFFLOAD,
+    """``utils.fsdp.shard_model`` with the config's precision, offload and resharding; the unit is a Swin block."""
+    return shard_model(model, (SwinBlock,), param_dtype=precision.dtype, cpu_offload=config.TRAIN.FSDP.CPU_OFFLOAD,
                        reshard_after_forward=config.TRAIN.FSDP.RESHARD_AFTER_FORWARD, device=precision.device)
 
 
-def _metrics_record(epoch: int, train: Dict[str, float], broken: int,
-                    val: Optional[Tuple[float, float, float]], ema: Optional[Tuple[float, float, float]]
-                    ) -> Dict[str, Any]:
-    record = {'epoch': epoch, 'train_loss': train['loss'], 'lr': train['lr'], 'time': train['time'],
-              'skipped_updates': train['skipped'], 'broken_images': broken}
-    if val is not None:
-        record.update(val_acc1=val[0], val_acc5=val[1], val_loss=val[2])
-    if ema is not None:
-        record.update(ema_acc1=ema[0], ema_acc5=ema[1], ema_loss=ema[2])
-    return record
+# ----------------------------------------------------------------------------- building a run
+
+class Loaders(NamedTuple):
+    """The training loader, the validation loader and set (None for SimMIM pre-training), Mixup/CutMix or None."""
+    train: Optional[DataLoader]
+    val: Optional[DataLoader]
+    dataset_val: Any
+    mixup_fn: Optional[Callable]
 
 
-def _load_pretrained(models: Any, model: nn.Module, path: str, log: logging.Logger, trust: bool) -> None:
-    try:
-        models.load_pretrained(model, path, logger=log, trust=trust)
-    except ValueError as e:
-        raise CheckpointError(f"--pretrained {path}: {e}") from None
-    log.info(f"loaded pretrained weights from {path}")
-
-
-def _evaluate_only(config: Any, model: nn.Module, loader_val: DataLoader, dataset_val: Any, device: torch.device,
-                   log: logging.Logger) -> Dict[str, Any]:
-    """``--eval`` / ``--throughput``: load the weights, then validate or time."""
-    import models
-    precision = resolve_precision(config, device)
-    trust = bool(config.TRUST_CHECKPOINTS)
-    if config.MODEL.RESUME:
-        load_model_state(model, load_checkpoint_file(config.MODEL.RESUME, trust=trust), config.MODEL.RESUME)
-        log.info(f"loaded weights from {config.MODEL.RESUME}")
-    elif config.MODEL.PRETRAINED:
-        _load_pretrained(models, model, config.MODEL.PRETRAINED, log, trust)
-    elif config.EVAL_MODE:
-        log.warning("--eval without --resume or --pretrained: evaluating randomly initialised weights")
-    eval_model = torch.compile(model) if config.COMPILE else model
-    if config.THROUGHPUT_MODE:
-        return {'throughput': throughput(loader_val, eval_model, precision, log)}
-    acc1, acc5, loss = validate(config, loader_val, eval_model, precision, log)
-    log.info(f"Accuracy of the network on the {len(dataset_val)} test images: {acc1:.1f}%")
-    return {'acc1': acc1, 'acc5': acc5, 'loss': loss}
-
-
-def _find_resume(config: Any, log: logging.Logger) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
-    """The checkpoint of ``--resume`` or auto-resume (path, contents), or (None, None)."""
-    trust = bool(config.TRUST_CHECKPOINTS)
-    if config.MODEL.RESUME:
-        return config.MODEL.RESUME, load_checkpoint_file(config.MODEL.RESUME, trust=trust)
-    if config.TRAIN.AUTO_RESUME:
-        return auto_resume(config.OUTPUT, trust=trust, logger=log)
-    return None, None
-
-
-def _resume(config: Any, state: TrainState, dist_info: DistInfo, log: logging.Logger, path: Optional[str],
-            checkpoint: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """Restore ``state`` from ``checkpoint`` (``_find_resume``); returns its saved RNG states (None when not
-    resuming), to be restored right before training starts."""
-    if checkpoint is None:
-        return None
-    restore_training_state(checkpoint, state, path, log)
-    saved_world = (checkpoint.get('rng') or {}).get('world_size')
-    if state.update and saved_world not in (None, dist_info.world_size):
-        log.info(f"resume: {path} was saved mid-epoch with {saved_world} processes, now {dist_info.world_size}: "
-                 f"epoch {state.epoch} restarts from its beginning")
-        state.update = 0
-    order = checkpoint.get('data_order') or {}
-    if state.update and order and (order.get('seed'), order.get('batch_size')) != \
-            (config.SEED, config.DATA.BATCH_SIZE):
-        log.warning(f"resume: {path} was saved mid-epoch with SEED {order.get('seed')} and batch size "
-                    f"{order.get('batch_size')}, now {config.SEED} and {config.DATA.BATCH_SIZE}: the rest of epoch "
-                    f"{state.epoch} follows another sample order")
-    log.info(f"resumed from {path}: starting at epoch {state.epoch}"
-             + (f", update {state.update}" if state.update else '') + f", max accuracy {state.max_accuracy:.2f}%")
-    return checkpoint.get('rng') or {}
-
-
-def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = None,
-        pretrain: bool = False) -> Dict[str, Any]:
-    """Build model, data, train state and checkpoints from ``config``, then evaluate (``EVAL_MODE``), measure
-    throughput (``THROUGHPUT_MODE``) or train. ``pretrain``: SimMIM pre-training (the model returns its loss;
-    no validation). Returns a small summary dict. ``config`` must already have the linear LR scaling applied.
-    """
-    import data
-    import models
-    from lr_scheduler import build_scheduler
-    from optimizer import build_optimizer
-
-    log = logger or _LOG
-    device = dist_info.device
-    set_matmul_precision(config, device)
-
-    # ---------------------------------------------------------------- data and model
-    if config.TRAIN.FSDP.ENABLE and not (config.EVAL_MODE or config.THROUGHPUT_MODE) and not dist_info.distributed:
-        raise ConfigError("TRAIN.FSDP.ENABLE (--fsdp) needs 2 or more processes (torchrun --nproc_per_node N); "
-                          "in one process train without it (--opts TRAIN.FSDP.ENABLE False)")
-    if config.TRAIN.FSDP.ENABLE and config.TRAIN.FSDP.CPU_OFFLOAD and device.type != 'cuda':
-        raise ConfigError("TRAIN.FSDP.CPU_OFFLOAD moves the shards from GPU to host memory; this run is on the CPU "
-                          "already (DEVICE / --device), so set TRAIN.FSDP.CPU_OFFLOAD False")
+def build_loaders(config: Any, pretrain: bool) -> Loaders:
+    """``data.build_loader``'s loaders: classification, or SimMIM pre-training (``pretrain``)."""
     if pretrain:
-        loader_train, dataset_val, loader_val, mixup_fn = data.build_loader(config, simmim=True, is_pretrain=True), \
-            None, None, None
-    else:
-        _, dataset_val, loader_train, loader_val, mixup_fn = data.build_loader(config)
-    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
-    if mixup_fn is not None and training and config.DATA.BATCH_SIZE % 2:
-        raise ConfigError(f"DATA.BATCH_SIZE = {config.DATA.BATCH_SIZE} must be even when Mixup/CutMix is on "
-                          f"(AUG.MIXUP = {config.AUG.MIXUP}, AUG.CUTMIX = {config.AUG.CUTMIX}); use an even batch "
-                          f"size or set AUG.MIXUP 0 AUG.CUTMIX 0")
-    fsdp = bool(config.TRAIN.FSDP.ENABLE) and training
+        return Loaders(data.build_loader(config, simmim=True, is_pretrain=True), None, None, None)
+    _, dataset_val, loader_train, loader_val, mixup_fn = data.build_loader(config)
+    return Loaders(loader_train, loader_val, dataset_val, mixup_fn)
+
+
+def create_model(config: Any, device: torch.device, pretrain: bool, fsdp: bool, log: logging.Logger) -> nn.Module:
+    """``models.build_model`` on ``device``; for FSDP on the CPU with the same weights on every rank
+    (``build_fsdp_model``), sharded later by ``build_training``."""
     if fsdp:
         model = build_fsdp_model(config, lambda: models.build_model(config, is_pretrain=pretrain))
     else:
         model = models.build_model(config, is_pretrain=pretrain).to(device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(f"model {config.MODEL.TYPE}/{config.MODEL.NAME}: {n_parameters} trainable parameters")
-    if not training:
-        return _evaluate_only(config, model, loader_val, dataset_val, device, log)
+    return model
 
-    # ---------------------------------------------------------------- train state
-    accum = config.TRAIN.ACCUMULATION_STEPS
-    updates_per_epoch = len(loader_train) // accum
+
+@dataclass
+class Training:
+    """A training run as ``build_training`` sets it up: the train state and what the loop needs around it."""
+    config: Any
+    dist_info: DistInfo
+    state: TrainState
+    update_step: UpdateStep
+    eval_model: nn.Module
+    precision: Precision
+    loaders: Loaders
+    checkpointer: Checkpointer
+    log: logging.Logger
+    tb_writer: Any = None
+    metrics: Optional[MetricsFile] = None
+
+
+def build_training(config: Any, dist_info: DistInfo, model: nn.Module, loaders: Loaders, pretrain: bool,
+                   log: logging.Logger) -> Training:
+    """The train state around ``model`` (restored from a checkpoint, else with ``MODEL.PRETRAINED`` weights;
+    sharded under FSDP) with its optimizer, schedule, loss scaler and EMA; the update step, the model to validate,
+    the checkpointer and the run's outputs (TensorBoard, ``metrics.jsonl``)."""
+    device, fsdp, accum = dist_info.device, bool(config.TRAIN.FSDP.ENABLE), config.TRAIN.ACCUMULATION_STEPS
+    updates_per_epoch = len(loaders.train) // accum
     if updates_per_epoch < 1:
-        raise ConfigError(f"TRAIN.ACCUMULATION_STEPS = {accum} exceeds the {len(loader_train)} training batches "
+        raise ConfigError(f"TRAIN.ACCUMULATION_STEPS = {accum} exceeds the {len(loaders.train)} training batches "
                           f"per epoch; lower it or DATA.BATCH_SIZE")
-    resume_path, checkpoint = _find_resume(config, log)
-    if checkpoint is None and config.MODEL.PRETRAINED:  # into the plain model: before the EMA copies it, and
-        _load_pretrained(models, model, config.MODEL.PRETRAINED, log, bool(config.TRUST_CHECKPOINTS))  # sharding
+    checkpointer = Checkpointer(config, dist_info, sampler=type(loaders.train.sampler).__name__, logger=log)
+    if checkpointer.find() is None and config.MODEL.PRETRAINED:  # into the plain model: before the EMA copies
+        _load_pretrained(model, config.MODEL.PRETRAINED, log, bool(config.TRUST_CHECKPOINTS))  # it, and sharding
     # The EMA copies the fp32 weights before apex O2 casts the model to fp16 (an fp16 EMA at decay 0.9998 would
     # round its updates away); ModelEmaV3 then adds the fp16 weights into its fp32 copy. Under FSDP the copy is
     # sharded like the model, so its update is a shard-by-shard lerp with no communication.
@@ -645,119 +570,175 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
                        lr_scheduler=build_scheduler(config, optimizer, updates_per_epoch),
                        scaler=torch.amp.GradScaler(device.type) if precision.needs_scaler else None, ema=ema,
                        epoch=config.TRAIN.START_EPOCH, updates_per_epoch=updates_per_epoch)
-    saved_rng = _resume(config, state, dist_info, log, resume_path, checkpoint)
+    checkpointer.restore(state)
     train_model = wrap_for_training(model, config, dist_info)
     eval_model = torch.compile(model) if config.COMPILE else model
     loss_fn = masked_image_loss(device) if pretrain else \
-        classification_loss(build_criterion(config, mixup_fn), mixup_fn, device)
+        classification_loss(build_criterion(config, loaders.mixup_fn), loaders.mixup_fn, device)
     update_step = UpdateStep(train_model, state, precision, loss_fn, config.TRAIN.CLIP_GRAD)
-
-    # ---------------------------------------------------------------- outputs
     tb_writer = create_tb_writer(config.OUTPUT, config.TENSORBOARD, dist_info.is_main)
     metrics = MetricsFile(f"{config.OUTPUT}/metrics.jsonl", state.epoch) if dist_info.is_main else None
-    manager = CheckpointManager(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS, log)
-    config_dict = config_to_dict(config)
-    if dist_info.is_main:
-        remove_stale_temp_files(config.OUTPUT, log)
+    return Training(config, dist_info, state, update_step, eval_model, precision, loaders, checkpointer, log,
+                    tb_writer, metrics)
 
-    def save(kind: str, is_best: bool = False) -> None:
-        rng = gather_rng_states()  # collective: every rank takes part
-        if not (dist_info.is_main or fsdp):
-            return
-        checkpoint = build_checkpoint(state, config_dict, rng, weights=not fsdp)
-        # The epoch's sample order is a pure function of (seed, epoch) (the samplers' set_epoch); recording
-        # where in it the checkpoint stands lets a resume check that it replays the same order.
-        checkpoint['data_order'] = {'sampler': type(loader_train.sampler).__name__, 'seed': int(config.SEED),
-                                    'epoch': state.epoch, 'batches_done': state.update * accum,
-                                    'batch_size': int(config.DATA.BATCH_SIZE), 'world_size': dist_info.world_size}
-        try:
-            if fsdp:  # a collective: every rank writes its shards
-                manager.save_sharded(checkpoint, state, kind, is_best)
-            elif kind == 'epoch':
-                manager.save_epoch(checkpoint, state.epoch - 1, is_best)
-            elif kind == 'best':
-                manager.save_best(checkpoint)
-            else:
-                manager.save_last(checkpoint)
-        except CheckpointSaveError as e:
-            # Training goes on: the previous checkpoint is intact and the next save may succeed.
-            log.error(f"checkpoint not saved: {e}")
 
-    # ---------------------------------------------------------------- train
-    if saved_rng is not None:  # last: anything set up after it (a TensorBoard writer...) may draw random numbers
-        restore_rank_rng(saved_rng, config.SEED + dist_info.rank + 1000 * state.epoch, log)
-    log.info("start training")
-    run_start = time.time()
-    val = None
-    # Stop-signal checks are collectives with several processes: every PRINT_FREQ updates (same indices on
-    # every rank); in one process they are free, so after every update.
-    preempt_every = config.PRINT_FREQ if dist_info.distributed else 1
-    save_every = config.TRAIN.SAVE_EVERY_STEPS
+def _load_pretrained(model: nn.Module, path: str, log: logging.Logger, trust: bool) -> None:
     try:
-        with PreemptionGuard(device) as preemption:
-            for epoch in range(state.epoch, config.TRAIN.EPOCHS):
-                state.epoch = epoch
-                if hasattr(loader_train.sampler, 'set_epoch'):
-                    loader_train.sampler.set_epoch(epoch)
-                loader = loader_from(loader_train, state.update * accum,
-                                     seed=(epoch * 100003 + state.update) * 1009 + dist_info.rank)
-                train_log = TrainLog(config, state, device, log, tb_writer)
-                for result in train_one_epoch(state, update_step, loader, accum):
-                    train_log.record(*result)
-                    if state.update == updates_per_epoch:
-                        break  # the epoch's end: validation, checkpoint and the stop check follow
-                    saved = bool(save_every) and state.update % save_every == 0
-                    if saved:
-                        save('last')
-                    if state.update % preempt_every == 0 and preemption.agreed_stop():
-                        log.warning(f"{preemption.received}: stopping after update {state.update}/"
-                                    f"{updates_per_epoch} of epoch {epoch}; saving a checkpoint")
-                        if not saved:
-                            save('last')
-                        raise Preempted(f"preempted ({preemption.received}) in epoch {epoch} after update "
-                                        f"{state.update}/{updates_per_epoch}", preemption.exit_code)
-                train_stats = train_log.summary()
-                broken = data.pop_broken_count(loader_train) if hasattr(loader_train.dataset, 'broken_images') \
-                    else 0
-                if broken:
-                    log.warning(f"epoch {epoch}: {broken} unreadable training images were skipped")
+        models.load_pretrained(model, path, logger=log, trust=trust)
+    except ValueError as e:
+        raise CheckpointError(f"--pretrained {path}: {e}") from None
+    log.info(f"loaded pretrained weights from {path}")
 
-                ema_val = is_best = None
-                if loader_val is not None:
-                    val = validate(config, loader_val, eval_model, precision, log)
-                    log.info(f"Accuracy of the network on the {len(dataset_val)} test images: {val[0]:.1f}%")
-                    if state.ema is not None:
-                        ema_val = validate(config, loader_val, unwrap_model(state.ema), precision, log,
-                                           prefix='EMA')
-                    is_best = val[0] > state.max_accuracy
-                    state.max_accuracy = max(state.max_accuracy, val[0])
-                    log.info(f"Max accuracy: {state.max_accuracy:.2f}%")
-                state.epoch, state.update = epoch + 1, 0
 
-                # Metrics first: a kill between the two then re-runs the epoch (whose line is dropped on resume)
-                # instead of resuming after an epoch whose line was never written.
-                if metrics is not None:
-                    metrics.append(_metrics_record(epoch, train_stats, broken, val, ema_val))
-                is_last = epoch == config.TRAIN.EPOCHS - 1
-                on_schedule = (epoch + 1) % config.SAVE_FREQ == 0 or is_last
-                if on_schedule:
-                    save('epoch', bool(is_best))
-                elif is_best:
-                    save('best')
-                if tb_writer is not None and val is not None:
-                    for name, value in zip(('acc1', 'acc5', 'loss'), val):
-                        tb_writer.add_scalar(f'val/{name}', value, epoch)
-                    if ema_val is not None:
-                        tb_writer.add_scalar('val/ema_acc1', ema_val[0], epoch)
-                    tb_writer.flush()
-                if not is_last and preemption.agreed_stop():  # collective: every rank reaches it
-                    log.warning(f"{preemption.received}: stopping after epoch {epoch}; saving a checkpoint")
-                    if not on_schedule:
-                        save('last')
-                    raise Preempted(f"preempted ({preemption.received}) after epoch {epoch}", preemption.exit_code)
+# ----------------------------------------------------------------------------- the epochs
+
+def train_epoch(t: Training, epoch: int, preemption: PreemptionGuard) -> Dict[str, Any]:
+    """Train epoch ``epoch`` from update ``state.update`` on (after a mid-epoch resume: the rest of the epoch's
+    order), with its log lines, the non-finite stop and the mid-epoch saves and stops. Returns the epoch's
+    training summary (``TrainLog.summary``, plus ``broken``: unreadable images skipped)."""
+    config, state, loader_train = t.config, t.state, t.loaders.train
+    accum = config.TRAIN.ACCUMULATION_STEPS
+    state.epoch = epoch
+    if hasattr(loader_train.sampler, 'set_epoch'):
+        loader_train.sampler.set_epoch(epoch)
+    loader = loader_from(loader_train, state.update * accum,
+                         seed=(epoch * 100003 + state.update) * 1009 + t.dist_info.rank)
+    train_log = TrainLog(config, state, t.dist_info.device, t.log, t.tb_writer)
+    for result in train_one_epoch(state, t.update_step, loader, accum):
+        train_log.record(*result)
+        stop_if_nonfinite(config, train_log)
+        if state.update == state.updates_per_epoch:
+            break  # the epoch's end: validation, checkpoint and the stop check follow
+        save_or_stop_mid_epoch(t, preemption)
+    stats: Dict[str, Any] = dict(train_log.summary())
+    stats['broken'] = data.pop_broken_count(loader_train) if hasattr(loader_train.dataset, 'broken_images') else 0
+    if stats['broken']:
+        t.log.warning(f"epoch {epoch}: {stats['broken']} unreadable training images were skipped")
+    return stats
+
+
+def save_or_stop_mid_epoch(t: Training, preemption: PreemptionGuard) -> None:
+    """Between two updates: the ``TRAIN.SAVE_EVERY_STEPS`` checkpoint, then the stop check. When any rank got a
+    stop signal, every rank saves ``ckpt_last`` (unless it was just saved) and raises ``Preempted``.
+
+    The check is a collective with several processes, so there it runs every ``PRINT_FREQ`` updates (the same
+    updates on every rank); in one process it is free and runs after every update.
+    """
+    config, state = t.config, t.state
+    save_every = config.TRAIN.SAVE_EVERY_STEPS
+    saved = bool(save_every) and state.update % save_every == 0
+    if saved:
+        t.checkpointer.save(state, 'last')
+    check_every = config.PRINT_FREQ if t.dist_info.distributed else 1
+    if state.update % check_every == 0 and preemption.agreed_stop():
+        position = f"{state.update}/{state.updates_per_epoch}"
+        t.log.warning(f"{preemption.received}: stopping after update {position} of epoch {state.epoch}; saving a "
+                      f"checkpoint")
+        if not saved:
+            t.checkpointer.save(state, 'last')
+        raise Preempted(f"preempted ({preemption.received}) in epoch {state.epoch} after update {position}",
+                        preemption.exit_code)
+
+
+def end_of_epoch(t: Training, epoch: int, train_stats: Dict[str, Any],
+                 preemption: PreemptionGuard) -> Optional[Tuple[float, float, float]]:
+    """After the last update of epoch ``epoch``: validation (also of the EMA), the best accuracy, the metrics
+    line, the checkpoint (on the ``SAVE_FREQ`` schedule, else the best only), TensorBoard, then, before another
+    epoch, the stop check (a collective). Returns the validation's (top-1, top-5, loss), None without one."""
+    config, state, log = t.config, t.state, t.log
+    val = ema_val = is_best = None
+    if t.loaders.val is not None:
+        val = validate(config, t.loaders.val, t.eval_model, t.precision, log)
+        log.info(f"Accuracy of the network on the {len(t.loaders.dataset_val)} test images: {val[0]:.1f}%")
+        if state.ema is not None:
+            ema_val = validate(config, t.loaders.val, unwrap_model(state.ema), t.precision, log, prefix='EMA')
+        is_best = val[0] > state.max_accuracy
+        state.max_accuracy = max(state.max_accuracy, val[0])
+        log.info(f"Max accuracy: {state.max_accuracy:.2f}%")
+    state.epoch, state.update = epoch + 1, 0
+    # Metrics first: a kill between the two then re-runs the epoch (whose line is dropped on resume) instead of
+    # resuming after an epoch whose line was never written.
+    if t.metrics is not None:
+        t.metrics.append(_metrics_record(epoch, train_stats, val, ema_val))
+    is_last = epoch == config.TRAIN.EPOCHS - 1
+    on_schedule = (epoch + 1) % config.SAVE_FREQ == 0 or is_last
+    if on_schedule:
+        t.checkpointer.save(state, 'epoch', bool(is_best))
+    elif is_best:
+        t.checkpointer.save(state, 'best')
+    if t.tb_writer is not None and val is not None:
+        for name, value in zip(('acc1', 'acc5', 'loss'), val):
+            t.tb_writer.add_scalar(f'val/{name}', value, epoch)
+        if ema_val is not None:
+            t.tb_writer.add_scalar('val/ema_acc1', ema_val[0], epoch)
+        t.tb_writer.flush()
+    if not is_last and preemption.agreed_stop():  # collective: every rank reaches it
+        log.warning(f"{preemption.received}: stopping after epoch {epoch}; saving a checkpoint")
+        if not on_schedule:
+            t.checkpointer.save(state, 'last')
+        raise Preempted(f"preempted ({preemption.received}) after epoch {epoch}", preemption.exit_code)
+    return val
+
+
+def _metrics_record(epoch: int, train: Dict[str, Any], val: Optional[Tuple[float, float, float]],
+                    ema: Optional[Tuple[float, float, float]]) -> Dict[str, Any]:
+    record = {'epoch': epoch, 'train_loss': train['loss'], 'lr': train['lr'], 'time': train['time'],
+              'skipped_updates': train['skipped'], 'broken_images': train['broken']}
+    if val is not None:
+        record.update(val_acc1=val[0], val_acc5=val[1], val_loss=val[2])
+    if ema is not None:
+        record.update(ema_acc1=ema[0], ema_acc5=ema[1], ema_loss=ema[2])
+    return record
+
+
+def _evaluate_only(config: Any, model: nn.Module, loaders: Loaders, device: torch.device,
+                   log: logging.Logger) -> Dict[str, Any]:
+    """``--eval`` / ``--throughput``: load the weights, then validate or time."""
+    precision = resolve_precision(config, device)
+    trust = bool(config.TRUST_CHECKPOINTS)
+    if config.MODEL.RESUME:
+        load_weights(model, config.MODEL.RESUME, trust=trust)
+        log.info(f"loaded weights from {config.MODEL.RESUME}")
+    elif config.MODEL.PRETRAINED:
+        _load_pretrained(model, config.MODEL.PRETRAINED, log, trust)
+    elif config.EVAL_MODE:
+        log.warning("--eval without --resume or --pretrained: evaluating randomly initialised weights")
+    eval_model = torch.compile(model) if config.COMPILE else model
+    if config.THROUGHPUT_MODE:
+        return {'throughput': throughput(loaders.val, eval_model, precision, log)}
+    acc1, acc5, loss = validate(config, loaders.val, eval_model, precision, log)
+    log.info(f"Accuracy of the network on the {len(loaders.dataset_val)} test images: {acc1:.1f}%")
+    return {'acc1': acc1, 'acc5': acc5, 'loss': loss}
+
+
+# ----------------------------------------------------------------------------- the run
+
+def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = None,
+        pretrain: bool = False) -> Dict[str, Any]:
+    """Build model, data, train state and checkpoints from ``config``, then evaluate (``EVAL_MODE``), measure
+    throughput (``THROUGHPUT_MODE``) or train. ``pretrain``: SimMIM pre-training (the model returns its loss;
+    no validation). Returns a small summary dict. ``config`` must already have the linear LR scaling applied.
+    """
+    log = logger or _LOG
+    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+    validate_config(config, pretrain, world_size=dist_info.world_size, device=dist_info.device.type)
+    set_matmul_precision(config, dist_info.device)
+    loaders = build_loaders(config, pretrain)
+    model = create_model(config, dist_info.device, pretrain, training and bool(config.TRAIN.FSDP.ENABLE), log)
+    if not training:
+        return _evaluate_only(config, model, loaders, dist_info.device, log)
+    t = build_training(config, dist_info, model, loaders, pretrain, log)
+    t.checkpointer.restore_rng(t.state)  # last: whatever is set up after it may draw random numbers
+    log.info("start training")
+    run_start, val = time.time(), None
+    try:
+        with PreemptionGuard(dist_info.device) as preemption:
+            for epoch in range(t.state.epoch, config.TRAIN.EPOCHS):
+                train_stats = train_epoch(t, epoch, preemption)
+                val = end_of_epoch(t, epoch, train_stats, preemption)
     finally:
-        if tb_writer is not None:
-            tb_writer.close()
+        if t.tb_writer is not None:
+            t.tb_writer.close()
     log.info(f"Training time {format_seconds(time.time() - run_start)}")
     acc1, acc5, loss = val if val is not None else (None, None, None)
-    return {'max_accuracy': state.max_accuracy, 'acc1': acc1, 'acc5': acc5, 'loss': loss}
+    return {'max_accuracy': t.state.max_accuracy, 'acc1': acc1, 'acc5': acc5, 'loss': loss}

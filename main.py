@@ -84,7 +84,7 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
     import engine
     from config import apply_linear_scaling, save_config
     from data import DatasetLayoutError
-    from utils.checkpoint import CheckpointError
+    from utils.checkpoint import CheckpointError, last_checkpoint_name
     from utils.distributed import cleanup_distributed, init_distributed
     from utils.logger import create_logger
     from utils.misc import seed_everything
@@ -121,7 +121,7 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Preempted as e:
-        last = 'ckpt_last' if config.TRAIN.FSDP.ENABLE else 'ckpt_last.pth'  # sharded: a link to a directory
+        last = last_checkpoint_name(sharded=bool(config.TRAIN.FSDP.ENABLE))
         print(f"{e}: checkpoint saved; the same command resumes from it (auto-resume reads {config.OUTPUT}; or "
               f"add --resume {os.path.join(config.OUTPUT, last)}) (exit code {e.exit_code})",
               file=sys.stderr)

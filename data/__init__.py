@@ -37,7 +37,7 @@ from .datasets import (BrokenImageError, DatasetLayoutError, ImageDataset, Image
                        ImageNet22KDataset, ZipImageDataset, decode_image, to_rgb)
 from .device_batch import DeviceBatch, batch_to_device
 from .fast import LoaderDependencyError
-from .samplers import DistributedEvalSampler, RepeatAugSampler, ShardShuffleSampler, eval_shard_indices
+from .samplers import DistributedEvalSampler, RepeatAugSampler, ShardShuffleSampler, eval_shard_indices, loader_from
 from .simmim import MaskGenerator, SimMIMTransform, build_loader_simmim
 from .transforms import build_transform
 
@@ -73,4 +73,4 @@ __all__ = ['build_loader', 'build_dataset', 'build_transform', 'build_mixup', 'b
            'batch_to_device', 'DeviceBatch', 'LoaderDependencyError',
            'BrokenImageError', 'DatasetLayoutError', 'ImageDataset', 'ImageFolderDataset', 'ImageNet22KDataset',
            'ZipImageDataset', 'decode_image', 'to_rgb', 'DistributedEvalSampler', 'RepeatAugSampler',
-           'ShardShuffleSampler', 'eval_shard_indices', 'MaskGenerator', 'SimMIMTransform', 'build_loader_simmim']
+           'ShardShuffleSampler', 'eval_shard_indices', 'loader_from', 'MaskGenerator', 'SimMIMTransform', 'build_loader_simmim']

@@ -152,3 +152,37 @@ def part_cache_shard(num_samples: int, num_replicas: int, rank: int) -> List[int
     """The training indices rank ``rank`` caches and reads under 'part' caching (as the official code)."""
     _check_rank(num_replicas, rank)
     return list(range(rank, num_samples, num_replicas))
+
+
+# ----------------------------------------------------------------------------- resuming mid-epoch
+
+class _SkipSampler(Sampler):
+    """The first epoch after a mid-epoch resume: the epoch's order with the already-trained part removed."""
+
+    def __init__(self, indices: list):
+        self.indices = indices
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def loader_from(loader: torch.utils.data.DataLoader, skip_batches: int,
+                seed: int = 0) -> torch.utils.data.DataLoader:
+    """``loader`` itself, or one like it that starts ``skip_batches`` batches into the current epoch's order.
+
+    The new loader gets its own generator (seeded with ``seed``): starting an iterator draws a worker base seed
+    from the loader's generator, and drawing it from the global RNG would shift the restored RNG stream by one
+    draw compared with the uninterrupted run, which drew it at the start of the epoch, before the checkpoint.
+    """
+    if not skip_batches:
+        return loader
+    indices = list(loader.sampler)[skip_batches * loader.batch_size:]
+    kwargs = dict(batch_size=loader.batch_size, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                  pin_memory=loader.pin_memory, drop_last=loader.drop_last, worker_init_fn=loader.worker_init_fn,
+                  generator=torch.Generator().manual_seed(seed))
+    if loader.num_workers > 0:
+        kwargs['prefetch_factor'] = loader.prefetch_factor
+    return torch.utils.data.DataLoader(loader.dataset, sampler=_SkipSampler(indices), **kwargs)

@@ -145,6 +145,9 @@ class SimMIM(nn.Module):
     def no_weight_decay(self) -> set:
         return {'encoder.' + name for name in self.encoder.no_weight_decay()}
 
+    def derived_buffer_names(self) -> tuple:
+        return self.encoder.derived_buffer_names()
+
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set:
         # As the official code: the encoder's keywords get the 'encoder.' prefix too, so, being substrings of

@@ -314,6 +314,11 @@ class SwinBackbone(nn.Module):
     def no_weight_decay_keywords(self) -> set:
         return {'relative_position_bias_table'}
 
+    def derived_buffer_names(self) -> Tuple[str, ...]:
+        """Endings of the buffer names rebuilt from the geometry (``DERIVED_BUFFERS``): official checkpoints
+        carry them, ours do not; checkpoint loading neither compares nor requires them."""
+        return DERIVED_BUFFERS
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for layer in self.layers:
             layer.use_checkpoint = enable

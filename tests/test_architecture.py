@@ -211,12 +211,7 @@ def cycle_path(component: List[str]) -> str:
 
 # Debts of other packages that helpers are paying off in parallel branches (the lead drops a mark once its
 # package's check passes; strict=False so that a fixed package does not fail the run meanwhile).
-OPEN_DEBTS: Dict[Tuple[str, str], str] = {
-    ('cycles', 'models'): "models <-> utils.checkpoint circle: being fixed on the models/utils branches",
-    ('cycles', 'utils'): "utils.checkpoint -> models -> utils.checkpoint: being fixed on the models/utils branches",
-    ('utils_imports', 'models'): "utils.checkpoint and utils.fsdp import models.swin_common: being fixed on the "
-                                 "utils branch",
-}
+OPEN_DEBTS: Dict[Tuple[str, str], str] = {}  # (check, package) -> reason, for a debt being paid on a branch
 
 
 def params(check: str, names: Tuple[str, ...]) -> List:

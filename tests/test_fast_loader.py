@@ -21,8 +21,8 @@ from data.build import build_dataset, loader_collate, train_sampler
 from data.device_batch import DeviceFinish, batch_to_device, erase_boxes
 from data.fast import FastEvalTransform, FastTrainTransform
 from data.gpu import TENSOR_OPS, GpuEvalTransform, GpuTrainTransform, apply_op
+from data.samplers import loader_from
 from data.seeding import SampleKey, seeded_rngs
-from engine import loader_from
 from timm.data import auto_augment as timm_auto_augment
 from timm.data.random_erasing import RandomErasing
 

@@ -1,7 +1,8 @@
 """Helpers shared by the entry point and the engine.
 
 - ``utils.checkpoint``: the one module that reads and writes checkpoint files (save, resume, export).
-- ``utils.distributed``: process-group set-up from the ``torchrun`` environment and small collectives.
+- ``utils.distributed``: process-group set-up from the ``torchrun`` environment, small collectives and the one
+  unwrap helper (``unwrap_model``: under compile, DDP and EMA wrappers).
 - ``utils.fsdp``: FSDP2 sharding of the model and DCP reading/writing of sharded state (``utils.checkpoint``
   decides the file layout).
 - ``utils.logger``: per-rank log files, TensorBoard and the ``metrics.jsonl`` writer.

@@ -1,5 +1,9 @@
 """The one module that reads and writes checkpoint files: save, prune, auto-resume, resume, export.
 
+The training loop sees one object, ``Checkpointer(config, dist_info)``: ``save(state, kind, is_best)`` and
+``restore(state)`` (then ``restore_rng(state)`` right before training), with the file or the sharded backend
+picked once when it is built. What a checkpoint holds is decided in one function, ``build_checkpoint``.
+
 File layout in the output folder (official names kept):
 
 - ``ckpt_epoch_{e}.pth``: state after epoch ``e`` (0-based, as the official code); the last
@@ -8,10 +12,13 @@ File layout in the output folder (official names kept):
 - ``ckpt_last.pth``: the newest state, an epoch file or a mid-epoch save (``TRAIN.SAVE_EVERY_STEPS``).
 
 A checkpoint is a plain dict readable with ``torch.load(weights_only=True)``:
-``model, optimizer, lr_scheduler, scaler, ema, epoch, step, max_accuracy, config, rng``.
-``epoch`` is the last *completed* epoch (-1 before the first), as the official code reads it, and ``step`` the
-optimizer updates already done in epoch ``epoch + 1`` (0 for an end-of-epoch checkpoint). ``config`` is a plain
-dict, never a pickled object.
+``model, optimizer, lr_scheduler, scaler, ema, epoch, step, max_accuracy, config, rng`` and, from a training
+run, ``data_order``. ``epoch`` is the last *completed* epoch (-1 before the first), as the official code reads it,
+and ``step`` the optimizer updates already done in epoch ``epoch + 1`` (0 for an end-of-epoch checkpoint).
+``config`` is a plain dict, never a pickled object. ``data_order``: the training sampler, seed, epoch, batches
+done, batch size and world size (the epoch's order is a pure function of seed and epoch; a resume checks that it
+replays the same one). The optimizer's groups carry ``param_names`` (``optimizer.build_optimizer`` records them),
+so a file loads into sharded modules too.
 
 RNG: ``rng`` holds every rank's state (all-gathered at save time): ``{'world_size': W, 'per_rank': [state, ...]}``
 with torch CPU, CUDA (when present), numpy and python ``random`` states per rank. On resume with the same world
@@ -31,10 +38,11 @@ Sharded checkpoints (``TRAIN.FSDP.ENABLE``) are directories of ``torch.distribut
 
 Each holds DCP's ``*.distcp`` shards and ``.metadata`` (model, optimizer moments and EMA, every rank writing
 its own shard) and ``train_state.pth``, the checkpoint dict above without those tensors (scheduler, scaler,
-RNG, counters, config, the optimizer's hyper-parameters), written by rank 0. A directory is written as
-``.<name>.tmp`` and renamed when complete, so a kill mid-save leaves only a temporary directory (removed at the
-next start) and the previous checkpoints intact. It loads with any number of processes, with or without FSDP;
-``export_sharded_model`` writes its weights as one official ``{'model': state_dict}`` file.
+RNG, counters, config, data order) plus ``optimizer_groups`` (the optimizer's hyper-parameters and parameter
+names), written by rank 0. A directory is written as ``.<name>.tmp`` and renamed when complete, so a kill
+mid-save leaves only a temporary directory (removed at the next start) and the previous checkpoints intact. It
+loads with any number of processes, with or without FSDP; ``export_sharded_model`` writes its weights as one
+official ``{'model': state_dict}`` file.
 
 Loading always uses ``torch.load(weights_only=True)``; a file that needs arbitrary unpickling (old official
 checkpoints with a pickled config, or anything malicious) is refused with ``UnsafeCheckpointError`` unless the
@@ -55,9 +63,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from models.swin_common import DERIVED_BUFFERS
-
-from .distributed import all_gather_objects, get_rank, get_world_size
+from .distributed import DistInfo, all_gather_objects, get_rank, get_world_size, is_sharded, unwrap_model
 
 _LOG = logging.getLogger(__name__)
 EPOCH_FILE = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
@@ -357,33 +363,6 @@ def restore_rank_rng(rng: Optional[Mapping[str, Any]], fallback_seed: int,
 
 # ----------------------------------------------------------------------------- building and restoring state
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under DDP, ``torch.compile`` and EMA wrappers (so keys carry no prefixes).
-
-    The one unwrap helper of the project: ``_orig_mod`` (compile), ``DistributedDataParallel.module``, and
-    ``ModelEmaV3.module`` (timm's EMA keeps its copy there).
-    """
-    while True:
-        if hasattr(model, '_orig_mod'):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel) or _is_ema(model):
-            model = model.module
-        else:
-            return model
-
-
-def _is_fsdp(module: Any) -> bool:
-    """Whether ``module`` was sharded by FSDP2 (its tensors are DTensor shards)."""
-    import sys
-    fsdp = sys.modules.get('torch.distributed.fsdp')  # never imported: nothing can be sharded
-    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
-
-
-def _is_ema(obj: Any) -> bool:
-    from timm.utils import ModelEmaV3  # timm is imported lazily: this module is also used by light scripts
-    return isinstance(obj, ModelEmaV3)
-
-
 @dataclass
 class TrainState:
     """Everything a training checkpoint restores, in one object (big_vision's train state).
@@ -408,11 +387,16 @@ class TrainState:
         return self.epoch * self.updates_per_epoch + self.update
 
 
-def build_checkpoint(state: TrainState, config_dict: Dict[str, Any],
-                     rng: Optional[Dict[str, Any]] = None, weights: bool = True) -> Dict[str, Any]:
-    """The checkpoint dict of ``state`` (official keys plus ours); see the module docstring for their meaning.
+def build_checkpoint(state: TrainState, config_dict: Dict[str, Any], rng: Optional[Dict[str, Any]] = None,
+                     weights: bool = True, sampler: Optional[str] = None) -> Dict[str, Any]:
+    """The checkpoint dict of ``state``: the one place that decides what a checkpoint holds (official keys plus
+    ours; see the module docstring for their meaning).
 
-    ``weights=False``: without model, optimizer and EMA (a sharded checkpoint stores those through DCP)."""
+    ``weights=False``: the file part of a sharded checkpoint: the model, optimizer and EMA tensors are left to
+    DCP, and the optimizer's groups (hyper-parameters, parameter names) are kept here. ``sampler``: the training
+    sampler's class name; with it, ``data_order`` records where in the epoch's fixed, ``(SEED, epoch)``-seeded
+    sample order the state stands, so that a resume can check that it replays the same order (``config_dict``
+    then holds ``SEED``, ``DATA.BATCH_SIZE`` and ``TRAIN.ACCUMULATION_STEPS``)."""
     def state_dict(obj: Any) -> Any:
         return obj.state_dict() if obj is not None else None
 
@@ -429,6 +413,15 @@ def build_checkpoint(state: TrainState, config_dict: Dict[str, Any],
     }
     if rng is not None:
         checkpoint['rng'] = rng
+    if sampler is not None:
+        accum = int(config_dict['TRAIN']['ACCUMULATION_STEPS'])
+        checkpoint['data_order'] = {'sampler': sampler, 'seed': int(config_dict['SEED']), 'epoch': int(state.epoch),
+                                    'batches_done': int(state.update) * accum,
+                                    'batch_size': int(config_dict['DATA']['BATCH_SIZE']),
+                                    'world_size': get_world_size()}
+    if not weights:
+        from .fsdp import optimizer_param_groups
+        checkpoint['optimizer_groups'] = optimizer_param_groups(unwrap_model(state.model), state.optimizer)
     return checkpoint
 
 
@@ -446,8 +439,9 @@ def load_model_state(model: torch.nn.Module, checkpoint: Mapping[str, Any], path
         raise CheckpointError(f"{path} has no 'model' state dict (keys: {sorted(checkpoint)[:10]})")
     target = unwrap_model(model)
     own = target.state_dict()
-    state = {k: v for k, v in checkpoint['model'].items() if not k.endswith(DERIVED_BUFFERS)}
-    missing = [k for k in own if k not in state and not k.endswith(DERIVED_BUFFERS)]
+    derived = _derived_buffers(target)
+    state = {k: v for k, v in checkpoint['model'].items() if not k.endswith(derived)}
+    missing = [k for k in own if k not in state and not k.endswith(derived)]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in state if k in own and _shape(state[k]) != _shape(own[k])]
     if missing or unexpected or mismatched:
@@ -478,9 +472,16 @@ def load_model_state(model: torch.nn.Module, checkpoint: Mapping[str, Any], path
         raise CheckpointError(f"{path} does not fit the model: {_first_line(e)}") from None
 
 
+def _derived_buffers(model: torch.nn.Module) -> Tuple[str, ...]:
+    """Name endings of the buffers ``model`` rebuilds from its geometry (``model.derived_buffer_names()``, e.g.
+    Swin's ``attn_mask``): official files carry them, ours do not, so they are neither compared nor required."""
+    names = getattr(model, 'derived_buffer_names', None)
+    return tuple(names()) if callable(names) else ()
+
+
 def _load_full_weights(module: torch.nn.Module, state: Mapping[str, torch.Tensor], strict: bool) -> None:
     """A full state dict into a plain module, or into a sharded one (each rank keeps its slice; not strict)."""
-    if _is_fsdp(module):
+    if is_sharded(module):
         from .fsdp import load_full_state
         load_full_state(module, state)
     else:
@@ -520,7 +521,7 @@ def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, pat
         state.max_accuracy = float(checkpoint.get('max_accuracy', 0.0) or 0.0)
         return
     try:
-        if not sharded and _is_fsdp(unwrap_model(state.model)):  # a single file into sharded modules
+        if not sharded and is_sharded(state.model):  # a single file into sharded modules
             from .fsdp import load_full_state
             load_full_state(unwrap_model(state.model), checkpoint['model'], state.optimizer, checkpoint['optimizer'])
         elif not sharded:
@@ -562,7 +563,7 @@ def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, pat
 
 def _copy_into_ema(state: TrainState) -> None:
     """EMA := model (for sharded modules too, shard by shard: model and EMA are sharded alike)."""
-    if not _is_fsdp(unwrap_model(state.model)):
+    if not is_sharded(state.model):
         state.ema.set(unwrap_model(state.model))
         return
     with torch.no_grad():
@@ -726,13 +727,13 @@ class CheckpointManager:
         barrier()
         error = None
         try:
-            groups = save_sharded(unwrap_model(state.model), state.optimizer, state.ema, tmp)
+            save_sharded(unwrap_model(state.model), state.optimizer, state.ema, tmp)
         except Exception as e:  # noqa: BLE001 - DCP reports any rank's failure on every rank
             error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         errors = [e for e in all_gather_objects(error) if e]
         if not errors and main:
             try:
-                save_checkpoint_file(dict(checkpoint, optimizer_groups=groups), os.path.join(tmp, TRAIN_STATE_NAME))
+                save_checkpoint_file(checkpoint, os.path.join(tmp, TRAIN_STATE_NAME))
                 _fsync_dir(tmp)
                 _replace_dir(tmp, final)
                 _fsync_dir(self.output_dir)
@@ -814,3 +815,127 @@ def export_sharded_model(sharded_dir: str, path: str, ema: bool = False) -> Dict
     state_dict = read_sharded_model(sharded_dir, ema)
     save_checkpoint_file({'model': state_dict}, path)
     return state_dict
+
+
+# ----------------------------------------------------------------------------- the training run's checkpointer
+
+def load_weights(model: torch.nn.Module, path: str, trust: bool = False) -> None:
+    """The model weights of checkpoint ``path`` (a file or a sharded directory) into ``model``, strictly
+    (``load_model_state``): what ``--eval --resume`` loads."""
+    load_model_state(model, load_checkpoint_file(path, trust=trust), path)
+
+
+def last_checkpoint_name(sharded: bool) -> str:
+    """The output folder's newest checkpoint: ``ckpt_last`` (a link to a directory) when sharded, else
+    ``ckpt_last.pth``."""
+    return SHARDED_LAST if sharded else LAST_NAME
+
+
+class Checkpointer:
+    """Saves a training run's ``TrainState`` into ``config.OUTPUT`` and restores it from there (or from
+    ``--resume``): the one object the engine asks about checkpoints, as big_vision's loop sees only
+    ``save_checkpoint`` / ``load_checkpoint`` around its train state.
+
+    The backend is picked once, here: single ``.pth`` files written by rank 0 (one process or DDP), or sharded
+    DCP directories written by every rank (``TRAIN.FSDP.ENABLE``). What a checkpoint holds is ``build_checkpoint``'s
+    business alone. ``sampler``: the training sampler's class name, recorded with the position in the epoch.
+    """
+
+    def __init__(self, config: Any, dist_info: DistInfo, sampler: Optional[str] = None,
+                 logger: Optional[logging.Logger] = None):
+        from config import config_to_dict  # the config as plain data: a file that loads with weights_only
+        self.config, self.dist_info, self.sampler = config, dist_info, sampler
+        self.log = logger or _LOG
+        self.config_dict = config_to_dict(config)
+        self.trust = bool(config.TRUST_CHECKPOINTS)
+        self.sharded = bool(config.TRAIN.FSDP.ENABLE)
+        self.files = CheckpointManager(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS, self.log)
+        self._write = self._write_sharded if self.sharded else self._write_file
+        self._found: Optional[Tuple[Optional[str], Optional[Dict[str, Any]]]] = None  # (path, contents)
+        self._saved_rng: Optional[Mapping[str, Any]] = None  # set by restore
+        if dist_info.is_main:
+            remove_stale_temp_files(config.OUTPUT, self.log)
+
+    # ------------------------------------------------------------------------- restoring
+
+    def find(self) -> Optional[str]:
+        """The checkpoint ``restore`` resumes from: ``MODEL.RESUME`` (``--resume``), else (``TRAIN.AUTO_RESUME``)
+        the furthest readable one in the output folder (``auto_resume``), else None. Read once, on the first
+        call, so that the caller can decide before building the rest (e.g. whether ``--pretrained`` applies)."""
+        if self._found is None:
+            if self.config.MODEL.RESUME:
+                path = self.config.MODEL.RESUME
+                self._found = path, load_checkpoint_file(path, trust=self.trust)
+            elif self.config.TRAIN.AUTO_RESUME:
+                self._found = auto_resume(self.config.OUTPUT, trust=self.trust, logger=self.log)
+            else:
+                self._found = None, None
+        return self._found[0]
+
+    def restore(self, state: TrainState) -> Optional[str]:
+        """Restore ``state`` in place from the checkpoint ``find`` names (model, optimizer, scheduler, scaler,
+        EMA, epoch, update, best accuracy); returns its path, or None when training starts fresh. The RNG
+        states wait for ``restore_rng``.
+
+        A mid-epoch checkpoint saved by another number of processes restarts its epoch from the beginning (the
+        rest of the epoch's order is per rank); one saved with another seed or batch size goes on with a warning.
+        """
+        path = self.find()
+        checkpoint = self._found[1] if self._found else None
+        if checkpoint is None:
+            return None
+        self._found = path, None  # its tensors are in ``state`` now; the loaded copy can go
+        restore_training_state(checkpoint, state, path, self.log)
+        world = self.dist_info.world_size
+        saved_world = (checkpoint.get('rng') or {}).get('world_size')
+        if state.update and saved_world not in (None, world):
+            self.log.info(f"resume: {path} was saved mid-epoch with {saved_world} processes, now {world}: epoch "
+                          f"{state.epoch} restarts from its beginning")
+            state.update = 0
+        order = checkpoint.get('data_order') or {}
+        seed, batch_size = self.config.SEED, self.config.DATA.BATCH_SIZE
+        if state.update and order and (order.get('seed'), order.get('batch_size')) != (seed, batch_size):
+            self.log.warning(f"resume: {path} was saved mid-epoch with SEED {order.get('seed')} and batch size "
+                             f"{order.get('batch_size')}, now {seed} and {batch_size}: the rest of epoch "
+                             f"{state.epoch} follows another sample order")
+        self.log.info(f"resumed from {path}: starting at epoch {state.epoch}"
+                      + (f", update {state.update}" if state.update else '')
+                      + f", max accuracy {state.max_accuracy:.2f}%")
+        self._saved_rng = checkpoint.get('rng') or {}
+        return path
+
+    def restore_rng(self, state: TrainState) -> None:
+        """This rank's RNG states from the restored checkpoint (reseeded from ``SEED + rank + 1000 * epoch`` when
+        it holds none for this world size); nothing when training started fresh. Call it right before training:
+        whatever is set up after it (a TensorBoard writer...) may draw random numbers."""
+        if self._saved_rng is not None:
+            restore_rank_rng(self._saved_rng, self.config.SEED + self.dist_info.rank + 1000 * state.epoch, self.log)
+
+    # ------------------------------------------------------------------------- saving
+
+    def save(self, state: TrainState, kind: str, is_best: bool = False) -> None:
+        """Checkpoint ``state``. ``kind``: ``epoch`` (after an epoch, on the ``SAVE_FREQ`` schedule; also the
+        best when ``is_best``), ``best`` (the best only) or ``last`` (mid-epoch). A collective: every rank calls
+        it. A failed write is logged and training goes on: the previous checkpoint is intact and the next save
+        may succeed."""
+        if kind not in ('epoch', 'best', 'last'):
+            raise ValueError(f"checkpoint kind {kind!r} is not one of 'epoch', 'best', 'last'")
+        rng = gather_rng_states()  # a collective: every rank takes part
+        if not (self.dist_info.is_main or self.sharded):
+            return
+        checkpoint = build_checkpoint(state, self.config_dict, rng, weights=not self.sharded, sampler=self.sampler)
+        try:
+            self._write(checkpoint, state, kind, is_best)
+        except CheckpointSaveError as e:
+            self.log.error(f"checkpoint not saved: {e}")
+
+    def _write_file(self, checkpoint: Dict[str, Any], state: TrainState, kind: str, is_best: bool) -> None:
+        if kind == 'epoch':
+            self.files.save_epoch(checkpoint, state.epoch - 1, is_best)
+        elif kind == 'best':
+            self.files.save_best(checkpoint)
+        else:
+            self.files.save_last(checkpoint)
+
+    def _write_sharded(self, checkpoint: Dict[str, Any], state: TrainState, kind: str, is_best: bool) -> None:
+        self.files.save_sharded(checkpoint, state, kind, is_best)  # a collective: every rank writes its shards

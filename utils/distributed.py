@@ -1,4 +1,5 @@
-"""Distributed set-up from the ``torchrun`` environment and the few collectives the engine needs.
+"""Distributed set-up from the ``torchrun`` environment, the few collectives the engine needs, and
+``unwrap_model``, the one helper that finds the module under compile, DDP and EMA wrappers.
 
 Without ``torchrun`` (no ``WORLD_SIZE`` > 1 in the environment) everything runs in a single process with no
 process group; the helpers then act as identities.
@@ -7,11 +8,13 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -139,3 +142,37 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+def unwrap_model(model: torch.nn.Module, wrapper: Optional[type] = None) -> Optional[torch.nn.Module]:
+    """The plain module under ``torch.compile`` (``_orig_mod``), DDP and EMA (timm ``ModelEmaV3``) wrappers, so
+    that state-dict keys carry no prefixes; with ``wrapper`` (e.g. ``DistributedDataParallel`` or FSDP2's
+    ``FSDPModule``), the first module on the way down that is one, or None.
+
+    The one unwrap helper of the project: DDP's ``no_sync`` and FSDP's gradient-sync switch live on those
+    modules, whatever compiles them.
+    """
+    while True:
+        if wrapper is not None and isinstance(model, wrapper):
+            return model
+        if hasattr(model, '_orig_mod'):
+            model = model._orig_mod
+        elif isinstance(model, DistributedDataParallel) or _is_ema(model):
+            model = model.module
+        else:
+            return None if wrapper is not None else model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 sharded ``model`` (under any wrapper). Without importing ``torch.distributed.fsdp`` (about a
+    second) when nothing did: then nothing can be sharded."""
+    fsdp = sys.modules.get('torch.distributed.fsdp')
+    return fsdp is not None and unwrap_model(model, fsdp.FSDPModule) is not None
+
+
+def _is_ema(obj: Any) -> bool:
+    # timm not imported yet: nothing can be its EMA (and the light scripts that read checkpoints stay free of it)
+    timm_utils = sys.modules.get('timm.utils')
+    return timm_utils is not None and isinstance(obj, timm_utils.ModelEmaV3)

@@ -1,10 +1,10 @@
 """Sharded training (torch FSDP2, ``fully_shard``) and sharded state through ``torch.distributed.checkpoint``.
 
-``shard_model`` applies ``fully_shard`` to every Swin block and then to the root (which holds the patch
-embedding, patch merging, final norm and head), with the mixed precision of ``AMP_DTYPE``
-(``MixedPrecisionPolicy``: block weights gathered in bf16/fp16, gradients reduced in fp32; fp32 throughout when
-AMP is off) and, with ``TRAIN.FSDP.CPU_OFFLOAD``, ``CPUOffloadPolicy``. Parameters become ``DTensor`` shards, so
-the optimizer must be built after sharding.
+``shard_model`` applies ``fully_shard`` to every block (the module classes the caller names: Swin's
+``SwinBlock``) and then to the root (which holds the patch embedding, patch merging, final norm and head), with
+the mixed precision of ``AMP_DTYPE`` (``MixedPrecisionPolicy``: block weights gathered in bf16/fp16, gradients
+reduced in fp32; fp32 throughout when AMP is off) and, with ``TRAIN.FSDP.CPU_OFFLOAD``, ``CPUOffloadPolicy``.
+Parameters become ``DTensor`` shards, so the optimizer must be built after sharding.
 
 ``save_sharded`` / ``load_sharded`` move the tensors of a ``TrainState`` (model, optimizer moments, EMA) to and
 from a DCP directory through ``get_state_dict`` / ``set_state_dict``, which work the same for a sharded, a DDP or
@@ -25,7 +25,7 @@ import io
 import os
 import pickle
 import warnings
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 METADATA_NAME = '.metadata'  # written last by DCP's coordinator: a directory without it is incomplete
 
@@ -47,15 +47,6 @@ class ShardedCheckpointError(RuntimeError):
 
 # ----------------------------------------------------------------------------- wrapping
 
-def find_fsdp(model: nn.Module) -> Optional[FSDPModule]:
-    """The FSDP root module under any ``torch.compile`` wrapper, or None."""
-    while not isinstance(model, FSDPModule):
-        if not hasattr(model, '_orig_mod'):
-            return None
-        model = model._orig_mod
-    return model
-
-
 def mixed_precision_policy(param_dtype: Optional[torch.dtype]) -> MixedPrecisionPolicy:
     """Weights gathered in ``param_dtype`` (None: as stored, fp32), gradients reduced in fp32 either way."""
     if param_dtype is None:
@@ -63,9 +54,11 @@ def mixed_precision_policy(param_dtype: Optional[torch.dtype]) -> MixedPrecision
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
 
-def shard_model(model: nn.Module, param_dtype: Optional[torch.dtype] = None, cpu_offload: bool = False,
-                reshard_after_forward: bool = True, device: Optional[torch.device] = None) -> nn.Module:
-    """``fully_shard`` every Swin block, then the root; returns the (same, now sharded) module.
+def shard_model(model: nn.Module, block_types: Tuple[type, ...], param_dtype: Optional[torch.dtype] = None,
+                cpu_offload: bool = False, reshard_after_forward: bool = True,
+                device: Optional[torch.device] = None) -> nn.Module:
+    """``fully_shard`` every module of ``block_types`` (the model's blocks), then the root; returns the (same, now
+    sharded) module.
 
     Needs an initialised process group (``torchrun``). Every rank must hold the same initial weights: FSDP
     keeps each rank's own slice of whatever it holds (unlike DDP, it does not broadcast rank 0's weights).
@@ -73,8 +66,8 @@ def shard_model(model: nn.Module, param_dtype: Optional[torch.dtype] = None, cpu
     (``TRAIN.USE_CHECKPOINT``) its recomputation in backward gathers them again.
     """
     from torch.distributed.device_mesh import init_device_mesh
-
-    from models.swin_common import SwinBlock
+    if not block_types:
+        raise ValueError("shard_model needs the block module classes to shard one by one (block_types)")
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("TRAIN.FSDP.ENABLE (--fsdp) needs a process group: launch with torchrun "
                            "--nproc_per_node N (N >= 2), or train without --fsdp in one process")
@@ -83,7 +76,7 @@ def shard_model(model: nn.Module, param_dtype: Optional[torch.dtype] = None, cpu
     kwargs: Dict[str, Any] = dict(mesh=mesh, mp_policy=mixed_precision_policy(param_dtype),
                                   offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
     for module in model.modules():
-        if isinstance(module, SwinBlock):
+        if isinstance(module, block_types):
             fully_shard(module, reshard_after_forward=reshard_after_forward, **kwargs)
     # The root's parameters are used last in forward and first in backward: resharding them would only re-gather.
     fully_shard(model, reshard_after_forward=False, **kwargs)
@@ -220,26 +213,37 @@ def _ema_module(ema: Any) -> Optional[nn.Module]:
     return None if ema is None else ema.module
 
 
-def save_sharded(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], ema: Any, path: str
-                 ) -> Dict[str, Any]:
+def optimizer_param_groups(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, Any]:
+    """The optimizer's ``param_groups`` as DCP names them (hyper-parameters, parameter FQN lists): not tensors,
+    so a sharded checkpoint stores them beside its shards, and ``load_sharded`` needs them back.
+
+    Through ``get_state_dict`` with the model, as ``save_sharded`` does: the model's state dict comes first, and
+    FSDP2's state-dict pre-hook puts the sharded parameters back on a root that an eval forward left unsharded
+    (``reshard_after_forward=False``); the optimizer's state alone would then name parameters the model does not
+    show (a ``KeyError`` in DCP)."""
+    if optimizer is None:
+        return {'param_groups': []}
+    return {'param_groups': get_state_dict(model, optimizer)[1]['param_groups']}
+
+
+def save_sharded(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], ema: Any, path: str) -> None:
     """Write the tensors of model, optimizer state and EMA into DCP directory ``path`` (a collective: every
-    rank writes its shards). Returns the optimizer's ``param_groups`` (hyper-parameters, FQN lists), which are
-    not tensors and are stored by the caller beside them."""
+    rank writes its shards). The optimizer's groups (``optimizer_param_groups``) go into the caller's
+    file."""
     model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else \
-        (get_model_state_dict(model), {'state': {}, 'param_groups': []})
+        (get_model_state_dict(model), {'state': {}})
     state: Dict[str, Any] = {'model': model_sd, 'optimizer': optim_sd['state']}
     if ema is not None:
         state['ema'] = get_model_state_dict(_ema_module(ema))
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=path, no_dist=_no_dist())
-    return {'param_groups': optim_sd['param_groups']}
 
 
 def load_sharded(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], ema: Any, path: str,
                  optimizer_groups: Optional[Mapping[str, Any]]) -> bool:
     """Load model, optimizer state and EMA from DCP directory ``path`` into the (sharded, DDP or plain) modules,
-    resharding as needed. ``optimizer_groups``: what ``save_sharded`` returned. Returns whether the EMA was
-    restored (False when the checkpoint holds none)."""
+    resharding as needed. ``optimizer_groups``: what ``optimizer_param_groups`` gave at save time. Returns whether
+    the EMA was restored (False when the checkpoint holds none)."""
     metadata = read_metadata(path)
     keys = metadata.state_dict_metadata.keys()
     with_optimizer = optimizer is not None and optimizer_groups is not None and \
