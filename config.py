@@ -56,7 +56,10 @@ _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
-_C.MODEL.FUSED_ATTN = True               # (ours) fast attention path: SDPA; on CPU while training, contiguous heads
+_C.MODEL.FAST_PATHS = True               # (ours) the speed tricks of models/ (models/fast_paths.py); False, or the
+                                         # environment SWIN_FAST_PATHS=0: the official computation everywhere
+_C.MODEL.FUSED_ATTN = True               # (ours) with MODEL.FAST_PATHS: SDPA attention (on CPU while training, the
+                                         # matmul attention on contiguous heads); False: the matmul attention
 
 _C.MODEL.SWIN = CN()
 _C.MODEL.SWIN.PATCH_SIZE = 4
