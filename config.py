@@ -56,7 +56,10 @@ _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
-_C.MODEL.FUSED_ATTN = True               # (ours) fast attention path: SDPA; on CPU while training, contiguous heads
+_C.MODEL.FAST_PATHS = True               # (ours) the speed tricks of models/ (models/fast_paths.py); False, or the
+                                         # environment SWIN_FAST_PATHS=0: the official computation everywhere
+_C.MODEL.FUSED_ATTN = True               # (ours) with MODEL.FAST_PATHS: SDPA attention (on CPU while training, the
+                                         # matmul attention on contiguous heads); False: the matmul attention
 
 _C.MODEL.SWIN = CN()
 _C.MODEL.SWIN.PATCH_SIZE = 4
@@ -162,7 +165,7 @@ _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
 _C.TRAIN.LAYER_DECAY = 1.0
 
 _C.TRAIN.MOE = CN()
-_C.TRAIN.MOE.SAVE_MASTER = False
+_C.TRAIN.MOE.SAVE_MASTER = False         # legacy, ignored (LEGACY_KEYS)
 
 _C.TRAIN.EMA = CN()                      # (ours) model EMA through timm's ModelEmaV3
 _C.TRAIN.EMA.ENABLE = False
@@ -200,7 +203,7 @@ _C.TEST.SEQUENTIAL = False
 _C.TEST.SHUFFLE = False
 
 # ----------------------------------------------------------------------------- misc
-_C.ENABLE_AMP = False                    # deprecated official key, kept so old files parse
+_C.ENABLE_AMP = False                    # legacy, ignored (LEGACY_KEYS)
 _C.AMP_ENABLE = True
 _C.AMP_OPT_LEVEL = ''                    # apex: O0 | O1 | O2; '' = torch.amp
 _C.AMP_DTYPE = 'auto'                    # (ours) auto (fp16 on CUDA, bf16 on CPU) | float16 | bfloat16
@@ -218,9 +221,29 @@ _C.PRINT_FREQ = 10
 _C.SEED = 0
 _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
-_C.LOCAL_RANK = 0
-_C.FUSED_WINDOW_PROCESS = False
-_C.FUSED_LAYERNORM = False
+_C.LOCAL_RANK = 0                        # legacy, ignored (LEGACY_KEYS)
+_C.FUSED_WINDOW_PROCESS = False          # legacy, ignored (LEGACY_KEYS)
+_C.FUSED_LAYERNORM = False               # legacy, ignored (LEGACY_KEYS)
+
+# ----------------------------------------------------------------------------- legacy keys (accepted, ignored)
+# Official keys that nothing here reads, with the reason. Files and --opts that set them load as before; a value
+# other than the default gets one log line per key per load (legacy_key_notes). The MODEL.SWIN_MLP.* and
+# MODEL.SWIN_MOE.* keys are not listed: they are for the model families still to be built (build_model names
+# them unsupported). TRAIN.MOE.SAVE_MASTER and FUSED_LAYERNORM are to get their official meaning later.
+LEGACY_KEYS = {
+    'ENABLE_AMP': 'deprecated in the official code too; AMP_ENABLE turns mixed precision on and off',
+    'FUSED_WINDOW_PROCESS': "the official fused window CUDA kernel; the models' own window ops run",
+    'LOCAL_RANK': 'the local rank comes from the LOCAL_RANK environment variable (torchrun) or --local_rank',
+    'TRAIN.MOE.SAVE_MASTER': 'Swin-MoE is not built yet',
+    'FUSED_LAYERNORM': "apex's fused LayerNorm is not used; torch's LayerNorm runs",
+}
+
+
+def legacy_key_notes(config: CN) -> List[str]:
+    """One warning for each key of ``LEGACY_KEYS`` that ``config`` sets to another value than the default."""
+    return [f"config key {key} = {_get(config, key)!r} is accepted and ignored: {reason}"
+            for key, reason in LEGACY_KEYS.items() if _get(config, key) != _get(_C, key)]
+
 
 # Choices checked by validate_config: key -> allowed values.
 CHOICES = {
@@ -477,6 +500,8 @@ def load_config(cfg_file: Optional[str] = None, opts: Iterable[str] = ()) -> CN:
     if cfg_file:
         _merge_file(config, cfg_file)
     _merge_opts(config, opts or ())
+    for note in legacy_key_notes(config):
+        _LOG.warning(note)
     validate_config(config)
     config.freeze()
     return config
@@ -488,13 +513,16 @@ def get_config(args: Any, notes: Optional[List[str]] = None, pretrain: bool = Fa
     Flags win over ``--opts``, which win over the file. ``OUTPUT`` becomes ``<output>/<MODEL.NAME>/<TAG>``.
     A warmup as long as the run is clipped (``clip_warmup``); its warning is appended to ``notes`` when given
     (``main`` logs it once the log exists, on rank 0 only), else logged here. ``load_config``, the library
-    entry, keeps such a warmup an error. Imports no torch, so that a bad config is reported at once.
+    entry, keeps such a warmup an error. The warnings of ``legacy_key_notes`` (for the file and ``--opts``) go the
+    same way. Imports no torch, so that a bad config is reported at once.
     ``pretrain``: SimMIM pre-training (``main.main(..., pretrain=True)``), see ``validate_config``.
     """
     config = get_defaults()
     if getattr(args, 'cfg', None):
         _merge_file(config, args.cfg)
     _merge_opts(config, getattr(args, 'opts', None) or ())
+    # what the file and --opts set (main.py's --help says which official flags are accepted only)
+    legacy = legacy_key_notes(config)
 
     def flag(name: str) -> Any:
         return getattr(args, name, None)
@@ -549,6 +577,11 @@ def get_config(args: Any, notes: Optional[List[str]] = None, pretrain: bool = Fa
         notes.append(note)
     elif note:
         _LOG.warning(note)
+    for line in legacy:  # as the warmup note: to main's log when it collects notes, else logged here
+        if notes is not None:
+            notes.append(line)
+        else:
+            _LOG.warning(line)
     config.freeze()
     return config
 

@@ -1,4 +1,5 @@
-"""Window attention core shared by V1 and V2: the additive bias cache and the two attention paths."""
+"""Window attention core shared by V1 and V2: the additive bias cache, the two fast attention paths, and the
+official attention that the modules run with the fast paths off (``models.fast_paths``)."""
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
@@ -7,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .capture import capturing
+from .fast_paths import use_eager_fast_paths, use_fast_paths
 from .lowp import Linear
 
 
@@ -19,9 +20,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     no CPU kernel with a backward for an additive mask, and its fallback scales q and k separately, guards
     fully masked rows with extra passes and materialises the bias gradient at ``(B*nW, nH, N, N)``. There,
     and when not ``fused``, attention runs as matmul, bias add, softmax, matmul, with a bias of ``nW``
-    entries broadcast over the batch, never expanded.
+    entries broadcast over the batch, never expanded. SDPA only while the fast paths are on (the attention
+    modules run :meth:`WindowAttentionBase.official_attention` instead of this function when they are off).
     """
-    if fused and not cpu_training(q):
+    if fused and use_fast_paths() and not cpu_training(q):
         windows, heads, n, _ = q.shape
         if bias.shape[0] not in (1, windows):  # SDPA needs a mask broadcastable to (B*nW, nH, N, N)
             bias = bias.unsqueeze(0).expand(windows // bias.shape[0], -1, -1, -1, -1).reshape(windows, heads, n, n)
@@ -126,7 +128,7 @@ class WindowAttentionBase(nn.Module):
         """
         sources = self._bias_sources()
         device = sources[0].device
-        cacheable = not torch.is_grad_enabled() and not capturing()
+        cacheable = not torch.is_grad_enabled() and use_eager_fast_paths()
         if cacheable:
             key = (id(mask), dtype, device) + tuple((p._version, p.data_ptr()) for p in sources)
             cached = self._bias_cache.get(key)
@@ -148,10 +150,23 @@ class WindowAttentionBase(nn.Module):
         q, k and v are contiguous copies with the scale folded into q (returned scale 1); otherwise they are
         views and the scale is left to the attention.
         """
-        if self.fused_attn and cpu_training(qkv) and not capturing():
+        if self.fused_attn and cpu_training(qkv) and use_eager_fast_paths():
             return (*_SplitHeads.apply(qkv, self.num_heads, q_scale), 1.0)
         b, n, _ = qkv.shape
         return (*qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0), q_scale)
+
+    def official_attention(self, logits: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The official code from the logits ``(B*nW, nH, N, N)`` on, for the fast paths off: + position bias,
+        + the ``(nW, N, N)`` shift mask broadcast over the batch, softmax, dropout, ``@ v``, heads merged and
+        projected. Nothing cached; the sums in the dtypes the official code gets (the mask in the logits')."""
+        windows, heads, n, _ = logits.shape
+        attn = logits + self.position_bias().unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            attn = attn.view(windows // nw, nw, heads, n, n) + mask.to(attn.dtype).unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, heads, n, n)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        return self.merge_heads(attn @ v)
 
     def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, _, n, _ = x.shape

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from .fast_paths import set_fast_paths
 from .simmim import build_simmim
 from .swin_transformer import SwinTransformer
 from .swin_transformer_v2 import SwinTransformerV2
@@ -13,7 +14,12 @@ def build_model(config, is_pretrain: bool = False) -> nn.Module:
 
     ``is_pretrain``: the SimMIM pre-training model (``models.simmim.SimMIM``) with that backbone as encoder,
     ``MODEL.SIMMIM.NORM_TARGET`` for its loss; ``forward(images, mask)`` returns the loss.
+
+    ``MODEL.FAST_PATHS False`` turns the process-wide fast-path switch off (``models.fast_paths``: the official
+    computation everywhere); True leaves it as it is (on, unless ``SWIN_FAST_PATHS=0`` or ``set_fast_paths``).
     """
+    if not config.MODEL.FAST_PATHS:
+        set_fast_paths(False)
     model_type = config.MODEL.TYPE
     common = dict(img_size=config.DATA.IMG_SIZE, num_classes=config.MODEL.NUM_CLASSES,
                   drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE,

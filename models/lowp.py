@@ -4,7 +4,8 @@ On an x86 CPU without AVX512-BF16 or AMX, PyTorch's bf16 GEMM falls back to a ge
 40-65 GFLOP/s on this project's CPU, against 150-230 for MKL's fp32 GEMM on Swin's shapes. There, a matmul
 on bf16 operands is computed by the fp32 kernel on the same (bf16-valued) operands and rounded back to bf16:
 the arithmetic of a bf16 GEMM with fp32 accumulation (products of bf16 values are exact in fp32), at fp32
-speed. Activations stay bf16 in memory. Where the CPU has native support, or on GPUs, nothing changes.
+speed. Activations stay bf16 in memory. Where the CPU has native support, or on GPUs, nothing changes; with the
+fast paths off (``models.fast_paths``) neither: PyTorch's own low-precision kernels run.
 
 ``linear`` and :class:`Linear` apply this, and also run under autocast the way ``F.linear`` would.
 """
@@ -17,10 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .capture import capturing
-
-# Set to False to always use PyTorch's own low-precision kernels (e.g. to compare).
-UPCAST_ON_CPU = True
+from .fast_paths import capturing, use_fast_paths
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,8 +36,8 @@ def cpu_native(dtype: torch.dtype) -> bool:
 
 
 def upcast_dtype(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether matmuls of ``dtype`` on ``device`` should run through the fp32 kernel."""
-    return UPCAST_ON_CPU and device.type == 'cpu' and dtype in (torch.bfloat16, torch.float16) \
+    """Whether matmuls of ``dtype`` on ``device`` should run through the fp32 kernel (a fast path)."""
+    return device.type == 'cpu' and dtype in (torch.bfloat16, torch.float16) and use_fast_paths() \
         and not cpu_native(dtype)
 
 
@@ -78,7 +76,7 @@ class _UpcastLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear`` that runs low-precision operands (explicit or from autocast) through fp32 kernels on
-    CPUs without native support for them; otherwise exactly ``F.linear``."""
+    CPUs without native support for them (while the fast paths are on); otherwise exactly ``F.linear``."""
     low = autocast_dtype(x) or x.dtype
     if not upcast_dtype(low, x.device) or capturing():
         return F.linear(x, weight, bias)

@@ -11,7 +11,8 @@ tensor is 38 MiB, above glibc's mmap threshold, so each one costs page faults on
 - every intermediate is chunk-sized, so it is served from the allocator's free lists and stays in cache;
 - the weight gradients accumulate over chunks.
 Under autocast the matmuls run in the autocast dtype, as ``F.linear`` would, and the norm in its parameters' dtype
-(fp32), as autocast's own LayerNorm would.
+(fp32), as autocast's own LayerNorm would. It is a fast path (``models.fast_paths``): with the switch off, under
+graph capture and with dropout between the layers the MLP is the official ``fc2(drop(gelu(fc1(norm(x)))))``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .capture import capturing
+from .fast_paths import use_eager_fast_paths
 from .lowp import Linear, autocast_dtype, linear, mm
 
 # Chunking pays when the whole 4C-wide intermediate would be large enough to be mmapped afresh (glibc's
@@ -151,8 +152,8 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
-        if self.drop.p > 0.0 and self.training or capturing() or x.numel() == 0:
-            # plain ops for graph capture (see capture.py) and for dropout between the layers
+        if not use_eager_fast_paths() or self.drop.p > 0.0 and self.training or x.numel() == 0:
+            # the official ops: fast paths off, graph capture (see fast_paths.py), dropout between the layers
             x = norm(x) if norm is not None else x
             return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
         fold_norm = isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1

@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 from torch.multiprocessing.reductions import StorageWeakRef
 from timm.layers import DropPath, trunc_normal_
 
-from .capture import capturing
+from .fast_paths import use_eager_fast_paths, use_fast_paths
 from .lowp import Linear, autocast_dtype
 from .mlp import Mlp
 
@@ -155,22 +155,26 @@ class SwinBlock(nn.Module):
         self._geometry = GeometryCache()
 
     def forward(self, x: torch.Tensor, hw: Size, recompute_norm: bool = False) -> torch.Tensor:
-        """``recompute_norm`` (V1, outside activation checkpointing): the attention's input windows are not
-        kept for backward but recomputed from ``x`` there; one activation of the block's width less."""
+        """``recompute_norm`` (V1, outside activation checkpointing, a fast path): the attention's input windows
+        are not kept for backward but recomputed from ``x`` there; one activation of the block's width less."""
         shift = effective_shift(hw[0], hw[1], self.window_size, self.shift_size)
-        geometry = self._geometry.get(hw[0], hw[1], self.window_size, shift, x.device)
+        geometry = self._geometry.windows(hw[0], hw[1], self.window_size, shift, x.device)
         batch = x.shape[0]
         if self.post_norm:
             y = geometry.reverse(self.attn(geometry.partition(x), geometry.mask), batch)
             x = x + self.drop_path(self.norm1(y))
             return x + self.drop_path(self.norm2(self.mlp(x)))
+        if not use_fast_paths():  # the official V1 block
+            windows = geometry.partition(self.norm1(x))  # (B*nW, N, C)
+            x = x + self.drop_path(geometry.reverse(self.attn(windows, geometry.mask), batch))
+            return x + self.drop_path(self.mlp(x, self.norm2))
         # the attention's input windows in the dtype its qkv linear computes in: under CUDA autocast the norm
         # outputs fp32 and the linear would save its own low-precision cast, which the recipe below (keyed
         # on this tensor's storage) could not replace; the partition also moves half the bytes then
         compute = autocast_dtype(x) or x.dtype
         windows = geometry.partition(self.norm1(x).to(compute))  # (B*nW, N, C)
         saving = contextlib.nullcontext()
-        if recompute_norm and torch.is_grad_enabled() and not capturing():
+        if recompute_norm and torch.is_grad_enabled() and use_eager_fast_paths():
             saving = recompute_when_saved(
                 windows, lambda block_input=x: geometry.partition(self.norm1(block_input).to(compute)))
         with saving:

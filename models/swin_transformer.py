@@ -13,6 +13,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 
 from .attention import WindowAttentionBase, window_attention
+from .fast_paths import use_fast_paths
 from .lowp import Linear
 from .swin_common import SwinBackbone
 from .window_ops import relative_position_index
@@ -42,7 +43,9 @@ class WindowAttention(WindowAttentionBase):
         return bias.view(n, n, -1).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        q, k, v, scale = self.split_heads(self.qkv(x), self.scale)
+        q, k, v, scale = self.split_heads(self.qkv(x), self.scale)  # (B_, nH, N, d) each
+        if not use_fast_paths():
+            return self.official_attention((q * scale) @ k.transpose(-2, -1), v, mask)
         bias = self.attention_bias(mask, q.dtype)
         drop = self.attn_drop.p if self.training else 0.0
         return self.merge_heads(window_attention(q, k, v, bias, scale, self.fused_attn, drop))
@@ -53,7 +56,8 @@ class SwinTransformer(SwinBackbone):
 
     Args (official names): img_size, patch_size, in_chans, num_classes, embed_dim, depths, num_heads,
     window_size, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, drop_path_rate, ape, patch_norm,
-    use_checkpoint. Ours: ``fused_attn`` (the fast attention path of ``models.attention``; equal outputs).
+    use_checkpoint. Ours: ``fused_attn`` (SDPA in the fast attention path of ``models.attention``, with the fast
+    paths of ``models.fast_paths`` on; equal outputs).
     ``img_size`` sets the position-embedding grid, the FLOP count and the per-stage window rule; other sizes
     run too.
     """

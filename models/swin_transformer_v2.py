@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import WindowAttentionBase, window_attention
+from .fast_paths import use_fast_paths
 from .lowp import Linear, linear
 from .swin_common import SwinBackbone
 from .window_ops import relative_position_index, window_to_tuple
@@ -74,13 +75,16 @@ class WindowAttentionV2(WindowAttentionBase):
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
         q, k, v, _ = self.split_heads(linear(x, self.qkv.weight, qkv_bias))  # (B_, nH, N, d) each
+        logit_scale = torch.clamp(self.logit_scale, max=math.log(1. / 0.01)).exp()  # (nH, 1, 1)
+        if not use_fast_paths():  # the official cosine attention
+            logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)  # (B_, nH, N, N)
+            return self.official_attention(logits * logit_scale, v, mask)
         # v comes straight from the qkv linear: its dtype is the one the attention runs in (the autocast
         # dtype under autocast). q and k are brought back to it after the normalisation, which CUDA autocast
         # runs in fp32, and the fp32 logit scale is cast too; otherwise q, and the bias built for it, would
         # be fp32 (an fp32 (B*nW, nH, N, N) bias for SDPA to cast again).
         compute = v.dtype
         # cosine similarity times a per-head scale: fold the scale into the normalised queries
-        logit_scale = torch.clamp(self.logit_scale, max=math.log(1. / 0.01)).exp()  # (nH, 1, 1)
         q = F.normalize(q, dim=-1).to(compute) * logit_scale.to(compute)
         k = F.normalize(k, dim=-1).to(compute)
         bias = self.attention_bias(mask, compute)

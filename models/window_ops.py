@@ -4,15 +4,18 @@ Instead of ``pad -> roll -> window_partition`` (three copies) we gather the toke
 straight into window order with one precomputed index, and scatter them back with its inverse. The
 padding to window multiples is folded into the same index (padded slots point at an appended zero token),
 so any input size works. Indices and masks depend only on the geometry and are cached per geometry.
+
+All of that is a fast path (``models.fast_paths``); with the switch off :class:`ReferenceWindows` does what the
+official code does (pad, roll, partition; a mask of -100 built afresh) and :func:`merge_2x2` takes four slices.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from .capture import capturing
+from .fast_paths import use_eager_fast_paths, use_fast_paths
 
 # Additive mask across shifted-window borders. The official code uses -100, but softmax then yields weights
 # near exp(-100) = 3.7e-44, subnormal floats, and x86 matmuls over them stall: attention-times-values of a
@@ -20,6 +23,7 @@ from .capture import capturing
 # reach MKL's threads). With -1e4 the masked weights underflow to exactly 0; outputs differ from -100's by
 # less than 1e-38 (the masked terms), and the bias stays finite in fp16 and bf16.
 MASK_VALUE = -1e4
+OFFICIAL_MASK_VALUE = -100.0  # with the fast paths off
 
 
 class WindowGeometry:
@@ -85,13 +89,15 @@ class _PermuteTokens(torch.autograd.Function):
 
 def permute_tokens(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """``x.index_select(1, index)`` for a permutation ``index`` whose inverse is ``inverse``."""
-    if torch.is_grad_enabled() and x.requires_grad and not capturing():
+    if torch.is_grad_enabled() and x.requires_grad and use_eager_fast_paths():
         return _PermuteTokens.apply(x, index, inverse)
     return x.index_select(1, index)
 
 
-def shifted_window_mask(height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int]) -> torch.Tensor:
-    """Additive mask ``(nW, N, N)`` that keeps attention inside the regions a cyclic shift glued together.
+def shifted_window_mask(height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int],
+                        value: float = MASK_VALUE) -> torch.Tensor:
+    """Additive mask ``(nW, N, N)`` (0 or ``value``) that keeps attention inside the regions a cyclic shift glued
+    together.
 
     ``height``/``width`` are the padded map size (multiples of the window), as in the official code.
     """
@@ -105,7 +111,42 @@ def shifted_window_mask(height: int, width: int, window: Tuple[int, int], shift:
             label += 1
     windows = region.view(height // wh, wh, width // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
     diff = windows.unsqueeze(1) - windows.unsqueeze(2)
-    return torch.zeros_like(diff).masked_fill(diff != 0, MASK_VALUE)
+    return torch.zeros_like(diff).masked_fill(diff != 0, value)
+
+
+class ReferenceWindows:
+    """The official window split, for the fast paths off: the same interface as :class:`WindowGeometry`, and
+    the same windows, from zero padding to window multiples, ``torch.roll`` and a view/permute partition; the
+    mask (``OFFICIAL_MASK_VALUE``) is built with every instance, as nothing is cached."""
+
+    def __init__(self, height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int],
+                 device: torch.device):
+        self.height, self.width, self.window, self.shift = height, width, window, shift
+        wh, ww = window
+        self.padded_height, self.padded_width = -(-height // wh) * wh, -(-width // ww) * ww
+        self.num_windows = (self.padded_height // wh) * (self.padded_width // ww)
+        self.mask = (shifted_window_mask(self.padded_height, self.padded_width, window, shift, OFFICIAL_MASK_VALUE)
+                     .to(device) if (shift[0] or shift[1]) else None)
+
+    def partition(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H*W, C)`` -> ``(B*nW, N, C)``: pad, roll by ``-shift``, split into windows."""
+        b, _, c = x.shape
+        (wh, ww), (sh, sw) = self.window, self.shift
+        hp, wp = self.padded_height, self.padded_width
+        x = F.pad(x.reshape(b, self.height, self.width, c), (0, 0, 0, wp - self.width, 0, hp - self.height))
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        x = x.view(b, hp // wh, wh, wp // ww, ww, c).permute(0, 1, 3, 2, 4, 5)  # (B, nWh, nWw, wh, ww, C)
+        return x.reshape(-1, wh * ww, c)
+
+    def reverse(self, windows: torch.Tensor, batch: int) -> torch.Tensor:
+        """``(B*nW, N, C)`` -> ``(B, H*W, C)``: merge the windows, roll by ``+shift``, crop the padding."""
+        (wh, ww), (sh, sw) = self.window, self.shift
+        hp, wp, c = self.padded_height, self.padded_width, windows.shape[-1]
+        x = windows.view(batch, hp // wh, wp // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(batch, hp, wp, c)
+        if sh or sw:
+            x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
+        return x[:, :self.height, :self.width].reshape(batch, self.height * self.width, c)
 
 
 def relative_position_index(window: Tuple[int, int]) -> torch.Tensor:
@@ -117,7 +158,9 @@ def relative_position_index(window: Tuple[int, int]) -> torch.Tensor:
 
 
 class GeometryCache:
-    """Per-module cache of :class:`WindowGeometry` keyed by map size and device (built once per size)."""
+    """Per-module cache of :class:`WindowGeometry` keyed by map size and device (built once per size).
+
+    ``windows`` gives the cached geometry on the fast paths, a fresh :class:`ReferenceWindows` off them."""
 
     def __init__(self) -> None:
         self._cache: Dict[tuple, WindowGeometry] = {}
@@ -130,6 +173,13 @@ class GeometryCache:
             geometry = WindowGeometry(height, width, window, shift, device)
             self._cache[key] = geometry
         return geometry
+
+    def windows(self, height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int],
+                device: torch.device) -> Union[WindowGeometry, ReferenceWindows]:
+        """The window split of an ``H x W`` map: :meth:`get`, or with the fast paths off the official one."""
+        if use_fast_paths():
+            return self.get(height, width, window, shift, device)
+        return ReferenceWindows(height, width, window, shift, device)
 
 
 def effective_shift(height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int]) -> Tuple[int, int]:
@@ -148,11 +198,15 @@ def pad_to_even(x: torch.Tensor) -> torch.Tensor:
 def merge_2x2(x: torch.Tensor, height: int, width: int) -> Tuple[torch.Tensor, int, int]:
     """``(B, H*W, C)`` -> ``(B, H/2*W/2, 4C)`` with the official channel order x0, x1, x2, x3.
 
-    x0 = (even row, even col), x1 = (odd row, even col), x2 = (even row, odd col), x3 = (odd, odd).
+    x0 = (even row, even col), x1 = (odd row, even col), x2 = (even row, odd col), x3 = (odd, odd). One permute
+    on the fast paths; with them off the official four slices and a concatenation.
     """
     b, _, c = x.shape
     x = pad_to_even(x.view(b, height, width, c))
     h2, w2 = x.shape[1] // 2, x.shape[2] // 2
+    if not use_fast_paths():
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)  # (B, h2, w2, 4C)
+        return x.view(b, h2 * w2, 4 * c), h2, w2
     # (B, h2, row, w2, col, C) -> (B, h2, w2, col, row, C): col-major over the 2x2 cell = x0, x1, x2, x3
     x = x.view(b, h2, 2, w2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h2 * w2, 4 * c)
     return x, h2, w2

@@ -18,6 +18,26 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fast_paths_restored():
+    """A test that flips the process-wide fast-path switch (models.fast_paths, e.g. through a config with
+    MODEL.FAST_PATHS False) leaves it as it found it (as SWIN_FAST_PATHS set it when not imported yet)."""
+    module = sys.modules.get('models.fast_paths')
+    before = module.use_fast_paths() if module is not None else None
+    yield
+    module = sys.modules.get('models.fast_paths')
+    if module is not None:
+        module.set_fast_paths(module.enabled_by_environment() if before is None else before)
+
+
+@pytest.fixture
+def fast_paths_on():
+    """For the tests of the fast paths themselves: the switch on, whatever SWIN_FAST_PATHS says."""
+    from models.fast_paths import fast_paths_enabled
+    with fast_paths_enabled(True):
+        yield
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Print the fault-injection counts that tests/test_faults.py gathered (visible with -q, no -rA needed)."""
     counts = getattr(config, '_fault_counts', None)

@@ -15,7 +15,8 @@ from models.attention import window_attention
 from test_models import SMALL, randomize
 from test_models_autocast import record_attention
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device'),
+              pytest.mark.usefixtures('fast_paths_on')]  # tests of the fast paths (conftest.py)
 
 DEVICE = 'cuda'  # a constant so that the arithmetic can be dry-run elsewhere
 MODELS = [SwinTransformer, SwinTransformerV2]

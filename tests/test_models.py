@@ -17,6 +17,7 @@ from models.pretrained import imagenet22k_to_1k_indices
 
 TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
 SMALL = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 8))
+FAST_PATHS_ON = pytest.mark.usefixtures('fast_paths_on')  # tests of the fast paths themselves (conftest.py)
 
 
 def randomize(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
@@ -65,6 +66,7 @@ def test_v2_matches_timm(arch, size, window):
     assert_same_logits(ours, ref, size)
 
 
+@FAST_PATHS_ON
 def test_fused_and_plain_paths_equal_in_training_with_grads():
     model = randomize(SwinTransformer(img_size=64, window_size=4, num_classes=5, drop_path_rate=0., **SMALL))
     x = torch.randn(2, 3, 64, 64)
@@ -104,6 +106,7 @@ def test_any_input_size_forward_backward(cls, h, w):
         assert f.shape == (2, 32 * 2 ** i, rows, cols)
 
 
+@FAST_PATHS_ON
 def test_masks_are_built_once_per_size():
     model = SwinTransformer(img_size=64, window_size=4, num_classes=3, **SMALL).eval()
     block = model.layers[0].blocks[1]
@@ -116,6 +119,7 @@ def test_masks_are_built_once_per_size():
         assert len(block._geometry._cache) == 2
 
 
+@FAST_PATHS_ON
 def test_eval_bias_cache_follows_weight_updates():
     model = randomize(SwinTransformer(img_size=64, window_size=4, num_classes=3, **SMALL)).eval()
     x = torch.randn(1, 3, 64, 64)
@@ -302,6 +306,7 @@ def test_torch_compile_has_no_graph_breaks(cls):
             assert torch.allclose(compiled(x), model(x), atol=1e-5)
 
 
+@FAST_PATHS_ON
 @pytest.mark.parametrize('chunked', [False, True])
 def test_chunked_mlp_matches_plain_and_gradchecks(monkeypatch, chunked):
     import models.mlp as mlp_module
@@ -346,6 +351,7 @@ def test_chunked_mlp_matches_plain_and_gradchecks(monkeypatch, chunked):
     assert x.grad.dtype == torch.float32 and norm.weight.grad is not None
 
 
+@FAST_PATHS_ON
 @pytest.mark.parametrize('size', [(14, 14), (11, 9)])  # a permutation, and one with padded slots
 def test_window_partition_and_reverse_gradients_match_index_select(size):
     from models.window_ops import WindowGeometry
@@ -362,6 +368,7 @@ def test_window_partition_and_reverse_gradients_match_index_select(size):
     assert torch.equal(grad, expected)
 
 
+@FAST_PATHS_ON
 def test_upcast_linear_is_a_bf16_gemm_through_fp32_kernels(monkeypatch):
     import models.lowp as lowp
     monkeypatch.setattr(lowp, 'cpu_native', lambda dtype: False)
@@ -393,6 +400,7 @@ def test_upcast_linear_is_a_bf16_gemm_through_fp32_kernels(monkeypatch):
     assert not lowp.upcast_dtype(torch.bfloat16, torch.device('cuda'))
 
 
+@FAST_PATHS_ON
 @pytest.mark.parametrize('v2', [False, True])
 def test_bf16_autocast_with_and_without_upcast_agree(monkeypatch, v2):
     import models.lowp as lowp
@@ -424,6 +432,7 @@ def test_bf16_autocast_with_and_without_upcast_agree(monkeypatch, v2):
     assert total_diff < 0.05 * total
 
 
+@FAST_PATHS_ON
 def test_block_recomputing_attention_input_gives_identical_gradients():
     torch.manual_seed(0)
     model = randomize(SwinTransformer(img_size=32, window_size=4, num_classes=10, drop_path_rate=0.0, **SMALL))

@@ -30,8 +30,10 @@ from test_models import SMALL, randomize
 
 BF16 = torch.bfloat16
 MODELS = [SwinTransformer, SwinTransformerV2]
-# a data pointer of a fake tensor is read by the inference cache key; harmless here
-pytestmark = pytest.mark.filterwarnings('ignore:Accessing the data pointer of FakeTensor')
+# every test here is of the fast paths: the switch on whatever SWIN_FAST_PATHS says (conftest.py); a data pointer
+# of a fake tensor is read by the inference cache key, harmless here
+pytestmark = [pytest.mark.filterwarnings('ignore:Accessing the data pointer of FakeTensor'),
+              pytest.mark.usefixtures('fast_paths_on')]
 
 
 def small_model(cls, **kwargs) -> nn.Module:
