@@ -109,7 +109,8 @@ class DeviceOps(TorchDispatchMode):
         if _standing_in:
             return func(*args, **kwargs)
         name = func.__name__.split('.')[0]
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        tensors = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else (a,))
+                   if isinstance(t, torch.Tensor)]  # foreach ops take lists of tensors
         self._copies(name, args, kwargs)
         try:
             out = func(*args, **kwargs)
