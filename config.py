@@ -173,7 +173,7 @@ _C.TRAIN.SAVE_EVERY_STEPS = 0            # (ours) mid-epoch checkpoint every N o
 _C.TRAIN.KEEP_CHECKPOINTS = 3            # (ours) keep the last K epoch checkpoints (plus best and last)
 
 _C.TRAIN.FSDP = CN()                     # (ours) sharded data parallel (torch FSDP2) and sharded checkpoints
-_C.TRAIN.FSDP.ENABLE = False             # --fsdp; needs torchrun with 2+ processes
+_C.TRAIN.FSDP.ENABLE = False             # --fsdp; 1 process or torchrun with N
 _C.TRAIN.FSDP.CPU_OFFLOAD = False        # shards, gradients and optimizer state live in host memory
 _C.TRAIN.FSDP.RESHARD_AFTER_FORWARD = True  # free gathered block weights after forward (re-gather in backward)
 

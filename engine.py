@@ -588,9 +588,6 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
     set_matmul_precision(config, device)
 
     # ---------------------------------------------------------------- data and model
-    if config.TRAIN.FSDP.ENABLE and not (config.EVAL_MODE or config.THROUGHPUT_MODE) and not dist_info.distributed:
-        raise ConfigError("TRAIN.FSDP.ENABLE (--fsdp) needs 2 or more processes (torchrun --nproc_per_node N); "
-                          "in one process train without it (--opts TRAIN.FSDP.ENABLE False)")
     if config.TRAIN.FSDP.ENABLE and config.TRAIN.FSDP.CPU_OFFLOAD and device.type != 'cuda':
         raise ConfigError("TRAIN.FSDP.CPU_OFFLOAD moves the shards from GPU to host memory; this run is on the CPU "
                           "already (DEVICE / --device), so set TRAIN.FSDP.CPU_OFFLOAD False")

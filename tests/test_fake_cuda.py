@@ -297,3 +297,80 @@ def test_gpu_finish_of_a_training_batch_stays_within_150_device_ops(folder, nvjp
     assert_no_host_reads(ops)
     if ops.total > 150:
         raise OverBudget(ops.report())
+
+
+# ----------------------------------------------------------------------------- fault 3: FSDP CPU offload on CUDA
+# (no GPU needed, so in this file: NCCL cannot start here, the rest of a CUDA run's group set-up is checked)
+
+def test_cuda_run_with_fsdp_cpu_offload_asks_for_a_cpu_backend(monkeypatch, tmp_path):
+    """main.py passes FSDP CPU offload on to init_distributed, which then creates a 'cpu:gloo,cuda:nccl' group
+    for a CUDA run (NCCL alone otherwise), bound to the rank's GPU."""
+    import main
+    import torch.distributed as dist
+
+    import utils.distributed as distributed
+    asked = {}
+
+    def record(*args, **kwargs):
+        asked.update(kwargs)
+        raise RuntimeError('stop here')
+    monkeypatch.setattr(distributed, 'init_distributed', lambda *a, **k: record(**k))
+    args = ['--data-path', str(tmp_path), '--output', str(tmp_path), '--fsdp', '--opts', 'TRAIN.FSDP.CPU_OFFLOAD']
+    assert main.main(args + ['True']) == 2 and asked['cpu_collectives'] is True
+    assert main.main(args + ['False']) == 2 and asked['cpu_collectives'] is False
+    monkeypatch.undo()
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda device: None)
+    monkeypatch.setattr(dist, 'is_initialized', lambda: False)
+    monkeypatch.setattr(dist, 'init_process_group', lambda **kwargs: calls.append(kwargs))
+    for name, value in (('WORLD_SIZE', '2'), ('RANK', '1'), ('LOCAL_RANK', '1')):
+        monkeypatch.setenv(name, value)
+    for cpu_collectives, backend in ((True, 'cpu:gloo,cuda:nccl'), (False, 'nccl')):
+        info = distributed.init_distributed('cuda', cpu_collectives=cpu_collectives)
+        assert info.device == torch.device('cuda', 1) and calls[-1]['device_id'] == info.device
+        assert calls[-1]['backend'] == backend
+
+
+def _clip_cpu_dtensor_gradients(backend):
+    """clip_grad_norm_ of CPU DTensor gradients (what CPU offload leaves) in a one-rank group of ``backend``."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from utils.distributed import cleanup_distributed
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = DeviceMesh.from_group(dist.group.WORLD, 'cpu')
+        weight = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
+        weight.grad = distribute_tensor(torch.full((4, 3), 2.0), mesh, [Shard(0)])
+        return float(torch.nn.utils.clip_grad_norm_([weight], 1.0).full_tensor())
+    finally:
+        cleanup_distributed()
+
+
+def test_cpu_offloaded_gradients_clip_in_the_group_of_a_cuda_run():
+    """pytorch#148532 and its fix: the norm of CPU DTensor gradients is reduced on the CPU, which a group
+    without a CPU backend cannot do (NCCL alone; 'cuda:gloo' stands in for it on this GPU-less machine), and the
+    group a CUDA run with CPU offload creates can (its NCCL part stands in as gloo here)."""
+    from utils.distributed import process_group_backend
+    backend = process_group_backend(torch.device('cuda'), cpu_collectives=True)
+    assert backend.split(',')[0] == 'cpu:gloo'
+    assert _clip_cpu_dtensor_gradients(backend.replace('nccl', 'gloo')) == pytest.approx(48 ** 0.5)  # 12 gradients of 2
+    with pytest.raises(RuntimeError, match='No backend type associated with device type cpu'):
+        _clip_cpu_dtensor_gradients('cuda:gloo')
+
+
+def test_shard_model_refuses_cpu_offload_from_cuda_in_a_group_without_a_cpu_backend():
+    import torch.distributed as dist
+
+    from utils.distributed import cleanup_distributed
+    from utils.fsdp import shard_model
+    dist.init_process_group('cuda:gloo', store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match=r"CPU_OFFLOAD.*no CPU backend.*cpu:gloo,cuda:nccl"):
+            shard_model(torch.nn.Linear(3, 3), cpu_offload=True, device=torch.device('cuda'))
+    finally:
+        cleanup_distributed()
