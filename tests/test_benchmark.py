@@ -67,6 +67,7 @@ def test_cuda_steps_are_timed_between_events_without_host_syncs(monkeypatch):
     assert seconds == pytest.approx(0.040)
 
 
+@pytest.mark.fake_cuda
 def test_peak_memory_counts_the_contenders_own_state_only():
     """The memory of a contender is its weights, buffers and optimizer state plus its step's peak on top, never
     the other contenders' (fault 7: they all live in one process). Checked on fake CUDA tensors."""
