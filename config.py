@@ -176,7 +176,7 @@ _C.TRAIN.SAVE_EVERY_STEPS = 0            # (ours) mid-epoch checkpoint every N o
 _C.TRAIN.KEEP_CHECKPOINTS = 3            # (ours) keep the last K epoch checkpoints (plus best and last)
 
 _C.TRAIN.FSDP = CN()                     # (ours) sharded data parallel (torch FSDP2) and sharded checkpoints
-_C.TRAIN.FSDP.ENABLE = False             # --fsdp; needs torchrun with 2+ processes
+_C.TRAIN.FSDP.ENABLE = False             # --fsdp; 1 process or torchrun with N
 _C.TRAIN.FSDP.CPU_OFFLOAD = False        # shards, gradients and optimizer state live in host memory
 _C.TRAIN.FSDP.RESHARD_AFTER_FORWARD = True  # free gathered block weights after forward (re-gather in backward)
 
@@ -395,15 +395,13 @@ def _check_types(config: CN) -> None:
         raise ConfigError(f"AUG.CUTMIX_MINMAX must be None or [min, max] ratios, got {minmax!r}")
 
 
-def validate_config(config: CN, pretrain: bool = False, world_size: Optional[int] = None,
-                    device: Optional[str] = None) -> None:
+def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = None) -> None:
     """Check values the model, loop and data would otherwise trip over deep inside; raise ConfigError.
 
     ``pretrain``: the config is for SimMIM pre-training, which has no Mixup/CutMix (its loader ignores the
     ``AUG.MIXUP*`` keys, which the official pre-training configs leave at their defaults), so the even-batch
-    check for Mixup does not apply. ``world_size`` (processes) and ``device`` (``'cpu'``/``'cuda'``): what the
-    run has, known once the process group is set up (``engine.run`` passes them); the checks that need them
-    are skipped when they are None."""
+    check for Mixup does not apply. ``device`` (``'cpu'``/``'cuda'``): where the run is, known once the
+    process group is set up (``engine.run`` passes it); the checks that need it are skipped when it is None."""
     _check_types(config)
     for key, allowed in CHOICES.items():
         value = _get(config, key)
@@ -464,9 +462,6 @@ def validate_config(config: CN, pretrain: bool = False, world_size: Optional[int
         if config.MODEL.TYPE == 'swinv2' and len(m.PRETRAINED_WINDOW_SIZES) != len(m.DEPTHS):
             raise ConfigError(f"MODEL.SWINV2.PRETRAINED_WINDOW_SIZES needs {len(m.DEPTHS)} entries, got "
                               f"{list(m.PRETRAINED_WINDOW_SIZES)}")
-    if world_size is not None and training and config.TRAIN.FSDP.ENABLE and world_size < 2:
-        raise ConfigError("TRAIN.FSDP.ENABLE (--fsdp) needs 2 or more processes (torchrun --nproc_per_node N); "
-                          "in one process train without it (--opts TRAIN.FSDP.ENABLE False)")
     if device is not None and config.TRAIN.FSDP.ENABLE and config.TRAIN.FSDP.CPU_OFFLOAD and device != 'cuda':
         raise ConfigError("TRAIN.FSDP.CPU_OFFLOAD moves the shards from GPU to host memory; this run is on the CPU "
                           "already (DEVICE / --device), so set TRAIN.FSDP.CPU_OFFLOAD False")

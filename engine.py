@@ -721,7 +721,7 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
     """
     log = logger or _LOG
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
-    validate_config(config, pretrain, world_size=dist_info.world_size, device=dist_info.device.type)
+    validate_config(config, pretrain, device=dist_info.device.type)
     set_matmul_precision(config, dist_info.device)
     loaders = build_loaders(config, pretrain)
     model = create_model(config, dist_info.device, pretrain, training and bool(config.TRAIN.FSDP.ENABLE), log)

@@ -91,7 +91,8 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
     from utils.preemption import Preempted
 
     try:
-        dist_info = init_distributed(config.DEVICE, config.DIST_TIMEOUT)
+        dist_info = init_distributed(config.DEVICE, config.DIST_TIMEOUT,
+                                     cpu_collectives=config.TRAIN.FSDP.ENABLE and config.TRAIN.FSDP.CPU_OFFLOAD)
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

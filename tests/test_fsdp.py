@@ -491,12 +491,43 @@ def test_sigterm_then_sigkill_mid_training_or_mid_save_then_resume_matches_unint
 
 # ----------------------------------------------------------------------------- fast checks
 
-def test_fsdp_in_one_process_is_an_error_naming_the_key(digits, tmp_path, capsys):
+def test_fsdp_in_one_process_trains_like_plain_training_and_resumes(digits, tmp_path):
+    """One process, no torchrun (a one-rank group and mesh): an epoch, then a resume for a second one, ends with
+    the metrics and weights of two epochs of plain one-process training."""
     import main
-    code = main.main(['--data-path', digits, '--output', str(tmp_path), '--device', 'cpu', '--fsdp',
-                      '--opts', *TINY])
-    err = capsys.readouterr().err
-    assert code == 2 and 'TRAIN.FSDP.ENABLE (--fsdp)' in err and 'torchrun' in err
+    from utils.checkpoint import export_sharded_model
+
+    def run(out, epochs, fsdp):
+        code = main.main(['--data-path', digits, '--output', str(out), '--batch-size', str(BATCH), '--device', 'cpu',
+                          '--disable_amp', *(['--fsdp'] if fsdp else []), '--opts', *TINY, *PLAIN,
+                          'TRAIN.EPOCHS', str(epochs)])
+        assert code == 0 and not dist.is_initialized()
+
+    run(tmp_path / 'fsdp', 1, True)
+    run(tmp_path / 'fsdp', 2, True)
+    run(tmp_path / 'plain', 2, False)
+    fsdp_dir, plain_dir = (os.path.join(tmp_path, name, MODEL_DIR) for name in ('fsdp', 'plain'))
+    assert 'starting at epoch 1' in open(os.path.join(fsdp_dir, 'log_rank0.txt')).read()
+    for a, b in zip(_metrics(fsdp_dir), _metrics(plain_dir), strict=True):
+        assert a[0] == b[0] and a[1] == b[1] and a[2] == pytest.approx(b[2], rel=1e-5)
+    sharded = export_sharded_model(os.path.join(fsdp_dir, 'ckpt_epoch_1'), str(tmp_path / 'exported.pth'))
+    plain = torch.load(os.path.join(plain_dir, 'ckpt_epoch_1.pth'), weights_only=True)['model']
+    assert sharded.keys() == plain.keys()
+    for key in plain:
+        torch.testing.assert_close(sharded[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_two_process_sharded_checkpoint_resumes_with_fsdp_in_one_process(digits, reference, tmp_path):
+    """The same --fsdp command carries a 2-process run on in one process (a one-rank mesh reads the shards)."""
+    import shutil
+    out = tmp_path / 'run'
+    shutil.copytree(os.path.dirname(os.path.dirname(reference)), out)
+    result = _run(_cmd(digits, str(out), 4, nproc=1))
+    assert 'starting at epoch 3' in result.stdout and 'FSDP over 1 processes' in result.stdout
+    run_dir = os.path.join(out, MODEL_DIR)
+    assert [m[0] for m in _metrics(run_dir)] == [0, 1, 2, 3]
+    assert 'ckpt_epoch_3' in os.listdir(run_dir)
 
 
 def test_fsdp_cpu_offload_on_the_cpu_is_an_error_naming_the_key(digits, tmp_path, capsys, monkeypatch):

@@ -65,13 +65,29 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def init_distributed(device_preference: str = 'auto', timeout_minutes: float = 60) -> DistInfo:
+def process_group_backend(device: torch.device, cpu_collectives: bool = False) -> str:
+    """The ``init_process_group`` backend for a run on ``device``: gloo on CPU; NCCL on CUDA, with gloo beside it
+    for CPU tensors when ``cpu_collectives``.
+
+    FSDP with CPU offload (``TRAIN.FSDP.CPU_OFFLOAD``) keeps gradients as CPU DTensors, and ``clip_grad_norm_``
+    reduces their norm over the group on the CPU: an NCCL-only group has no CPU backend and fails with "No
+    backend type associated with device type cpu" (pytorch#148532). ``cpu:gloo,cuda:nccl`` sends each tensor to
+    the backend of its device. Off by default: a gloo backend connects every pair of ranks when it is created.
+    """
+    if device.type != 'cuda':
+        return 'gloo'
+    return 'cpu:gloo,cuda:nccl' if cpu_collectives else 'nccl'
+
+
+def init_distributed(device_preference: str = 'auto', timeout_minutes: float = 60,
+                     cpu_collectives: bool = False) -> DistInfo:
     """Join the process group described by ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (as set by ``torchrun``).
 
     NCCL on CUDA, bound to this rank's GPU (``device_id``: the communicator is created at once, on the right
-    device), gloo on CPU. ``timeout_minutes`` (``DIST_TIMEOUT``) is how long a collective waits for a slow rank,
-    e.g. while rank 0 writes a large checkpoint to network storage. Returns the single-process ``DistInfo`` when
-    ``WORLD_SIZE`` is unset or 1.
+    device), gloo on CPU; ``cpu_collectives`` adds gloo for CPU tensors on CUDA (``process_group_backend``).
+    ``timeout_minutes`` (``DIST_TIMEOUT``) is how long a collective waits for a slow rank, e.g. while rank 0 writes
+    a large checkpoint to network storage. Returns the single-process ``DistInfo`` when ``WORLD_SIZE`` is unset or
+    1 (no process group; ``init_single_process_group`` makes a one-rank one where one is needed).
     """
     if not timeout_minutes > 0:
         raise ValueError(f"DIST_TIMEOUT = {timeout_minutes!r} must be a positive number of minutes")
@@ -83,10 +99,28 @@ def init_distributed(device_preference: str = 'auto', timeout_minutes: float = 6
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         cuda = device.type == 'cuda'
-        dist.init_process_group(backend='nccl' if cuda else 'gloo', init_method='env://', world_size=world_size,
-                                rank=rank, timeout=datetime.timedelta(minutes=timeout_minutes),
+        dist.init_process_group(backend=process_group_backend(device, cpu_collectives), init_method='env://',
+                                world_size=world_size, rank=rank, timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if cuda else None)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def init_single_process_group(device: torch.device, cpu_collectives: bool = False,
+                              timeout_minutes: float = 60) -> None:
+    """A process group of this one process (an in-memory store, no ``torchrun``), unless one exists: what FSDP
+    needs to run in one process (its mesh has one rank). ``device`` and ``cpu_collectives`` choose the backend as
+    ``process_group_backend``. ``cleanup_distributed`` removes it."""
+    if dist.is_initialized():
+        return
+    cuda = device.type == 'cuda'
+    dist.init_process_group(backend=process_group_backend(device, cpu_collectives), store=dist.HashStore(),
+                            rank=0, world_size=1, timeout=datetime.timedelta(minutes=timeout_minutes),
+                            device_id=device if cuda else None)
+
+
+def has_cpu_backend() -> bool:
+    """Whether the default process group can run collectives on CPU tensors."""
+    return any(part.split(':')[0] == 'cpu' for part in dist.get_backend_config().split(','))
 
 
 def cleanup_distributed() -> None:

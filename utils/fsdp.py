@@ -38,6 +38,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from .distributed import has_cpu_backend, init_single_process_group
+
 METADATA_NAME = '.metadata'  # written last by DCP's coordinator: a directory without it is incomplete
 
 
@@ -60,18 +62,27 @@ def shard_model(model: nn.Module, block_types: Tuple[type, ...], param_dtype: Op
     """``fully_shard`` every module of ``block_types`` (the model's blocks), then the root; returns the (same, now
     sharded) module.
 
-    Needs an initialised process group (``torchrun``). Every rank must hold the same initial weights: FSDP
-    keeps each rank's own slice of whatever it holds (unlike DDP, it does not broadcast rank 0's weights).
-    The block is the unit: one block's weights are gathered at a time, and with activation checkpointing
-    (``TRAIN.USE_CHECKPOINT``) its recomputation in backward gathers them again.
+    Without a process group (one process, no ``torchrun``) it makes a one-rank one: FSDP then runs on a mesh of
+    one, which with ``cpu_offload`` is how a model larger than one GPU trains there, and the same command runs on
+    1 or N processes. With ``cpu_offload`` on CUDA the group needs a CPU backend (``cpu:gloo,cuda:nccl``, see
+    ``utils.distributed.process_group_backend``): clipping reduces the CPU gradients' norm over it.
+    Every rank must hold the same initial weights: FSDP keeps each rank's own slice of whatever it holds (unlike
+    DDP, it does not broadcast rank 0's weights). The block is the unit: one block's weights are gathered at a
+    time, and with activation checkpointing (``TRAIN.USE_CHECKPOINT``) its recomputation in backward gathers them
+    again.
     """
     from torch.distributed.device_mesh import init_device_mesh
     if not block_types:
         raise ValueError("shard_model needs the block module classes to shard one by one (block_types)")
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("TRAIN.FSDP.ENABLE (--fsdp) needs a process group: launch with torchrun "
-                           "--nproc_per_node N (N >= 2), or train without --fsdp in one process")
     device = device or next(model.parameters()).device
+    offload_from_cuda = cpu_offload and device.type == 'cuda'
+    if not (dist.is_available() and dist.is_initialized()):
+        init_single_process_group(device, cpu_collectives=offload_from_cuda)
+    if offload_from_cuda and not has_cpu_backend():
+        raise RuntimeError(f"TRAIN.FSDP.CPU_OFFLOAD keeps the gradients in host memory and clipping reduces their "
+                           f"norm there, but the process group (backend {dist.get_backend_config()!r}) has no CPU "
+                           f"backend; create it with utils.distributed.init_distributed(..., cpu_collectives=True) "
+                           f"(backend 'cpu:gloo,cuda:nccl')")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kwargs: Dict[str, Any] = dict(mesh=mesh, mp_policy=mixed_precision_policy(param_dtype),
                                   offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
