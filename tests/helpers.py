@@ -134,3 +134,50 @@ def closed_form_ema(weights, decay: float) -> dict:
     n = len(weights) - 1
     coefficients = {1: decay ** (n - 1), **{k: (1 - decay) * decay ** (n - k) for k in range(2, n + 1)}}
     return {name: sum(c * weights[k][name] for k, c in coefficients.items()) for name in weights[0]}
+
+
+# ----------------------------------------------------------------------------- evaluation without the engine
+
+def folder_images(split_dir: str):
+    """(PIL RGB image, label) of every file of ``split_dir/<class>/``, classes numbered in sorted order."""
+    classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    for label, name in enumerate(classes):
+        for file in sorted(os.listdir(os.path.join(split_dir, name))):
+            with Image.open(os.path.join(split_dir, name, file)) as img:
+                yield img.convert('RGB'), label
+
+
+def plain_accuracy(weights: dict, opts, images, cfg_file=None) -> tuple:
+    """(top-1 %, top-5 %, mean CE, count) of the model of ``load_config(cfg_file, opts)`` with ``weights`` over
+    ``images`` ((PIL image, label) pairs), one image at a time through ``data.build_transform(False, config)``:
+    an evaluation that shares no code with ``engine.validate``, to compare ``--eval`` with."""
+    import torch
+
+    import data
+    import models
+    from config import load_config
+    config = load_config(cfg_file, list(opts))
+    model = models.build_model(config)
+    model.load_state_dict(weights)
+    model.eval()
+    transform = data.build_transform(False, config)
+    top1 = top5 = 0
+    loss = 0.0
+    n = 0
+    with torch.no_grad():
+        for img, label in images:
+            logits = model(transform(img)[None]).double()[0]  # (classes,)
+            rank = int((logits > logits[label]).sum())  # how many classes score above the true one
+            top1 += rank == 0
+            top5 += rank < 5
+            loss += float(torch.logsumexp(logits, 0) - logits[label])
+            n += 1
+    return 100.0 * top1 / n, 100.0 * top5 / n, loss / n, n
+
+
+def parse_eval_line(text: str) -> tuple:
+    """(acc1, acc5, loss) from the last `` * Acc@1 a Acc@5 b loss c`` line of a log or output."""
+    import re
+    found = re.findall(r' \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+)', text)
+    assert found, text[-3000:]
+    return tuple(float(v) for v in found[-1])
