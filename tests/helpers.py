@@ -181,3 +181,36 @@ def parse_eval_line(text: str) -> tuple:
     found = re.findall(r' \* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+)', text)
     assert found, text[-3000:]
     return tuple(float(v) for v in found[-1])
+
+
+# ----------------------------------------------------------------------------- parameter counts by hand
+
+def swin_block_parameter_count(model_type: str, d: int, heads: int, window: int, mlp_ratio: int = 4,
+                               cpb_hidden: int = 512) -> int:
+    """Parameters of one official Swin block of width ``d`` (``window``: the one it uses, after shrinking).
+
+    Two LayerNorms (4d), qkv (3d^2; V1 with a 3d bias, V2 with q and v biases, 2d), proj (d^2 + d), the MLP
+    (2 r d^2 + r d + d); V1 adds its relative position bias table ((2w - 1)^2 h), V2 its logit scales (h) and
+    the continuous position-bias MLP (2 -> 512 with bias -> h, no bias)."""
+    block = 4 * d + 4 * d * d + d + 2 * mlp_ratio * d * d + mlp_ratio * d + d
+    if model_type == 'swinv2':
+        return block + 2 * d + heads + (2 * cpb_hidden + cpb_hidden + cpb_hidden * heads)
+    return block + 3 * d + (2 * window - 1) ** 2 * heads
+
+
+def swin_parameter_count(model_type, embed_dim, depths, num_heads, window, img_size, num_classes,
+                         patch=4, in_chans=3) -> int:
+    """Parameters of an official Swin V1 / V2 classifier in closed form, from the architecture alone: patch
+    embedding (conv + LayerNorm), the blocks (``swin_block_parameter_count``; V1's window shrinks to a stage's
+    resolution when that is smaller), patch merging after every stage but the last (a 4d -> 2d reduction
+    without bias and a LayerNorm over 4d (V1, before) or 2d (V2, after)), the final LayerNorm and the head."""
+    n = in_chans * patch * patch * embed_dim + embed_dim + 2 * embed_dim
+    resolution = img_size // patch
+    for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+        d = embed_dim * 2 ** i
+        n += depth * swin_block_parameter_count(model_type, d, heads, min(window, resolution))
+        if i < len(depths) - 1:
+            n += 8 * d * d + (2 * 2 * d if model_type == 'swinv2' else 2 * 4 * d)
+            resolution //= 2
+    d = embed_dim * 2 ** (len(depths) - 1)
+    return n + 2 * d + d * num_classes + num_classes

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from config import load_config
+from helpers import swin_parameter_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'configs', '**', '*.yaml'),
@@ -68,35 +69,6 @@ ARCH['configs/demo/simmim_pretrain_digits_32.yaml'] = ARCH['configs/demo/simmim_
 
 # Official parameter counts (millions) of the SwinV2 1K models, as the official model zoo rounds them.
 V2_PARAMS_M = {'tiny': 28, 'small': 50, 'base': 88}
-
-
-def swin_parameter_count(model_type, embed_dim, depths, num_heads, window, img_size, num_classes,
-                         patch=4, in_chans=3, mlp_ratio=4, cpb_hidden=512) -> int:
-    """Parameters of an official Swin V1 / V2 classifier in closed form, from the architecture alone.
-
-    Patch embedding: conv + LayerNorm. A block of width d with h heads: two LayerNorms (4d), qkv (3d^2, V1 with a
-    3d bias, V2 with q and v biases 2d), proj (d^2 + d), the MLP (2 r d^2 + r d + d); V1 adds its relative
-    position bias table ((2w - 1)^2 h, w the window shrunk to the stage's resolution when that is smaller), V2
-    its logit scales (h) and the continuous position-bias MLP (2 -> 512 with bias -> h). Patch merging: a
-    4d -> 2d reduction without bias and a LayerNorm over 4d (V1, before) or 2d (V2, after). Then the final
-    LayerNorm and the head."""
-    v2 = model_type == 'swinv2'
-    hidden = mlp_ratio
-    n = in_chans * patch * patch * embed_dim + embed_dim + 2 * embed_dim
-    resolution = img_size // patch
-    for i, (depth, h) in enumerate(zip(depths, num_heads)):
-        d = embed_dim * 2 ** i
-        block = 4 * d + 4 * d * d + d + 2 * hidden * d * d + hidden * d + d
-        if v2:
-            block += 2 * d + h + (2 * cpb_hidden + cpb_hidden + cpb_hidden * h)
-        else:
-            block += 3 * d + (2 * min(window, resolution) - 1) ** 2 * h
-        n += depth * block
-        if i < len(depths) - 1:
-            n += 8 * d * d + (2 * 2 * d if v2 else 2 * 4 * d)
-            resolution //= 2
-    d = embed_dim * 2 ** (len(depths) - 1)
-    return n + 2 * d + d * num_classes + num_classes
 
 
 def test_closed_form_gives_the_official_counts():
