@@ -315,6 +315,24 @@ _keys = st.one_of(st.sampled_from(ALL_KEYS), st.sampled_from(ALL_KEYS).map(lambd
                   st.sampled_from(['MODEL', 'TRAIN.OPTIMIZER', 'DATA']))
 
 
+def _like(default):
+    """Values of the default's own type (and, for numbers, around it), so that many fuzzed configs load."""
+    if isinstance(default, bool):
+        return st.booleans()
+    if isinstance(default, int):
+        return st.integers(max(-1, default - 3), default + 3)
+    if isinstance(default, float):
+        return st.floats(0.0, max(1.0, 2 * default))
+    if isinstance(default, str):
+        return st.sampled_from([default, default.upper(), '', 'x'])
+    if isinstance(default, (list, tuple)) and default:
+        return st.lists(_like(default[0]), min_size=len(default), max_size=len(default))
+    return st.just(default)
+
+
+_typed_pairs = st.sampled_from(ALL_KEYS).flatmap(lambda k: st.tuples(st.just(k), _like(_get(get_defaults(), k))))
+
+
 def _nest(pairs):
     """{'A.B': v} -> {'A': {'B': v}}; a later key that collides with an earlier value replaces it."""
     out = {}
@@ -330,24 +348,61 @@ def _nest(pairs):
 
 
 @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(pairs=st.lists(st.tuples(_keys, _values), min_size=1, max_size=4))
+@given(pairs=st.lists(st.one_of(st.tuples(_keys, _values), _typed_pairs), min_size=1, max_size=4))
 def test_fuzz_random_config_loads_or_raises_config_error(tmp_path, pairs):
     pairs = [(k, v) for k, v in pairs if k != 'BASE']  # BASE names files; tested above
     if not pairs:
         return
     f = tmp_path / 'fuzz.yaml'
-    f.write_text(yaml.safe_dump(_nest(pairs)))
+    nested = _nest(pairs)
+    f.write_text(yaml.safe_dump(nested))
     try:
         config = load_config(str(f))
     except ConfigError:
         pass
     else:
         validate_config(config)
-        config_to_dict(config)
+        _assert_defaults_plus(config, _leaves(nested))
     opts = []
     for k, v in pairs:
         opts += [k, repr(v)]
     try:
-        load_config(None, opts)
+        config = load_config(None, opts)
     except ConfigError:
         pass
+    else:
+        _assert_defaults_plus(config, _leaves(_nest(pairs)))
+
+
+def _leaves(nested, prefix=''):
+    """{'A': {'B': v}} -> {'A.B': v} (an empty mapping sets nothing)."""
+    out = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f'{prefix}{key}.'))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _same(a, b):
+    """Equal values of the same kind (a list and a tuple with the same items are the same)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _assert_defaults_plus(config, given):
+    """A config that loaded holds exactly the values given and the defaults everywhere else."""
+    defaults = config_to_dict(get_defaults())
+    loaded = config_to_dict(config)
+    for key in ALL_KEYS:
+        want = given[key] if key in given else _dotted(defaults, key)
+        assert _same(_dotted(loaded, key), want), (key, _dotted(loaded, key), want)
+    assert set(given) <= set(ALL_KEYS), set(given) - set(ALL_KEYS)
+
+
+def _dotted(tree, key):
+    for part in key.split('.'):
+        tree = tree[part]
+    return tree

@@ -108,10 +108,19 @@ def test_sgd_falls_back_to_one_read_per_update():
     config = _config('TRAIN.OPTIMIZER.NAME', 'sgd')
     state, update_step = _state_and_step(config)
     images, targets = next(iter(_loader(1)))
+    update_step([(images, targets)])  # warm-up: lazy state creation may read the host once
     before = {k: v.clone() for k, v in state.model.state_dict().items()}
-    _, _, bad = update_step([(images * float('nan'), targets)])
+    with HostReads() as reads:
+        _, _, bad = update_step([(images * float('nan'), targets)])
+    assert reads.count == 1  # the skip decision
     assert bool(bad)
     assert all(torch.equal(v, before[k]) for k, v in state.model.state_dict().items())
+    batches = list(_loader(3, seed=1))
+    with HostReads() as reads:
+        for batch in batches:
+            update_step([batch])
+    assert reads.count == 3  # one per finite update too
+    assert not all(torch.equal(v, before[k]) for k, v in state.model.state_dict().items())
 
 
 # ----------------------------------------------------------------------------- fault 3: validation copies
@@ -127,15 +136,69 @@ def test_validate_does_not_copy_a_host_number_per_batch():
     assert counts[0] == counts[1], f"host reads/copies grow with the batch count: {counts}"
 
 
+def _known_loader(batch_size):
+    from helpers import known_logits_case
+    images, targets, logits, expected = known_logits_case()
+    return DataLoader(TensorDataset(images, targets), batch_size=batch_size), logits, expected
+
+
+@pytest.mark.parametrize('batch_size', [1, 4, 13])
+def test_validate_gives_known_top1_top5_and_loss(batch_size):
+    """10 classes, 13 images whose true labels rank 0..9 by design (tests/helpers.py): top-1 4/13, top-5 10/13
+    and the mean CE worked out by hand, whatever the batching (a last batch of 1 included)."""
+    from helpers import fixed_logits_model
+    loader, logits, (acc1, acc5, loss) = _known_loader(batch_size)
+    config = _config('MODEL.NUM_CLASSES', '10')
+    got = engine.validate(config, loader, fixed_logits_model(logits), engine.Precision(CPU))
+    assert (acc1, acc5) == (100.0 * 4 / 13, 100.0 * 10 / 13)  # the case is what its comment says
+    assert got[:2] == (acc1, acc5)
+    assert got[2] == pytest.approx(loss, rel=1e-6)
+
+
 def test_validate_prints_progress_with_eta(caplog):
-    config = _config('PRINT_FREQ', '2')
-    state, _ = _state_and_step(config)
+    from helpers import TRUE_LABEL_RANKS, fixed_logits_model, known_figures
+    config = _config('PRINT_FREQ', '2', 'MODEL.NUM_CLASSES', '10')
+    loader, logits, _ = _known_loader(3)  # 5 batches: 3, 3, 3, 3, 1 images
     with caplog.at_level('INFO', logger='swin'):
-        acc1, _, loss = engine.validate(config, _loader(5), state.model, engine.Precision(CPU))
+        acc1, acc5, loss = engine.validate(config, loader, fixed_logits_model(logits), engine.Precision(CPU))
     lines = [r.getMessage() for r in caplog.records]
     assert any(line.startswith('Test: [2/5]\teta ') and 'loss ' in line and 'Acc@1 ' in line for line in lines)
     assert any(line.startswith('Test: [4/5]') for line in lines)
-    assert lines[-1] == f' * Acc@1 {acc1:.3f} Acc@5 100.000 loss {loss:.4f}'
+    assert lines[-1] == f' * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.4f}'
+    # the running figures of the progress lines: this rank's first 6 and 12 images
+    for done, images in ((2, 6), (4, 12)):
+        line = next(x for x in lines if x.startswith(f'Test: [{done}/5]'))
+        run1, run5, run_loss = known_figures(TRUE_LABEL_RANKS[:images])
+        assert f'\tloss {run_loss:.4f}\tAcc@1 {run1:.3f}\tAcc@5 {run5:.3f}' in line, line
+    assert lines[-1] == ' * Acc@1 {:.3f} Acc@5 {:.3f} loss {:.4f}'.format(*known_figures(TRUE_LABEL_RANKS))
+
+
+@pytest.mark.slow
+def test_validate_under_torchrun_with_uneven_shards_gives_the_whole_sets_figures(tmp_path):
+    """torchrun, 2 CPU processes (gloo): rank 0 validates 8 of the known-logits images, rank 1 the other 5 (and
+    an empty batch); both return the figures of all 13, not of their own shard or a mean of the two."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import known_logits_case, subprocess_env
+    out = tmp_path / 'result.json'
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+                             '--master_port', str(_free_port()), os.path.join(root, 'tests', 'validate_worker.py'),
+                             str(out)], cwd=root, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    acc1, acc5, loss = json.loads(out.read_text())
+    expected = known_logits_case()[3]
+    assert (acc1, acc5) == expected[:2]
+    assert loss == pytest.approx(expected[2], rel=1e-6)
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- faults 1, 2: DDP
@@ -185,7 +248,8 @@ def test_compiled_ddp_accumulation_all_reduces_once_per_update(tmp_path):
     results = mp.Manager().dict()
     for accum in (1, 2):
         mp.spawn(_count_allreduces, args=(2, str(tmp_path / f'pg{accum}'), results, accum, True), nprocs=2)
-    assert results[(1, 0)] > 0
+    # a model of ~100 KB fills one gradient bucket (DDP's first bucket holds 1 MB): one all-reduce per update
+    assert results[(1, 0)] == results[(1, 1)] == 2, dict(results)
     assert results[(2, 0)] == results[(1, 0)] and results[(2, 1)] == results[(1, 1)], dict(results)
 
 
@@ -219,6 +283,47 @@ def test_images_per_second_counts_every_rank(monkeypatch, caplog):
     assert '(run left ' in line and '\trss ' in line
 
 
+# ----------------------------------------------------------------------------- the EMA, through engine.run
+
+def _ema_run(tmp_path, decay, *extra):
+    """engine.run for one epoch of 4 updates (16 digits, batch 4) with TRAIN.EMA on; returns the weights before
+    and after every update (recorded from outside the engine) and the epoch checkpoint."""
+    from helpers import RecordedUpdates, write_digits_folder
+    from utils.distributed import DistInfo
+    digits = write_digits_folder(tmp_path / 'digits', 4, 4, 2)
+    config = _config('TRAIN.EMA.ENABLE', 'True', 'TRAIN.EMA.DECAY', str(decay), 'TRAIN.EPOCHS', '1',
+                     'DATA.BATCH_SIZE', '4', 'DATA.DATA_PATH', digits, 'OUTPUT', str(tmp_path / 'out'),
+                     'AUG.MIXUP', '0.0', 'AUG.CUTMIX', '0.0', 'TENSORBOARD', 'False', 'TRAIN.BASE_LR', '1e-3', *extra)
+    os.makedirs(config.OUTPUT)
+    with RecordedUpdates() as recorded:
+        engine.run(config, DistInfo(0, 1, 0, CPU))
+    return recorded.weights, torch.load(tmp_path / 'out' / 'ckpt_epoch_0.pth', weights_only=True)
+
+
+@pytest.mark.parametrize('decay', [0.6, 1e-6])
+def test_ema_is_the_average_of_the_trained_weights(tmp_path, decay):
+    """TRAIN.EMA.DECAY d: after 4 updates the saved EMA is d^3 w1 + (1-d)(d^2 w2 + d w3 + w4) of the weights the
+    optimizer produced (timm's ModelEmaV3 copies the first update's weights), far from the initial weights; at a
+    decay near 0 it is the last weights themselves."""
+    from helpers import closed_form_ema
+    weights, saved = _ema_run(tmp_path, decay)
+    assert len(weights) == 1 + 4
+    expected = closed_form_ema(weights, decay)
+    assert expected.keys() <= saved['ema'].keys()
+    moved = 0
+    for name, value in expected.items():
+        assert torch.equal(saved['model'][name].double(), weights[-1][name]), name  # the recording is the model
+        ema = saved['ema'][name].double()
+        torch.testing.assert_close(ema, value, rtol=1e-5, atol=1e-6, msg=name)  # fp32 lerps
+        moved += int((ema - weights[0][name]).abs().max() > 1e-4)
+        if decay < 1e-3:
+            torch.testing.assert_close(ema, weights[-1][name], rtol=0, atol=1e-7, msg=name)
+    assert moved == len(expected), (moved, len(expected))  # every tensor left its initial value
+    if decay > 0.5:  # and the average lags behind the last weights
+        lag = max(float((saved['ema'][n].double() - weights[-1][n]).abs().max()) for n in expected)
+        assert lag > 5e-5, lag
+
+
 # ----------------------------------------------------------------------------- fault 8: EMA under apex O2
 
 class _FakeApexO2:
@@ -250,10 +355,18 @@ def test_ema_keeps_fp32_weights_under_apex_o2(tmp_path, monkeypatch):
                      'AUG.CUTMIX', '0.0', 'TENSORBOARD', 'False')
     monkeypatch.setattr(engine, 'apex_amp_module', lambda config: _FakeApexO2)
     os.makedirs(config.OUTPUT)
-    engine.run(config, DistInfo(0, 1, 0, CPU))
+    from helpers import RecordedUpdates, closed_form_ema
+    with RecordedUpdates() as recorded:
+        engine.run(config, DistInfo(0, 1, 0, CPU))
     saved = torch.load(tmp_path / 'out' / 'ckpt_epoch_0.pth', weights_only=True)
     assert saved['model']['head.weight'].dtype == torch.float16  # the model was cast
     assert {v.dtype for v in saved['ema'].values() if v.is_floating_point()} == {torch.float32}
+    # and it averages the fp16 weights the updates produced (2 updates: d w1 + (1 - d) w2), in fp32
+    assert len(recorded.weights) == 1 + 2
+    for name, value in closed_form_ema(recorded.weights, config.TRAIN.EMA.DECAY).items():
+        ema = saved['ema'][name].double()
+        torch.testing.assert_close(ema, value, rtol=0, atol=2e-7, msg=name)
+        assert not torch.equal(ema, recorded.weights[0][name]), name
 
 
 # ----------------------------------------------------------------------------- fault 9: distributed set-up

@@ -284,6 +284,7 @@ def test_loader_batches_equal_with_worker_processes(folder, loader, monkeypatch)
     monkeypatch.setattr(data.build, 'available_cpus', lambda: 8)
     in_process = epoch_batches(build_loader(cfg(folder, loader))[2], 0)
     with_workers = epoch_batches(build_loader(cfg(folder, loader, 'DATA.NUM_WORKERS', '2'))[2], 0)
+    assert len(in_process) == len(with_workers) == 3  # 12 images, batches of 4
     for (a, ya), (b, yb) in zip(in_process, with_workers):
         assert torch.equal(ya, yb) and torch.equal(a, b)
 
@@ -324,6 +325,7 @@ def test_gpu_train_batch_statistics_match_fast_path(folder):
     """Same keys -> same draws on both paths: the finished images agree closely (different kernels only)."""
     a = epoch_batches(build_loader(cfg(folder, 'fast'))[2], 0)
     b = epoch_batches(build_loader(cfg(folder, 'gpu'))[2], 0)
+    assert len(a) == len(b) == 3  # 12 images, batches of 4
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
     for (xa, ya), (xb, yb) in zip(a, b):
         assert torch.equal(ya, yb)
@@ -400,6 +402,7 @@ def test_zip_layout_with_loader(folder, tmp_path, loader):
     plain = epoch_batches(build_loader(cfg(folder, loader))[2], 0)
     zipped = epoch_batches(build_loader(cfg(str(tmp_path), loader, 'DATA.ZIP_MODE', 'True',
                                             'DATA.CACHE_MODE', 'full'))[2], 0)
+    assert len(plain) == len(zipped) == 3  # 12 images, batches of 4
     for (a, ya), (b, yb) in zip(plain, zipped):
         assert torch.equal(ya, yb) and torch.equal(a, b)
 
@@ -435,6 +438,7 @@ def test_loader_finishes_on_cuda_like_on_cpu(folder, loader):
         first.append(a.cpu())
     train.sampler.set_epoch(0)
     again = [batch_to_device(batch, cuda)[0].cpu() for batch in train]
+    assert len(first) == len(again) == 3
     assert all(torch.equal(x, y) for x, y in zip(first, again))
 
 
@@ -442,7 +446,7 @@ def test_gpu_decode_falls_back_image_by_image(folder, monkeypatch, caplog):
     """A batch decode_jpeg rejects is decoded image by image (Pillow for what the device decoder refuses: the
     same pixels here); a file nothing decodes becomes a black image with a warning, and the run goes on."""
     import data.gpu as gpu_mod
-    config = cfg(folder, 'gpu', 'AUG.REPROB', '0.0')
+    config = cfg(folder, 'gpu', 'AUG.REPROB', '0.0', 'AUG.AUTO_AUGMENT', 'none', 'AUG.COLOR_JITTER', '0.0')
     train = build_loader(config)[2]
     batch = next(iter(train))
     want, _ = batch_to_device(batch, torch.device('cpu'))
@@ -462,6 +466,16 @@ def test_gpu_decode_falls_back_image_by_image(folder, monkeypatch, caplog):
     monkeypatch.setattr(gpu_mod, 'decode_image', lambda data_: (_ for _ in ()).throw(OSError('broken data')))
     got, _ = batch_to_device(batch, torch.device('cpu'))
     assert 'cannot be decoded' in caplog.text and got.shape == want.shape
+    # each JPEG became a black image (crop, resize and flip keep it black; RandAugment is off), normalised: every
+    # pixel is -mean / std; images that were not JPEGs (PNG pixels) come through as before
+    black = -torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    jpeg = [p.dim() == 1 for p in batch.images.unpack()]
+    assert any(jpeg)
+    for k, is_jpeg in enumerate(jpeg):
+        if is_jpeg:
+            torch.testing.assert_close(got[k], black.expand(3, 64, 64), rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(got[k], want[k])
 
 
 @pytest.mark.parametrize('loader', ['fast', 'gpu'])

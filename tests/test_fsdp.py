@@ -246,12 +246,14 @@ def test_fsdp_trains_to_ddp_weights_with_accumulation_clipping_and_ema(model_typ
     worst = max(float((r['fsdp'][k] - v).abs().max()) for k, v in r['ddp'].items())
     print(f"{model_type}: FSDP vs DDP max |weight difference| {worst:.2e}, grad norms {r['fsdp_norms']} vs "
           f"{r['ddp_norms']}")
-    moved = 0
+    moved = ema_moved = 0
     for key, value in r['ddp'].items():
         torch.testing.assert_close(r['fsdp'][key], value, rtol=1e-5, atol=1e-5, msg=key)
         torch.testing.assert_close(r['fsdp_ema'][key], r['ddp_ema'][key], rtol=1e-5, atol=1e-5, msg=key)
         moved += int(not torch.equal(value, initial[key]))
+        ema_moved += int((r['ddp_ema'][key].double() - initial[key].double()).abs().max() > 1e-4)
     assert moved > 10
+    assert ema_moved > 10  # the EMAs compared above are not both the initial weights
 
 
 @pytest.mark.slow
@@ -335,6 +337,59 @@ def digits(tmp_path_factory):
     return write_digits_folder(tmp_path_factory.mktemp('digits'), 4, 8, 4)
 
 
+def _ema_worker(rank, world, init_file, data, out_dir):
+    """engine.run (as main.py runs it: seeded SEED + rank) with the config's EMA, DDP then FSDP, 2 epochs of 2
+    updates; rank 0 saves the weights every update produced (gathered full tensors under FSDP)."""
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    try:
+        import engine
+        from config import load_config
+        from helpers import RecordedUpdates
+        from utils.distributed import DistInfo
+        recorded = {}
+        for kind in ('ddp', 'fsdp'):
+            # SGD: its update scales with the gradient, so FSDP's and DDP's rounding differences stay at their
+            # size (AdamW's first step, lr * sign(g), turns them into +-lr on gradients that are zero in theory)
+            config = load_config(opts=[*TINY, *PLAIN, 'TRAIN.OPTIMIZER.NAME', 'sgd', 'TRAIN.BASE_LR', '0.5',
+                                       'TRAIN.EMA.DECAY', '0.5', 'TRAIN.EPOCHS', '2', 'AMP_ENABLE', 'False',
+                                       'DATA.BATCH_SIZE', str(BATCH), 'DATA.DATA_PATH', data, 'TENSORBOARD',
+                                       'False', 'OUTPUT', os.path.join(out_dir, kind), 'TRAIN.FSDP.ENABLE',
+                                       str(kind == 'fsdp')])
+            os.makedirs(config.OUTPUT, exist_ok=True)  # main.py makes it
+            torch.manual_seed(config.SEED + rank)
+            with RecordedUpdates() as updates:
+                engine.run(config, DistInfo(rank, world, rank, torch.device('cpu')))
+            recorded[kind] = updates.weights
+        if rank == 0:
+            torch.save(recorded, os.path.join(out_dir, 'recorded.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_ema_through_engine_run_is_ddps_and_the_average_of_the_weights(digits, tmp_path):
+    """TRAIN.EMA.DECAY 0.5 through engine.run, 4 updates: under DDP and under FSDP (its sharded EMA exported from
+    the checkpoint directory) the EMA is the closed-form average of the weights each run produced, it left the
+    initial weights and lags behind the last ones, and FSDP's equals DDP's."""
+    from helpers import closed_form_ema
+    from utils.checkpoint import read_sharded_model
+    mp.spawn(_ema_worker, args=(2, str(tmp_path / 'pg'), digits, str(tmp_path)), nprocs=2, join=True)
+    recorded = torch.load(tmp_path / 'recorded.pt', weights_only=True)
+    emas = {'ddp': torch.load(tmp_path / 'ddp' / 'ckpt_epoch_1.pth', weights_only=True)['ema'],
+            'fsdp': read_sharded_model(str(tmp_path / 'fsdp' / 'ckpt_epoch_1'), ema=True)}
+    for kind, ema in emas.items():
+        weights = recorded[kind]
+        assert len(weights) == 1 + 4, kind
+        for name, value in closed_form_ema(weights, 0.5).items():
+            torch.testing.assert_close(ema[name].double(), value, rtol=1e-5, atol=1e-6, msg=f'{kind} {name}')
+            assert (ema[name].double() - weights[0][name]).abs().max() > 1e-4, f'{kind} {name} never moved'
+        lag = max(float((ema[n].double() - weights[-1][n]).abs().max()) for n in weights[0])
+        assert lag > 1e-4, (kind, lag)
+    for name in recorded['ddp'][0]:
+        torch.testing.assert_close(emas['fsdp'][name], emas['ddp'][name], rtol=1e-5, atol=1e-5, msg=name)
+
+
 def _free_port():
     """A TCP port nobody listens on now (other suites' torchrun runs may be using fixed ones)."""
     import socket
@@ -415,6 +470,12 @@ def test_sharded_checkpoint_resumes_exactly_with_2_and_carries_on_with_1(digits,
                    '--opts', *TINY])
     epoch2 = json.loads(open(os.path.join(reference, 'metrics.jsonl')).read().splitlines()[2])
     assert f" * Acc@1 {epoch2['val_acc1']:.3f} Acc@5 {epoch2['val_acc5']:.3f}" in result.stdout
+    # ... and what a plain loop over the 16 images with the exported weights gives
+    from helpers import folder_images, parse_eval_line, plain_accuracy
+    acc1, acc5, loss, n = plain_accuracy(torch.load(exported, weights_only=True)['model'], TINY,
+                                         folder_images(os.path.join(digits, 'val')))
+    assert n == 16 and f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss " in result.stdout
+    assert parse_eval_line(result.stdout)[2] == pytest.approx(loss, abs=2e-4)
     # one process, no FSDP, from the 2-process sharded checkpoint (model, optimizer, EMA, scheduler)
     result = _run(_cmd(digits, out, 4, nproc=1, fsdp=False))
     assert 'starting at epoch 3' in result.stdout and 'EMA' in result.stdout
@@ -560,7 +621,7 @@ def _plain_sharded_checkpoint(path, epoch=0, step=0):
     manager = ckpt.CheckpointManager(path, 2)
     manager.save_sharded(ckpt.build_checkpoint(state, {}, ckpt.gather_rng_states(), weights=False), state,
                          'last' if step else 'epoch')
-    return model
+    return model, optimizer
 
 
 def test_kill_mid_save_leaves_previous_checkpoint_in_use(tmp_path):
@@ -580,11 +641,13 @@ def test_kill_mid_save_leaves_previous_checkpoint_in_use(tmp_path):
     assert path == str(tmp_path / 'ckpt_epoch_1_update_1') and (state['epoch'], state['step']) == (0, 1)
     assert ckpt.remove_stale_temp_files(str(tmp_path)) == ['.ckpt_epoch_1_update_2.tmp']
     model = torch.nn.Linear(3, 2)
-    saved = _plain_sharded_checkpoint(str(tmp_path / 'again'), epoch=2)
+    saved, saved_optimizer = _plain_sharded_checkpoint(str(tmp_path / 'again'), epoch=2)
     restored = ckpt.TrainState(model, torch.optim.AdamW(model.parameters()))
     ckpt.restore_training_state(ckpt.load_checkpoint_file(str(tmp_path / 'again' / 'ckpt_epoch_2')), restored)
     assert restored.epoch == 3 and torch.equal(model.weight, saved.weight)
-    assert restored.optimizer.state_dict()['state'][0]['exp_avg'].abs().sum() > 0
+    for index, moments in saved_optimizer.state_dict()['state'].items():  # the saved moments, not fresh zeros
+        for key, value in moments.items():
+            assert torch.equal(restored.optimizer.state_dict()['state'][index][key], value), (index, key)
 
 
 def test_auto_resume_skips_a_sharded_checkpoint_with_a_damaged_shard(tmp_path, caplog):
@@ -655,14 +718,25 @@ def test_estimate_memory_divides_by_the_world_size_and_checkpointing_keeps_less(
                                'MODEL.SWINV2.PRETRAINED_WINDOW_SIZES', '[0,0]', 'DATA.IMG_SIZE', '64'])
     rows = estimate_memory.estimate(config, world_size=4, batch_size=2, amp_dtype=None)
     info, ddp, fsdp, ckpt = rows['_info'], rows['ddp'], rows['fsdp'], rows['fsdp_ckpt']
+    # the bytes worked out by hand: fp32 weights and gradients (4 B), two fp32 AdamW moments (8 B) per parameter;
+    # under FSDP a quarter of each, plus the largest block (the last stage's, width 64, 4 heads) gathered twice
+    # in fp32 and its unsharded fp32 gradient
+    from helpers import swin_block_parameter_count, swin_parameter_count
+    n = swin_parameter_count('swinv2', 32, (2, 2), (2, 4), 4, 64, 1000)
+    block = swin_block_parameter_count('swinv2', 64, 4, 4)
+    assert (ddp['weights'], ddp['grads'], ddp['optimizer']) == (4 * n, 4 * n, 8 * n)
+    assert (fsdp['weights'], fsdp['grads'], fsdp['optimizer']) == (n + (2 * 4 + 4) * block, n, 2 * n)
+    assert (info['params'], info['block_params']) == (n, block)
     assert ddp['weights'] == ddp['grads'] == 4 * info['params'] and ddp['optimizer'] == 8 * info['params']
     assert fsdp['optimizer'] == ddp['optimizer'] / 4 and fsdp['weights'] == ddp['weights'] / 4 + info['gathered']
     assert 0 < ckpt['activations'] < fsdp['activations'] == ddp['activations']
     # twice the images: up to twice the saved bytes (V2's position-bias tables and masks are per model, not image)
     double = estimate_memory.estimate(config, world_size=4, batch_size=4, amp_dtype=None)['ddp']['activations']
     assert 1.5 < double / ddp['activations'] <= 2.0
-    bf16 = estimate_memory.estimate(config, world_size=4, batch_size=2, amp_dtype='bfloat16')['ddp']['activations']
+    bf16_rows = estimate_memory.estimate(config, world_size=4, batch_size=2, amp_dtype='bfloat16')
+    bf16 = bf16_rows['ddp']['activations']
     assert bf16 < 0.8 * ddp['activations']
+    assert bf16_rows['fsdp']['weights'] == n + (2 * 2 + 4) * block  # blocks gathered in bf16, fp32 gradient
     cfg = os.path.join(ROOT, 'configs/swinv2/swinv2_tiny_patch4_window8_256.yaml')
     assert estimate_memory.main(['--cfg', cfg, '--world-size', '2', '--batch-size', '1']) == 0
     out = capsys.readouterr().out

@@ -60,24 +60,30 @@ def attention_and_grads(inputs, fused: bool, grad_out: torch.Tensor):
 @pytest.mark.parametrize('backend', BACKENDS, ids=lambda b: b.name)
 def test_fused_and_plain_attention_match_fp64(backend, dtype):
     """SDPA with the backend pinned, and the matmul path, against fp64 on the CPU: output and the gradients
-    of q, k, v and the bias (the position-bias table's gradient flows through it)."""
+    of q, k, v and the bias (the position-bias table's gradient flows through it). Flash attention takes no
+    additive mask, and Swin's attention always has one (the position bias): pinned to it, the fused path must
+    refuse with torch's 'No available kernel' (never a silent fallback), and the matmul path is checked."""
     grad_out = torch.randn(8, 3, 49, 32, generator=torch.Generator().manual_seed(1))
     inputs = window_inputs(dtype, DEVICE)
     # the reference sees the same rounded inputs: only the arithmetic is compared
     reference = attention_and_grads([t.detach().double().cpu().requires_grad_() for t in inputs], False, grad_out)
+    paths = []
     with warnings.catch_warnings(record=True) as why, sdpa_kernel(backend):
-        try:
-            fused = attention_and_grads(inputs, True, grad_out)
-        except RuntimeError as error:
-            # flash attention takes no additive mask; cuDNN's attention depends on the version and the dtype
-            if backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION) and \
-                    'No available kernel' in str(error):
-                pytest.skip(f'{backend.name} has no kernel for {dtype} with an additive mask and its gradient: '
-                            f'{"; ".join(str(w.message) for w in why)}')
-            raise
-    plain = attention_and_grads(inputs, False, grad_out)
+        if backend == SDPBackend.FLASH_ATTENTION:
+            with pytest.raises(RuntimeError, match='No available kernel'):
+                attention_and_grads(inputs, True, grad_out)
+        else:
+            try:
+                paths.append(('fused', attention_and_grads(inputs, True, grad_out)))
+            except RuntimeError as error:
+                # cuDNN's attention with an additive mask and its gradient depends on the version and the dtype
+                if backend == SDPBackend.CUDNN_ATTENTION and 'No available kernel' in str(error):
+                    pytest.skip(f'{backend.name} has no kernel for {dtype} with an additive mask and its '
+                                f'gradient: {"; ".join(str(w.message) for w in why)}')
+                raise
+    paths.append(('plain', attention_and_grads(inputs, False, grad_out)))
     names = ['out', 'grad q', 'grad k', 'grad v', 'grad bias']
-    for path, values in (('fused', fused), ('plain', plain)):
+    for path, values in paths:
         for name, value, ref in zip(names, values, reference):
             assert value.dtype == dtype and torch.isfinite(value).all(), f'{path} {name}'
             err = rel_error(value, ref)

@@ -255,9 +255,31 @@ def test_optimizer_state_dict_round_trip(tmp_path):
         p.grad = torch.randn_like(p)
     opt.step()
     torch.save(opt.state_dict(), tmp_path / 'opt.pt')
-    opt2 = build_optimizer(config, TinySwin())
+    model2 = TinySwin()
+    opt2 = build_optimizer(config, model2)
+    for p in model2.parameters():  # other moments and step counts than the saved ones, to be replaced
+        p.grad = torch.randn_like(p)
+    opt2.step()
+    opt2.step()
     opt2.load_state_dict(torch.load(tmp_path / 'opt.pt', weights_only=True))
     assert [g['lr_scale'] for g in opt2.param_groups] == [g['lr_scale'] for g in opt.param_groups]
+    params = [p for g in opt.param_groups for p in g['params']]
+    params2 = [p for g in opt2.param_groups for p in g['params']]
+    assert len(params) == len(params2) > 0
+    for p, p2 in zip(params, params2):
+        assert opt2.state[p2].keys() == opt.state[p].keys() == {'step', 'exp_avg', 'exp_avg_sq'}
+        for key in ('step', 'exp_avg', 'exp_avg_sq'):
+            assert torch.equal(opt2.state[p2][key], opt.state[p][key]), key
+    # the restored optimizer takes the next step the original takes
+    model2.load_state_dict(model.state_dict())
+    grads = [torch.randn_like(p) for p in params]
+    for group_params, g in ((params, grads), (params2, grads)):
+        for p, grad in zip(group_params, g):
+            p.grad = grad.clone()
+    opt.step()
+    opt2.step()
+    for p, p2 in zip(params, params2):
+        assert torch.equal(p, p2)
 
 
 def test_swin_tiny_group_sizes():

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from helpers import subprocess_env, write_digits_folder
+from helpers import folder_images, parse_eval_line, plain_accuracy, subprocess_env, write_digits_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_DIR = os.path.join('swin_tiny_patch4_window7_224', 'default')  # <OUTPUT>/<MODEL.NAME>/<TAG>
@@ -102,6 +102,9 @@ def test_train_resume_eval_single_process(digits, tmp_path):
                         os.path.join(run_dir, 'ckpt_epoch_1.pth'), '--opts', *TINY]))
     assert f" * Acc@1 {metrics[1]['val_acc1']:.3f} Acc@5 {metrics[1]['val_acc5']:.3f}" in result.stdout
     assert 'Train:' not in result.stdout and not glob.glob(str(tmp_path / 'eval' / MODEL_DIR / '*.pth'))
+    # ... and what a plain loop over the 32 images with the checkpoint's weights gives (not the same code)
+    _assert_eval_matches_plain_loop(result.stdout, os.path.join(run_dir, 'ckpt_epoch_1.pth'),
+                                    os.path.join(digits, 'val'), 32)
 
     # Resume to 3 epochs (auto-resume) == an uninterrupted 3-epoch run, bit for bit.
     result = _ok(_main(_train_args(digits, out, 3)))
@@ -129,6 +132,17 @@ def test_torchrun_two_processes_train_resume_and_exact_eval(digits, tmp_path):
                         '--device', 'cpu', '--disable_amp', '--eval', '--resume',
                         os.path.join(run_dir, 'ckpt_epoch_1.pth'), '--opts', *TINY]))
     assert f" * Acc@1 {metrics[1]['val_acc1']:.3f} Acc@5 {metrics[1]['val_acc5']:.3f}" in result.stdout
+    _assert_eval_matches_plain_loop(result.stdout, os.path.join(run_dir, 'ckpt_epoch_1.pth'),
+                                    os.path.join(digits, 'val'), 32)
+    # --eval with 2 processes on 31 images (shards of 16 and 15, batches of 5: uneven last batches)
+    odd = str(tmp_path / 'odd')
+    shutil.copytree(digits, odd)
+    os.remove(os.path.join(odd, 'val', 'digit2', sorted(os.listdir(os.path.join(odd, 'val', 'digit2')))[0]))
+    result = _ok(_main(['--data-path', odd, '--output', str(tmp_path / 'eval2'), '--batch-size', '5', '--device',
+                        'cpu', '--disable_amp', '--eval', '--resume', os.path.join(run_dir, 'ckpt_epoch_1.pth'),
+                        '--opts', *TINY], nproc=2))
+    _assert_eval_matches_plain_loop(result.stdout, os.path.join(run_dir, 'ckpt_epoch_1.pth'),
+                                    os.path.join(odd, 'val'), 31)
 
     result = _ok(_main(_train_args(digits, out, 3), nproc=2))
     assert 'starting at epoch 2' in result.stdout
@@ -139,6 +153,16 @@ def test_torchrun_two_processes_train_resume_and_exact_eval(digits, tmp_path):
     result = _ok(_main(_train_args(digits, out, 4)))
     assert 'starting at epoch 3' in result.stdout
     assert [m['epoch'] for m in _metrics(run_dir)] == [0, 1, 2, 3]
+
+
+def _assert_eval_matches_plain_loop(output, checkpoint, val_dir, count):
+    """The `` * Acc@1 .. Acc@5 .. loss ..`` line of ``--eval`` against ``helpers.plain_accuracy`` of the
+    checkpoint's weights over the images of ``val_dir`` (one image at a time, the eval transform, no engine)."""
+    acc1, acc5, loss, n = plain_accuracy(_weights(checkpoint), TINY, folder_images(val_dir))
+    assert n == count
+    print(f"plain loop over {n} images: top-1 {acc1:.3f}, top-5 {acc5:.3f}, loss {loss:.4f}")
+    assert f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss " in output, output[-2000:]
+    assert parse_eval_line(output)[2] == pytest.approx(loss, abs=2e-4)
 
 
 # ----------------------------------------------------------------------------- DDP equivalence (in process)
