@@ -265,13 +265,30 @@ class TrainLog:
         self.accum = config.TRAIN.ACCUMULATION_STEPS
         self.every = max(1, config.PRINT_FREQ // self.accum)
         self.images_per_update = config.DATA.BATCH_SIZE * self.accum * get_world_size()
-        self.first_update = state.update
-        zero = torch.zeros((), device=device)
-        self.epoch_loss, self.window_loss, self.skipped, self.grad_norm = zero, zero, zero, zero
-        self.bad_run = self.longest_bad_run = zero
+        # A mid-epoch resume carries on with the sums of the updates before it (``state.running_sums``, from the
+        # checkpoint), so the epoch's mean loss, skips and time are the uninterrupted run's; an old checkpoint
+        # without them restarts the sums at the resumed update.
+        saved = state.running_sums if state.update else None
+        self.first_update = 0 if saved else state.update
+        saved = saved or {}
+
+        def tensor(name: str) -> torch.Tensor:
+            return torch.tensor(float(saved.get(name, 0.0)), device=device)
+
+        self.epoch_loss, self.window_loss, self.skipped = tensor('epoch_loss'), tensor('window_loss'), tensor('skipped')
+        self.bad_run, self.longest_bad_run = tensor('bad_run'), tensor('longest_bad_run')
+        self.grad_norm = torch.zeros((), device=device)
+        self.time_before = float(saved.get('time', 0.0))  # the epoch's training time before the resume
         self.epoch_start = self.window_start = time.time()
-        self.window_updates = 0
+        self.window_updates = int(saved.get('window_updates', 0))
         self.last_window: Optional[LogWindow] = None
+        state.running_sums = self.sums()
+
+    def sums(self) -> Dict[str, Any]:
+        """The epoch's running sums so far (device tensors, no sync), which a mid-epoch checkpoint saves."""
+        return {'epoch_loss': self.epoch_loss, 'window_loss': self.window_loss, 'skipped': self.skipped,
+                'bad_run': self.bad_run, 'longest_bad_run': self.longest_bad_run,
+                'window_updates': self.window_updates, 'time': self.time_before + time.time() - self.epoch_start}
 
     def record(self, loss: torch.Tensor, grad_norm: torch.Tensor, bad: torch.Tensor) -> None:
         """Add one update's results (device ops only); logs when the window is full or the epoch ends."""
@@ -283,6 +300,7 @@ class TrainLog:
         self.window_updates += 1
         if self.state.update % self.every == 0 or self.state.update == self.state.updates_per_epoch:
             self._log_window()
+        self.state.running_sums = self.sums()
 
     def _log_window(self) -> None:
         state, config, optimizer = self.state, self.config, self.state.optimizer
@@ -321,7 +339,7 @@ class TrainLog:
         """The epoch's mean loss, last LR, updates, skipped updates and time (logged)."""
         epoch_loss, skipped = torch.stack([self.epoch_loss, self.skipped.float()]).tolist()
         updates = self.state.update - self.first_update
-        epoch_time = time.time() - self.epoch_start
+        epoch_time = self.time_before + time.time() - self.epoch_start
         self.log.info(f"EPOCH {self.state.epoch} training takes {format_seconds(epoch_time)}"
                       + (f"; {int(skipped)} updates skipped for non-finite loss/gradients" if skipped else ''))
         return {'loss': epoch_loss / max(updates, 1), 'lr': float(self.state.optimizer.param_groups[0]['lr']),

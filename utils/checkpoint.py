@@ -13,8 +13,9 @@ File layout in the output folder (official names kept):
 
 A checkpoint is a plain dict readable with ``torch.load(weights_only=True)``:
 ``model, optimizer, lr_scheduler, scaler, ema, epoch, step, max_accuracy, config, rng`` and, from a training
-run, ``data_order``. ``epoch`` is the last *completed* epoch (-1 before the first), as the official code reads it,
-and ``step`` the optimizer updates already done in epoch ``epoch + 1`` (0 for an end-of-epoch checkpoint).
+run, ``data_order``; a mid-epoch one also ``running_sums`` (the epoch's loss sums, skip counts and time so far,
+which ``metrics.jsonl`` and TensorBoard report; a file without them resumes with fresh sums). ``epoch`` is the
+last *completed* epoch (-1 before the first), as the official code reads it, and ``step`` the optimizer updates already done in epoch ``epoch + 1`` (0 for an end-of-epoch checkpoint).
 ``config`` is a plain dict, never a pickled object. ``data_order``: the training sampler, seed, epoch, batches
 done, batch size and world size (the epoch's order is a pure function of seed and epoch; a resume checks that it
 replays the same one). The optimizer's groups carry ``param_names`` (``optimizer.build_optimizer`` records them),
@@ -380,6 +381,10 @@ class TrainState:
     update: int = 0
     max_accuracy: float = 0.0
     updates_per_epoch: int = 0
+    # The epoch's running log sums so far (``engine.TrainLog.sums``: numbers or 0-dim device tensors), saved with a
+    # mid-epoch checkpoint so that a resumed epoch reports the same mean loss, skips and time as an uninterrupted
+    # one; None: none (a fresh epoch, or a checkpoint from before they were saved).
+    running_sums: Optional[Dict[str, Any]] = None
 
     @property
     def global_update(self) -> int:
@@ -411,6 +416,8 @@ def build_checkpoint(state: TrainState, config_dict: Dict[str, Any], rng: Option
         'step': int(state.update),
         'config': config_dict,
     }
+    if state.update and state.running_sums:  # mid-epoch: the epoch's log sums so far, as plain numbers
+        checkpoint['running_sums'] = {k: float(v) for k, v in state.running_sums.items()}
     if rng is not None:
         checkpoint['rng'] = rng
     if sampler is not None:
@@ -559,6 +566,8 @@ def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, pat
     if epoch < -1 or step < 0:
         raise CheckpointError(f"{path}: impossible position epoch {epoch}, step {step}")
     state.epoch, state.update, state.max_accuracy = epoch + 1, step, max_accuracy
+    sums = checkpoint.get('running_sums')  # absent in older checkpoints: the epoch's log restarts its sums
+    state.running_sums = {str(k): float(v) for k, v in sums.items()} if step and isinstance(sums, Mapping) else None
 
 
 def _copy_into_ema(state: TrainState) -> None:
