@@ -15,7 +15,8 @@ A checkpoint is a plain dict readable with ``torch.load(weights_only=True)``:
 ``model, optimizer, lr_scheduler, scaler, ema, epoch, step, max_accuracy, config, rng`` and, from a training
 run, ``data_order``; a mid-epoch one also ``running_sums`` (the epoch's loss sums, skip counts and time so far,
 which ``metrics.jsonl`` and TensorBoard report; a file without them resumes with fresh sums). ``epoch`` is the
-last *completed* epoch (-1 before the first), as the official code reads it, and ``step`` the optimizer updates already done in epoch ``epoch + 1`` (0 for an end-of-epoch checkpoint).
+last *completed* epoch (-1 before the first), as the official code reads it, and ``step`` the optimizer updates
+already done in epoch ``epoch + 1`` (0 for an end-of-epoch checkpoint).
 ``config`` is a plain dict, never a pickled object. ``data_order``: the training sampler, seed, epoch, batches
 done, batch size and world size (the epoch's order is a pure function of seed and epoch; a resume checks that it
 replays the same one). The optimizer's groups carry ``param_names`` (``optimizer.build_optimizer`` records them),
