@@ -13,6 +13,8 @@ import os
 import sys
 from typing import List, Optional
 
+from utils.run_lock import RunLock, RunLockedError  # no torch: cheap before the config is checked
+
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse the official flags; an unknown flag is an error that names it."""
@@ -95,7 +97,14 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    run_lock = RunLock(config.OUTPUT)
     try:
+        if not (config.EVAL_MODE or config.THROUGHPUT_MODE):  # evaluating a running run's checkpoints is fine
+            refused = take_run_lock(run_lock, dist_info.is_main, notes)
+            if refused:
+                if dist_info.is_main:
+                    print(f"error: {refused}", file=sys.stderr)
+                return 2
         config = apply_linear_scaling(config, dist_info.world_size)
         seed_everything(config.SEED + dist_info.rank, config.DETERMINISTIC)
         os.makedirs(config.OUTPUT, exist_ok=True)
@@ -128,6 +137,22 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
         return e.exit_code
     finally:
         cleanup_distributed()
+        run_lock.release()
+
+
+def take_run_lock(run_lock: RunLock, is_main: bool, notes: List[str]) -> Optional[str]:
+    """Rank 0 takes the output folder's run lock before any rank writes there; every rank learns the outcome
+    (a collective under torchrun). Returns the refusal message (the folder is another live run's), else None."""
+    from utils.distributed import broadcast_object
+    refused = None
+    if is_main:
+        try:
+            warning = run_lock.acquire()
+            if warning:
+                notes.append(warning)
+        except RunLockedError as e:
+            refused = str(e)
+    return broadcast_object(refused)
 
 
 if __name__ == '__main__':

@@ -88,3 +88,91 @@ def test_interrupted_run_writes_the_straight_runs_metrics(sig, after, digits, tm
         assert ours.keys() == theirs.keys()
         assert {k: v for k, v in ours.items() if k != 'time'} == {k: v for k, v in theirs.items() if k != 'time'}
         assert ours['time'] > 0
+
+
+# ----------------------------------------------------------------------------- 2. one run per output folder
+
+def test_run_lock_is_exclusive_names_its_holder_and_is_released(tmp_path):
+    from utils.run_lock import RunLock, RunLockedError
+    first, second = RunLock(str(tmp_path / 'run')), RunLock(str(tmp_path / 'run'))
+    assert first.acquire() is None
+    with pytest.raises(RunLockedError) as refused:
+        second.acquire()  # flock: another open file description, even in the same process, is refused
+    message = str(refused.value)
+    assert f"PID {os.getpid()}" in message and f"host {socket.gethostname()}" in message and 'started ' in message
+    assert '--tag' in message and '--output' in message and 'wait' in message
+    first.release()
+    assert second.acquire() is None
+    second.release()
+
+
+def _main_args(data, out):
+    return ['--data-path', data, '--output', out, '--batch-size', '8', '--device', 'cpu', '--disable_amp',
+            '--opts', *TINY, *RUN]
+
+
+def test_second_start_into_a_locked_folder_touches_nothing(digits, tmp_path, capsys):
+    """A start into a folder whose lock is held exits 2 with one line, before writing config.yaml or a log."""
+    import main
+    from utils.run_lock import RunLock
+    run_dir = tmp_path / MODEL_DIR
+    holder = RunLock(str(run_dir))
+    holder.acquire()
+    try:
+        code = main.main(_main_args(digits, str(tmp_path)))
+    finally:
+        holder.release()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith('error: ') and 'in use by a running training run' in err[0], err
+    assert f"PID {os.getpid()}" in err[0]
+    assert sorted(os.listdir(run_dir)) == ['.run.lock']
+
+
+def _run_files(run_dir):
+    names = os.listdir(run_dir)
+    with open(os.path.join(run_dir, 'log_rank0.txt')) as f:
+        log = f.read()
+    return names, log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('delay', [0, 10])
+def test_same_command_twice_leaves_one_runs_files(delay, digits, tmp_path):
+    """The same command twice into one folder, at once and 10 s apart: one run trains, the other exits 2 with
+    one line naming it, and the folder holds exactly one run's files."""
+    # 10 s apart: a long run, still training when the second has been refused, then stopped by Ctrl-C
+    epochs = 3 if delay == 0 else 200
+    cmd = _cmd(digits, str(tmp_path), ['TRAIN.EPOCHS', str(epochs)])
+    first = _start(cmd)
+    time.sleep(delay)
+    second = _start(cmd)
+    out_second, _ = second.communicate(timeout=300)
+    if delay:
+        assert first.poll() is None, "the first run ended before the second started"
+        first.send_signal(signal.SIGINT)
+    out_first, _ = first.communicate(timeout=300)
+    results = sorted([(first.returncode, out_first), (second.returncode, out_second)])
+    assert [code for code, _ in results] == ([0, 2] if delay == 0 else [2, 130]), results
+    assert second.returncode == 2 or delay == 0
+    refused = out_second if second.returncode == 2 else out_first
+    errors = [line for line in refused.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'in use by a running training run' in errors[0] and 'PID ' in errors[0], refused
+    assert '--tag' in errors[0] and '--output' in errors[0]
+    run_dir = os.path.join(str(tmp_path), MODEL_DIR)
+    names, log = _run_files(run_dir)
+    done = [m['epoch'] for m in _metrics(run_dir)]
+    assert done == list(range(epochs if delay == 0 else len(done)))
+    assert log.count('start training') == 1 and log.count('full config saved') == 1
+    assert not [n for n in names if '.tmp' in n], names
+    assert len([n for n in names if n.startswith('events.out.tfevents')]) <= 1, names
+
+
+@pytest.mark.slow
+def test_sigkilled_runs_lock_does_not_block_the_next_start(digits, tmp_path):
+    cmd = _cmd(digits, str(tmp_path), ['TRAIN.SAVE_EVERY_STEPS', '1'])
+    code, text = _signal_after(_start(cmd), signal.SIGKILL, 3)
+    assert code == -signal.SIGKILL, text[-2000:]
+    result = _ok(_run(cmd))
+    assert 'auto-resume: ' in result.stdout
+    assert [m['epoch'] for m in _metrics(os.path.join(str(tmp_path), MODEL_DIR))] == [0, 1, 2]

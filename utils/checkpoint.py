@@ -230,23 +230,39 @@ _TEMP_DIR = re.compile(r'^\.ckpt_[A-Za-z0-9_]+\.(tmp|old)$')  # sharded saves (o
 
 
 def remove_stale_temp_files(output_dir: str, logger: Optional[logging.Logger] = None) -> List[str]:
-    """Delete ``.ckpt_*.pth.tmp.<pid>`` files left by a process killed while writing (never a finished file)."""
+    """Delete the temporary files and directories of saves that never finished (``.ckpt_*.pth.tmp.<pid>``,
+    sharded ``.ckpt_*.tmp``), never a finished file. The training run calls it while it holds the output
+    folder's run lock (``utils.run_lock``), so no other run is writing there; a file whose writer PID is still
+    alive on this host is kept all the same."""
     log = logger or _LOG
     removed = []
     if not os.path.isdir(output_dir):
         return removed
     for name in os.listdir(output_dir):
         match = _TEMP_FILE.match(name)
-        if match and int(match.group(2)) != os.getpid():
+        if match and not _process_alive(int(match.group(2))):
             _remove_quietly(os.path.join(output_dir, name))
             removed.append(name)
         elif _TEMP_DIR.match(name):
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
             removed.append(name)
     if removed:
-        log.info("removed %d unfinished checkpoint temp file(s) from an interrupted save: %s", len(removed),
-                 removed[:5])
+        log.info("removed %d temporary checkpoint file(s) of a save that did not finish (its process is gone): %s",
+                 len(removed), removed[:5])
     return removed
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (this process counts as alive: its own saves are not stale)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    return True
 
 
 def _remove_quietly(path: str) -> None:
