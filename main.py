@@ -75,23 +75,32 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
     # a key or value is reported at once rather than after seconds of imports; --help needs no torch either.
     from config import ConfigError, get_config
     notes: List[str] = []  # warnings about the config, logged once the log exists
+    # Under torchrun every rank finds the same bad config, data path or checkpoint: rank 0 (torchrun's RANK,
+    # read before any process group exists) prints it once, and every rank exits with the same code.
+    first_rank = os.environ.get('RANK', '0') in ('', '0')
     try:
         config = get_config(args, notes, pretrain=pretrain)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e, 2, first_rank)
 
     import torch  # noqa: F401
 
     import engine
     from config import apply_linear_scaling, save_config
     from data import DatasetLayoutError
+    from data.build import check_data_paths
     from utils.checkpoint import CheckpointError, last_checkpoint_name
     from utils.distributed import cleanup_distributed, init_distributed
     from utils.logger import create_logger
     from utils.misc import seed_everything
     from utils.preemption import Preempted
 
+    try:  # before the process group and the output folder: a wrong path leaves nothing behind
+        check_data_paths(config, pretrain)
+        if config.MODEL.RESUME and not os.path.exists(config.MODEL.RESUME):
+            raise CheckpointError(f"checkpoint file not found: {config.MODEL.RESUME} (--resume / MODEL.RESUME)")
+    except (DatasetLayoutError, CheckpointError) as e:
+        return report_error(e, 2, first_rank)
     try:
         dist_info = init_distributed(config.DEVICE, config.DIST_TIMEOUT)
     except (RuntimeError, ValueError) as e:
@@ -124,20 +133,30 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
         engine.run(config, dist_info, logger, pretrain=pretrain)
         return 0
     except (ConfigError, DatasetLayoutError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e, 2, dist_info.is_main)
     except engine.NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(e, 1, dist_info.is_main)
     except Preempted as e:
-        last = last_checkpoint_name(sharded=bool(config.TRAIN.FSDP.ENABLE))
-        print(f"{e}: checkpoint saved; the same command resumes from it (auto-resume reads {config.OUTPUT}; or "
-              f"add --resume {os.path.join(config.OUTPUT, last)}) (exit code {e.exit_code})",
-              file=sys.stderr)
+        if dist_info.is_main:
+            last = last_checkpoint_name(sharded=bool(config.TRAIN.FSDP.ENABLE))
+            print(f"{e}: checkpoint saved; the same command resumes from it (auto-resume reads {config.OUTPUT}; or "
+                  f"add --resume {os.path.join(config.OUTPUT, last)}) (exit code {e.exit_code})",
+                  file=sys.stderr)
         return e.exit_code
     finally:
         cleanup_distributed()
         run_lock.release()
+
+
+def report_error(error: BaseException, code: int, is_main: bool) -> int:
+    """Print ``error: <message>`` once (on rank 0; every rank meets the same error) and return ``code``, the exit
+    code of every rank. Other ranks note it in their log file, when one exists."""
+    if is_main:
+        print(f"error: {error}", file=sys.stderr)
+    else:
+        import logging
+        logging.getLogger('swin').info(f"error (printed by rank 0): {error}")
+    return code
 
 
 def take_run_lock(run_lock: RunLock, is_main: bool, notes: List[str]) -> Optional[str]:

@@ -176,3 +176,45 @@ def test_sigkilled_runs_lock_does_not_block_the_next_start(digits, tmp_path):
     result = _ok(_run(cmd))
     assert 'auto-resume: ' in result.stdout
     assert [m['epoch'] for m in _metrics(os.path.join(str(tmp_path), MODEL_DIR))] == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- 3. errors under torchrun
+
+def test_wrong_data_path_writes_nothing(digits, tmp_path, capsys):
+    import main
+    args = _main_args(str(tmp_path / 'no-such-folder'), str(tmp_path / 'out'))
+    assert main.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: ') and 'no-such-folder' in err[0], err
+    assert not (tmp_path / 'out').exists()
+    split_missing = tmp_path / 'empty-data'
+    split_missing.mkdir()
+    assert main.main(_main_args(str(split_missing), str(tmp_path / 'out'))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'lacks train, val' in err[0], err
+    assert not (tmp_path / 'out').exists()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('case', ['config-typo', 'data-path'])
+def test_error_under_torchrun_is_one_line_and_every_rank_exits_2(case, digits, tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
+    data = digits if case == 'data-path' else digits
+    cmd = _cmd(data if case != 'data-path' else str(tmp_path / 'missing'), str(tmp_path / 'out'),
+               ['TRAIN.EPOCHES', '3'] if case == 'config-typo' else [])
+    cmd = [torchrun, '--nproc_per_node', '2', '--master_port', str(_free_port())] + cmd[1:]
+    result = _run(cmd)
+    text = result.stdout + result.stderr
+    errors = [line for line in text.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1, text[-3000:]
+    assert ('TRAIN.EPOCHES' in errors[0]) if case == 'config-typo' else ('missing' in errors[0])
+    assert result.returncode != 0
+    import re
+    assert len(re.findall(r'exitcode\s*:\s*2\b', text)) >= 1, text[-3000:]  # torchrun's summary: the ranks' code
+    assert not (tmp_path / 'out').exists()
