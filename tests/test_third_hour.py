@@ -218,3 +218,14 @@ def test_error_under_torchrun_is_one_line_and_every_rank_exits_2(case, digits, t
     import re
     assert len(re.findall(r'exitcode\s*:\s*2\b', text)) >= 1, text[-3000:]  # torchrun's summary: the ranks' code
     assert not (tmp_path / 'out').exists()
+
+
+def test_other_ranks_stay_quiet_on_a_config_error(digits, tmp_path, capsys, monkeypatch):
+    """Every rank meets the same bad config; only rank 0 prints it, and every rank returns 2."""
+    import main
+    args = _main_args(digits, str(tmp_path / 'out')) + ['TRAIN.EPOCHES', '3']
+    for rank, lines in (('1', 0), ('0', 1)):
+        monkeypatch.setenv('RANK', rank)
+        assert main.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == lines and all(line.startswith('error: ') and 'TRAIN.EPOCHES' in line for line in err)
