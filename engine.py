@@ -594,7 +594,8 @@ def build_training(config: Any, dist_info: DistInfo, model: nn.Module, loaders: 
     loss_fn = masked_image_loss(device) if pretrain else \
         classification_loss(build_criterion(config, loaders.mixup_fn), loaders.mixup_fn, device)
     update_step = UpdateStep(train_model, state, precision, loss_fn, config.TRAIN.CLIP_GRAD)
-    tb_writer = create_tb_writer(config.OUTPUT, config.TENSORBOARD, dist_info.is_main)
+    finished = state.epoch >= config.TRAIN.EPOCHS  # run() stops at once: no new (empty) event file
+    tb_writer = create_tb_writer(config.OUTPUT, config.TENSORBOARD and not finished, dist_info.is_main)
     metrics = MetricsFile(f"{config.OUTPUT}/metrics.jsonl", state.epoch) if dist_info.is_main else None
     return Training(config, dist_info, state, update_step, eval_model, precision, loaders, checkpointer, log,
                     tb_writer, metrics)
@@ -746,6 +747,11 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
     if not training:
         return _evaluate_only(config, model, loaders, dist_info.device, log)
     t = build_training(config, dist_info, model, loaders, pretrain, log)
+    if t.state.epoch >= config.TRAIN.EPOCHS:  # a finished run started again: say so rather than train 0 epochs
+        log.info(f"training is already finished: {t.checkpointer.find()} holds epoch {t.state.epoch - 1}, the last "
+                 f"of TRAIN.EPOCHS {config.TRAIN.EPOCHS} (max accuracy {t.state.max_accuracy:.2f}%); nothing to do. "
+                 f"Raise TRAIN.EPOCHS to train on, or use another --tag or --output for a new run")
+        return {'max_accuracy': t.state.max_accuracy, 'acc1': None, 'acc5': None, 'loss': None, 'finished': True}
     t.checkpointer.restore_rng(t.state)  # last: whatever is set up after it may draw random numbers
     log.info("start training")
     run_start, val = time.time(), None

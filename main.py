@@ -9,16 +9,44 @@ The flags are the official ones (plus ``--device`` and ``--trust-checkpoint``); 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 from utils.run_lock import RunLock, RunLockedError  # no torch: cheap before the config is checked
 
 
+class FlagParser(argparse.ArgumentParser):
+    """argparse with one-line errors: an unknown flag is named with the closest known one (``--batch-szie``:
+    did you mean ``--batch-size``?), as config keys are, and the process exits 2 without the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        self.flags: List[str] = []  # before super().__init__, which adds --help
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):  # type: ignore[override]
+        action = super().add_argument(*args, **kwargs)
+        self.flags.extend(action.option_strings)
+        return action
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        prefix = 'unrecognized arguments:'
+        if message.startswith(prefix):
+            unknown = [a.split('=')[0] for a in message[len(prefix):].split() if a.startswith('-')]
+            named = []
+            for flag in unknown:
+                close = difflib.get_close_matches(flag, self.flags, n=1, cutoff=0.75)
+                named.append(flag + (f" (did you mean {close[0]}?)" if close else ''))
+            message = (f"unknown flag{'s' if len(named) > 1 else ''} {', '.join(named) or message[len(prefix):]}; "
+                       f"python {os.path.basename(sys.argv[0]) or 'main.py'} --help lists them")
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse the official flags; an unknown flag is an error that names it."""
-    parser = argparse.ArgumentParser(
+    """Parse the official flags; an unknown flag is an error that names it and the closest known one."""
+    parser = FlagParser(
         'Swin Transformer training and evaluation',
         description='Train, evaluate or benchmark Swin Transformer V1/V2 (microsoft/Swin-Transformer flags).')
     parser.add_argument('--cfg', type=str, metavar='FILE', help='path to a config YAML file')

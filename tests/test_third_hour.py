@@ -229,3 +229,36 @@ def test_other_ranks_stay_quiet_on_a_config_error(digits, tmp_path, capsys, monk
         assert main.main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == lines and all(line.startswith('error: ') and 'TRAIN.EPOCHES' in line for line in err)
+
+
+# ----------------------------------------------------------------------------- 4. smaller fixes
+
+def test_misspelt_flag_suggests_the_right_one(capsys):
+    import main
+    with pytest.raises(SystemExit) as info:
+        main.parse_args(['--data-path', 'x', '--batch-szie', '8'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2
+    assert len(err) == 1 and err[0].startswith('error: ') and 'did you mean --batch-size?' in err[0], err
+
+
+def test_finished_run_started_again_says_so(digits, tmp_path):
+    import main
+    args = [a if a != '3' else '1' for a in _main_args(digits, str(tmp_path))]  # TRAIN.EPOCHS 1 (and warmup 1)
+    assert main.main(args) == 0
+    run_dir = tmp_path / MODEL_DIR
+    events = [n for n in os.listdir(run_dir) if n.startswith('events.out')]
+    assert main.main(args) == 0
+    log = (run_dir / 'log_rank0.txt').read_text()
+    assert log.count('start training') == 1 and log.count('Training time') == 1
+    assert 'training is already finished' in log and 'Raise TRAIN.EPOCHS' in log
+    assert [n for n in os.listdir(run_dir) if n.startswith('events.out')] == events
+
+
+def test_warmup_warning_reads_right():
+    from config import clip_warmup, get_defaults
+    for epochs, fix in ((1, '--opts TRAIN.WARMUP_EPOCHS 0'), (3, 'at most 2 epoch(s)')):
+        config = get_defaults()
+        config.TRAIN.EPOCHS, config.TRAIN.WARMUP_EPOCHS = epochs, 5
+        note = clip_warmup(config)
+        assert fix in note and 'or fewer' not in note, note
