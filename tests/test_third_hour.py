@@ -262,3 +262,20 @@ def test_warmup_warning_reads_right():
         config.TRAIN.EPOCHS, config.TRAIN.WARMUP_EPOCHS = epochs, 5
         note = clip_warmup(config)
         assert fix in note and 'or fewer' not in note, note
+
+
+def test_onnx_export_is_quiet_and_still_matches(tmp_path):
+    import warnings
+
+    import models
+    from config import load_config
+    from scripts.export import check_onnx, export_onnx
+    config = load_config(opts=TINY[2:])  # the tiny Swin, without DATA.DATASET
+    model = models.build_model(config).eval()
+    path = str(tmp_path / 'model.onnx')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        export_onnx(model, path, 32)
+    assert not caught, [f"{w.category.__name__}: {str(w.message)[:100]}" for w in caught]
+    diff = check_onnx(model, path, 32)
+    assert diff is None or diff < 1e-3
