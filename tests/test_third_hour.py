@@ -279,3 +279,41 @@ def test_onnx_export_is_quiet_and_still_matches(tmp_path):
     assert not caught, [f"{w.category.__name__}: {str(w.message)[:100]}" for w in caught]
     diff = check_onnx(model, path, 32)
     assert diff is None or diff < 1e-3
+
+
+# ----------------------------------------------------------------------------- 5. small non-square images
+
+def _write_digits(out, width, height):
+    """scikit-learn's digits (the demo's stratified split) stored as ``width`` x ``height`` RGB PNGs."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from scripts.make_demo_data import CLASS_NAMES, stratified_split
+    digits = load_digits()
+    is_val = stratified_split(digits.target, 0.2, 0)
+    for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        folder = os.path.join(out, 'val' if is_val[index] else 'train', CLASS_NAMES[label])
+        os.makedirs(folder, exist_ok=True)
+        grey = Image.fromarray(np.clip(pixels * (255.0 / 16.0), 0, 255).astype(np.uint8), mode='L')
+        grey.resize((width, height), Image.BICUBIC).convert('RGB').save(os.path.join(folder, f'{index:04d}.png'))
+    return out
+
+
+@pytest.mark.slow
+def test_non_square_small_digits_train_like_square_ones(tmp_path):
+    """The demo recipe for 6 epochs at DATA.IMG_SIZE 32: digits stored as 48x32 end within 5 points of the
+    same digits stored as 32x32 (the padded crop without a resize left them at 30.9% against 90.5%)."""
+    accuracy, logs = {}, []
+    for width, height in ((32, 32), (48, 32)):
+        data = _write_digits(str(tmp_path / f'digits_{width}x{height}'), width, height)
+        out = str(tmp_path / f'out_{width}x{height}')
+        result = _ok(_run([sys.executable, 'main.py', '--cfg', 'configs/demo/swin_demo_digits_32.yaml',
+                           '--data-path', data, '--output', out, '--device', 'cpu',
+                           '--opts', 'TRAIN.EPOCHS', '6', 'DATA.NUM_WORKERS', '1'], timeout=600))
+        accuracy[width] = _metrics(os.path.join(out, 'swin_demo_digits_32', 'default'))[-1]['val_acc1']
+        logs.append(result.stdout)
+    print(f"top-1 after 6 epochs: 32x32 {accuracy[32]:.2f}%, 48x32 {accuracy[48]:.2f}%")
+    assert abs(accuracy[48] - accuracy[32]) <= 5.0, accuracy
+    for log in logs:  # each split says which geometry it uses
+        assert 'images of other sizes are first resized' in log and 'eval transform: resize to 32x32' in log
