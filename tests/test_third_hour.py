@@ -317,3 +317,23 @@ def test_non_square_small_digits_train_like_square_ones(tmp_path):
     assert abs(accuracy[48] - accuracy[32]) <= 5.0, accuracy
     for log in logs:  # each split says which geometry it uses
         assert 'images of other sizes are first resized' in log and 'eval transform: resize to 32x32' in log
+
+
+_FORK_THEN_DIE = """
+import os, signal, sys, time
+sys.path.insert(0, os.getcwd())
+from utils.run_lock import RunLock
+RunLock(sys.argv[1]).acquire()
+if os.fork() == 0:  # a DataLoader worker, say, that outlives its parent for a while
+    time.sleep(5)
+    os._exit(0)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_lock_dies_with_its_process_even_when_a_forked_child_lives_on(tmp_path):
+    from utils.run_lock import RunLock
+    subprocess.run([sys.executable, '-c', _FORK_THEN_DIE, str(tmp_path)], cwd=ROOT, timeout=60)
+    lock = RunLock(str(tmp_path))
+    assert lock.acquire() is None  # the child still runs, and does not hold the lock
+    lock.release()

@@ -61,7 +61,18 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (holder + '\n').encode(), 0)
         self.fd = fd
+        # A forked child (a DataLoader worker) would share the lock and keep it alive after this process died
+        # (SIGKILL, OOM) until the worker noticed: the child closes its copy at once (the lock stays ours).
+        os.register_at_fork(after_in_child=self._close_in_child)
         return None
+
+    def _close_in_child(self) -> None:
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
 
     def release(self) -> None:
         """Let go of the lock (the process's end does the same)."""
