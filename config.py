@@ -481,9 +481,11 @@ def clip_warmup(config: CN) -> Optional[str]:
     config.TRAIN.WARMUP_EPOCHS = clipped
     if config.EVAL_MODE or config.THROUGHPUT_MODE:
         return None
+    fix = "no warmup: --opts TRAIN.WARMUP_EPOCHS 0" if clipped == 0 else \
+        f"a warmup of at most {clipped} epoch(s), e.g. --opts TRAIN.WARMUP_EPOCHS {clipped}"
     return (f"TRAIN.WARMUP_EPOCHS ({warmup}) is not shorter than TRAIN.EPOCHS ({epochs}): the warmup is clipped "
-            f"to {clipped} epoch(s) so that the last epoch decays from TRAIN.BASE_LR; set TRAIN.WARMUP_EPOCHS "
-            f"{clipped} or fewer (e.g. --opts TRAIN.WARMUP_EPOCHS {clipped}) to train without this warning")
+            f"to {clipped} epoch(s) so that the last epoch decays from TRAIN.BASE_LR; to train without this "
+            f"warning, ask for {fix}")
 
 
 def load_config(cfg_file: Optional[str] = None, opts: Iterable[str] = ()) -> CN:

@@ -265,13 +265,30 @@ class TrainLog:
         self.accum = config.TRAIN.ACCUMULATION_STEPS
         self.every = max(1, config.PRINT_FREQ // self.accum)
         self.images_per_update = config.DATA.BATCH_SIZE * self.accum * get_world_size()
-        self.first_update = state.update
-        zero = torch.zeros((), device=device)
-        self.epoch_loss, self.window_loss, self.skipped, self.grad_norm = zero, zero, zero, zero
-        self.bad_run = self.longest_bad_run = zero
+        # A mid-epoch resume carries on with the sums of the updates before it (``state.running_sums``, from the
+        # checkpoint), so the epoch's mean loss, skips and time are the uninterrupted run's; an old checkpoint
+        # without them restarts the sums at the resumed update.
+        saved = state.running_sums if state.update else None
+        self.first_update = 0 if saved else state.update
+        saved = saved or {}
+
+        def tensor(name: str) -> torch.Tensor:
+            return torch.tensor(float(saved.get(name, 0.0)), device=device)
+
+        self.epoch_loss, self.window_loss, self.skipped = tensor('epoch_loss'), tensor('window_loss'), tensor('skipped')
+        self.bad_run, self.longest_bad_run = tensor('bad_run'), tensor('longest_bad_run')
+        self.grad_norm = torch.zeros((), device=device)
+        self.time_before = float(saved.get('time', 0.0))  # the epoch's training time before the resume
         self.epoch_start = self.window_start = time.time()
-        self.window_updates = 0
+        self.window_updates = int(saved.get('window_updates', 0))
         self.last_window: Optional[LogWindow] = None
+        state.running_sums = self.sums()
+
+    def sums(self) -> Dict[str, Any]:
+        """The epoch's running sums so far (device tensors, no sync), which a mid-epoch checkpoint saves."""
+        return {'epoch_loss': self.epoch_loss, 'window_loss': self.window_loss, 'skipped': self.skipped,
+                'bad_run': self.bad_run, 'longest_bad_run': self.longest_bad_run,
+                'window_updates': self.window_updates, 'time': self.time_before + time.time() - self.epoch_start}
 
     def record(self, loss: torch.Tensor, grad_norm: torch.Tensor, bad: torch.Tensor) -> None:
         """Add one update's results (device ops only); logs when the window is full or the epoch ends."""
@@ -283,6 +300,7 @@ class TrainLog:
         self.window_updates += 1
         if self.state.update % self.every == 0 or self.state.update == self.state.updates_per_epoch:
             self._log_window()
+        self.state.running_sums = self.sums()
 
     def _log_window(self) -> None:
         state, config, optimizer = self.state, self.config, self.state.optimizer
@@ -321,7 +339,7 @@ class TrainLog:
         """The epoch's mean loss, last LR, updates, skipped updates and time (logged)."""
         epoch_loss, skipped = torch.stack([self.epoch_loss, self.skipped.float()]).tolist()
         updates = self.state.update - self.first_update
-        epoch_time = time.time() - self.epoch_start
+        epoch_time = self.time_before + time.time() - self.epoch_start
         self.log.info(f"EPOCH {self.state.epoch} training takes {format_seconds(epoch_time)}"
                       + (f"; {int(skipped)} updates skipped for non-finite loss/gradients" if skipped else ''))
         return {'loss': epoch_loss / max(updates, 1), 'lr': float(self.state.optimizer.param_groups[0]['lr']),
@@ -576,7 +594,8 @@ def build_training(config: Any, dist_info: DistInfo, model: nn.Module, loaders: 
     loss_fn = masked_image_loss(device) if pretrain else \
         classification_loss(build_criterion(config, loaders.mixup_fn), loaders.mixup_fn, device)
     update_step = UpdateStep(train_model, state, precision, loss_fn, config.TRAIN.CLIP_GRAD)
-    tb_writer = create_tb_writer(config.OUTPUT, config.TENSORBOARD, dist_info.is_main)
+    finished = state.epoch >= config.TRAIN.EPOCHS  # run() stops at once: no new (empty) event file
+    tb_writer = create_tb_writer(config.OUTPUT, config.TENSORBOARD and not finished, dist_info.is_main)
     metrics = MetricsFile(f"{config.OUTPUT}/metrics.jsonl", state.epoch) if dist_info.is_main else None
     return Training(config, dist_info, state, update_step, eval_model, precision, loaders, checkpointer, log,
                     tb_writer, metrics)
@@ -728,6 +747,11 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
     if not training:
         return _evaluate_only(config, model, loaders, dist_info.device, log)
     t = build_training(config, dist_info, model, loaders, pretrain, log)
+    if t.state.epoch >= config.TRAIN.EPOCHS:  # a finished run started again: say so rather than train 0 epochs
+        log.info(f"training is already finished: {t.checkpointer.find()} holds epoch {t.state.epoch - 1}, the last "
+                 f"of TRAIN.EPOCHS {config.TRAIN.EPOCHS} (max accuracy {t.state.max_accuracy:.2f}%); nothing to do. "
+                 f"Raise TRAIN.EPOCHS to train on, or use another --tag or --output for a new run")
+        return {'max_accuracy': t.state.max_accuracy, 'acc1': None, 'acc5': None, 'loss': None, 'finished': True}
     t.checkpointer.restore_rng(t.state)  # last: whatever is set up after it may draw random numbers
     log.info("start training")
     run_start, val = time.time(), None

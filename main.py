@@ -9,14 +9,44 @@ The flags are the official ones (plus ``--device`` and ``--trust-checkpoint``); 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
-from typing import List, Optional
+from typing import List, NoReturn, Optional
+
+from utils.run_lock import RunLock, RunLockedError  # no torch: cheap before the config is checked
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse with one-line errors: an unknown flag is named with the closest known one (``--batch-szie``:
+    did you mean ``--batch-size``?), as config keys are, and the process exits 2 without the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        self.flags: List[str] = []  # before super().__init__, which adds --help
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):  # type: ignore[override]
+        action = super().add_argument(*args, **kwargs)
+        self.flags.extend(action.option_strings)
+        return action
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        prefix = 'unrecognized arguments:'
+        if message.startswith(prefix):
+            unknown = [a.split('=')[0] for a in message[len(prefix):].split() if a.startswith('-')]
+            named = []
+            for flag in unknown:
+                close = difflib.get_close_matches(flag, self.flags, n=1, cutoff=0.75)
+                named.append(flag + (f" (did you mean {close[0]}?)" if close else ''))
+            message = (f"unknown flag{'s' if len(named) > 1 else ''} {', '.join(named) or message[len(prefix):]}; "
+                       f"python {os.path.basename(sys.argv[0]) or 'main.py'} --help lists them")
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse the official flags; an unknown flag is an error that names it."""
-    parser = argparse.ArgumentParser(
+    """Parse the official flags; an unknown flag is an error that names it and the closest known one."""
+    parser = FlagParser(
         'Swin Transformer training and evaluation',
         description='Train, evaluate or benchmark Swin Transformer V1/V2 (microsoft/Swin-Transformer flags).')
     parser.add_argument('--cfg', type=str, metavar='FILE', help='path to a config YAML file')
@@ -73,30 +103,46 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
     # a key or value is reported at once rather than after seconds of imports; --help needs no torch either.
     from config import ConfigError, get_config
     notes: List[str] = []  # warnings about the config, logged once the log exists
+    # Under torchrun every rank finds the same bad config, data path or checkpoint: rank 0 (torchrun's RANK,
+    # read before any process group exists) prints it once, and every rank exits with the same code.
+    first_rank = os.environ.get('RANK', '0') in ('', '0')
     try:
         config = get_config(args, notes, pretrain=pretrain)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e, 2, first_rank)
 
     import torch  # noqa: F401
 
     import engine
     from config import apply_linear_scaling, save_config
     from data import DatasetLayoutError
+    from data.build import check_data_paths
     from utils.checkpoint import CheckpointError, last_checkpoint_name
     from utils.distributed import cleanup_distributed, init_distributed
     from utils.logger import create_logger
     from utils.misc import seed_everything
     from utils.preemption import Preempted
 
+    try:  # before the process group and the output folder: a wrong path leaves nothing behind
+        check_data_paths(config, pretrain)
+        if config.MODEL.RESUME and not os.path.exists(config.MODEL.RESUME):
+            raise CheckpointError(f"checkpoint file not found: {config.MODEL.RESUME} (--resume / MODEL.RESUME)")
+    except (DatasetLayoutError, CheckpointError) as e:
+        return report_error(e, 2, first_rank)
     try:
         dist_info = init_distributed(config.DEVICE, config.DIST_TIMEOUT,
                                      cpu_collectives=config.TRAIN.FSDP.ENABLE and config.TRAIN.FSDP.CPU_OFFLOAD)
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    run_lock = RunLock(config.OUTPUT)
     try:
+        if not (config.EVAL_MODE or config.THROUGHPUT_MODE):  # evaluating a running run's checkpoints is fine
+            refused = take_run_lock(run_lock, dist_info.is_main, notes)
+            if refused:
+                if dist_info.is_main:
+                    print(f"error: {refused}", file=sys.stderr)
+                return 2
         config = apply_linear_scaling(config, dist_info.world_size)
         seed_everything(config.SEED + dist_info.rank, config.DETERMINISTIC)
         os.makedirs(config.OUTPUT, exist_ok=True)
@@ -116,19 +162,45 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
         engine.run(config, dist_info, logger, pretrain=pretrain)
         return 0
     except (ConfigError, DatasetLayoutError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e, 2, dist_info.is_main)
     except engine.NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(e, 1, dist_info.is_main)
     except Preempted as e:
-        last = last_checkpoint_name(sharded=bool(config.TRAIN.FSDP.ENABLE))
-        print(f"{e}: checkpoint saved; the same command resumes from it (auto-resume reads {config.OUTPUT}; or "
-              f"add --resume {os.path.join(config.OUTPUT, last)}) (exit code {e.exit_code})",
-              file=sys.stderr)
+        if dist_info.is_main:
+            last = last_checkpoint_name(sharded=bool(config.TRAIN.FSDP.ENABLE))
+            print(f"{e}: checkpoint saved; the same command resumes from it (auto-resume reads {config.OUTPUT}; or "
+                  f"add --resume {os.path.join(config.OUTPUT, last)}) (exit code {e.exit_code})",
+                  file=sys.stderr)
         return e.exit_code
     finally:
         cleanup_distributed()
+        run_lock.release()
+
+
+def report_error(error: BaseException, code: int, is_main: bool) -> int:
+    """Print ``error: <message>`` once (on rank 0; every rank meets the same error) and return ``code``, the exit
+    code of every rank. Other ranks note it in their log file, when one exists."""
+    if is_main:
+        print(f"error: {error}", file=sys.stderr)
+    else:
+        import logging
+        logging.getLogger('swin').info(f"error (printed by rank 0): {error}")
+    return code
+
+
+def take_run_lock(run_lock: RunLock, is_main: bool, notes: List[str]) -> Optional[str]:
+    """Rank 0 takes the output folder's run lock before any rank writes there; every rank learns the outcome
+    (a collective under torchrun). Returns the refusal message (the folder is another live run's), else None."""
+    from utils.distributed import broadcast_object
+    refused = None
+    if is_main:
+        try:
+            warning = run_lock.acquire()
+            if warning:
+                notes.append(warning)
+        except RunLockedError as e:
+            refused = str(e)
+    return broadcast_object(refused)
 
 
 if __name__ == '__main__':

@@ -135,6 +135,35 @@ def build_dataset(is_train: bool, config: Any, class_to_idx: Optional[Dict[str, 
     return dataset, num_classes
 
 
+def check_data_paths(config: Any, pretrain: bool = False) -> None:
+    """The files and folders the datasets will read exist: a cheap check (no scanning) that ``main.py`` runs
+    before the process group and the output folder are touched, so that a wrong ``--data-path`` is one line and
+    leaves nothing behind. Raises ``DatasetLayoutError`` naming the missing path; the full checks (classes,
+    labels, archive members) stay in ``build_dataset``."""
+    root = config.DATA.DATA_PATH
+    if not root:
+        raise DatasetLayoutError("DATA.DATA_PATH is empty: pass --data-path (the dataset folder)")
+    if not os.path.isdir(root):
+        raise DatasetLayoutError(f"DATA.DATA_PATH (--data-path) {root!r} is not a folder")
+    if pretrain:  # SimMIM: DATA_PATH holds the class folders, or <TRAIN_SPLIT>.zip with its map
+        wanted = [f'{config.DATA.TRAIN_SPLIT}.zip', f'{config.DATA.TRAIN_SPLIT}_map.txt'] if config.DATA.ZIP_MODE \
+            else []
+    elif config.DATA.DATASET == 'imagenet22K':
+        wanted = [IMAGENET22K_MAPS[True], IMAGENET22K_MAPS[False]] if not config.EVAL_MODE else \
+            [IMAGENET22K_MAPS[False]]
+    elif config.DATA.DATASET in ('imagenet', 'folder'):
+        splits = ([] if config.EVAL_MODE else [config.DATA.TRAIN_SPLIT]) + [config.DATA.VAL_SPLIT]
+        wanted = [name for split in splits for name in ((f'{split}.zip', f'{split}_map.txt') if config.DATA.ZIP_MODE
+                                                         else (split,))]
+    else:
+        return  # build_dataset names the unknown DATA.DATASET
+    missing = [name for name in wanted if not os.path.exists(os.path.join(root, name))]
+    if missing:
+        layout = '<split>.zip and <split>_map.txt' if config.DATA.ZIP_MODE else '<split>/<class>/<image>'
+        raise DatasetLayoutError(f"DATA.DATA_PATH (--data-path) {root!r} lacks {', '.join(missing)} (expected "
+                                 f"{layout}; check DATA.DATA_PATH, DATA.TRAIN_SPLIT / DATA.VAL_SPLIT)")
+
+
 # ----------------------------------------------------------------------------- loaders
 
 def available_cpus() -> int:

@@ -11,6 +11,7 @@ Layer: a leaf of ``data`` (it imports no other ``data`` module; from the project
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -26,6 +27,8 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from config import ConfigError
+
+_LOG = logging.getLogger(__name__)
 
 # Eval resize interpolation per DATA.INTERPOLATION. 'random' is a training-time choice; for a deterministic
 # eval the official code falls back to bilinear, and so do we.
@@ -83,30 +86,63 @@ def train_transform_kwargs(config: Any) -> Dict[str, Any]:
     )
 
 
+class RandomCrop(transforms.RandomCrop):
+    """The training crop for ``DATA.IMG_SIZE <= 32``: torchvision's padded ``RandomCrop(size, padding=4)`` (CIFAR
+    style, the official recipe) for images that already are ``size`` x ``size``; any other image is first
+    resized as the evaluation resizes it (``eval_resize``), so that training and evaluation see the same
+    geometry (a 48x32 image cropped at 32 px without a resize trains on a part of each image and is evaluated
+    on all of it). The name is torchvision's: it is that crop, with the resize in front for other sizes."""
+
+    def __init__(self, size: int, eval_resize: Callable):
+        # pad_if_needed keeps the output size fixed for images smaller than the crop after the resize
+        super().__init__(size, padding=4, pad_if_needed=True)
+        self.side = size
+        self.eval_resize = eval_resize
+
+    def forward(self, img: Image.Image) -> Image.Image:
+        if img.size != (self.side, self.side):
+            img = self.eval_resize(img)
+        return super().forward(img)
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()} (other sizes first: {self.eval_resize})"
+
+
+def eval_resize(config: Any) -> List[Callable]:
+    """The eval geometry: with ``TEST.CROP`` the short side to int(256 / 224 * size) and a center crop, else a
+    resize straight to (size, size)."""
+    size = config.DATA.IMG_SIZE
+    interpolation = EVAL_INTERPOLATION[config.DATA.INTERPOLATION]
+    if config.TEST.CROP:
+        return [transforms.Resize(int((256 / 224) * size), interpolation=interpolation), transforms.CenterCrop(size)]
+    return [transforms.Resize((size, size), interpolation=interpolation)]
+
+
 def build_transform(is_train: bool, config: Any) -> Callable:
     """The training augmentation (timm) or the deterministic eval transform for ``config``.
 
     Train: RandomResizedCrop + flip + RandAugment + random erasing through timm's ``create_transform``; for
-    ``DATA.IMG_SIZE <= 32`` the crop is a padded RandomCrop (CIFAR style) as in the official code.
+    ``DATA.IMG_SIZE <= 32`` the crop is a padded RandomCrop (CIFAR style) as in the official code, for images of
+    that size; others are resized as in the evaluation first (``RandomCrop`` here).
     Eval: with ``TEST.CROP`` resize the short side to int(256 / 224 * size) and center-crop, else resize
-    straight to (size, size); then ImageNet mean/std normalisation.
+    straight to (size, size); then ImageNet mean/std normalisation. Each split logs the geometry it uses.
     """
     size = config.DATA.IMG_SIZE
+    resize = eval_resize(config)
+    geometry = (f"short side to {int((256 / 224) * size)} px, center crop {size}" if config.TEST.CROP else
+                f"resize to {size}x{size}")
     if is_train:
         transform = create_transform(**train_transform_kwargs(config))
         if size <= 32:
-            # Small images: a padded random crop instead of a random-resized crop. pad_if_needed keeps the
-            # output size fixed for images smaller than the crop.
-            transform.transforms[0] = transforms.RandomCrop(size, padding=4, pad_if_needed=True)
+            transform.transforms[0] = RandomCrop(size, resize[0])
+            _LOG.info(f"train transform: DATA.IMG_SIZE {size} <= 32: images of {size}x{size} px get the official "
+                      f"padded RandomCrop({size}, padding=4); images of other sizes are first resized as in "
+                      f"evaluation ({geometry.split(',')[0]}), then cropped so")
+        else:
+            _LOG.info(f"train transform: RandomResizedCrop to {size}x{size} (scale {tuple(config.AUG.RRC_SCALE)})")
         fix_posterize(transform)
         return transform
-
-    interpolation = EVAL_INTERPOLATION[config.DATA.INTERPOLATION]
-    if config.TEST.CROP:
-        resize = [transforms.Resize(int((256 / 224) * size), interpolation=interpolation),
-                  transforms.CenterCrop(size)]
-    else:
-        resize = [transforms.Resize((size, size), interpolation=interpolation)]
+    _LOG.info(f"eval transform: {geometry}")
     return transforms.Compose(resize + [transforms.ToTensor(),
                                         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
 

@@ -12,9 +12,11 @@ omitted, from the config stored in the checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from typing import TYPE_CHECKING, Optional, Sequence
+import warnings
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,6 +24,20 @@ if TYPE_CHECKING:
     import torch
 
 # torch and the project modules are imported where they are used, so that --help is instant.
+
+
+@contextlib.contextmanager
+def quiet_tracing() -> Iterator[None]:
+    """Silence the known, harmless warnings of the TorchScript ONNX export: its own deprecation notices, and
+    the tracer's "converting a tensor to a Python boolean" on the model's shape checks (window padding, odd
+    sizes), which depend only on the image size that the export fixes; the batch stays dynamic, and
+    ``check_onnx`` compares the file with PyTorch at another batch size."""
+    import torch
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
+        warnings.filterwarnings('ignore', category=DeprecationWarning, message='You are using the legacy TorchScript')
+        warnings.filterwarnings('ignore', category=DeprecationWarning, module=r'torch\.onnx')
+        yield
 
 
 def export_onnx(model: torch.nn.Module, path: str, img_size: int, in_chans: int = 3, opset: int = 17) -> None:
@@ -38,10 +54,11 @@ def export_onnx(model: torch.nn.Module, path: str, img_size: int, in_chans: int 
     kwargs = dict(input_names=['images'], output_names=['logits'], opset_version=opset,
                   dynamic_axes={'images': {0: 'batch'}, 'logits': {0: 'batch'}})
     try:
-        try:  # torch >= 2.5 has a dynamo exporter; the TorchScript one is the one that handles dynamic_axes here
-            torch.onnx.export(model, (example,), tmp, dynamo=False, **kwargs)
-        except TypeError:
-            torch.onnx.export(model, (example,), tmp, **kwargs)
+        with quiet_tracing():
+            try:  # torch >= 2.5 has a dynamo exporter; the TorchScript one is the one that handles dynamic_axes here
+                torch.onnx.export(model, (example,), tmp, dynamo=False, **kwargs)
+            except TypeError:
+                torch.onnx.export(model, (example,), tmp, **kwargs)
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -13,8 +13,10 @@ File layout in the output folder (official names kept):
 
 A checkpoint is a plain dict readable with ``torch.load(weights_only=True)``:
 ``model, optimizer, lr_scheduler, scaler, ema, epoch, step, max_accuracy, config, rng`` and, from a training
-run, ``data_order``. ``epoch`` is the last *completed* epoch (-1 before the first), as the official code reads it,
-and ``step`` the optimizer updates already done in epoch ``epoch + 1`` (0 for an end-of-epoch checkpoint).
+run, ``data_order``; a mid-epoch one also ``running_sums`` (the epoch's loss sums, skip counts and time so far,
+which ``metrics.jsonl`` and TensorBoard report; a file without them resumes with fresh sums). ``epoch`` is the
+last *completed* epoch (-1 before the first), as the official code reads it, and ``step`` the optimizer updates
+already done in epoch ``epoch + 1`` (0 for an end-of-epoch checkpoint).
 ``config`` is a plain dict, never a pickled object. ``data_order``: the training sampler, seed, epoch, batches
 done, batch size and world size (the epoch's order is a pure function of seed and epoch; a resume checks that it
 replays the same one). The optimizer's groups carry ``param_names`` (``optimizer.build_optimizer`` records them),
@@ -228,23 +230,39 @@ _TEMP_DIR = re.compile(r'^\.ckpt_[A-Za-z0-9_]+\.(tmp|old)$')  # sharded saves (o
 
 
 def remove_stale_temp_files(output_dir: str, logger: Optional[logging.Logger] = None) -> List[str]:
-    """Delete ``.ckpt_*.pth.tmp.<pid>`` files left by a process killed while writing (never a finished file)."""
+    """Delete the temporary files and directories of saves that never finished (``.ckpt_*.pth.tmp.<pid>``,
+    sharded ``.ckpt_*.tmp``), never a finished file. The training run calls it while it holds the output
+    folder's run lock (``utils.run_lock``), so no other run is writing there; a file whose writer PID is still
+    alive on this host is kept all the same."""
     log = logger or _LOG
     removed = []
     if not os.path.isdir(output_dir):
         return removed
     for name in os.listdir(output_dir):
         match = _TEMP_FILE.match(name)
-        if match and int(match.group(2)) != os.getpid():
+        if match and not _process_alive(int(match.group(2))):
             _remove_quietly(os.path.join(output_dir, name))
             removed.append(name)
         elif _TEMP_DIR.match(name):
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
             removed.append(name)
     if removed:
-        log.info("removed %d unfinished checkpoint temp file(s) from an interrupted save: %s", len(removed),
-                 removed[:5])
+        log.info("removed %d temporary checkpoint file(s) of a save that did not finish (its process is gone): %s",
+                 len(removed), removed[:5])
     return removed
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (this process counts as alive: its own saves are not stale)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    return True
 
 
 def _remove_quietly(path: str) -> None:
@@ -380,6 +398,10 @@ class TrainState:
     update: int = 0
     max_accuracy: float = 0.0
     updates_per_epoch: int = 0
+    # The epoch's running log sums so far (``engine.TrainLog.sums``: numbers or 0-dim device tensors), saved with a
+    # mid-epoch checkpoint so that a resumed epoch reports the same mean loss, skips and time as an uninterrupted
+    # one; None: none (a fresh epoch, or a checkpoint from before they were saved).
+    running_sums: Optional[Dict[str, Any]] = None
 
     @property
     def global_update(self) -> int:
@@ -411,6 +433,8 @@ def build_checkpoint(state: TrainState, config_dict: Dict[str, Any], rng: Option
         'step': int(state.update),
         'config': config_dict,
     }
+    if state.update and state.running_sums:  # mid-epoch: the epoch's log sums so far, as plain numbers
+        checkpoint['running_sums'] = {k: float(v) for k, v in state.running_sums.items()}
     if rng is not None:
         checkpoint['rng'] = rng
     if sampler is not None:
@@ -559,6 +583,8 @@ def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, pat
     if epoch < -1 or step < 0:
         raise CheckpointError(f"{path}: impossible position epoch {epoch}, step {step}")
     state.epoch, state.update, state.max_accuracy = epoch + 1, step, max_accuracy
+    sums = checkpoint.get('running_sums')  # absent in older checkpoints: the epoch's log restarts its sums
+    state.running_sums = {str(k): float(v) for k, v in sums.items()} if step and isinstance(sums, Mapping) else None
 
 
 def _copy_into_ema(state: TrainState) -> None:
