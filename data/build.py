@@ -21,6 +21,7 @@ from .datasets import (IMAGENET22K_CLASSES, DatasetLayoutError, ImageDataset, Im
                        ImageNet22KDataset, SkipNoneCollate, ZipImageDataset)
 from .fast import FastEvalTransform, FastTrainTransform, fast_collate
 from .gpu import GpuEvalTransform, GpuTrainTransform, gpu_collate
+from .hf import HFImageDataset
 from .samplers import (DistributedEvalSampler, DistributedTrainSampler, RepeatAugSampler, ShardShuffleSampler,
                        eval_shard_indices, part_cache_shard)
 from .transforms import build_transform
@@ -129,8 +130,14 @@ def build_dataset(is_train: bool, config: Any, class_to_idx: Optional[Dict[str, 
         dataset = ImageNet22KDataset(root, IMAGENET22K_MAPS[is_train], transform, on_broken)
         _check_labels(dataset, IMAGENET22K_CLASSES)
         num_classes = IMAGENET22K_CLASSES
+    elif kind == 'hf':
+        dataset = HFImageDataset(root, split_name(is_train, config), transform, on_broken,
+                                 image_column=config.DATA.HF_IMAGE_COLUMN, label_column=config.DATA.HF_LABEL_COLUMN)
+        _check_labels(dataset)
+        num_classes = dataset.num_classes
     else:
-        raise DatasetLayoutError(f"DATA.DATASET = {kind!r} is not one of ['imagenet', 'imagenet22K', 'folder']")
+        raise DatasetLayoutError(f"DATA.DATASET = {kind!r} is not one of ['imagenet', 'imagenet22K', 'folder', "
+                                 f"'hf', 'wds']")
     _check_num_classes(num_classes, config, dataset.description)
     return dataset, num_classes
 

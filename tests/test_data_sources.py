@@ -1,0 +1,242 @@
+"""DATA.DATASET hf and wds: the same images as a class folder, a Hugging Face copy and WebDataset shards.
+
+The images are real photographs where scikit-image is installed, else scikit-learn's digits (8x8 scans of
+handwriting, upscaled), written as JPEGs. One checkpoint must evaluate to the same numbers from every copy; an
+interrupted run must resume to the same weights and per-epoch validation as a straight run.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import subprocess_env
+
+datasets = pytest.importorskip('datasets')
+
+from config import ConfigError, load_config, validate_config  # noqa: E402
+from data import DatasetLayoutError, build_dataset, build_loader  # noqa: E402
+from data.datasets import SourceDependencyError, require_source  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_DIR = os.path.join('swin_tiny_patch4_window7_224', 'default')
+CLASSES = 4
+TINY = ['MODEL.SWIN.EMBED_DIM', '16', 'MODEL.SWIN.DEPTHS', '[1,1]', 'MODEL.SWIN.NUM_HEADS', '[1,2]',
+        'MODEL.SWIN.WINDOW_SIZE', '4', 'DATA.IMG_SIZE', '64', 'MODEL.NUM_CLASSES', str(CLASSES)]
+RUN = ['DETERMINISTIC', 'True', 'PRINT_FREQ', '1', 'TRAIN.WARMUP_EPOCHS', '1', 'TRAIN.EPOCHS', '3',
+       'DATA.NUM_WORKERS', '2']
+BATCH = 8  # 32 training images -> 4 updates per epoch
+
+
+# ----------------------------------------------------------------------------- the images
+
+def write_jpeg_folder(root, train_per_class=8, val_per_class=4):
+    """``root/{train,val}/digit<c>/<i>.jpg``: 64 px RGB JPEGs of the first digits of each class."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    wanted = {'train': train_per_class, 'val': val_per_class}
+    counts = {(split, c): 0 for split in wanted for c in range(CLASSES)}
+    for i, (img, label) in enumerate(zip(d.images, d.target)):
+        if label >= CLASSES:
+            continue
+        split = 'train' if counts[('train', label)] < train_per_class else 'val'
+        if counts[(split, label)] >= wanted[split]:
+            continue
+        counts[(split, label)] += 1
+        folder = os.path.join(str(root), split, f'digit{label}')
+        os.makedirs(folder, exist_ok=True)
+        pixels = (img / 16.0 * 255).astype(np.uint8)
+        rgb = np.stack([pixels, pixels[::-1], 255 - pixels], -1)  # three different channels: colour matters
+        Image.fromarray(rgb).resize((64, 64), Image.BICUBIC).save(os.path.join(folder, f'{i:04d}.jpg'),
+                                                                  quality=90)
+    return str(root)
+
+
+def folder_to_hf(folder, out):
+    """The class folder as a DatasetDict (train, val) saved with ``save_to_disk``: image bytes + ClassLabel."""
+    classes = sorted(os.listdir(os.path.join(folder, 'train')))
+    features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(names=classes)})
+    splits = {}
+    for split in ('train', 'val'):
+        images, labels = [], []
+        for c, name in enumerate(classes):
+            for file in sorted(os.listdir(os.path.join(folder, split, name))):
+                images.append(os.path.join(folder, split, name, file))
+                labels.append(c)
+        splits[split] = datasets.Dataset.from_dict({'image': images, 'label': labels}, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(out))
+    return str(out)
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    return write_jpeg_folder(tmp_path_factory.mktemp('folder'))
+
+
+@pytest.fixture(scope='module')
+def hf_copy(folder, tmp_path_factory):
+    return folder_to_hf(folder, tmp_path_factory.mktemp('hf') / 'digits')
+
+
+def _config(path, kind, *opts):
+    return load_config(opts=['DATA.DATA_PATH', path, 'DATA.DATASET', kind, 'DATA.BATCH_SIZE', str(BATCH), *TINY,
+                             'DATA.NUM_WORKERS', '0', *opts])
+
+
+# ----------------------------------------------------------------------------- runs in subprocesses
+
+def _cmd(path, kind, out, *extra):
+    return [sys.executable, 'main.py', '--data-path', path, '--output', out, '--batch-size', str(BATCH),
+            '--device', 'cpu', '--disable_amp', '--opts', 'DATA.DATASET', kind, *TINY, *RUN, *extra]
+
+
+def _run(cmd, timeout=300):
+    result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def _interrupt_after(cmd, updates, timeout=300):
+    """Start ``cmd``, Ctrl-C its process group (workers included) after ``updates`` training log lines."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines, seen = [], 0
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if 'Train: [' in line:
+                seen += 1
+                if seen == updates:
+                    os.killpg(proc.pid, signal.SIGINT)
+                    break
+        rest, _ = proc.communicate(timeout=timeout)
+        lines.append(rest or '')
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, ''.join(lines)
+
+
+def _final_state(out):
+    run_dir = os.path.join(out, MODEL_DIR)
+    weights = torch.load(os.path.join(run_dir, 'ckpt_epoch_2.pth'), weights_only=True)['model']
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        metrics = [json.loads(line) for line in f]
+    return weights, [(m['epoch'], m['val_acc1'], m['val_acc5'], m['val_loss']) for m in metrics]
+
+
+def assert_interrupted_run_resumes_exactly(path, kind, tmp_path, extra=()):
+    """Ctrl-C inside epoch 1, then the same command: same weights and per-epoch numbers as a straight run."""
+    straight = str(tmp_path / 'straight')
+    _run(_cmd(path, kind, straight, *extra))
+    out = str(tmp_path / 'interrupted')
+    code, text = _interrupt_after(_cmd(path, kind, out, *extra), 6)
+    assert code == 130, text[-3000:]
+    saved = torch.load(os.path.join(out, MODEL_DIR, 'ckpt_last.pth'), weights_only=True)
+    assert saved['epoch'] == 0 or (saved['epoch'] == 1 and 0 < saved['step'] < 4), (saved['epoch'], saved['step'])
+    _run(_cmd(path, kind, out, *extra))
+    weights, metrics = _final_state(out)
+    ref_weights, ref_metrics = _final_state(straight)
+    assert metrics == ref_metrics
+    for key in ref_weights:
+        assert torch.equal(weights[key], ref_weights[key]), f"{key} differs after the resume"
+    return ref_metrics
+
+
+def _eval_numbers(path, kind, checkpoint, out, *extra):
+    """(Acc@1, Acc@5, loss) of ``--eval --resume checkpoint`` from the official `` * Acc@1`` line."""
+    result = _run([sys.executable, 'main.py', '--data-path', path, '--output', out, '--batch-size', '5',
+                   '--device', 'cpu', '--disable_amp', '--eval', '--resume', checkpoint,
+                   '--opts', 'DATA.DATASET', kind, *TINY, 'DATA.NUM_WORKERS', '2', *extra])
+    line = next(line for line in (result.stdout + result.stderr).splitlines() if ' * Acc@1 ' in line)
+    words = line.split(' * Acc@1 ')[1].split()
+    return float(words[0]), float(words[2]), float(words[4])
+
+
+# ----------------------------------------------------------------------------- DATA.DATASET hf
+
+def test_hf_dataset_reads_the_folders_images_and_labels(folder, hf_copy):
+    from_folder, n_folder = build_dataset(False, _config(folder, 'folder'))
+    from_hf, n_hf = build_dataset(False, _config(hf_copy, 'hf'))
+    assert n_folder == n_hf == CLASSES and len(from_folder) == len(from_hf) == 16
+    assert from_hf.targets == from_folder.targets
+    for i in range(len(from_hf)):
+        with open(from_folder.read(i), 'rb') as f:
+            assert from_hf.read(i) == f.read()  # the stored JPEG bytes themselves, for the fast / gpu loaders
+        x_hf, y_hf = from_hf[i]
+        x_folder, y_folder = from_folder[i]
+        assert y_hf == y_folder and torch.equal(x_hf, x_folder)
+
+
+def test_hf_loaders_torch_and_fast_give_the_folders_batches(folder, hf_copy):
+    for loader in ('torch', 'fast'):
+        batches = []
+        for path, kind in ((folder, 'folder'), (hf_copy, 'hf')):
+            _, _, train, val, _ = build_loader(_config(path, kind, 'DATA.LOADER', loader))
+            train.sampler.set_epoch(1)
+            batches.append([tuple(b) for b in (next(iter(train)), next(iter(val)))])
+        for (x, y), (x2, y2) in zip(*batches):
+            assert torch.equal(y, y2) and torch.equal(x, x2), loader
+
+
+def test_hf_bad_layouts_and_columns_are_clear_errors(hf_copy, tmp_path):
+    with pytest.raises(DatasetLayoutError, match="no split 'test'.*'train', 'val'"):
+        build_dataset(False, _config(hf_copy, 'hf', 'DATA.VAL_SPLIT', 'test'))
+    with pytest.raises(DatasetLayoutError, match="no column 'img'.*DATA.HF_IMAGE_COLUMN"):
+        build_dataset(False, _config(hf_copy, 'hf', 'DATA.HF_IMAGE_COLUMN', 'img'))
+    with pytest.raises(DatasetLayoutError, match="not an Image feature"):
+        build_dataset(False, _config(hf_copy, 'hf', 'DATA.HF_IMAGE_COLUMN', 'label'))
+    with pytest.raises(DatasetLayoutError, match="not a folder written by DatasetDict.save_to_disk"):
+        build_dataset(False, _config(str(tmp_path), 'hf'))
+    with pytest.raises(ConfigError, match='DATA.ZIP_MODE'):
+        validate_config(_config(hf_copy, 'hf', 'DATA.ZIP_MODE', 'True'))
+
+
+def test_hf_other_column_names_and_a_broken_image(folder, tmp_path):
+    """Columns named by DATA.HF_*_COLUMN; a damaged image is skipped and counted (validation: dropped)."""
+    rows = {'picture': [], 'cls': []}
+    for c, name in enumerate(sorted(os.listdir(os.path.join(folder, 'val')))):
+        for file in sorted(os.listdir(os.path.join(folder, 'val', name))):
+            with open(os.path.join(folder, 'val', name, file), 'rb') as f:
+                rows['picture'].append({'bytes': f.read(), 'path': None})
+            rows['cls'].append(c)
+    rows['picture'][3] = {'bytes': rows['picture'][3]['bytes'][:200], 'path': None}  # a truncated JPEG
+    features = datasets.Features({'picture': datasets.Image(), 'cls': datasets.Value('int64')})
+    split = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({'train': split, 'val': split}).save_to_disk(str(tmp_path / 'hf'))
+    config = _config(str(tmp_path / 'hf'), 'hf', 'DATA.HF_IMAGE_COLUMN', 'picture', 'DATA.HF_LABEL_COLUMN', 'cls')
+    _, val, _, loader, _ = build_loader(config)
+    seen = sum(len(y) for _, y in loader)
+    assert seen == 15 and val.broken_images.value == 1
+    train, _ = build_dataset(True, config)
+    assert train[3][1] == train.targets[4] and train.broken_images.value == 1  # the next readable one instead
+
+
+def test_missing_package_is_a_one_line_error_naming_the_pip_command():
+    with pytest.raises(SourceDependencyError, match="DATA.DATASET 'hf' needs the package 'nopackage_xyz'.*"
+                                                    "'pip install nopackage_xyz'"):
+        require_source('nopackage_xyz', 'nopackage_xyz', 'hf')
+    assert issubclass(SourceDependencyError, ConfigError)  # main.py prints ConfigErrors as one line, exit 2
+
+
+@pytest.mark.slow
+def test_hf_resume_is_exact_and_one_checkpoint_evaluates_alike_from_folder_and_hf(folder, hf_copy, tmp_path):
+    """Ctrl-C mid-epoch from the HF copy (2 workers) resumes exactly; its final checkpoint then evaluates to the
+    same Acc@1, Acc@5 and loss from the folder and from the HF copy, with the torch and the fast loader."""
+    metrics = assert_interrupted_run_resumes_exactly(hf_copy, 'hf', tmp_path)
+    assert len(metrics) == 3
+    checkpoint = os.path.join(str(tmp_path / 'straight'), MODEL_DIR, 'ckpt_epoch_2.pth')
+    acc1 = {}
+    for loader in ('torch', 'fast'):
+        extra = ('DATA.LOADER', loader)
+        from_folder = _eval_numbers(folder, 'folder', checkpoint, str(tmp_path / f'e1{loader}'), *extra)
+        from_hf = _eval_numbers(hf_copy, 'hf', checkpoint, str(tmp_path / f'e2{loader}'), *extra)
+        assert from_folder == from_hf, loader
+        acc1[loader] = from_folder[0]
+    assert acc1['torch'] == pytest.approx(metrics[-1][1])  # what the run itself measured on its last epoch
