@@ -39,6 +39,7 @@ from .datasets import (BrokenImageError, DatasetLayoutError, ImageDataset, Image
 from .device_batch import DeviceBatch, batch_to_device
 from .fast import LoaderDependencyError
 from .hf import HFImageDataset
+from .wds import WdsDataset
 from .samplers import DistributedEvalSampler, RepeatAugSampler, ShardShuffleSampler, eval_shard_indices, loader_from
 from .simmim import MaskGenerator, SimMIMTransform, build_loader_simmim
 from .transforms import build_transform
@@ -72,7 +73,7 @@ def pop_broken_count(loader_or_dataset: Any) -> int:
 
 
 __all__ = ['build_loader', 'build_dataset', 'build_transform', 'build_mixup', 'broken_count', 'pop_broken_count',
-           'batch_to_device', 'DeviceBatch', 'LoaderDependencyError', 'SourceDependencyError', 'HFImageDataset',
+           'batch_to_device', 'DeviceBatch', 'LoaderDependencyError', 'SourceDependencyError', 'HFImageDataset', 'WdsDataset',
            'BrokenImageError', 'DatasetLayoutError', 'ImageDataset', 'ImageFolderDataset', 'ImageNet22KDataset',
            'ZipImageDataset', 'decode_image', 'to_rgb', 'DistributedEvalSampler', 'RepeatAugSampler',
            'ShardShuffleSampler', 'eval_shard_indices', 'loader_from', 'MaskGenerator', 'SimMIMTransform', 'build_loader_simmim']

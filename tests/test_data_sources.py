@@ -240,3 +240,254 @@ def test_hf_resume_is_exact_and_one_checkpoint_evaluates_alike_from_folder_and_h
         assert from_folder == from_hf, loader
         acc1[loader] = from_folder[0]
     assert acc1['torch'] == pytest.approx(metrics[-1][1])  # what the run itself measured on its last epoch
+
+
+# ----------------------------------------------------------------------------- DATA.DATASET wds
+
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+import pack_wds  # noqa: E402
+from data.samplers import loader_from  # noqa: E402
+from data.wds import EpochLayout, WdsDataset, WdsEvalSampler, WdsShardError, WdsTrainSampler  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def shards(folder, tmp_path_factory):
+    """The folder packed by scripts/pack_wds.py: 7 train shards of <= 5 samples, 4 val shards."""
+    out = str(tmp_path_factory.mktemp('wds'))
+    assert pack_wds.main([folder, out, '--samples', '5', '--no-progress']) == 0
+    return out
+
+
+class RecordingWds(WdsDataset):
+    """Yields the sample's key in place of the image (what the tests collect)."""
+
+    def __getitem__(self, key):
+        return self.load(key)[2]
+
+
+def _keys(shards, rank, world, workers, epoch=0, skip=0, split='train', batch=4, streams=None):
+    streams = max(1, workers) if streams is None else streams
+    ds = RecordingWds(shards, split, split == 'train', CLASSES, rank, world, batch, streams, 0, 8)
+    sampler = WdsTrainSampler(ds)
+    sampler.set_epoch(epoch)
+    loader = torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=batch, num_workers=workers,
+                                         collate_fn=list)
+    return [k for b in loader_from(loader, skip) for k in b]
+
+
+def _all_keys(shards, split):
+    return [k for s in pack_wds.read_index(shards, split) for k, _ in pack_wds.iter_shard(s['url'])]
+
+
+@pytest.mark.parametrize('world,streams,batch', [(1, 1, 4), (2, 2, 4), (3, 2, 3), (2, 3, 5), (4, 1, 2)])
+def test_epoch_layout_covers_each_sample_once(world, streams, batch):
+    counts = [5, 7, 1, 9, 4]
+    for train in (True, False):
+        covered = []
+        for rank in range(world):
+            layout = EpochLayout(counts, [3, 0, 4, 1, 2], rank, world, batch, streams, train)
+            places = {layout.locate(p) for p in range(layout.start, layout.start + layout.length)}
+            assert len(places) == layout.length  # position -> (stream, place) is one to one
+            for s in range(streams):
+                assert {t for st, t in places if st == s} == set(range(layout.stream_lengths[s]))
+                for shard, skip, take in layout.pieces(s):
+                    covered += [(shard, i) for i in range(skip, skip + take)]
+        if train:
+            per_rank = (sum(counts) // (world * batch)) * batch
+            assert len(covered) == world * per_rank
+        else:
+            assert sorted(covered) == [(s, i) for s, n in enumerate(counts) for i in range(n)]
+        assert len(set(covered)) == len(covered)
+
+
+def test_wds_each_sample_once_per_epoch_over_ranks_and_workers_and_a_pure_order(shards):
+    everything = sorted(_all_keys(shards, 'train'))
+    assert len(everything) == 32
+    epochs = []
+    for epoch in (0, 1):
+        per_rank = [_keys(shards, r, 2, 2, epoch) for r in range(2)]
+        assert [len(k) for k in per_rank] == [16, 16]
+        assert sorted(per_rank[0] + per_rank[1]) == everything
+        assert per_rank == [_keys(shards, r, 2, 2, epoch) for r in range(2)]  # a pure function of (seed, epoch)
+        epochs.append(per_rank)
+    assert epochs[0] != epochs[1]
+    assert _keys(shards, 0, 1, 0) == _keys(shards, 0, 1, 0)
+
+
+def test_wds_resume_mid_epoch_continues_the_same_order(shards):
+    for workers in (0, 2):
+        full = _keys(shards, 1, 2, workers, epoch=3)
+        for skip in (1, 2, 3):
+            assert _keys(shards, 1, 2, workers, epoch=3, skip=skip) == full[skip * 4:], (workers, skip)
+    # Fewer workers than streams (a capped DATA.NUM_WORKERS) give the same order: workers share the streams.
+    assert _keys(shards, 0, 1, 1, streams=3) == _keys(shards, 0, 1, 0, streams=3) == _keys(shards, 0, 1, 2, streams=3)
+
+
+def test_wds_validation_reads_every_sample_once_without_padding(shards):
+    everything = sorted(_all_keys(shards, 'val'))
+    for world in (1, 2, 3):
+        seen = []
+        for rank in range(world):
+            ds = RecordingWds(shards, 'val', False, CLASSES, rank, world, 3, 2, 0, 8)
+            loader = torch.utils.data.DataLoader(ds, sampler=WdsEvalSampler(ds), batch_size=3, num_workers=2,
+                                                 collate_fn=list)
+            seen += [k for b in loader for k in b]
+        assert sorted(seen) == everything, world
+
+
+def test_wds_gives_the_folders_images_and_labels(folder, shards):
+    """Validation from the shards: the same (image, label) pairs as the folder, torch and fast loaders."""
+    for loader in ('torch', 'fast'):
+        pairs = []
+        for path, kind in ((folder, 'folder'), (shards, 'wds')):
+            _, _, _, val, _ = build_loader(_config(path, kind, 'DATA.LOADER', loader))
+            batches = [tuple(batch) for batch in val]
+            images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+            pairs.append(sorted((images[i].flatten().tolist(), int(labels[i])) for i in range(len(labels))))
+        assert len(pairs[0]) == 16 and pairs[0] == pairs[1], loader
+
+
+def test_shards_written_with_webdataset_tarwriter_read_alike(folder, shards, tmp_path):
+    """Shards written by webdataset's own TarWriter, indexed by pack_wds.py --index-only: the same samples."""
+    wds = pytest.importorskip('webdataset')
+    classes = sorted(os.listdir(os.path.join(folder, 'val')))
+    with wds.TarWriter(str(tmp_path / 'val-000000.tar')) as sink:
+        for c, name in enumerate(classes):
+            for file in sorted(os.listdir(os.path.join(folder, 'val', name))):
+                with open(os.path.join(folder, 'val', name, file), 'rb') as f:
+                    sink.write({'__key__': f'{name}_{file[:-4]}', 'jpg': f.read(), 'cls': c})
+    assert pack_wds.main(['--index-only', str(tmp_path), '--splits', 'val', '--no-progress']) == 0
+    config = _config(str(tmp_path), 'wds')
+    ours, _ = build_dataset(False, _config(shards, 'wds'))
+    theirs, _ = build_dataset(False, config)
+    assert len(theirs) == 16
+    mine = sorted((ours[i][0].flatten().tolist(), ours[i][1]) for i in range(len(ours)))
+    other = sorted((theirs[i][0].flatten().tolist(), theirs[i][1]) for i in range(len(theirs)))
+    assert mine == other
+
+
+def _copy_shards(shards, out):
+    import shutil
+    shutil.copytree(shards, out)
+    return str(out)
+
+
+def test_wds_damaged_samples_are_skipped_and_counted(shards, tmp_path):
+    """A bad JPEG and a sample without .cls: training substitutes and counts, validation drops and counts."""
+    import tarfile
+    root = _copy_shards(shards, tmp_path / 'damaged')
+    index = pack_wds.read_index(root, 'val')
+    url = index[0]['url']
+    with tarfile.open(url) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(url, 'w', format=tarfile.USTAR_FORMAT) as tar:
+        for n, (m, data) in enumerate(members):
+            if n == 0:
+                data = data[:100]  # a truncated JPEG
+            if n == 3:
+                continue  # sample 1 loses its .cls
+            m.size = len(data)
+            tar.addfile(m, __import__('io').BytesIO(data))
+    pack_wds.index_only(root, 'val', progress=False)
+    total, problems = pack_wds.verify(root, 'val', progress=False)
+    assert total == 16 and len(problems) == 2, problems
+    _, val, _, loader, _ = build_loader(_config(root, 'wds'))
+    assert sum(len(y) for _, y in loader) == 14 and val.broken_images.value == 2
+    train = WdsDataset(root, 'val', True, CLASSES, 0, 1, 4, 1, 0, 0, on_broken='substitute')
+    sampler = WdsTrainSampler(train)
+    got = [train.load(k) for k in sampler]
+    assert len(got) == 16 and train.broken_images.value >= 2
+
+
+def test_wds_missing_or_truncated_shard_is_a_clear_error(shards, tmp_path):
+    root = _copy_shards(shards, tmp_path / 'broken')
+    url = pack_wds.read_index(root, 'train')[2]['url']
+    with open(url, 'rb') as f:
+        data = f.read()
+    with open(url, 'wb') as f:
+        f.write(data[:len(data) // 2])
+    with pytest.raises(WdsShardError, match=f"shard {url} has {len(data) // 2} bytes, its index says {len(data)}"):
+        build_dataset(True, _config(root, 'wds'))
+    # Without sizes in the index (e.g. counted from remote shards) the shard is named when it is reached.
+    path = os.path.join(root, 'train.index.json')
+    with open(path) as f:
+        index = json.load(f)
+    for s in index['shards']:
+        s['bytes'] = None
+    with open(path, 'w') as f:
+        json.dump(index, f)
+    dataset, _ = build_dataset(True, _config(root, 'wds'))
+    sampler = WdsTrainSampler(dataset)
+    with pytest.raises(WdsShardError, match=f"shard {url}"):
+        for key in sampler:
+            dataset[key]
+    _, problems = pack_wds.verify(root, 'train', progress=False)
+    assert any(url in p for p in problems)
+    os.remove(url)
+    with pytest.raises(WdsShardError, match=f"1 WebDataset shards are missing, e.g. \\['{url}'\\]"):
+        build_dataset(True, _config(root, 'wds'))
+    with pytest.raises(DatasetLayoutError, match='index not found.*pack_wds.py --index-only'):
+        build_dataset(False, _config(str(tmp_path), 'wds'))
+
+
+def test_wds_brace_pattern_and_config_checks(shards):
+    dataset, _ = build_dataset(False, _config(shards, 'wds', 'DATA.VAL_SPLIT', 'val-{000000..000001}.tar'))
+    assert len(dataset) == 10 and len(dataset.urls) == 2
+    with pytest.raises(ConfigError, match='DATA.REPEATED_AUG'):
+        validate_config(_config(shards, 'wds', 'DATA.REPEATED_AUG', '3'))
+    with pytest.raises(ConfigError, match='DATA.ZIP_MODE'):
+        validate_config(_config(shards, 'wds', 'DATA.ZIP_MODE', 'True'))
+
+
+PROBE = r'''
+import json, os, sys
+sys.path.insert(0, os.getcwd())
+import torch
+torch.distributed.init_process_group('gloo')
+import data.build
+from config import load_config
+from data import build_loader
+from data.wds import WdsDataset
+
+data.build.available_cpus = lambda: 4  # 2 workers per rank even on a 2-core test machine (no cap)
+
+class Recording(WdsDataset):
+    def __getitem__(self, key):
+        image, label, name = self.load(key)
+        return image, label, name
+
+config = load_config(opts=sys.argv[2:])
+_, _, train, val, _ = build_loader(config)
+train.dataset.__class__ = val.dataset.__class__ = Recording
+seen = {}
+for epoch in (0, 1):
+    train.sampler.set_epoch(epoch)
+    seen[f'train{epoch}'] = [k for batch in train for k in batch[2]]
+seen['val'] = [k for batch in val for k in batch[2]]
+seen['workers'] = train.num_workers
+with open(os.path.join(sys.argv[1], f'rank{torch.distributed.get_rank()}.json'), 'w') as f:
+    json.dump(seen, f)
+torch.distributed.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_two_workers_see_each_sample_once_per_epoch(shards, tmp_path):
+    probe = tmp_path / 'probe.py'
+    probe.write_text(PROBE)
+    opts = ['DATA.DATA_PATH', shards, 'DATA.DATASET', 'wds', 'DATA.BATCH_SIZE', '4', 'DATA.NUM_WORKERS', '2',
+            *TINY]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29513',
+           str(probe), str(tmp_path), *opts]
+    env = dict(subprocess_env(), OMP_NUM_THREADS='1')
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(2)]
+    assert [r['workers'] for r in ranks] == [2, 2]
+    train_keys, val_keys = sorted(_all_keys(shards, 'train')), sorted(_all_keys(shards, 'val'))
+    for epoch in (0, 1):
+        per_rank = [r[f'train{epoch}'] for r in ranks]
+        assert [len(k) for k in per_rank] == [16, 16]  # the same number of updates on both ranks
+        assert sorted(per_rank[0] + per_rank[1]) == train_keys
+    assert ranks[0]['train0'] != ranks[0]['train1']
+    assert sorted(ranks[0]['val'] + ranks[1]['val']) == val_keys
