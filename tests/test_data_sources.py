@@ -491,3 +491,16 @@ def test_torchrun_two_ranks_two_workers_see_each_sample_once_per_epoch(shards, t
         assert sorted(per_rank[0] + per_rank[1]) == train_keys
     assert ranks[0]['train0'] != ranks[0]['train1']
     assert sorted(ranks[0]['val'] + ranks[1]['val']) == val_keys
+
+
+@pytest.mark.slow
+def test_wds_resume_is_exact_and_one_checkpoint_evaluates_alike_from_folder_shards_and_hf(folder, shards, hf_copy,
+                                                                                          tmp_path):
+    """Ctrl-C mid-epoch from the shards (2 workers, shuffle buffer on) resumes exactly; the final checkpoint
+    evaluates to the same Acc@1, Acc@5 and loss from the folder, the shards and the HF copy."""
+    metrics = assert_interrupted_run_resumes_exactly(shards, 'wds', tmp_path, ('DATA.WDS_SHUFFLE', '6'))
+    checkpoint = os.path.join(str(tmp_path / 'straight'), MODEL_DIR, 'ckpt_epoch_2.pth')
+    results = {kind: _eval_numbers(path, kind, checkpoint, str(tmp_path / f'eval-{kind}'))
+               for path, kind in ((folder, 'folder'), (shards, 'wds'), (hf_copy, 'hf'))}
+    assert results['folder'] == results['wds'] == results['hf']
+    assert results['wds'][0] == pytest.approx(metrics[-1][1])
