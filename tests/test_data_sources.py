@@ -504,3 +504,15 @@ def test_wds_resume_is_exact_and_one_checkpoint_evaluates_alike_from_folder_shar
                for path, kind in ((folder, 'folder'), (shards, 'wds'), (hf_copy, 'hf'))}
     assert results['folder'] == results['wds'] == results['hf']
     assert results['wds'][0] == pytest.approx(metrics[-1][1])
+
+
+def test_simmim_pretraining_reads_hf_and_wds(hf_copy, shards):
+    """SimMIM pre-training batches [images, masks, targets] from the training split of either source."""
+    from data import build_loader_simmim
+    for path, kind in ((hf_copy, 'hf'), (shards, 'wds')):
+        config = _config(path, kind, 'DATA.MASK_PATCH_SIZE', '16')
+        loader = build_loader_simmim(config)
+        loader.sampler.set_epoch(0)
+        images, masks, targets = next(iter(loader))
+        assert images.shape == (BATCH, 3, 64, 64) and masks.shape[0] == BATCH and len(targets) == BATCH, kind
+        assert len(loader) == 4, kind
