@@ -516,3 +516,16 @@ def test_simmim_pretraining_reads_hf_and_wds(hf_copy, shards):
         images, masks, targets = next(iter(loader))
         assert images.shape == (BATCH, 3, 64, 64) and masks.shape[0] == BATCH and len(targets) == BATCH, kind
         assert len(loader) == 4, kind
+
+
+@pytest.mark.parametrize('kind,module', [('wds', 'webdataset'), ('hf', 'datasets')])
+def test_main_without_the_package_prints_one_line_naming_it(kind, module, shards, hf_copy, tmp_path, capsys,
+                                                            monkeypatch):
+    import main
+    monkeypatch.setitem(sys.modules, module, None)  # import of it now raises ImportError
+    path = shards if kind == 'wds' else hf_copy
+    code = main.main(['--data-path', path, '--output', str(tmp_path), '--batch-size', str(BATCH), '--device', 'cpu',
+                      '--disable_amp', '--eval', '--opts', 'DATA.DATASET', kind, *TINY, 'DATA.NUM_WORKERS', '0'])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1, err
+    assert f"DATA.DATASET '{kind}' needs the package '{module}'" in err[0] and f"'pip install {module}'" in err[0]
