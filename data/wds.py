@@ -74,9 +74,15 @@ def is_local(url: str) -> bool:
 
 
 def join_url(root: str, name: str) -> str:
-    """A shard's location: ``name`` as given when it is absolute or a URL, else under ``root``."""
+    """A file's location: ``name`` as given when it is absolute or a URL; else under ``root``: a folder, a URL
+    prefix, or a ``pipe:`` command in which ``{}`` stands for the file name (``pipe:aws s3 cp s3://b/wds/{} -``)."""
     if not is_local(name) or os.path.isabs(name):
         return name
+    if root.startswith('pipe:'):
+        if '{}' not in root:
+            raise DatasetLayoutError(f"DATA.DATA_PATH {root!r}: a pipe: command needs '{{}}' where the file name "
+                                     f"goes, e.g. 'pipe:aws s3 cp s3://bucket/imagenet_wds/{{}} -'")
+        return root.replace('{}', name)
     return f"{root.rstrip('/')}/{name}" if not is_local(root) else os.path.join(root, name)
 
 

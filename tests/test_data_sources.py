@@ -529,3 +529,22 @@ def test_main_without_the_package_prints_one_line_naming_it(kind, module, shards
     err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
     assert code == 2 and len(err) == 1, err
     assert f"DATA.DATASET '{kind}' needs the package '{module}'" in err[0] and f"'pip install {module}'" in err[0]
+
+
+def test_wds_reads_through_a_pipe_command(shards, tmp_path):
+    """DATA.DATA_PATH 'pipe:<command with {}>' (how S3 / GCS are read): the same samples; a failing command for
+    a shard is an error naming it."""
+    piped, _ = build_dataset(False, _config(f"pipe:cat {shards}/{{}}", 'wds'))
+    local, _ = build_dataset(False, _config(shards, 'wds'))
+    assert len(piped) == len(local) == 16
+    for i in range(16):
+        assert piped.load(i)[1:] == local.load(i)[1:]
+    root = _copy_shards(shards, tmp_path / 'gone')
+    url = pack_wds.read_index(root, 'val')[1]['url']
+    os.remove(url)
+    piped, _ = build_dataset(False, _config(f"pipe:cat {root}/{{}}", 'wds'))  # not checked before: not local
+    with pytest.raises(WdsShardError, match=f"shard pipe:cat {url}"):
+        for i in range(16):
+            piped[i]
+    with pytest.raises(DatasetLayoutError, match="needs '{}'"):
+        build_dataset(False, _config(f"pipe:cat {shards}", 'wds'))
