@@ -77,6 +77,7 @@ def pack_split(src: str, out: str, split: str, class_to_idx: Optional[Dict[str, 
                progress: bool = True) -> Dict[str, int]:
     """Write one split's shards and index; return its class -> label mapping."""
     samples, class_to_idx, read = split_source(src, split, class_to_idx)
+    os.makedirs(out, exist_ok=True)
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
     shards: List[Dict[str, object]] = []

@@ -548,3 +548,13 @@ def test_wds_reads_through_a_pipe_command(shards, tmp_path):
             piped[i]
     with pytest.raises(DatasetLayoutError, match="needs '{}'"):
         build_dataset(False, _config(f"pipe:cat {shards}", 'wds'))
+
+
+def test_benchmark_data_times_every_source(folder):
+    result = _run([sys.executable, 'scripts/benchmark_data.py', '--data-path', os.path.join(folder, 'train'),
+                   '--sources', 'folder', 'zip', 'wds', 'hf', '--workers', '0', '--rounds', '1', '--epochs', '1',
+                   '--batch-size', '8', '--img-size', '64'])
+    rows = [line for line in result.stdout.splitlines()
+            if line.startswith('| ') and 'source' not in line and '---' not in line]
+    assert [r.split('|')[1].strip() for r in rows] == ['folder', 'zip', 'wds', 'hf'], result.stdout
+    assert all(float(cell) > 0 for r in rows for cell in r.strip('| ').split('|')[1:]), result.stdout
