@@ -73,7 +73,8 @@ def pop_broken_count(loader_or_dataset: Any) -> int:
 
 
 __all__ = ['build_loader', 'build_dataset', 'build_transform', 'build_mixup', 'broken_count', 'pop_broken_count',
-           'batch_to_device', 'DeviceBatch', 'LoaderDependencyError', 'SourceDependencyError', 'HFImageDataset', 'WdsDataset',
+           'batch_to_device', 'DeviceBatch', 'LoaderDependencyError', 'SourceDependencyError',
+           'HFImageDataset', 'WdsDataset',
            'BrokenImageError', 'DatasetLayoutError', 'ImageDataset', 'ImageFolderDataset', 'ImageNet22KDataset',
            'ZipImageDataset', 'decode_image', 'to_rgb', 'DistributedEvalSampler', 'RepeatAugSampler',
            'ShardShuffleSampler', 'eval_shard_indices', 'loader_from', 'MaskGenerator', 'SimMIMTransform', 'build_loader_simmim']

@@ -144,9 +144,10 @@ def check_local_shards(shards: Sequence[Dict[str, Any]]) -> None:
 # ----------------------------------------------------------------------------- reading shards
 
 def split_member_name(name: str) -> Tuple[str, str]:
-    """``dir/abc.def.jpg`` -> (``dir/abc``, ``def.jpg``): webdataset's rule, the key ends at the base name's first dot."""
+    """``dir/abc.def.jpg`` -> (``dir/abc``, ``def.jpg``): webdataset's rule (the key ends at the base name's
+    first dot)."""
     directory, base = os.path.split(name)
-    stem, dot, ext = base.partition('.')
+    stem, _, ext = base.partition('.')
     return (os.path.join(directory, stem) if directory else stem), ext.lower()
 
 
