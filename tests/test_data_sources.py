@@ -101,8 +101,9 @@ def _run(cmd, timeout=300):
     return result
 
 
-def _interrupt_after(cmd, updates, timeout=300):
-    """Start ``cmd``, Ctrl-C its process group (workers included) after ``updates`` training log lines."""
+def _interrupt_after(cmd, updates, timeout=300, sig=signal.SIGINT):
+    """Start ``cmd``, signal its process group (workers included; SIGINT: a terminal's Ctrl-C) after ``updates``
+    training log lines."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     lines, seen = [], 0
@@ -112,7 +113,7 @@ def _interrupt_after(cmd, updates, timeout=300):
             if 'Train: [' in line:
                 seen += 1
                 if seen == updates:
-                    os.killpg(proc.pid, signal.SIGINT)
+                    os.killpg(proc.pid, sig)
                     break
         rest, _ = proc.communicate(timeout=timeout)
         lines.append(rest or '')
@@ -131,15 +132,18 @@ def _final_state(out):
     return weights, [(m['epoch'], m['val_acc1'], m['val_acc5'], m['val_loss']) for m in metrics]
 
 
-def assert_interrupted_run_resumes_exactly(path, kind, tmp_path, extra=()):
-    """Ctrl-C inside epoch 1, then the same command: same weights and per-epoch numbers as a straight run."""
+def assert_interrupted_run_resumes_exactly(path, kind, tmp_path, extra=(), sig=signal.SIGINT):
+    """Ctrl-C (or SIGKILL, with a checkpoint after every update) inside epoch 1, then the same command: same
+    weights and per-epoch validation numbers as a straight run."""
+    if sig == signal.SIGKILL:
+        extra = (*extra, 'TRAIN.SAVE_EVERY_STEPS', '1')
     straight = str(tmp_path / 'straight')
     _run(_cmd(path, kind, straight, *extra))
     out = str(tmp_path / 'interrupted')
-    code, text = _interrupt_after(_cmd(path, kind, out, *extra), 6)
-    assert code == 130, text[-3000:]
+    code, text = _interrupt_after(_cmd(path, kind, out, *extra), 6, sig=sig)
+    assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL), text[-3000:]
     saved = torch.load(os.path.join(out, MODEL_DIR, 'ckpt_last.pth'), weights_only=True)
-    assert saved['epoch'] == 0 or (saved['epoch'] == 1 and 0 < saved['step'] < 4), (saved['epoch'], saved['step'])
+    assert saved['epoch'] == 0 and 0 < saved['step'] < 4, (saved['epoch'], saved['step'])  # mid-epoch, as test_faults
     _run(_cmd(path, kind, out, *extra))
     weights, metrics = _final_state(out)
     ref_weights, ref_metrics = _final_state(straight)
@@ -558,3 +562,10 @@ def test_benchmark_data_times_every_source(folder):
             if line.startswith('| ') and 'source' not in line and '---' not in line]
     assert [r.split('|')[1].strip() for r in rows] == ['folder', 'zip', 'wds', 'hf'], result.stdout
     assert all(float(cell) > 0 for r in rows for cell in r.strip('| ').split('|')[1:]), result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['wds', 'hf'])
+def test_sigkill_mid_epoch_then_the_same_command_resumes_exactly(kind, shards, hf_copy, tmp_path):
+    assert_interrupted_run_resumes_exactly(shards if kind == 'wds' else hf_copy, kind, tmp_path,
+                                           sig=signal.SIGKILL)
