@@ -28,7 +28,8 @@ _C.BASE = ['']
 _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128                 # per process
 _C.DATA.DATA_PATH = ''
-_C.DATA.DATASET = 'imagenet'             # imagenet | imagenet22K | folder (ours: any class count)
+_C.DATA.DATASET = 'imagenet'             # imagenet | imagenet22K | folder (ours: any class count) | wds (ours:
+                                         # WebDataset tar shards) | hf (ours: a Hugging Face dataset)
 _C.DATA.IMG_SIZE = 224
 _C.DATA.INTERPOLATION = 'bicubic'        # random | bilinear | bicubic | nearest
 _C.DATA.ZIP_MODE = False
@@ -42,7 +43,10 @@ _C.DATA.PREFETCH_FACTOR = 2              # (ours)
 _C.DATA.REPEATED_AUG = 0                 # (ours) repeats of each image per epoch; 0 or 1 = off
 _C.DATA.STRICT_IMAGES = False            # (ours) an unreadable image is an error instead of a skip
 _C.DATA.TRAIN_SPLIT = 'train'            # (ours) folder / zip prefix of the training split
-_C.DATA.VAL_SPLIT = 'val'                # (ours)
+_C.DATA.VAL_SPLIT = 'val'                # (ours); for wds also a brace pattern, e.g. 'val-{000000..000063}.tar'
+_C.DATA.HF_IMAGE_COLUMN = 'image'        # (ours) DATA.DATASET hf: the column holding the images (an Image feature)
+_C.DATA.HF_LABEL_COLUMN = 'label'        # (ours) DATA.DATASET hf: the column holding the integer labels
+_C.DATA.WDS_SHUFFLE = 1000               # (ours) DATA.DATASET wds: shuffle buffer, in samples per data worker
 _C.DATA.LOADER = 'torch'                 # (ours) torch: timm transforms, float batches | fast: uint8 on the CPU,
                                          # normalise + erasing on the device | gpu: decode + augment on the device
 
@@ -247,7 +251,7 @@ def legacy_key_notes(config: CN) -> List[str]:
 
 # Choices checked by validate_config: key -> allowed values.
 CHOICES = {
-    'DATA.DATASET': ('imagenet', 'imagenet22K', 'folder'),
+    'DATA.DATASET': ('imagenet', 'imagenet22K', 'folder', 'wds', 'hf'),
     'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic', 'nearest'),
     'DATA.CACHE_MODE': ('no', 'part', 'full'),
     'DATA.LOADER': ('torch', 'fast', 'gpu'),
@@ -414,9 +418,11 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
             raise ConfigError(f"{key} must be >= 1, got {_get(config, key)!r}")
     for key in ('DATA.NUM_WORKERS', 'TRAIN.WARMUP_EPOCHS', 'TRAIN.START_EPOCH', 'TRAIN.WEIGHT_DECAY',
                 'TRAIN.BASE_LR', 'TRAIN.WARMUP_LR', 'TRAIN.MIN_LR', 'TRAIN.SAVE_EVERY_STEPS',
-                'TRAIN.KEEP_CHECKPOINTS', 'AUG.MIXUP', 'AUG.CUTMIX', 'AUG.REPROB', 'DATA.REPEATED_AUG'):
+                'TRAIN.KEEP_CHECKPOINTS', 'AUG.MIXUP', 'AUG.CUTMIX', 'AUG.REPROB', 'DATA.REPEATED_AUG',
+                'DATA.WDS_SHUFFLE'):
         if _get(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(config, key)!r}")
+    _check_data_source(config)
     scale = list(config.AUG.RRC_SCALE)
     if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise ConfigError(f"AUG.RRC_SCALE must be [min, max] with 0 < min <= max <= 1, got {scale}")
@@ -465,6 +471,25 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
     if device is not None and config.TRAIN.FSDP.ENABLE and config.TRAIN.FSDP.CPU_OFFLOAD and device != 'cuda':
         raise ConfigError("TRAIN.FSDP.CPU_OFFLOAD moves the shards from GPU to host memory; this run is on the CPU "
                           "already (DEVICE / --device), so set TRAIN.FSDP.CPU_OFFLOAD False")
+
+
+def _check_data_source(config: CN) -> None:
+    """The combinations ``DATA.DATASET`` wds / hf cannot honour (their readers are in data/wds.py, data/hf.py)."""
+    kind = config.DATA.DATASET
+    if kind not in ('wds', 'hf'):
+        return
+    if config.DATA.ZIP_MODE:
+        raise ConfigError(f"DATA.ZIP_MODE (--zip) reads <split>.zip archives; DATA.DATASET {kind!r} reads "
+                          f"{'tar shards' if kind == 'wds' else 'a Hugging Face dataset'}: turn one of them off")
+    if kind == 'wds' and config.DATA.REPEATED_AUG > 1:
+        raise ConfigError("DATA.REPEATED_AUG needs random access to repeat an image on several ranks; "
+                          "DATA.DATASET 'wds' streams its shards: use DATA.DATASET hf or folder, or turn it off")
+    if kind == 'hf':
+        for key in ('DATA.HF_IMAGE_COLUMN', 'DATA.HF_LABEL_COLUMN'):
+            if not _get(config, key):
+                raise ConfigError(f"{key} must name a column of the dataset, got {_get(config, key)!r}")
+    if not config.DATA.TRAIN_SPLIT or not config.DATA.VAL_SPLIT:
+        raise ConfigError(f"DATA.TRAIN_SPLIT and DATA.VAL_SPLIT must be set for DATA.DATASET {kind!r}")
 
 
 def clip_warmup(config: CN) -> Optional[str]:

@@ -23,7 +23,8 @@ data.batch_to_device(batch, device)`` (normalisation and erasing there; for ``gp
 SimMIM pre-training batches are ``[images, masks, targets]`` (``data.simmim``).
 
 Modules, bottom layer first; each imports only from those before it (``tests/test_architecture.py`` checks it):
-``seeding`` (SampleKey, per-sample RNGs) -> ``datasets`` (sources) -> ``samplers`` -> ``transforms`` (timm's pieces,
+``seeding`` (SampleKey, per-sample RNGs) -> ``datasets`` (sources) -> ``hf``, ``wds`` (Hugging Face datasets,
+WebDataset shards) -> ``samplers`` -> ``transforms`` (timm's pieces,
 eval geometry) -> ``device_batch`` (DeviceBatch, device-side finish) -> ``fast``, ``gpu`` (loaders) -> ``build``
 -> ``simmim`` -> this package.
 """
@@ -34,9 +35,11 @@ from typing import Any
 from .build import build_dataset, build_mixup
 from .build import build_loader as _build_classification_loader
 from .datasets import (BrokenImageError, DatasetLayoutError, ImageDataset, ImageFolderDataset,
-                       ImageNet22KDataset, ZipImageDataset, decode_image, to_rgb)
+                       ImageNet22KDataset, SourceDependencyError, ZipImageDataset, decode_image, to_rgb)
 from .device_batch import DeviceBatch, batch_to_device
 from .fast import LoaderDependencyError
+from .hf import HFImageDataset
+from .wds import WdsDataset
 from .samplers import DistributedEvalSampler, RepeatAugSampler, ShardShuffleSampler, eval_shard_indices, loader_from
 from .simmim import MaskGenerator, SimMIMTransform, build_loader_simmim
 from .transforms import build_transform
@@ -70,7 +73,8 @@ def pop_broken_count(loader_or_dataset: Any) -> int:
 
 
 __all__ = ['build_loader', 'build_dataset', 'build_transform', 'build_mixup', 'broken_count', 'pop_broken_count',
-           'batch_to_device', 'DeviceBatch', 'LoaderDependencyError',
+           'batch_to_device', 'DeviceBatch', 'LoaderDependencyError', 'SourceDependencyError',
+           'HFImageDataset', 'WdsDataset',
            'BrokenImageError', 'DatasetLayoutError', 'ImageDataset', 'ImageFolderDataset', 'ImageNet22KDataset',
            'ZipImageDataset', 'decode_image', 'to_rgb', 'DistributedEvalSampler', 'RepeatAugSampler',
            'ShardShuffleSampler', 'eval_shard_indices', 'loader_from', 'MaskGenerator', 'SimMIMTransform', 'build_loader_simmim']

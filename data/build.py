@@ -21,9 +21,11 @@ from .datasets import (IMAGENET22K_CLASSES, DatasetLayoutError, ImageDataset, Im
                        ImageNet22KDataset, SkipNoneCollate, ZipImageDataset)
 from .fast import FastEvalTransform, FastTrainTransform, fast_collate
 from .gpu import GpuEvalTransform, GpuTrainTransform, gpu_collate
+from .hf import HFImageDataset
 from .samplers import (DistributedEvalSampler, DistributedTrainSampler, RepeatAugSampler, ShardShuffleSampler,
                        eval_shard_indices, part_cache_shard)
 from .transforms import build_transform
+from .wds import WdsDataset, WdsEvalSampler, WdsTrainSampler
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +131,21 @@ def build_dataset(is_train: bool, config: Any, class_to_idx: Optional[Dict[str, 
         dataset = ImageNet22KDataset(root, IMAGENET22K_MAPS[is_train], transform, on_broken)
         _check_labels(dataset, IMAGENET22K_CLASSES)
         num_classes = IMAGENET22K_CLASSES
+    elif kind == 'hf':
+        dataset = HFImageDataset(root, split_name(is_train, config), transform, on_broken,
+                                 image_column=config.DATA.HF_IMAGE_COLUMN, label_column=config.DATA.HF_LABEL_COLUMN)
+        _check_labels(dataset)
+        num_classes = dataset.num_classes
+    elif kind == 'wds':
+        # The labels are read with the samples: one outside [0, MODEL.NUM_CLASSES) makes that sample damaged.
+        rank, world = dist_info()
+        dataset = WdsDataset(root, split_name(is_train, config), is_train, config.MODEL.NUM_CLASSES, rank, world,
+                             config.DATA.BATCH_SIZE, wds_streams(config), config.SEED, config.DATA.WDS_SHUFFLE,
+                             transform, on_broken)
+        num_classes = config.MODEL.NUM_CLASSES
     else:
-        raise DatasetLayoutError(f"DATA.DATASET = {kind!r} is not one of ['imagenet', 'imagenet22K', 'folder']")
+        raise DatasetLayoutError(f"DATA.DATASET = {kind!r} is not one of ['imagenet', 'imagenet22K', 'folder', "
+                                 f"'hf', 'wds']")
     _check_num_classes(num_classes, config, dataset.description)
     return dataset, num_classes
 
@@ -143,6 +158,8 @@ def check_data_paths(config: Any, pretrain: bool = False) -> None:
     root = config.DATA.DATA_PATH
     if not root:
         raise DatasetLayoutError("DATA.DATA_PATH is empty: pass --data-path (the dataset folder)")
+    if config.DATA.DATASET in ('wds', 'hf'):  # a URL, a pipe: command or a dataset name: their readers check
+        return
     if not os.path.isdir(root):
         raise DatasetLayoutError(f"DATA.DATA_PATH (--data-path) {root!r} is not a folder")
     if pretrain:  # SimMIM: DATA_PATH holds the class folders, or <TRAIN_SPLIT>.zip with its map
@@ -162,6 +179,19 @@ def check_data_paths(config: Any, pretrain: bool = False) -> None:
         layout = '<split>.zip and <split>_map.txt' if config.DATA.ZIP_MODE else '<split>/<class>/<image>'
         raise DatasetLayoutError(f"DATA.DATA_PATH (--data-path) {root!r} lacks {', '.join(missing)} (expected "
                                  f"{layout}; check DATA.DATA_PATH, DATA.TRAIN_SPLIT / DATA.VAL_SPLIT)")
+
+
+def wds_streams(config: Any) -> int:
+    """Streams per rank of ``DATA.DATASET wds``: the requested ``DATA.NUM_WORKERS`` (at least 1), not the capped
+    count, so that the epoch's order depends on the config alone (a worker can serve any stream; fewer workers
+    than streams only re-read some shards)."""
+    streams = max(1, config.DATA.NUM_WORKERS)
+    workers = worker_count(config.DATA.NUM_WORKERS)
+    if workers and streams % workers:
+        logger.warning("DATA.DATASET wds: %d data workers for %d streams per rank (DATA.NUM_WORKERS): workers "
+                       "re-read shards of each other's streams; run with DATA.NUM_WORKERS <= the cores per "
+                       "process to avoid it", workers, streams)
+    return streams
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -234,6 +264,8 @@ def ignore_ctrl_c(worker_id: int) -> None:
 def train_sampler(dataset: Dataset, config: Any, rank: int, world: int) -> Sampler:
     """The training sampler for ``config`` (repeated augmentation, a part-cache shard, or torch's order) on
     rank ``rank`` of ``world``; it yields ``SampleKey``s."""
+    if isinstance(dataset, WdsDataset):
+        return WdsTrainSampler(dataset)
     n = len(dataset)
     if config.DATA.REPEATED_AUG > 1:
         return RepeatAugSampler(n, world, rank, repeats=config.DATA.REPEATED_AUG, seed=config.SEED)
@@ -289,8 +321,11 @@ def build_loader(config: Any) -> Tuple[Optional[Dataset], Dataset, Optional[Data
         loader_train = DataLoader(dataset_train, sampler=sampler_train, drop_last=True,
                                   collate_fn=loader_collate(True, config), **kwargs)
 
-    sampler_val = DistributedEvalSampler(len(dataset_val), world, rank, contiguous=config.TEST.SEQUENTIAL,
-                                         shuffle=config.TEST.SHUFFLE, seed=config.SEED)
+    if isinstance(dataset_val, WdsDataset):  # contiguous blocks: each rank reads its own shards
+        sampler_val = WdsEvalSampler(dataset_val)
+    else:
+        sampler_val = DistributedEvalSampler(len(dataset_val), world, rank, contiguous=config.TEST.SEQUENTIAL,
+                                             shuffle=config.TEST.SHUFFLE, seed=config.SEED)
     loader_val = DataLoader(dataset_val, sampler=sampler_val, drop_last=False,
                             collate_fn=loader_collate(False, config), **kwargs)
     return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)

@@ -21,6 +21,7 @@ Layer: above ``data.seeding``; the samplers, transforms and loaders build on the
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import logging
@@ -38,6 +39,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from config import ConfigError
 from utils.distributed import dist_info
 
 from .seeding import SampleKey, seeded_rngs
@@ -58,6 +60,21 @@ SCAN_PROGRESS_SECONDS = 5.0
 
 class DatasetLayoutError(ValueError):
     """A dataset folder, archive or map file that cannot be used; the message names it."""
+
+
+class SourceDependencyError(ConfigError):
+    """A package that a ``DATA.DATASET`` source needs is missing or broken; the message names it and the fix. A
+    ConfigError, so main.py prints it as one line and exits 2."""
+
+
+def require_source(module: str, pip_name: str, dataset: str) -> Any:
+    """Import ``module`` or raise ``SourceDependencyError`` naming ``DATA.DATASET`` and the pip command."""
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # ImportError, or a broken install (OSError, AttributeError...)
+        raise SourceDependencyError(
+            f"DATA.DATASET {dataset!r} needs the package {pip_name!r} ({type(e).__name__}: {e}); install it with "
+            f"'pip install {pip_name}' (an optional extra, in requirements-dev.txt)") from e
 
 
 class BrokenImageError(RuntimeError):

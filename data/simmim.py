@@ -26,8 +26,10 @@ from torchvision import transforms
 from config import ConfigError
 from utils.distributed import dist_info
 
-from .build import loader_kwargs, split_name, train_sampler, zip_cache_indices
+from .build import loader_kwargs, split_name, train_sampler, wds_streams, zip_cache_indices
 from .datasets import DatasetLayoutError, ImageFolderDataset, ZipImageDataset
+from .hf import HFImageDataset
+from .wds import WdsDataset
 
 # The official SimMIM crop: RandomResizedCrop to DATA.IMG_SIZE with this scale and aspect-ratio range.
 CROP_SCALE = (0.67, 1.0)
@@ -115,13 +117,22 @@ def collate_fn(batch: Sequence[Tuple[Tuple[torch.Tensor, np.ndarray], int]]) -> 
 def build_dataset_simmim(config: Any) -> Dataset:
     """The pre-training images: the class folder ``DATA.DATA_PATH``, or with ``DATA.ZIP_MODE`` the archive
     ``<DATA_PATH>/<TRAIN_SPLIT>.zip`` and its map file (cached per ``DATA.CACHE_MODE``). Labels are kept but
-    unused."""
+    unused. ``DATA.DATASET`` ``hf`` / ``wds``: the ``DATA.TRAIN_SPLIT`` split of that source (data/hf.py,
+    data/wds.py)."""
     transform = SimMIMTransform(config)
     on_broken = 'error' if config.DATA.STRICT_IMAGES else 'substitute'
     root = config.DATA.DATA_PATH
     if not root:
         raise DatasetLayoutError("DATA.DATA_PATH is empty: pass --data-path (the folder of class folders, e.g. "
                                  "<imagenet>/train)")
+    if config.DATA.DATASET == 'hf':
+        return HFImageDataset(root, split_name(True, config), transform, on_broken,
+                              image_column=config.DATA.HF_IMAGE_COLUMN, label_column=config.DATA.HF_LABEL_COLUMN)
+    if config.DATA.DATASET == 'wds':
+        rank, world = dist_info()
+        return WdsDataset(root, split_name(True, config), True, config.MODEL.NUM_CLASSES, rank, world,
+                          config.DATA.BATCH_SIZE, wds_streams(config), config.SEED, config.DATA.WDS_SHUFFLE,
+                          transform, on_broken)
     if config.DATA.ZIP_MODE:
         split = split_name(True, config)
         dataset = ZipImageDataset(os.path.join(root, f'{split}.zip'), os.path.join(root, f'{split}_map.txt'),

@@ -14,6 +14,11 @@ workers, for the training and the eval transforms. Every figure is printed with 
 
     python scripts/benchmark_data.py                        # scikit-image photos -> 256 JPEGs in a temp folder
     python scripts/benchmark_data.py --data-path DIR        # DIR/<class>/<image> (or DIR/train/<class>/...)
+    python scripts/benchmark_data.py --sources folder zip wds hf   # the sources (DATA.DATASET), same JPEGs
+
+``--sources``: the same files as a class folder, a zip + map file, WebDataset shards (scripts/pack_wds.py) and a
+Hugging Face ``save_to_disk`` copy, each read by its own training dataset + sampler through a DataLoader with
+``DATA.LOADER`` torch and fast; images/s per worker (loader rate / workers; 0 workers counts as one).
 
 The default images: the 16 photographs bundled with scikit-image (``pip install scikit-image``), each resized to
 cover 540x405 and cut to 500x375 at 15 offsets (every other one mirrored) plus one 1600x1200 version, JPEG quality
@@ -38,6 +43,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # pack_zip, pack_wds (--sources)
 from config import load_config  # noqa: E402
 from data import batch_to_device  # noqa: E402
 from data.build import loader_collate, loader_transform  # noqa: E402
@@ -275,6 +281,84 @@ def time_loader(files: Sequence[str], transform: Any, collate: Optional[Callable
     return images / (time.perf_counter() - start)
 
 
+# ----------------------------------------------------------------------------- sources (DATA.DATASET)
+
+SOURCES = ('folder', 'zip', 'wds', 'hf')
+
+
+def pack_sources(files: Sequence[str], out: str, sources: Sequence[str]) -> Dict[str, Tuple[str, List[str]]]:
+    """``files`` (``.../<class>/<image>``) as each source under ``out``: {source: (DATA_PATH, extra --opts)}."""
+    import pack_wds
+    import pack_zip
+    folder = os.path.join(out, 'folder')
+    for f in files:
+        dst = os.path.join(folder, 'train', os.path.basename(os.path.dirname(f)), os.path.basename(f))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if not os.path.exists(dst):
+            os.symlink(os.path.abspath(f), dst)
+    layouts: Dict[str, Tuple[str, List[str]]] = {'folder': (folder, ['DATA.DATASET', 'folder'])}
+    if 'zip' in sources:
+        pack_zip.pack_split(os.path.join(folder, 'train'), os.path.join(out, 'train.zip'),
+                            os.path.join(out, 'train_map.txt'), progress=False)
+        layouts['zip'] = (out, ['DATA.DATASET', 'folder', 'DATA.ZIP_MODE', 'True', 'DATA.CACHE_MODE', 'no'])
+    if 'wds' in sources:
+        pack_wds.pack_split(folder, os.path.join(out, 'wds'), 'train', samples_per_shard=64, progress=False)
+        layouts['wds'] = (os.path.join(out, 'wds'), ['DATA.DATASET', 'wds', 'DATA.WDS_SHUFFLE', '256'])
+    if 'hf' in sources:
+        import datasets
+        classes = sorted(os.listdir(os.path.join(folder, 'train')))
+        paths = [os.path.join(folder, 'train', c, f) for c in classes
+                 for f in sorted(os.listdir(os.path.join(folder, 'train', c)))]
+        features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(names=classes)})
+        split = datasets.Dataset.from_dict({'image': paths, 'label': [classes.index(os.path.basename(
+            os.path.dirname(p))) for p in paths]}, features=features)
+        datasets.DatasetDict({'train': split}).save_to_disk(os.path.join(out, 'hf'))
+        layouts['hf'] = (os.path.join(out, 'hf'), ['DATA.DATASET', 'hf'])
+    return {k: layouts[k] for k in sources}
+
+
+def time_source(path: str, opts: Sequence[str], loader: str, size: int, workers: int, batch: int,
+                epochs: int) -> float:
+    """Images/s of one source's training dataset + sampler + collate through a DataLoader (first epoch warm-up)."""
+    from data.build import build_dataset, loader_collate, train_sampler
+    config = load_config(opts=['DATA.DATA_PATH', path, 'DATA.IMG_SIZE', str(size), 'DATA.BATCH_SIZE', str(batch),
+                               'DATA.NUM_WORKERS', str(workers), 'DATA.LOADER', loader, 'MODEL.NUM_CLASSES',
+                               '1000', *opts])
+    dataset, _ = build_dataset(True, config)
+    sampler = train_sampler(dataset, config, 0, 1)
+    data = DataLoader(dataset, sampler=sampler, batch_size=batch, drop_last=True, num_workers=workers,
+                      persistent_workers=workers > 0, collate_fn=loader_collate(True, config))
+    images, start = 0, 0.0
+    for epoch in range(epochs + 1):
+        if epoch == 1:
+            start = time.perf_counter()
+        sampler.set_epoch(epoch)
+        for b in data:
+            if epoch >= 1:
+                images += len(b[1])
+    return images / (time.perf_counter() - start)
+
+
+def benchmark_sources(files: Sequence[str], args: Any) -> None:
+    with tempfile.TemporaryDirectory(prefix='swin_sources_') as out:
+        layouts = pack_sources(files, out, args.sources)
+        rates: Dict[Tuple[str, str, int], List[float]] = {}
+        for _ in range(args.rounds):
+            for workers in args.workers:
+                for loader in ('torch', 'fast'):
+                    for source, (path, opts) in layouts.items():
+                        rate = time_source(path, opts, loader, args.img_size, workers, args.batch_size, args.epochs)
+                        rates.setdefault((source, loader, workers), []).append(rate / max(1, workers))
+    print(f"## train sources: images/s per worker (median of {args.rounds} rounds)\n")
+    columns = [(loader, w) for w in args.workers for loader in ('torch', 'fast')]
+    print("| source | " + " | ".join(f"{loader}, {w} worker{'s' if w != 1 else ''}" for loader, w in columns) + " |")
+    print("| --- |" + " --- |" * len(columns))
+    for source in layouts:
+        print(f"| {source} | " + " | ".join(f"{statistics.median(rates[(source, loader, w)]):.0f}"
+                                           for loader, w in columns) + " |")
+    print()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data-path', help='folder of images: <path>/<class>/<image> (default: make the photos)')
@@ -286,6 +370,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('--rounds', type=int, default=3, help='interleaved rounds; medians are printed (default 3)')
     parser.add_argument('--loaders', nargs='+', default=['timm', 'timm-prefetch', 'torch', 'fast', 'gpu'])
     parser.add_argument('--skip-stages', action='store_true', help='only the loader figures')
+    parser.add_argument('--sources', nargs='+', choices=SOURCES,
+                        help='time these sources (DATA.DATASET) on the same files instead of the loaders')
     parser.add_argument('--device', default='cpu',
                         help="where the device-side finish runs (default cpu); with 'cuda' the loader rows also "
                              "include the copy and the finish on the GPU (end to end, as the training loop sees it)")
@@ -306,6 +392,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"{len(files)} images, {sum(os.path.getsize(f) for f in files) / len(files) / 1024:.0f} KiB average, "
           f"{sum(1 for w, h in sizes if w * h > 1e6)} over 1 MP; size {args.img_size}, batch {args.batch_size}, "
           f"{args.rounds} rounds\n")
+    if args.sources:
+        benchmark_sources(files, args)
+        print(machine())
+        if tmp is not None:
+            tmp.cleanup()
+        return
     device = torch.device(args.device)
     for train in (True, False):
         kind = 'train' if train else 'eval'

@@ -229,7 +229,7 @@ def test_graph_covers_the_project():
 
 # data/'s layers, bottom first (docs/ARCHITECTURE.md): a module imports only from layers below its own; the loaders
 # fast and gpu share a layer and do not import each other (what both need lives in the layers below).
-DATA_LAYERS = (('data.seeding',), ('data.datasets',), ('data.samplers',), ('data.transforms',),
+DATA_LAYERS = (('data.seeding',), ('data.datasets',), ('data.hf', 'data.wds'), ('data.samplers',), ('data.transforms',),
                ('data.device_batch',), ('data.fast', 'data.gpu'), ('data.build',), ('data.simmim',), ('data',))
 
 

@@ -212,7 +212,7 @@ def test_clip_grad_may_be_none():
     (['MODEL.TYPE', 'swin_moe'], r"MODEL\.TYPE = 'swin_moe' is not one of \['swin', 'swinv2'\]"),
     (['TRAIN.OPTIMIZER.NAME', 'adam'], r"\['adamw', 'sgd', 'fused_adam', 'fused_lamb'\]"),
     (['TRAIN.LR_SCHEDULER.NAME', 'poly'], r"\['cosine', 'linear', 'step', 'multistep'\]"),
-    (['DATA.DATASET', 'cifar'], r"\['imagenet', 'imagenet22K', 'folder'\]"),
+    (['DATA.DATASET', 'cifar'], r"\['imagenet', 'imagenet22K', 'folder', 'wds', 'hf'\]"),
     (['DATA.CACHE_MODE', 'all'], r"\['no', 'part', 'full'\]"),
     (['AUG.MIXUP_MODE', 'row'], r"\['batch', 'pair', 'elem'\]"),
 ])

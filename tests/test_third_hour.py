@@ -225,7 +225,12 @@ def test_error_under_torchrun_is_one_line_and_every_rank_exits_2(case, digits, t
 
 def test_other_ranks_stay_quiet_on_a_config_error(digits, tmp_path, capsys, monkeypatch):
     """Every rank meets the same bad config; only rank 0 prints it, and every rank returns 2."""
+    import logging
     import main
+    # An earlier in-process run (utils.logger.create_logger) may have left root handlers writing to a closed
+    # capture stream, whose write errors logging prints to stderr. A fresh process has none of them.
+    root = logging.getLogger()
+    monkeypatch.setattr(root, 'handlers', [h for h in root.handlers if not getattr(h, '_swin_handler', False)])
     args = _main_args(digits, str(tmp_path / 'out')) + ['TRAIN.EPOCHES', '3']
     for rank, lines in (('1', 0), ('0', 1)):
         monkeypatch.setenv('RANK', rank)

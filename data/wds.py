@@ -1,0 +1,442 @@
+"""``DATA.DATASET wds``: WebDataset tar shards (the ``webdataset`` package opens them), read in order, exactly.
+
+A split is a list of tar shards, each holding samples ``{key}.jpg|jpeg|png|webp`` + ``{key}.cls`` (the label as
+text), as in the public ImageNet shards. The index file ``<DATA.DATA_PATH>/<name>.index.json``
+(``scripts/pack_wds.py`` writes it) gives each shard's sample count and size, so every rank knows the epoch's
+length before reading, and a missing or truncated local shard is an error that names it before training.
+
+How an epoch is laid out (``EpochLayout``, a pure function of SEED, epoch, world size, DATA.BATCH_SIZE and
+DATA.NUM_WORKERS):
+
+1. The shards are put in an order drawn from (SEED, epoch) (validation: their listed order) and their samples
+   concatenated.
+2. Training: each rank takes a contiguous run of ``L = (N // (world * B)) * B`` samples of that concatenation,
+   so every rank runs the same number of full batches; the last ``N - world * L`` samples (fewer than
+   ``world * B``, in whichever shard comes last this epoch) sit the epoch out. Validation: contiguous blocks
+   whose sizes differ by at most one, every sample exactly once, no padding.
+3. A rank's run is cut into ``S = max(1, DATA.NUM_WORKERS)`` streams: stream ``s`` serves batches
+   ``s, s + S, s + 2S, ...``, which is how the DataLoader hands batches to its workers, so each worker reads one
+   contiguous stretch of shards from start to end. Training streams pass through a shuffle buffer of
+   ``DATA.WDS_SHUFFLE`` samples seeded from (SEED, epoch, rank, stream).
+
+The dataset is map-style: the sampler (``WdsTrainSampler``) yields the positions of the rank's run as
+``SampleKey``s, and the dataset turns position -> (stream, place in stream) -> sample by reading the stream
+forward (a process keeps one reader per stream it serves). So the samplers' contract holds unchanged: the
+engine's ``set_epoch``, ``loader_from`` (a mid-epoch resume re-reads the trained part of each stream and
+discards it), the per-sample augmentation seeds and the exact validation sharding.
+
+Damaged samples (an unreadable image, a missing or bad ``.cls``) follow the broken-image policy of
+``data.datasets`` (training: the next sample of the stream stands in; validation: dropped; both counted).
+
+Layer: over ``data.datasets`` and ``data.seeding``, under the samplers.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import tarfile
+import zlib
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .datasets import (DECODE_ERRORS, MAX_SUBSTITUTE_TRIES, BROKEN_POLICIES, BrokenImageCounter, BrokenImageError,
+                       DatasetLayoutError, decode_image, require_source)
+from .seeding import SampleKey, key_maker, seeded_rngs
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
+LABEL_EXTENSION = 'cls'
+INDEX_SUFFIX = '.index.json'
+INDEX_FORMAT = 'swin-wds-index/1'
+# Recent samples a stream reader keeps, so that a substitute (the next sample) and the batch after it need no
+# re-read; older places re-open the stream.
+READER_WINDOW = 256
+
+Raw = Tuple[str, Dict[str, bytes]]  # (sample key, {extension: bytes})
+
+
+class WdsShardError(DatasetLayoutError):
+    """A shard that is missing, truncated or holds other samples than its index says; the message names it."""
+
+
+# ----------------------------------------------------------------------------- the index and the shard list
+
+def is_local(url: str) -> bool:
+    return '://' not in url and not url.startswith('pipe:')
+
+
+def join_url(root: str, name: str) -> str:
+    """A file's location: ``name`` as given when it is absolute or a URL; else under ``root``: a folder, a URL
+    prefix, or a ``pipe:`` command in which ``{}`` stands for the file name (``pipe:aws s3 cp s3://b/wds/{} -``)."""
+    if not is_local(name) or os.path.isabs(name):
+        return name
+    if root.startswith('pipe:'):
+        if '{}' not in root:
+            raise DatasetLayoutError(f"DATA.DATA_PATH {root!r}: a pipe: command needs '{{}}' where the file name "
+                                     f"goes, e.g. 'pipe:aws s3 cp s3://bucket/imagenet_wds/{{}} -'")
+        return root.replace('{}', name)
+    return f"{root.rstrip('/')}/{name}" if not is_local(root) else os.path.join(root, name)
+
+
+def index_name(split: str) -> str:
+    """The index file of a split given as a name (``train``) or a brace pattern (``train-{000..009}.tar``)."""
+    stem = split.split('{')[0] if '{' in split else split
+    if stem.endswith('.tar'):
+        stem = stem[:-4]
+    return stem.rstrip('-_.') + INDEX_SUFFIX
+
+
+def read_index(root: str, split: str) -> List[Dict[str, Any]]:
+    """The shards of ``split``: ``[{'url', 'samples', 'bytes' (None when unknown)}]`` in their listed order."""
+    path = join_url(root, index_name(split))
+    if is_local(path):
+        if not os.path.isfile(path):
+            raise DatasetLayoutError(
+                f"WebDataset index not found: {path}; scripts/pack_wds.py writes it with the shards, and "
+                f"'python scripts/pack_wds.py --index-only {root} --split {split}' counts existing shards once")
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    else:
+        wds = require_source('webdataset', 'webdataset', 'wds')
+        with wds.gopen(path) as f:
+            text = f.read().decode('utf-8')
+    try:
+        index = json.loads(text)
+        entries = [{'url': str(e['url']), 'samples': int(e['samples']),
+                    'bytes': None if e.get('bytes') is None else int(e['bytes'])} for e in index['shards']]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DatasetLayoutError(f"{path}: not a WebDataset index ({INDEX_FORMAT}): {type(e).__name__}: {e}") from None
+    if '{' in split or split.endswith('.tar'):  # a pattern picks (and orders) shards of the index
+        braceexpand = require_source('braceexpand', 'braceexpand', 'wds')
+        by_name = {os.path.basename(e['url']): e for e in entries}
+        wanted = list(braceexpand.braceexpand(split))
+        missing = [w for w in wanted if os.path.basename(w) not in by_name]
+        if missing:
+            raise DatasetLayoutError(f"{path} does not list {len(missing)} shards of {split!r}, e.g. {missing[:3]}")
+        entries = [by_name[os.path.basename(w)] for w in wanted]
+    if not entries or sum(e['samples'] for e in entries) == 0:
+        raise DatasetLayoutError(f"{path}: the split {split!r} has no samples")
+    for e in entries:
+        e['url'] = join_url(root, e['url'])
+    return entries
+
+
+def check_local_shards(shards: Sequence[Dict[str, Any]]) -> None:
+    """Every local shard exists and has the size its index records: else an error naming them."""
+    missing = [s['url'] for s in shards if is_local(s['url']) and not os.path.isfile(s['url'])]
+    if missing:
+        raise WdsShardError(f"{len(missing)} WebDataset shards are missing, e.g. {missing[:3]}")
+    for s in shards:
+        if is_local(s['url']) and s['bytes'] is not None and os.path.getsize(s['url']) != s['bytes']:
+            raise WdsShardError(f"shard {s['url']} has {os.path.getsize(s['url'])} bytes, its index says "
+                                f"{s['bytes']}: truncated or rewritten; re-pack it or rewrite the index "
+                                f"(scripts/pack_wds.py --index-only)")
+
+
+# ----------------------------------------------------------------------------- reading shards
+
+def split_member_name(name: str) -> Tuple[str, str]:
+    """``dir/abc.def.jpg`` -> (``dir/abc``, ``def.jpg``): webdataset's rule (the key ends at the base name's
+    first dot)."""
+    directory, base = os.path.split(name)
+    stem, _, ext = base.partition('.')
+    return (os.path.join(directory, stem) if directory else stem), ext.lower()
+
+
+def open_shard(url: str) -> Any:
+    if is_local(url):
+        return open(url, 'rb')
+    wds = require_source('webdataset', 'webdataset', 'wds')
+    return wds.gopen(url)
+
+
+def iter_shard(url: str) -> Iterator[Raw]:
+    """The samples of one tar shard in order: members grouped by key. A damaged tar is a ``WdsShardError``."""
+    try:
+        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode='r|') as tar:
+            key, parts = None, {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k, ext = split_member_name(member.name)
+                if k != key:
+                    if key is not None:
+                        yield key, parts
+                    key, parts = k, {}
+                parts[ext] = tar.extractfile(member).read()
+            if key is not None:
+                yield key, parts
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise WdsShardError(f"shard {url} cannot be read to its end ({type(e).__name__}: {e}): missing or "
+                            f"truncated; re-pack it (scripts/pack_wds.py --verify checks every shard)") from None
+
+
+def shard_samples(url: str, skip: int, take: int) -> Iterator[Raw]:
+    """Samples ``skip .. skip + take - 1`` of one shard; a shard that ends before them is an error naming it."""
+    got = 0
+    for n, raw in enumerate(iter_shard(url)):
+        if n < skip:
+            continue
+        yield raw
+        got += 1
+        if got == take:
+            return
+    raise WdsShardError(f"shard {url} ended after {skip + got} samples; its index promises at least {skip + take}: "
+                        f"truncated or rewritten (scripts/pack_wds.py --verify)")
+
+
+def shuffled(items: Iterator[Raw], size: int, rng: np.random.Generator) -> Iterator[Raw]:
+    """A shuffle buffer of ``size``: fill it, then emit a random element and put the next item in its place."""
+    buffer: List[Raw] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = int(rng.integers(len(buffer)))
+        yield buffer[i]
+        buffer[i] = item
+    while buffer:
+        i = int(rng.integers(len(buffer)))
+        buffer[i], buffer[-1] = buffer[-1], buffer[i]
+        yield buffer.pop()
+
+
+def stream_seed(*words: int) -> int:
+    data = b''.join(int(w & ((1 << 64) - 1)).to_bytes(8, 'little') for w in words)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, person=b'swin-wds').digest(), 'little')
+
+
+# ----------------------------------------------------------------------------- the epoch's layout
+
+class EpochLayout:
+    """Which samples rank ``rank`` reads in an epoch, cut into streams (see the module's docstring)."""
+
+    def __init__(self, counts: Sequence[int], order: Sequence[int], rank: int, world: int, batch_size: int,
+                 streams: int, train: bool) -> None:
+        total = sum(counts)
+        if train:
+            per_rank = (total // (world * batch_size)) * batch_size
+            self.start, self.length = rank * per_rank, per_rank
+        else:
+            if world > total:
+                raise DatasetLayoutError(f"{world} ranks but only {total} validation samples")
+            base, extra = divmod(total, world)
+            self.start, self.length = rank * base + min(rank, extra), base + (1 if rank < extra else 0)
+        self.batch_size, self.streams = batch_size, streams
+        self.order = list(order)
+        self.counts = [counts[i] for i in self.order]
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        batches = math.ceil(self.length / batch_size)
+        sizes = [batch_size] * batches
+        if batches:
+            sizes[-1] = self.length - (batches - 1) * batch_size
+        self.stream_lengths = [sum(sizes[s::streams]) for s in range(streams)]
+        self.stream_starts = [self.start + sum(self.stream_lengths[:s]) for s in range(streams)]
+
+    def locate(self, position: int) -> Tuple[int, int]:
+        """Global position (as the sampler yields it) -> (stream, place in the stream)."""
+        p = position - self.start
+        if not 0 <= p < self.length:
+            raise IndexError(f"position {position} is not in this rank's [{self.start}, {self.start + self.length})")
+        batch, slot = divmod(p, self.batch_size)
+        return batch % self.streams, (batch // self.streams) * self.batch_size + slot
+
+    def pieces(self, stream: int) -> List[Tuple[int, int, int]]:
+        """(shard id, skip, take) covering the stream's run of the concatenation, in order."""
+        lo = self.stream_starts[stream]
+        hi = lo + self.stream_lengths[stream]
+        out = []
+        first = int(np.searchsorted(self.offsets, lo, side='right')) - 1
+        for k in range(max(first, 0), len(self.counts)):
+            a, b = int(self.offsets[k]), int(self.offsets[k + 1])
+            if a >= hi:
+                break
+            if b > lo:
+                out.append((self.order[k], max(lo, a) - a, min(hi, b) - max(lo, a)))
+        return out
+
+
+class StreamReader:
+    """Reads one stream forward and remembers its last ``READER_WINDOW`` samples; going further back re-opens."""
+
+    def __init__(self, urls: Sequence[str], pieces: List[Tuple[int, int, int]], shuffle: int,
+                 seed: Optional[int]) -> None:
+        self.urls, self.pieces, self.shuffle, self.seed = urls, pieces, shuffle, seed
+        self.length = sum(take for _, _, take in pieces)
+        self._restart()
+
+    def _restart(self) -> None:
+        raw = (s for shard, skip, take in self.pieces for s in shard_samples(self.urls[shard], skip, take))
+        if self.seed is not None and self.shuffle > 1:
+            raw = shuffled(raw, self.shuffle, np.random.default_rng(self.seed))
+        self._items = raw
+        self._next = 0
+        self._window: Dict[int, Raw] = {}
+
+    def get(self, place: int) -> Raw:
+        if not 0 <= place < self.length:
+            raise IndexError(f"place {place} is outside the stream (length {self.length})")
+        if place in self._window:
+            return self._window[place]
+        if place < self._next:
+            self._restart()
+        while self._next <= place:
+            self._window[self._next] = next(self._items)
+            self._window.pop(self._next - READER_WINDOW, None)
+            self._next += 1
+        return self._window[place]
+
+
+# ----------------------------------------------------------------------------- dataset and sampler
+
+def decode_label(raw: Raw, num_classes: int) -> Tuple[bytes, int]:
+    """(image bytes, label) of a sample; a missing part or a bad label raises (a damaged sample)."""
+    key, parts = raw
+    image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+    if image is None:
+        raise KeyError(f"sample {key} has no image ({'/'.join(IMAGE_EXTENSIONS)}); it has {sorted(parts)}")
+    if LABEL_EXTENSION not in parts:
+        raise KeyError(f"sample {key} has no .{LABEL_EXTENSION} label")
+    label = int(parts[LABEL_EXTENSION].decode('utf-8').strip())
+    if not 0 <= label < num_classes:
+        raise ValueError(f"sample {key}: label {label} is not in [0, MODEL.NUM_CLASSES = {num_classes})")
+    return image, label
+
+
+class WdsDataset(Dataset):
+    """One split of WebDataset shards as seen by rank ``rank`` of ``world`` (positions: see ``EpochLayout``)."""
+
+    def __init__(self, root: str, split: str, train: bool, num_classes: int, rank: int, world: int,
+                 batch_size: int, streams: int, seed: int, shuffle: int, transform: Optional[Callable] = None,
+                 on_broken: str = 'substitute') -> None:
+        if on_broken not in BROKEN_POLICIES:
+            raise ValueError(f"on_broken must be one of {BROKEN_POLICIES}, got {on_broken!r}")
+        require_source('webdataset', 'webdataset', 'wds')
+        self.shards = read_index(root, split)
+        check_local_shards(self.shards)
+        self.urls = [s['url'] for s in self.shards]
+        self.counts = [s['samples'] for s in self.shards]
+        self.description = join_url(root, split)
+        self.train, self.num_classes, self.rank, self.world = train, num_classes, rank, world
+        self.batch_size, self.streams, self.seed, self.shuffle = batch_size, max(1, streams), seed, shuffle
+        self.transform, self.on_broken = transform, on_broken
+        self.broken_images = BrokenImageCounter()
+        self._layouts: Dict[int, EpochLayout] = {}
+        self._readers: Dict[Tuple[int, int], StreamReader] = {}
+
+    def __len__(self) -> int:
+        """All samples of the split (a rank reads ``layout(epoch).length`` of them)."""
+        return sum(self.counts)
+
+    def shard_order(self, epoch: int) -> List[int]:
+        if not self.train:
+            return list(range(len(self.counts)))
+        g = torch.Generator().manual_seed(stream_seed(self.seed, epoch))
+        return torch.randperm(len(self.counts), generator=g).tolist()
+
+    def layout(self, epoch: int) -> EpochLayout:
+        epoch = epoch if self.train else 0
+        if epoch not in self._layouts:
+            self._layouts = {epoch: EpochLayout(self.counts, self.shard_order(epoch), self.rank, self.world,
+                                                self.batch_size, self.streams, self.train)}
+        return self._layouts[epoch]
+
+    def reader(self, epoch: int, stream: int) -> StreamReader:
+        epoch = epoch if self.train else 0
+        if (epoch, stream) not in self._readers:
+            self._readers = {k: r for k, r in self._readers.items() if k[0] == epoch}  # an epoch's readers only
+            seed = stream_seed(self.seed, epoch, self.rank, stream) if self.train else None
+            self._readers[(epoch, stream)] = StreamReader(self.urls, self.layout(epoch).pieces(stream),
+                                                          self.shuffle, seed)
+        return self._readers[(epoch, stream)]
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state['_readers'] = {}  # open files and generators stay in their process
+        return state
+
+    def _broken(self, name: str, exc: BaseException) -> None:
+        if self.on_broken == 'error':
+            raise BrokenImageError(f"damaged sample {name}: {type(exc).__name__}: {exc} "
+                                   f"(set DATA.STRICT_IMAGES False to skip such samples)") from exc
+        self.broken_images.add()
+        logger.warning("skipping damaged sample %s: %s: %s", name, type(exc).__name__, exc)
+
+    def load(self, key: int) -> Optional[Tuple[Any, int, str]]:
+        """(transformed image, label, sample key) at position ``key``; None for a dropped damaged sample."""
+        epoch = getattr(key, 'epoch', 0)
+        stream, place = self.layout(epoch).locate(int(key))
+        reader = self.reader(epoch, stream)
+        tries = 1 if self.on_broken != 'substitute' else min(reader.length, MAX_SUBSTITUTE_TRIES)
+        encoded = getattr(self.transform, 'takes_encoded', False)
+        seeded = isinstance(key, SampleKey) and self.transform is not None
+        for attempt in range(tries):
+            raw = reader.get((place + attempt) % reader.length)  # shard errors propagate: they are not damage
+            name = f"{self.description}:{raw[0]}"
+            with seeded_rngs(key) if seeded else contextlib.nullcontext():
+                try:
+                    data, label = decode_label(raw, self.num_classes)
+                    img = self.transform.decode(data) if encoded else decode_image(data)
+                except DECODE_ERRORS as exc:
+                    self._broken(name, exc)
+                    continue
+                if self.transform is not None:
+                    img = self.transform(img)
+            return img, label, raw[0]
+        if self.on_broken == 'drop':
+            return None
+        raise BrokenImageError(f"{tries} consecutive damaged samples from position {int(key)} of "
+                               f"{self.description}; the shards look damaged")
+
+    def __getitem__(self, key: int) -> Optional[Tuple[Any, int]]:
+        loaded = self.load(key)
+        return None if loaded is None else loaded[:2]
+
+    def __repr__(self) -> str:
+        return (f"WdsDataset({self.description!r}, {len(self)} samples in {len(self.urls)} shards, "
+                f"{self.num_classes} classes)")
+
+
+class WdsTrainSampler(Sampler[int]):
+    """The positions of this rank's run of the epoch, in order, as ``SampleKey``s (the order itself comes from
+    the shard order and shuffle buffers of ``WdsDataset``)."""
+
+    def __init__(self, dataset: WdsDataset) -> None:
+        self.dataset = dataset
+        self.seed = dataset.seed
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[int]:
+        layout = self.dataset.layout(self.epoch)
+        return map(key_maker(self.epoch, self.seed), range(layout.start, layout.start + layout.length))
+
+    def __len__(self) -> int:
+        return self.dataset.layout(self.epoch).length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class WdsEvalSampler(Sampler[int]):
+    """This rank's contiguous block of the validation split: every sample on exactly one rank, none padded."""
+
+    def __init__(self, dataset: WdsDataset) -> None:
+        layout = dataset.layout(0)
+        self.indices = range(layout.start, layout.start + layout.length)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Validation order does not change between epochs."""
