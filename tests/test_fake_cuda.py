@@ -315,6 +315,8 @@ def test_cuda_run_with_fsdp_cpu_offload_asks_for_a_cpu_backend(monkeypatch, tmp_
         asked.update(kwargs)
         raise RuntimeError('stop here')
     monkeypatch.setattr(distributed, 'init_distributed', lambda *a, **k: record(**k))
+    for split in ('train', 'val'):  # main.py checks that the data folders exist before the process group
+        (tmp_path / split).mkdir()
     args = ['--data-path', str(tmp_path), '--output', str(tmp_path), '--fsdp', '--opts', 'TRAIN.FSDP.CPU_OFFLOAD']
     assert main.main(args + ['True']) == 2 and asked['cpu_collectives'] is True
     assert main.main(args + ['False']) == 2 and asked['cpu_collectives'] is False
