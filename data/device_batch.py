@@ -71,27 +71,27 @@ def erase_fill(params: torch.Tensor, mode: str, height: int, width: int) -> Dict
     timm's modes: 'pixel' per-pixel normal noise, 'rand' one normal colour per box, 'const' zeros; boxes in their
     drawn order (a later one overwrites an earlier one where they overlap), the noise of a sample from a generator
     seeded with its drawn seed alone."""
-    rows, masks, values = [], [], []
-    for b, row in enumerate(params.tolist()):
-        boxes = [row[k:k + 4] for k in range(0, len(row) - 1, 4) if row[k + 2] > 0]
-        if not boxes:
-            continue
-        g = torch.Generator().manual_seed(row[-1])
-        canvas = torch.zeros((3, height, width))
-        mask = torch.zeros((height, width), dtype=torch.bool)
-        for top, left, h, w in boxes:
-            if mode == 'pixel':
-                canvas[:, top:top + h, left:left + w] = torch.randn((3, h, w), generator=g)
-            elif mode == 'rand':
-                canvas[:, top:top + h, left:left + w] = torch.randn((3, 1, 1), generator=g)
-            else:
-                canvas[:, top:top + h, left:left + w] = 0.0
+    boxes_of = {b: [row[k:k + 4] for k in range(0, len(row) - 1, 4) if row[k + 2] > 0]
+                for b, row in enumerate(params.tolist())}
+    rows = [b for b, boxes in boxes_of.items() if boxes]
+    masks = torch.zeros((len(rows), height, width), dtype=torch.bool)
+    values = []
+    for mask, b in zip(masks, rows):
+        g = torch.Generator().manual_seed(int(params[b, -1]))
+        fills = [torch.randn((3, h, w), generator=g) if mode == 'pixel' else
+                 torch.randn((3, 1, 1), generator=g).expand(3, h, w) if mode == 'rand' else torch.zeros((3, h, w))
+                 for _, _, h, w in boxes_of[b]]
+        if len(fills) == 1:  # one box: its fill is the values, in their order
+            top, left, h, w = boxes_of[b][0]
             mask[top:top + h, left:left + w] = True
-        rows.append(b)
-        masks.append(mask)
+            values.append(fills[0].reshape(-1))
+            continue
+        canvas = torch.zeros((3, height, width))
+        for (top, left, h, w), fill in zip(boxes_of[b], fills):
+            canvas[:, top:top + h, left:left + w] = fill
+            mask[top:top + h, left:left + w] = True
         values.append(canvas[:, mask].flatten())  # (3 * n,): channel-major, row-major within a channel
-    return {'erase_rows': torch.tensor(rows, dtype=torch.int64),
-            'erase_mask': torch.stack(masks) if masks else torch.zeros((0, height, width), dtype=torch.bool),
+    return {'erase_rows': torch.tensor(rows, dtype=torch.int64), 'erase_mask': masks,
             'erase_values': torch.cat(values) if values else torch.zeros(0)}
 
 

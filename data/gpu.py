@@ -30,6 +30,7 @@ Layer: a loader, over ``data.datasets``, ``data.transforms`` and ``data.device_b
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import logging
 import warnings
@@ -423,32 +424,54 @@ def resize_taps(in_size: np.ndarray, out_size: np.ndarray, first: np.ndarray, co
     ``first .. first + count - 1``, per line (n,): ``(start (n, count), length (n, count), weights (n, count, K))``
     of each output's input window, zero past its length. ``modes``: indices into ``_INTERPOLATIONS``; bilinear and
     bicubic are PIL's antialiased filters (torch's ``_upsample_*_aa`` kernels, float32 as on CUDA), nearest is
-    torch's legacy nearest."""
-    in_size, out_size = in_size.astype(np.float32), out_size.astype(np.float32)
-    o = (first[:, None] + np.arange(count)[None]).astype(np.float32)  # (n, count) output indices
-    scale = in_size / out_size
-    half = np.where(modes == _INTERPOLATIONS.index(InterpolationMode.BICUBIC), 2.0, 1.0).astype(np.float32)
-    support = np.where(scale >= 1, half * scale, half)[:, None]
-    invscale = np.where(scale >= 1, 1 / scale, 1.0).astype(np.float32)[:, None, None]
+    torch's legacy nearest. Lines are computed once per process (``line_taps``: crops repeat their sizes)."""
+    lines = [line_taps(int(i), int(o), int(f), count, int(m)) for i, o, f, m in zip(in_size, out_size, first, modes)]
+    k = max((w.shape[1] for _, _, w in lines), default=1)
+    start = np.zeros((len(lines), count), dtype=np.int64)
+    length = np.ones((len(lines), count), dtype=np.int64)
+    weights = np.zeros((len(lines), count, k), dtype=np.float32)
+    for n, (s, l, w) in enumerate(lines):
+        start[n], length[n], weights[n, :, :w.shape[1]] = s, l, w
+    return start, length, weights
+
+
+@functools.lru_cache(maxsize=2048)  # a line's taps: 224 x ~10 float32, ~12 KiB
+def line_taps(in_size: int, out_size: int, first: int, count: int, mode: int
+              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``resize_taps`` of one line, (start (count,), length (count,), weights (count, K))."""
+    in_size, out_size, first, modes = (np.array([v]) for v in (in_size, out_size, first, mode))
+    in_f, out_f = in_size.astype(np.float32), out_size.astype(np.float32)
+    o = first[:, None].astype(np.float32) + np.arange(count, dtype=np.float32)  # (n, count) output indices
+    scale = in_f / out_f
+    cubic = modes == _INTERPOLATIONS.index(InterpolationMode.BICUBIC)
+    support = (np.maximum(scale, 1) * np.where(cubic, 2, 1)).astype(np.float32)[:, None]  # filter half-width
     center = scale[:, None] * (o + np.float32(0.5))
     start = np.maximum((center - support + np.float32(0.5)).astype(np.int64), 0)
-    length = np.minimum((center + support + np.float32(0.5)).astype(np.int64), in_size[:, None].astype(np.int64))
-    length = np.maximum(length - start, 1)
-    k = np.arange(length.max(initial=1))
-    x = np.abs((k + start[..., None] - center[..., None] + np.float32(0.5)) * invscale).astype(np.float32)
-    cubic = np.where(x < 1, (1.5 * x - 2.5) * x * x + 1, np.where(x < 2, ((-0.5 * x + 2.5) * x - 4) * x + 2, 0))
-    weights = np.where((modes == _INTERPOLATIONS.index(InterpolationMode.BICUBIC))[:, None, None], cubic,
-                       np.maximum(1 - x, 0)).astype(np.float32) * (k < length[..., None])
-    weights /= np.where(weights.sum(-1, keepdims=True) == 0, 1, weights.sum(-1, keepdims=True))
+    length = np.maximum(np.minimum((center + support + np.float32(0.5)).astype(np.int64), in_size[:, None]) - start, 1)
+    taps = np.arange(length.max(initial=1), dtype=np.float32)
+    x = taps + (start.astype(np.float32) - center + np.float32(0.5))[..., None]  # (n, count, K) filter arguments
+    x *= (1 / np.maximum(scale, 1)).astype(np.float32)[:, None, None]
+    np.abs(x, out=x)
+    weights = np.zeros_like(x)
+    if cubic.any():  # PIL's bicubic, a = -0.5
+        xc = x[cubic]
+        weights[cubic] = np.where(xc < 1, (1.5 * xc - 2.5) * xc * xc + 1,
+                                  np.where(xc < 2, ((-0.5 * xc + 2.5) * xc - 4) * xc + 2, 0))
+    if not cubic.all():
+        weights[~cubic] = np.maximum(1 - x[~cubic], 0)
+    weights *= taps < length[..., None]
+    total = weights.sum(-1, keepdims=True)
+    weights /= np.where(total == 0, 1, total)
     nearest = modes == _INTERPOLATIONS.index(InterpolationMode.NEAREST)
     if nearest.any():  # torch's nearest_idx: floor(o * (float) in / out), exact when the sizes match or double
-        src = np.minimum(np.floor(o * scale[:, None]).astype(np.int64), in_size[:, None].astype(np.int64) - 1)
-        src = np.where((in_size == out_size)[:, None], o.astype(np.int64), src)
-        src = np.where((out_size == 2 * in_size)[:, None], o.astype(np.int64) >> 1, src)
+        o_int = o.astype(np.int64)
+        src = np.minimum(np.floor(o * scale[:, None]).astype(np.int64), in_size[:, None] - 1)
+        src = np.where((in_size == out_size)[:, None], o_int, np.where((out_size == 2 * in_size)[:, None], o_int >> 1,
+                                                                        src))
         start[nearest], length[nearest] = src[nearest], 1
         weights[nearest] = 0
         weights[nearest, :, 0] = 1
-    return start, length, weights
+    return start[0], length[0], weights[0, :, :int(length.max())]
 
 
 class ResizeChunk:
@@ -507,23 +530,24 @@ def compile_resize(plans: Sequence[Dict[str, Any]], order: Sequence[int], size: 
             members.append(k)
             rows += int(y_hi[k] - y_lo[k])
         m = np.array(sorted(members), dtype=np.int64)  # in output order: one chunk writes the batch as it is
-        # the gathered rows: (sample, y, channel) -> flat start of row y of that channel at the crop's left edge
-        row_starts, base = [], []
-        for k in m:
-            w_img, h_img = wh[k]
-            ys = np.arange(y_lo[k], y_hi[k])[:, None]
-            base.append(sum(len(r) for r in row_starts) // 3)
-            row_starts.append((flat_offset[k] + np.arange(3)[None] * h_img * w_img + ys * w_img + x_lo[k]).ravel())
-        base = np.array(base, dtype=np.int64)[:, None, None]
+        # the gathered rows, (sample, y, channel): the flat start of row y of that channel at the crop's left edge
+        rows_of = y_hi[m] - y_lo[m]
+        base = np.concatenate([[0], np.cumsum(rows_of)[:-1]])  # each sample's first row (a row: 3 channels)
+        sample = np.repeat(np.arange(len(m)), rows_of)
+        y = y_lo[m][sample] + np.arange(len(sample)) - base[sample]
+        w_img, h_img = wh[m][sample].T
+        row_starts = (flat_offset[m][sample] + y * w_img + x_lo[m][sample])[:, None] + \
+            np.arange(3) * (h_img * w_img)[:, None]  # (rows, 3)
+        base = base[:, None, None]
         taps = np.arange(v_w.shape[2])
         v_idx = np.minimum(base + (v_offset[m] - y_lo[m])[:, None, None] + v_start[m][..., None] + taps,
-                           base + (y_hi[m] - y_lo[m])[:, None, None] - 1)
+                           base + rows_of[:, None, None] - 1)
         taps = np.arange(h_w.shape[2])
         lane = (np.arange(len(m)) * width)[:, None, None]
         h_idx = np.minimum(lane + (h_offset[m] - x_lo[m])[:, None, None] + h_start[m][..., None] + taps,
                            lane + (x_hi[m] - x_lo[m])[:, None, None] - 1)
         name = f'resize{len(chunks)}.'
-        tensors.update({name + 'rows': torch.from_numpy(np.concatenate(row_starts)),
+        tensors.update({name + 'rows': torch.from_numpy(row_starts.reshape(-1)),
                         name + 'v_idx': torch.from_numpy(v_idx.reshape(-1).astype(np.int32)),
                         name + 'v_w': torch.from_numpy(np.ascontiguousarray(v_w[m]).reshape(-1)),
                         name + 'v_off': torch.arange(0, v_idx.size, v_w.shape[2], dtype=torch.int32),

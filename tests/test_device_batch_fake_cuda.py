@@ -82,7 +82,7 @@ def fake_decoder(sizes, log=None):
 
 def finish_on_fake_cuda(batch, monkeypatch):
     """DeviceOps of ``batch_to_device(batch, 'cuda')`` on fake CUDA, and the finished images."""
-    if isinstance(batch.extras, data.gpu.BatchPlan):
+    if isinstance(batch.images, data.gpu.PackedImages):
         monkeypatch.setattr(data.gpu, '_decode_jpegs', fake_decoder(header_sizes(batch)))
     with fake_cuda():
         with DeviceOps() as ops:
