@@ -330,10 +330,10 @@ class AugmentLayer:
         start, stop = self.span('pointwise', 'equalize')
         if stop > start:
             tables = t[name + 'lut']  # (n, 3, 256): the pointwise rows made in the worker, the histogram ones here
-            first = self.count('pointwise')
+            made = self.count('pointwise')
             indices = lut_indices(x[start:stop], t[name + 'lut_offset'])
-            if stop > first:
-                histogram_luts(indices[first:], tables, first, self.count('auto_contrast'), t)
+            if stop - start > made:
+                histogram_luts(indices[made:], tables, made, self.count('auto_contrast'), t)
             apply_luts(x[start:stop], tables, indices)
         start, stop = self.span('color', 'sharpness')
         if stop > start:
@@ -759,7 +759,8 @@ class PackedImages:
         return self.count
 
     def pin_memory(self) -> 'PackedImages':
-        self.data = self.data.pin_memory()
+        """Pins the decoded pixels (copied to the device); the JPEG bytes stay where they are: the decoder reads
+        them on the host."""
         self.pixels = [(k, p.pin_memory()) for k, p in self.pixels]
         return self
 
