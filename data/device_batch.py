@@ -64,34 +64,37 @@ def erase_params(eraser: Optional[RandomErasing], height: int, width: int) -> to
 
 
 def erase_fill(params: torch.Tensor, mode: str, height: int, width: int) -> Dict[str, torch.Tensor]:
-    """What the device writes for the drawn erasing ``params`` (B, 4k+1) (CPU): ``erase_rows`` (E,) the erased
-    samples, ``erase_mask`` (E, H, W) bool their erased pixels, ``erase_values`` (3 * erased pixels,) float32 the
-    values there, in the row-major order of (sample, channel, y, x) that ``Tensor.masked_scatter_`` reads.
+    """What the device writes for the drawn erasing ``params`` (B, 4k+1) (CPU): ``erase_index`` (E,) the erased
+    pixels' positions in the flat (B, 3, H, W) batch, in order, and ``erase_values`` (E,) float32 their values.
 
     timm's modes: 'pixel' per-pixel normal noise, 'rand' one normal colour per box, 'const' zeros; boxes in their
     drawn order (a later one overwrites an earlier one where they overlap), the noise of a sample from a generator
     seeded with its drawn seed alone."""
-    boxes_of = {b: [row[k:k + 4] for k in range(0, len(row) - 1, 4) if row[k + 2] > 0]
-                for b, row in enumerate(params.tolist())}
-    rows = [b for b, boxes in boxes_of.items() if boxes]
-    masks = torch.zeros((len(rows), height, width), dtype=torch.bool)
-    values = []
-    for mask, b in zip(masks, rows):
-        g = torch.Generator().manual_seed(int(params[b, -1]))
+    plane, indices, values = height * width, [], []
+    for b, row in enumerate(params.tolist()):
+        boxes = [row[k:k + 4] for k in range(0, len(row) - 1, 4) if row[k + 2] > 0]
+        if not boxes:
+            continue
+        g = torch.Generator().manual_seed(row[-1])
         fills = [torch.randn((3, h, w), generator=g) if mode == 'pixel' else
                  torch.randn((3, 1, 1), generator=g).expand(3, h, w) if mode == 'rand' else torch.zeros((3, h, w))
-                 for _, _, h, w in boxes_of[b]]
-        if len(fills) == 1:  # one box: its fill is the values, in their order
-            top, left, h, w = boxes_of[b][0]
-            mask[top:top + h, left:left + w] = True
-            values.append(fills[0].reshape(-1))
-            continue
-        canvas = torch.zeros((3, height, width))
-        for (top, left, h, w), fill in zip(boxes_of[b], fills):
-            canvas[:, top:top + h, left:left + w] = fill
-            mask[top:top + h, left:left + w] = True
-        values.append(canvas[:, mask].flatten())  # (3 * n,): channel-major, row-major within a channel
-    return {'erase_rows': torch.tensor(rows, dtype=torch.int64), 'erase_mask': masks,
+                 for _, _, h, w in boxes]
+        if len(boxes) == 1:  # the box's pixels, row-major: its fill as it is
+            top, left, h, w = boxes[0]
+            pixels = ((top + torch.arange(h))[:, None] * width + left + torch.arange(w)).view(-1)
+            value = fills[0].reshape(-1)
+        else:  # overlapping boxes: the last one drawn wins
+            canvas = torch.zeros((3, height, width))
+            mask = torch.zeros((height, width), dtype=torch.bool)
+            for (top, left, h, w), fill in zip(boxes, fills):
+                canvas[:, top:top + h, left:left + w] = fill
+                mask[top:top + h, left:left + w] = True
+            pixels = mask.view(-1).nonzero().squeeze(1)  # (n,) row-major
+            value = canvas.view(3, -1)[:, pixels].reshape(-1)
+        indices.append((b * 3 * plane + plane * torch.arange(3)[:, None] + pixels).view(-1))
+        values.append(value)  # (3 * n,): channel-major, as the indices
+    index_type = torch.int32 if len(params) * 3 * plane < 2 ** 31 else torch.int64
+    return {'erase_index': torch.cat(indices).to(index_type) if indices else torch.zeros(0, dtype=index_type),
             'erase_values': torch.cat(values) if values else torch.zeros(0)}
 
 
@@ -145,7 +148,7 @@ class DeviceFinish:
     mean/std, then random erasing (``erase_fill``) written into the drawn boxes.
 
     ``prepare`` (in the DataLoader worker) makes the CPU tensors this needs, ``apply`` (on the device) runs it from
-    them in six kernels; calling the object does both (tests, direct use)."""
+    them in four kernels; calling the object does both (tests, direct use)."""
 
     def __init__(self, mode: str = 'pixel', mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                  std: Sequence[float] = IMAGENET_DEFAULT_STD) -> None:
@@ -171,10 +174,9 @@ class DeviceFinish:
         out = torch.empty(images.shape, dtype=torch.float32, device=images.device)  # (B, 3, H, W)
         out.copy_(images)
         out.sub_(mean).mul_(inv_std)
-        rows = tensors.get('erase_rows')
-        if rows is not None and rows.shape[0]:  # only the erased images: masked_scatter_ scans every pixel
-            erased = out.index_select(0, rows).masked_scatter_(tensors['erase_mask'][:, None], tensors['erase_values'])
-            out.index_copy_(0, rows, erased)
+        index = tensors.get('erase_index')
+        if index is not None and index.shape[0]:
+            out.view(-1).index_put_((index,), tensors['erase_values'])  # the erased pixels only
         return out
 
     def __call__(self, images: torch.Tensor, erase: Optional[torch.Tensor]) -> torch.Tensor:
