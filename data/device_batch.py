@@ -4,8 +4,15 @@ DataLoader workers draw every random parameter (``seeded_rngs``); what is left f
 A ``DeviceBatch`` unpacks as ``images, targets = batch`` (uint8 images, or the gpu loader's encoded ones) and
 ``batch.on_device(device)`` returns the finished float ``(images, targets)``: its ``finish`` (picklable, sent with
 the batch) normalises and erases there with ``DeviceFinish``, as timm's PrefetchLoader does. The random erasing
-boxes are drawn in the worker by ``erase_params`` with timm's own calls. ``batch_to_device`` is what the engine
-calls for every batch, a plain ``(images, targets)`` of ``DATA.LOADER torch`` or a ``DeviceBatch``.
+boxes are drawn in the worker by ``erase_params`` with timm's own calls, and their fill (timm's noise, drawn from a
+generator seeded with the sample's drawn seed) is made there too, by ``DeviceFinish.prepare``.
+
+What the device step needs besides the images (normalisation constants, the erasing fill, the gpu loader's plans)
+travels with the batch as one ``PackedTensors`` buffer: pinned by the DataLoader's pinning thread, copied with one
+non-blocking copy, read on the device as views. So a batch reaches the device without a blocking copy and its
+finish launches a fixed number of kernels, whatever its size (no per-sample loop on the device).
+``batch_to_device`` is what the engine calls for every batch, a plain ``(images, targets)`` of ``DATA.LOADER
+torch`` or a ``DeviceBatch``.
 
 Layer: a leaf of ``data`` (imports nothing of the project); the fast and gpu loaders build on it.
 """
@@ -13,7 +20,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -56,12 +63,92 @@ def erase_params(eraser: Optional[RandomErasing], height: int, width: int) -> to
     return out
 
 
+def erase_fill(params: torch.Tensor, mode: str, height: int, width: int) -> Dict[str, torch.Tensor]:
+    """What the device writes for the drawn erasing ``params`` (B, 4k+1) (CPU): ``erase_index`` (E,) the erased
+    pixels' positions in the flat (B, 3, H, W) batch, in order, and ``erase_values`` (E,) float32 their values.
+
+    timm's modes: 'pixel' per-pixel normal noise, 'rand' one normal colour per box, 'const' zeros; boxes in their
+    drawn order (a later one overwrites an earlier one where they overlap), the noise of a sample from a generator
+    seeded with its drawn seed alone."""
+    plane, indices, values = height * width, [], []
+    for b, row in enumerate(params.tolist()):
+        boxes = [row[k:k + 4] for k in range(0, len(row) - 1, 4) if row[k + 2] > 0]
+        if not boxes:
+            continue
+        g = torch.Generator().manual_seed(row[-1])
+        fills = [torch.randn((3, h, w), generator=g) if mode == 'pixel' else
+                 torch.randn((3, 1, 1), generator=g).expand(3, h, w) if mode == 'rand' else torch.zeros((3, h, w))
+                 for _, _, h, w in boxes]
+        if len(boxes) == 1:  # the box's pixels, row-major: its fill as it is
+            top, left, h, w = boxes[0]
+            pixels = ((top + torch.arange(h))[:, None] * width + left + torch.arange(w)).view(-1)
+            value = fills[0].reshape(-1)
+        else:  # overlapping boxes: the last one drawn wins
+            canvas = torch.zeros((3, height, width))
+            mask = torch.zeros((height, width), dtype=torch.bool)
+            for (top, left, h, w), fill in zip(boxes, fills):
+                canvas[:, top:top + h, left:left + w] = fill
+                mask[top:top + h, left:left + w] = True
+            pixels = mask.view(-1).nonzero().squeeze(1)  # (n,) row-major
+            value = canvas.view(3, -1)[:, pixels].reshape(-1)
+        indices.append((b * 3 * plane + plane * torch.arange(3)[:, None] + pixels).view(-1))
+        values.append(value)  # (3 * n,): channel-major, as the indices
+    index_type = torch.int32 if len(params) * 3 * plane < 2 ** 31 else torch.int64
+    return {'erase_index': torch.cat(indices).to(index_type) if indices else torch.zeros(0, dtype=index_type),
+            'erase_values': torch.cat(values) if values else torch.zeros(0)}
+
+
+# ----------------------------------------------------------------------------- one host-to-device copy per batch
+
+class PackedTensors:
+    """Named CPU tensors in one uint8 buffer: ``to(device)`` makes one non-blocking copy (from pinned memory once
+    ``pin_memory`` ran, as the DataLoader's pinning thread does) and returns the tensors as views of it there.
+
+    A batch's small tensors (targets, normalisation constants, erasing fill, the gpu loader's plans) then cost one
+    copy instead of one each, and no ``torch.tensor(..., device=...)`` (a blocking copy) runs in an update."""
+
+    ALIGN = 16  # bytes: every entry starts aligned for its dtype
+
+    def __init__(self, tensors: Dict[str, torch.Tensor]) -> None:
+        self.layout: Dict[str, Tuple[int, int, torch.dtype, Tuple[int, ...]]] = {}
+        offset = 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            self.layout[name] = (offset, nbytes, t.dtype, tuple(t.shape))
+            offset += -(-nbytes // self.ALIGN) * self.ALIGN
+        self.data = torch.empty(offset, dtype=torch.uint8)
+        for name, t in tensors.items():
+            start, nbytes, _, _ = self.layout[name]
+            if nbytes:
+                self.data[start:start + nbytes] = t.detach().contiguous().view(-1).view(torch.uint8)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.layout
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        """An entry's shape, known on the host (no device read)."""
+        return self.layout[name][3]
+
+    def pin_memory(self) -> 'PackedTensors':
+        self.data = self.data.pin_memory()
+        return self
+
+    def to(self, device: torch.device) -> Dict[str, torch.Tensor]:
+        """The tensors on ``device``: views of one copy of the buffer (a copy on the CPU too, so that the device
+        step may write into them without changing the batch)."""
+        data = self.data.to(device, non_blocking=True, copy=True)
+        return {name: data[start:start + nbytes].view(dtype).view(shape)
+                for name, (start, nbytes, dtype, shape) in self.layout.items()}
+
+
 # ----------------------------------------------------------------------------- the device side
 
 class DeviceFinish:
     """uint8 (B, H, W, 3) or (B, 3, H, W) on the device -> float (B, 3, H, W) normalised with the ImageNet
-    mean/std, then random erasing from the drawn boxes (timm's modes: 'pixel' per-pixel normal noise, 'rand' one
-    normal colour per box, 'const' zeros), the noise from a generator seeded with the sample's drawn seed."""
+    mean/std, then random erasing (``erase_fill``) written into the drawn boxes.
+
+    ``prepare`` (in the DataLoader worker) makes the CPU tensors this needs, ``apply`` (on the device) runs it from
+    them in four kernels; calling the object does both (tests, direct use)."""
 
     def __init__(self, mode: str = 'pixel', mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                  std: Sequence[float] = IMAGENET_DEFAULT_STD) -> None:
@@ -69,40 +156,39 @@ class DeviceFinish:
         self.mean = tuple(255.0 * m for m in mean)
         self.std = tuple(255.0 * s for s in std)
 
-    def __call__(self, images: torch.Tensor, erase: Optional[torch.Tensor]) -> torch.Tensor:
+    def prepare(self, erase: Optional[torch.Tensor], height: int, width: int) -> Dict[str, torch.Tensor]:
+        """The normalisation ((x - mean) * (1 / std) per channel) and, for drawn erasing ``erase`` (B, 4k+1) on the
+        CPU, its fill (``erase_fill``)."""
+        out = {'normalise': torch.tensor([self.mean, [1.0 / s for s in self.std]], dtype=torch.float32)}
+        if erase is not None and erase.shape[1] > 1:
+            out.update(erase_fill(erase, self.mode, height, width))
+        return out
+
+    def apply(self, images: torch.Tensor, tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
         if images.shape[-1] == 3 and images.shape[1] != 3:
             images = images.permute(0, 3, 1, 2)  # (B, 3, H, W) view of (B, H, W, 3)
-        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
-        inv_std = 1.0 / torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        mean, inv_std = tensors['normalise'].view(2, 1, 3, 1, 1).unbind(0)
         # One converting copy into a contiguous float buffer, then in-place: 4-6x fewer passes than
-        # ((x.float() - mean) / std).contiguous() on a channels-last view (measured on the CPU).
+        # ((x.float() - mean) / std).contiguous() on a channels-last view, and 1.7x addcmul's mixed-dtype pass
+        # (measured on the CPU).
         out = torch.empty(images.shape, dtype=torch.float32, device=images.device)  # (B, 3, H, W)
         out.copy_(images)
         out.sub_(mean).mul_(inv_std)
-        if erase is not None and erase.shape[1] > 1:
-            self._erase(out, erase.tolist())  # one small host copy of the boxes (B x (4k+1) ints)
+        index = tensors.get('erase_index')
+        if index is not None and index.shape[0]:
+            out.view(-1).index_put_((index,), tensors['erase_values'])  # the erased pixels only
         return out
 
-    def _erase(self, out: torch.Tensor, params: List[List[int]]) -> None:
-        for b, row in enumerate(params):
-            boxes = [row[k:k + 4] for k in range(0, len(row) - 1, 4) if row[k + 2] > 0]
-            if not boxes:
-                continue
-            g = torch.Generator(device=out.device).manual_seed(row[-1])
-            for top, left, h, w in boxes:
-                if self.mode == 'pixel':
-                    fill = torch.randn((3, h, w), generator=g, device=out.device)
-                elif self.mode == 'rand':
-                    fill = torch.randn((3, 1, 1), generator=g, device=out.device)
-                else:
-                    fill = torch.zeros((3, 1, 1), device=out.device)
-                out[b, :, top:top + h, left:left + w] = fill
+    def __call__(self, images: torch.Tensor, erase: Optional[torch.Tensor]) -> torch.Tensor:
+        height, width = (images.shape[1:3] if images.shape[-1] == 3 and images.shape[1] != 3 else images.shape[2:])
+        return self.apply(images, PackedTensors(self.prepare(erase, height, width)).to(images.device))
 
 
 class DeviceBatch:
     """A batch whose last steps run on the training device: ``images, targets = batch`` and ``batch[i]`` as a
     tuple; ``on_device(device)`` -> finished float ``(images, targets)`` there. ``pin_memory`` (DataLoader's
-    pinning thread calls it) pins the tensors and keeps the type."""
+    pinning thread calls it) pins the tensors (and ``extras``, the packed tensors for the device) and keeps the
+    type."""
 
     def __init__(self, images: Any, targets: torch.Tensor, extras: Any, finish: Callable) -> None:
         self.images, self.targets, self.extras, self.finish = images, targets, extras, finish
@@ -117,40 +203,59 @@ class DeviceBatch:
         return iter((self.images, self.targets))
 
     def pin_memory(self) -> 'DeviceBatch':
-        if isinstance(self.images, torch.Tensor):
+        if hasattr(self.images, 'pin_memory'):
             self.images = self.images.pin_memory()
         self.targets = self.targets.pin_memory()
+        if hasattr(self.extras, 'pin_memory'):
+            self.extras = self.extras.pin_memory()
         return self
 
     def on_device(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.finish(self, torch.device(device))
 
 
+class UInt8Finish:
+    """The ``finish`` of batches of uint8 images (``DATA.LOADER fast``; picklable, sent with each batch): copy the
+    images and the packed tensors (both non-blocking), then ``DeviceFinish.apply``."""
+
+    def __init__(self, device_finish: DeviceFinish) -> None:
+        self.device_finish = device_finish
+
+    def __call__(self, batch: DeviceBatch, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        tensors = batch.extras.to(device)
+        images = batch.images.to(device, non_blocking=True)  # (B, S, S, 3) or (B, 3, S, S) uint8
+        return self.device_finish.apply(images, tensors), tensors['targets']
+
+
 class DeviceCollate:
-    """Collate for the fast/gpu loaders: drops ``None`` samples (unreadable validation images), stacks the uint8
-    images (or keeps the per-sample items as a list, ``stack=False``) and returns a ``DeviceBatch``. An all-dropped
-    batch has no images and 0 targets."""
+    """Collate for uint8 images: drops ``None`` samples (unreadable validation images), stacks the images and
+    returns a ``DeviceBatch`` finished by ``UInt8Finish``, whose extras are the ``PackedTensors`` of the targets
+    and ``DeviceFinish.prepare`` (normalisation, erasing fill), made here in the worker. An all-dropped batch has
+    no images and 0 targets."""
 
-    def __init__(self, finish: Callable, stack: bool = True, empty_shape: Sequence[int] = (0, 224, 224, 3)) -> None:
-        self.finish, self.stack, self.empty_shape = finish, stack, tuple(empty_shape)
+    def __init__(self, device_finish: DeviceFinish, empty_shape: Sequence[int] = (0, 224, 224, 3)) -> None:
+        self.finish, self.empty_shape = UInt8Finish(device_finish), tuple(empty_shape)
 
-    def __call__(self, samples: Sequence[Optional[Tuple[Tuple[Any, torch.Tensor], int]]]) -> DeviceBatch:
+    def __call__(self, samples: Sequence[Optional[Tuple[Tuple[torch.Tensor, torch.Tensor], int]]]) -> DeviceBatch:
         kept = [s for s in samples if s is not None]
         targets = torch.tensor([label for _, label in kept], dtype=torch.int64)
-        if not kept:
-            return DeviceBatch(torch.empty(self.empty_shape, dtype=torch.uint8) if self.stack else [], targets,
-                               None, self.finish)
-        items = [item for item, _ in kept]
-        if self.stack:
-            images = torch.stack([img for img, _ in items])  # (B, S, S, 3) or (B, 3, S, S) uint8
-            extras = torch.stack([e for _, e in items])  # (B, 4k+1) int64
+        if kept:
+            images = torch.stack([img for (img, _), _ in kept])  # (B, S, S, 3) or (B, 3, S, S) uint8
+            erase = torch.stack([e for (_, e), _ in kept])  # (B, 4k+1) int64
         else:
-            images, extras = [img for img, _ in items], [e for _, e in items]
-        return DeviceBatch(images, targets, extras, self.finish)
+            images, erase = torch.empty(self.empty_shape, dtype=torch.uint8), None
+        height, width = images.shape[1:3] if images.shape[-1] == 3 else images.shape[2:]
+        prepared = self.finish.device_finish.prepare(erase, height, width)
+        return DeviceBatch(images, targets, PackedTensors({'targets': targets, **prepared}), self.finish)
 
 
 def batch_to_device(batch: Any, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(images, targets) on ``device``: a ``DeviceBatch`` finishes there, a plain batch is copied."""
+    """(images, targets) on ``device``: a ``DeviceBatch`` finishes there, a plain batch is copied.
+
+    The finish runs with autocast off: the engine calls this inside the training step's autocast, and the
+    augmentation's convolutions and samplers must not drop to bf16/fp16 there."""
     if isinstance(batch, DeviceBatch):
-        return batch.on_device(device)
+        device = torch.device(device)
+        with torch.autocast(device.type, enabled=False):
+            return batch.on_device(device)
     return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)

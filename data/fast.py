@@ -32,7 +32,7 @@ from torchvision.transforms.v2 import functional as F2
 from config import ConfigError
 
 from .datasets import decode_image, is_jpeg, read_bytes
-from .device_batch import DeviceBatch, DeviceCollate, DeviceFinish, erase_params
+from .device_batch import DeviceCollate, DeviceFinish, erase_params
 from .transforms import (EVAL_INTERPOLATION, GEOMETRIC_OPS, affine_matrix, augment_ops, check_fast_config,
                          eval_geometry, rrc_interpolation, size_only, timm_train_pieces)
 
@@ -222,25 +222,8 @@ class FastEvalTransform:
 
 # ----------------------------------------------------------------------------- the batches
 
-def finish_uint8(batch: DeviceBatch, device: torch.device, finish: DeviceFinish) -> Tuple[torch.Tensor, torch.Tensor]:
-    images = batch.images.to(device, non_blocking=True)  # (B, S, S, 3) uint8
-    targets = batch.targets.to(device, non_blocking=True)
-    erase = batch.extras if batch.extras is not None and batch.extras.shape[1] > 1 else None
-    return finish(images, erase), targets
-
-
-class _UInt8Finish:
-    """Picklable ``finish`` for uint8 batches (DataLoader workers send it with each batch)."""
-
-    def __init__(self, finish: DeviceFinish) -> None:
-        self.device_finish = finish
-
-    def __call__(self, batch: DeviceBatch, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        return finish_uint8(batch, device, self.device_finish)
-
-
 def fast_collate(is_train: bool, config: Any) -> DeviceCollate:
     """Training batches are (B, S, S, 3) (Pillow's layout, after RandAugment), eval batches (B, 3, S, S)."""
     size = config.DATA.IMG_SIZE
-    return DeviceCollate(_UInt8Finish(DeviceFinish(config.AUG.REMODE)),
+    return DeviceCollate(DeviceFinish(config.AUG.REMODE),
                          empty_shape=(0, size, size, 3) if is_train else (0, 3, size, size))

@@ -3,14 +3,24 @@
 DataLoader workers read each file's bytes and draw all of the sample's random parameters under its ``SampleKey``
 (``seeded_rngs``) with timm's own code: the random-resized crop (``get_params`` on the size from the JPEG header),
 the flip, RandAugment's op choice and magnitudes (timm's ``RandAugment`` run on a recorder instead of an image),
-and the erasing boxes and noise seed. The batch carries the encoded images and these plans; ``on_device`` decodes
-them with ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA, a batched call) and executes the plans with torchvision
-tensor ops on the device, then normalises and erases (``data.device_batch.DeviceFinish``).
+and the erasing boxes and noise. The collate turns the batch's plans into tensors for the device (``BatchPlan``,
+one ``PackedTensors`` copy): the crop-resize as per-output taps (``compile_resize``) and RandAugment as layers --
+every sample's first op, then its second -- whose samples are sorted by kind of op (``compile_augment``): the
+per-pixel ops as lookup tables, autocontrast and equalize as lookup tables made on the device from each image's
+histogram, colour, contrast and sharpness as blends, the affine ops as one ``grid_sample`` with a grid per sample.
+``on_device`` decodes with ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA, one batched call, on a stream of its
+own: ``decode_batch``) and runs the plan with a fixed number of kernels per batch (about 130 for a training batch
+with RandAugment and erasing, 13 for eval, whatever the batch size; no loop over samples on the device) and no
+blocking copy, then normalises and erases (``data.device_batch.DeviceFinish``).
 
-The same code runs with ``device='cpu'`` (the tests, CPU training), so CI exercises what runs on the GPU. What is
-sampled (which images, in which order, per rank and epoch) is the torch loader's sampler itself; the augmentation of
-a sample is a pure function of (SEED, epoch, index) as on the other loaders, though not bit-identical to theirs
-(nvJPEG/torch kernels instead of Pillow's, bilinear/bicubic affine through ``grid_sample``).
+The same code runs with ``device='cpu'`` (the tests, CPU training), so CI exercises what runs on the GPU, except
+the crop-resize, which runs per image on the CPU (``resize_per_sample``: torchvision's uint8 kernels are several
+times faster there, and a CPU has no kernel launches to save); the tests run the batched one on the CPU too and
+compare. Each op's arithmetic is torchvision's (the batched kernels give the per-image ones' pixels; see the
+functions). What is sampled (which images, in which order, per rank and epoch) is the torch loader's sampler
+itself; the augmentation of a sample is a pure function of (SEED, epoch, index) as on the other loaders, though
+not bit-identical to theirs (nvJPEG/torch kernels instead of Pillow's, bilinear/bicubic affine through
+``grid_sample``).
 
 Non-JPEG files, CMYK JPEGs and JPEGs without an end marker (truncated) are decoded by Pillow in the worker (a
 damaged one then takes the broken-image path there) and travel as uint8 pixels.
@@ -20,10 +30,11 @@ Layer: a loader, over ``data.datasets``, ``data.transforms`` and ``data.device_b
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import logging
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -36,7 +47,7 @@ from torchvision.transforms.v2 import functional as F2
 from config import ConfigError
 
 from .datasets import DECODE_ERRORS, decode_image, is_jpeg, read_bytes
-from .device_batch import DeviceBatch, DeviceCollate, DeviceFinish, erase_params
+from .device_batch import DeviceBatch, DeviceFinish, PackedTensors, erase_params
 from .transforms import (EVAL_INTERPOLATION, GEOMETRIC_OPS, affine_matrix, augment_ops, check_fast_config,
                          eval_geometry, posterize_allowing_zero_bits, rrc_interpolation, size_only,
                          timm_train_pieces)
@@ -144,21 +155,9 @@ class GpuEvalTransform:
                          'interpolation': self.interpolation}
 
 
-# ----------------------------------------------------------------------------- device side: tensor ops
-
-def _warp(x: torch.Tensor, matrix: Sequence[float], mode: str, fill: Sequence[int]) -> torch.Tensor:
-    """Pillow's AFFINE transform (output -> input, pixel centres) of a (3, H, W) uint8 image via grid_sample.
-    Sampling (x - fill) with zero padding and adding fill back gives the fill colour outside the image."""
-    _, h, w = x.shape
-    a, b, c, d, e, f = matrix
-    # Pillow's pixel-centre coordinates -> affine_grid's normalised ones (align_corners=False): u = 2 x / W - 1.
-    theta = torch.tensor([[a, b * h / w, a + b * h / w + 2 * c / w - 1],
-                          [d * w / h, e, d * w / h + e + 2 * f / h - 1]], dtype=torch.float32, device=x.device)
-    grid = F.affine_grid(theta[None], [1, 3, h, w], align_corners=False)  # (1, H, W, 2)
-    fill_t = torch.tensor(fill, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    out = F.grid_sample(x[None].float() - fill_t, grid, mode=mode, padding_mode='zeros', align_corners=False)
-    return (out + fill_t).round_().clamp_(0, 255).to(torch.uint8)[0]  # (3, H, W)
-
+# ----------------------------------------------------------------------------- RandAugment's ops on the device
+# Each op has one batched version; a batch runs its samples' n-th ops together ("a layer"), sorted by kind so
+# that every kind is a slice. The per-image entry points (TENSOR_OPS, apply_op) run these on a batch of one.
 
 def _solarize_add(x: torch.Tensor, add: float, thresh: float = 128) -> torch.Tensor:
     return torch.where(x < thresh, (x.to(torch.int16) + int(add)).clamp_(0, 255).to(torch.uint8), x)
@@ -177,30 +176,455 @@ def _solarize(x: torch.Tensor, thresh: float) -> torch.Tensor:
     return x if thresh > 255 else F2.solarize(x, float(thresh))
 
 
-# op name -> f(image (3, H, W) uint8, *level args); the affine ops go through _warp.
-TENSOR_OPS = {
-    'auto_contrast': lambda x: F2.autocontrast(x),
+# Per-pixel ops (torchvision's uint8 kernels): run once on the 256 levels in the worker they give a lookup table,
+# which the device applies to every pixel (one gather for all of a layer's table ops).
+POINTWISE_OPS: Dict[str, Callable[..., torch.Tensor]] = {
     'invert': lambda x: F2.invert(x),
-    'equalize': lambda x: F2.equalize(x),
     'solarize': _solarize,
     'solarize_add': _solarize_add,
     'posterize': _posterize,
-    'contrast': lambda x, f: F2.adjust_contrast(x, f),
-    'color': lambda x, f: F2.adjust_saturation(x, f),
     'brightness': lambda x, f: F2.adjust_brightness(x, f),
-    'sharpness': lambda x, f: F2.adjust_sharpness(x, f),
-    **{name: None for name in GEOMETRIC_OPS},
 }
+HISTOGRAM_OPS = ('auto_contrast', 'equalize')  # lookup tables made on the device from each image's histogram
+BLEND_OPS = ('color', 'contrast', 'sharpness')  # torchvision's blends with a grey image, its mean, a blur
+WARP_MODES = ('bilinear', 'bicubic', 'nearest')  # the affine ops: one grid_sample per interpolation
+# A layer's kinds in the order it runs them (its samples are sorted by kind); 'none': no op in this layer.
+KINDS = ('pointwise',) + HISTOGRAM_OPS + BLEND_OPS + tuple(f'warp_{m}' for m in WARP_MODES) + ('none',)
+Op = Tuple[str, Tuple[float, ...], Optional[str], Tuple[int, ...]]  # (name, level args, interpolation, fill)
+_LEVELS = torch.arange(256, dtype=torch.uint8).view(1, 1, 256).repeat(3, 1, 1)  # (3, 1, 256): every uint8 value
 
 
-def apply_op(x: torch.Tensor, op: Tuple[str, Tuple[float, ...], Optional[str], Tuple[int, ...]]) -> torch.Tensor:
-    name, args, mode, fill = op
+def op_kind(op: Optional[Op]) -> str:
+    if op is None:
+        return 'none'
+    name, _, mode, _ = op
+    if name in POINTWISE_OPS:
+        return 'pointwise'
     if name in GEOMETRIC_OPS:
-        if name == 'rotate' and args[0] % 360 == 0:
-            return x
-        return _warp(x, affine_matrix(name, args[0], (x.shape[2], x.shape[1])), mode or 'bicubic', fill)
-    return TENSOR_OPS[name](x, *args)
+        return f"warp_{mode or 'bicubic'}"
+    return name
 
+
+def apply_luts(x: torch.Tensor, tables: torch.Tensor, indices: torch.Tensor) -> None:
+    """x (G, 3, H, W) uint8 (contiguous), in place: each pixel through its image's and channel's lookup table;
+    ``tables`` (G, 3, 256) uint8, ``indices`` (G, 3, H, W) int32 each pixel's index into them (``lut_indices``)."""
+    torch.index_select(tables.view(-1), 0, indices.view(-1), out=x.view(-1))
+
+
+def lut_indices(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(G, 3, H, W) int32: each pixel of x (G, 3, H, W) uint8 plus its table's offset (G, 3, 1, 1) ((g * 3 + c) *
+    256) in a flat (G, 3, 256) table (int32: a third of int64 indices' time on the CPU, measured)."""
+    return x.to(torch.int32).add_(offsets)
+
+
+def histogram_luts(indices: torch.Tensor, tables: torch.Tensor, first: int, n_autocontrast: int,
+                   t: Dict[str, torch.Tensor]) -> None:
+    """Rows ``first..first + G'`` of ``tables`` (G, 3, 256) uint8: torchvision's autocontrast (``n_autocontrast``
+    rows) then equalize, from the per-channel histograms of the images whose ``lut_indices`` are ``indices``
+    (G', 3, H, W);
+    ``t`` the batch's tensors (``levels`` 0..255 float, ``one`` 1 int64).
+
+    Same arithmetic as torchvision's kernels (its autocontrast's boolean-mask assignment, a host sync on CUDA,
+    becomes a ``where``); the value range comes from the cumulative histogram."""
+    n, levels, out = indices[0, 0].numel(), t['levels'], tables[first:first + len(indices)]
+    hist = torch.zeros(tables.numel(), dtype=torch.int64, device=tables.device)
+    hist.index_add_(0, indices.view(-1), t['one'].expand(indices.numel()))
+    hist = hist.view(tables.shape)[first:first + len(indices)]  # (G', 3, 256) pixel counts
+    cum = hist.cumsum(2)
+    top = cum.argmax(2, keepdim=True)  # the largest value present: the first bin that reaches the pixel count
+    if n_autocontrast:
+        low = (cum[:n_autocontrast] == 0).sum(2, keepdim=True)  # the smallest value present
+        span = top[:n_autocontrast] - low
+        lut = (levels - low) / (span * (1.0 / 255))  # (v - min) / inv_scale, float32 as torchvision's
+        out[:n_autocontrast].copy_(torch.where(span == 0, levels, lut.clamp_(0, 255)))  # one value: unchanged
+    if n_autocontrast < len(out):  # PIL's equalize, as torchvision computes it
+        hist, cum, top = hist[n_autocontrast:], cum[n_autocontrast:], top[n_autocontrast:]
+        step = (n - hist.gather(2, top)).div_(255, rounding_mode='floor')  # non-maximum pixels // 255
+        lut = (cum - hist).add_(step.div(2, rounding_mode='floor')).div_(step.clamp(min=1), rounding_mode='floor')
+        out[n_autocontrast:].copy_(torch.where(step > 0, lut.clamp_(0, 255), levels))  # step 0: unchanged
+
+
+def blend(x: torch.Tensor, ratio: torch.Tensor, one_minus: torch.Tensor, n_color: int, n_contrast: int,
+          t: Dict[str, torch.Tensor]) -> None:
+    """x (G, 3, H, W) uint8, in place: torchvision's adjust_saturation (the first n_color images), adjust_contrast
+    (the next n_contrast) and adjust_sharpness (the rest), each image with its own factor (``ratio`` (G,) and
+    ``1 - ratio`` (G,) float32, computed in double on the host as torchvision's Python scalars are); ``t`` the
+    batch's tensors (``sharpness_kernel``)."""
+    xf = x.float()  # (G, 3, H, W)
+    r, s = ratio.view(-1, 1, 1, 1), one_minus.view(-1, 1, 1, 1)
+    n_grey = n_color + n_contrast
+    if n_grey:
+        red, green, blue = xf[:n_grey].unbind(1)
+        grey = red.mul(0.2989).add_(green, alpha=0.587).add_(blue, alpha=0.114).floor_()[:, None]  # (G', 1, H, W)
+        if n_contrast:
+            grey[n_color:] = grey[n_color:].mean((1, 2, 3), keepdim=True)
+        xf[:n_grey].mul_(r[:n_grey]).addcmul_(grey, s[:n_grey])  # image * f + degenerate * (1 - f)
+    if n_grey < len(xf):
+        sharp = xf[n_grey:]
+        inner = sharp[..., 1:-1, 1:-1]  # torchvision keeps the border pixels
+        # torchvision's kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 with the division after the convolution:
+        # integer sums are exact even in TF32 (cudnn), and k / 13 is never within 1/26 of a rounding boundary
+        g, _, h, w = sharp.shape  # images folded into channels: batched depthwise convolutions measured 8x slower
+        blurred = F.conv2d(sharp.view(1, 3 * g, h, w), t['sharpness_kernel'].expand(3 * g, 1, 3, 3), groups=3 * g)
+        blurred = blurred.view(g, 3, h - 2, w - 2).div_(13).round_()
+        inner.addcmul_(blurred.sub_(inner), s[n_grey:])  # image + (1 - f) * (blurred - image)
+    x.copy_(xf.clamp_(0, 255))  # truncating, as torchvision's .to(uint8)
+
+
+def affine_grid_lines(ops: Sequence[Op], height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``grid_sample`` grids of the ops' Pillow AFFINE transforms (output -> input, pixel centres) on images of
+    (height, width), as the two terms of grid[n, y, x, i] = across[n, i, x] + down[n, i, y]: ``across`` (N, 2, W),
+    ``down`` (N, 2, H) float32, made in float64 here.
+
+    What ``affine_grid`` computes (u = 2 x / W - 1, align_corners=False), without its batched matmul: that one
+    runs in TF32 on CUDA when TF32 is on (the default here), which places the samples up to ~0.1 px off."""
+    xs = (2 * np.arange(width) + 1) / width - 1  # pixel centres, normalised
+    ys = (2 * np.arange(height) + 1) / height - 1
+    across, down = [], []
+    for name, args, _, _ in ops:
+        a, b, c, d, e, f = affine_matrix(name, args[0], (width, height))
+        theta = np.array([[a, b * height / width, a + b * height / width + 2 * c / width - 1],
+                          [d * width / height, e, d * width / height + e + 2 * f / height - 1]])
+        across.append(theta[:, :1] * xs)
+        down.append(theta[:, 1:2] * ys + theta[:, 2:])
+    return (torch.from_numpy(np.array(across, dtype=np.float32)).view(-1, 2, width),
+            torch.from_numpy(np.array(down, dtype=np.float32)).view(-1, 2, height))
+
+
+def warp(x: torch.Tensor, across: torch.Tensor, down: torch.Tensor, fill: torch.Tensor,
+         modes: Sequence[Tuple[str, int]]) -> None:
+    """x (G, 3, H, W) uint8, in place: each image through its affine transform (``affine_grid_lines``) with
+    ``grid_sample``, the fill colour (G, 3) outside (sampling x - fill with zero padding and adding fill back),
+    ``modes`` the interpolation of consecutive runs of images as (mode, count)."""
+    g, _, h, w = x.shape
+    fill = fill.view(-1, 3, 1, 1)
+    xf = x.float().sub_(fill)
+    grid = torch.empty((g, h, w, 2), device=x.device)
+    for i in range(2):
+        torch.add(across[:, i, None, :], down[:, i, :, None], out=grid[..., i])
+    outs, start = [], 0
+    for mode, count in modes:
+        outs.append(F.grid_sample(xf[start:start + count], grid[start:start + count], mode=mode,
+                                  padding_mode='zeros', align_corners=False))
+        start += count
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    x.copy_(out.add_(fill).round_().clamp_(0, 255))
+
+
+class AugmentLayer:
+    """One layer of a batch's RandAugment: every sample's n-th op (``index`` n), the samples sorted by kind
+    (``KINDS``); ``counts`` per kind, known on the host."""
+
+    def __init__(self, index: int, counts: Sequence[int]) -> None:
+        self.index, self.counts = index, tuple(counts)
+
+    def span(self, first: str, last: str) -> Tuple[int, int]:
+        """Positions [start, stop) of the kinds first..last (in KINDS order) in the layer's order."""
+        i, j = KINDS.index(first), KINDS.index(last)
+        start = sum(self.counts[:i])
+        return start, start + sum(self.counts[i:j + 1])
+
+    def count(self, kind: str) -> int:
+        return self.counts[KINDS.index(kind)]
+
+    def run(self, x: torch.Tensor, t: Dict[str, torch.Tensor]) -> None:
+        """x (B, 3, S, S) uint8 in this layer's order, in place; ``t`` the batch's tensors on x's device. On the
+        CPU a few images at a time (``CPU_CHUNK``: the pixels stay in the cache through each kernel's passes, 1.2x
+        faster than whole groups there; the same pixels), elsewhere all at once (one launch per kernel)."""
+        chunk = CPU_CHUNK if x.device.type == 'cpu' else len(x)
+        for start in range(0, len(x), max(chunk, 1)):
+            self.run_part(x, t, start, min(start + chunk, len(x)))
+
+    def run_part(self, x: torch.Tensor, t: Dict[str, torch.Tensor], start: int, stop: int) -> None:
+        """The kernels for positions [start, stop) of the layer's order."""
+        name = f'layer{self.index}.'
+
+        def part(first: str, last: str) -> Tuple[int, int, int]:
+            """[a, b): the positions of kinds first..last in [start, stop); and where those kinds begin."""
+            begin, end = self.span(first, last)
+            return max(start, begin), min(stop, end), begin
+
+        def overlap(kind: str, a: int, b: int) -> int:
+            begin, end = self.span(kind, kind)
+            return max(0, min(b, end) - max(a, begin))
+
+        a, b, begin = part('pointwise', 'equalize')
+        if b > a:
+            tables = t[name + 'lut']  # (n, 3, 256): the pointwise rows made in the worker, the histogram ones here
+            indices = lut_indices(x[a:b], t[name + 'lut_offset'][a - begin:b - begin])
+            first = max(a, begin + self.count('pointwise'))  # the first image with a histogram op
+            if b > first:
+                histogram_luts(indices[first - a:], tables, first - begin, overlap('auto_contrast', first, b), t)
+            apply_luts(x[a:b], tables, indices)
+        a, b, begin = part('color', 'sharpness')
+        if b > a:
+            blend(x[a:b], t[name + 'ratio'][a - begin:b - begin], t[name + 'one_minus'][a - begin:b - begin],
+                  overlap('color', a, b), overlap('contrast', a, b), t)
+        a, b, begin = part('warp_bilinear', 'warp_nearest')
+        if b > a:
+            modes = [(m, overlap(f'warp_{m}', a, b)) for m in WARP_MODES if overlap(f'warp_{m}', a, b)]
+            warp(x[a:b], t[name + 'across'][a - begin:b - begin], t[name + 'down'][a - begin:b - begin],
+                 t[name + 'fill'][a - begin:b - begin], modes)
+
+
+CPU_CHUNK = 4  # images per kernel call on the CPU (AugmentLayer.run)
+
+
+def compile_augment(ops: Sequence[Sequence[Op]], height: int, width: int
+                    ) -> Tuple[List[AugmentLayer], Dict[str, torch.Tensor], List[int]]:
+    """The layers of a batch's recorded ops (per sample, in order), the tensors they read (pointwise lookup
+    tables, blend factors, affine matrices and fills, the gathers from one layer's order to the next and back to
+    the batch's), and the first layer's order of the samples (the order the resize writes them in)."""
+    ops = [[op for op in sample if not (op[0] == 'rotate' and op[1][0] % 360 == 0)] for sample in ops]
+    n, depth = len(ops), max((len(sample) for sample in ops), default=0)
+    kernel = torch.ones((1, 1, 3, 3))
+    kernel[:, :, 1, 1] = 5
+    tensors = {'levels': torch.arange(256, dtype=torch.float32), 'one': torch.ones(1, dtype=torch.int64),
+               'sharpness_kernel': kernel}
+    layers: List[AugmentLayer] = []
+    order = first_order = list(range(n))
+    for index in range(depth):
+        at = [sample[index] if index < len(sample) else None for sample in ops]
+        kinds = [KINDS.index(op_kind(op)) for op in at]
+        previous, order = order, sorted(range(n), key=lambda b: (kinds[b], b))
+        layer = AugmentLayer(index, [kinds.count(k) for k in range(len(KINDS))])
+        name, in_order = f'layer{index}.', [at[b] for b in order]
+        start, stop = layer.span('pointwise', 'equalize')
+        luts = torch.zeros((stop - start, 3, 256), dtype=torch.uint8)
+        for k in range(layer.count('pointwise')):
+            op_name, args, _, _ = in_order[k]
+            luts[k] = POINTWISE_OPS[op_name](_LEVELS, *args).view(3, 256)
+        tensors[name + 'lut'] = luts
+        tensors[name + 'lut_offset'] = (torch.arange(3 * len(luts), dtype=torch.int32) * 256).view(-1, 3, 1, 1)
+        start, stop = layer.span('color', 'sharpness')
+        factors = [in_order[k][1][0] for k in range(start, stop)]
+        tensors[name + 'ratio'] = torch.tensor(factors, dtype=torch.float32)
+        tensors[name + 'one_minus'] = torch.tensor([1.0 - f for f in factors], dtype=torch.float32)
+        start, stop = layer.span('warp_bilinear', 'warp_nearest')
+        tensors[name + 'across'], tensors[name + 'down'] = affine_grid_lines(in_order[start:stop], height, width)
+        tensors[name + 'fill'] = torch.tensor([op[3] for op in in_order[start:stop]], dtype=torch.float32).view(-1, 3)
+        if index:
+            where = {b: k for k, b in enumerate(previous)}
+            tensors[name + 'gather'] = torch.tensor([where[b] for b in order], dtype=torch.int64)
+        layers.append(layer)
+        if not index:
+            first_order = order
+    if layers:
+        where = {b: k for k, b in enumerate(order)}
+        tensors['augment.restore'] = torch.tensor([where[b] for b in range(n)], dtype=torch.int64)
+    return layers, tensors, first_order
+
+
+def augment(x: torch.Tensor, layers: Sequence[AugmentLayer], t: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The layers on x (B, 3, S, S) uint8 in the first layer's order -> the batch in its own order."""
+    for layer in layers:
+        if layer.index:
+            x = x.index_select(0, t[f'layer{layer.index}.gather'])
+        layer.run(x, t)
+    return x.index_select(0, t['augment.restore']) if layers else x
+
+
+def apply_op(x: torch.Tensor, op: Op) -> torch.Tensor:
+    """One recorded op on one (3, H, W) uint8 image, through the batched kernels (a batch of one)."""
+    layers, tensors, _ = compile_augment([[op]], x.shape[1], x.shape[2])
+    return augment(x[None].clone(memory_format=torch.contiguous_format), layers, PackedTensors(tensors).to(x.device))[0]
+
+
+def _one_image_op(name: str) -> Callable[..., torch.Tensor]:
+    def op(x: torch.Tensor, *args: float) -> torch.Tensor:
+        return apply_op(x, (name, tuple(float(a) for a in args), None, (128, 128, 128)))
+    op.__name__ = name
+    return op
+
+
+# op name -> f(image (3, H, W) uint8, *level args): the ops the gpu loader runs, one image at a time
+TENSOR_OPS = {name: _one_image_op(name) for name in (*POINTWISE_OPS, *HISTOGRAM_OPS, *BLEND_OPS, *GEOMETRIC_OPS)}
+
+
+# ----------------------------------------------------------------------------- the crop-resize
+
+def resize_taps(in_size: np.ndarray, out_size: np.ndarray, first: np.ndarray, count: int, modes: np.ndarray
+                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """torchvision's resize (``antialias=True``) of lines of ``in_size`` pixels to ``out_size``, outputs
+    ``first .. first + count - 1``, per line (n,): ``(start (n, count), length (n, count), weights (n, count, K))``
+    of each output's input window, zero past its length. ``modes``: indices into ``_INTERPOLATIONS``; bilinear and
+    bicubic are PIL's antialiased filters (torch's ``_upsample_*_aa`` kernels, float32 as on CUDA), nearest is
+    torch's legacy nearest. Lines are computed once per process (``line_taps``: crops repeat their sizes)."""
+    lines = [line_taps(int(i), int(o), int(f), count, int(m)) for i, o, f, m in zip(in_size, out_size, first, modes)]
+    k = max((w.shape[1] for _, _, w in lines), default=1)
+    start = np.zeros((len(lines), count), dtype=np.int64)
+    length = np.ones((len(lines), count), dtype=np.int64)
+    weights = np.zeros((len(lines), count, k), dtype=np.float32)
+    for n, (s, l, w) in enumerate(lines):
+        start[n], length[n], weights[n, :, :w.shape[1]] = s, l, w
+    return start, length, weights
+
+
+@functools.lru_cache(maxsize=2048)  # a line's taps: 224 x ~10 float32, ~12 KiB
+def line_taps(in_size: int, out_size: int, first: int, count: int, mode: int
+              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``resize_taps`` of one line, (start (count,), length (count,), weights (count, K))."""
+    in_size, out_size, first, modes = (np.array([v]) for v in (in_size, out_size, first, mode))
+    in_f, out_f = in_size.astype(np.float32), out_size.astype(np.float32)
+    o = first[:, None].astype(np.float32) + np.arange(count, dtype=np.float32)  # (n, count) output indices
+    scale = in_f / out_f
+    cubic = modes == _INTERPOLATIONS.index(InterpolationMode.BICUBIC)
+    support = (np.maximum(scale, 1) * np.where(cubic, 2, 1)).astype(np.float32)[:, None]  # filter half-width
+    center = scale[:, None] * (o + np.float32(0.5))
+    start = np.maximum((center - support + np.float32(0.5)).astype(np.int64), 0)
+    length = np.maximum(np.minimum((center + support + np.float32(0.5)).astype(np.int64), in_size[:, None]) - start, 1)
+    taps = np.arange(length.max(initial=1), dtype=np.float32)
+    x = taps + (start.astype(np.float32) - center + np.float32(0.5))[..., None]  # (n, count, K) filter arguments
+    x *= (1 / np.maximum(scale, 1)).astype(np.float32)[:, None, None]
+    np.abs(x, out=x)
+    weights = np.zeros_like(x)
+    if cubic.any():  # PIL's bicubic, a = -0.5
+        xc = x[cubic]
+        weights[cubic] = np.where(xc < 1, (1.5 * xc - 2.5) * xc * xc + 1,
+                                  np.where(xc < 2, ((-0.5 * xc + 2.5) * xc - 4) * xc + 2, 0))
+    if not cubic.all():
+        weights[~cubic] = np.maximum(1 - x[~cubic], 0)
+    weights *= taps < length[..., None]
+    total = weights.sum(-1, keepdims=True)
+    weights /= np.where(total == 0, 1, total)
+    nearest = modes == _INTERPOLATIONS.index(InterpolationMode.NEAREST)
+    if nearest.any():  # torch's nearest_idx: floor(o * (float) in / out), exact when the sizes match or double
+        o_int = o.astype(np.int64)
+        src = np.minimum(np.floor(o * scale[:, None]).astype(np.int64), in_size[:, None] - 1)
+        src = np.where((in_size == out_size)[:, None], o_int, np.where((out_size == 2 * in_size)[:, None], o_int >> 1,
+                                                                        src))
+        start[nearest], length[nearest] = src[nearest], 1
+        weights[nearest] = 0
+        weights[nearest, :, 0] = 1
+    return start[0], length[0], weights[0, :, :int(length.max())]
+
+
+class ResizeChunk:
+    """Samples whose crops are resized together on the device (their rows padded to ``width`` pixels); its
+    tensors are named ``resize{index}.*``."""
+
+    def __init__(self, index: int, count: int, width: int, identity: bool) -> None:
+        self.index, self.count, self.width, self.identity = index, count, width, identity
+
+
+RESIZE_BUDGET = 2 ** 27  # elements of a chunk's largest buffer (float32: 512 MiB); more starts another chunk
+
+
+def compile_resize(plans: Sequence[Dict[str, Any]], order: Sequence[int], size: int
+                   ) -> Tuple[List[ResizeChunk], Dict[str, torch.Tensor]]:
+    """The batched crop-resize of ``plans`` (train: crop, flip; eval: resize and center crop) into (B, 3, S, S)
+    at positions in ``order``, from the decoded images concatenated flat in batch order.
+
+    Separable, vertical pass first: ``index_select`` gathers each crop's rows (three channels side by side,
+    padded to the chunk's widest crop) from a sliding-window view of the flat images; an ``embedding_bag`` (a
+    weighted sum of taps, float32, no TF32) resizes the columns, a transpose turns the rows into columns and a
+    second ``embedding_bag`` resizes those. Flips are reversed horizontal taps."""
+    n = len(order)
+    geometry = [plans[b] for b in order]
+    wh = np.array([plan['size'] for plan in geometry], dtype=np.int64).reshape(n, 2)  # (n, 2) image (w, h)
+    modes = np.array([plan['interpolation'] for plan in geometry], dtype=np.int64)
+    if n and 'eval' in geometry[0]:
+        rh, rw = np.array([plan['eval'][0] for plan in geometry]).T
+        top, left = np.array([plan['eval'][1] for plan in geometry]).T
+        v_in, v_out, v_first, v_offset = wh[:, 1], rh, top, np.zeros(n, np.int64)
+        h_in, h_out, h_first, h_offset = wh[:, 0], rw, left, np.zeros(n, np.int64)
+        flip = np.zeros(n, bool)
+    else:
+        i, j, h, w = np.array([plan['crop'] for plan in geometry], dtype=np.int64).reshape(n, 4).T
+        v_in, v_out, v_first, v_offset = h, np.full(n, size), np.zeros(n, np.int64), i
+        h_in, h_out, h_first, h_offset = w, np.full(n, size), np.zeros(n, np.int64), j
+        flip = np.array([plan['flip'] for plan in geometry], dtype=bool)
+    v_start, v_len, v_w = resize_taps(v_in, v_out, v_first, size, modes)  # in crop coordinates
+    h_start, h_len, h_w = resize_taps(h_in, h_out, h_first, size, modes)
+    h_start, h_len, h_w = (np.where(flip[:, None], a[:, ::-1], a) if a.ndim == 2 else
+                           np.where(flip[:, None, None], a[:, ::-1], a) for a in (h_start, h_len, h_w))
+    y_lo, y_hi = v_offset + v_start.min(1, initial=0), v_offset + (v_start + v_len).max(1, initial=0)
+    x_lo, x_hi = h_offset + h_start.min(1, initial=0), h_offset + (h_start + h_len).max(1, initial=0)
+    sizes = np.array([plan['size'] for plan in plans], dtype=np.int64).reshape(len(plans), 2)
+    flat_offset = np.concatenate([[0], np.cumsum(3 * sizes[:, 0] * sizes[:, 1])])[np.asarray(order, np.int64)]
+
+    chunks: List[ResizeChunk] = []
+    tensors: Dict[str, torch.Tensor] = {'resize.zeros': torch.zeros(int((x_hi - x_lo).max(initial=1)),
+                                                                    dtype=torch.uint8)}
+    by_width = sorted(range(n), key=lambda k: -(x_hi[k] - x_lo[k]))
+    while by_width:
+        width, members, rows = int(x_hi[by_width[0]] - x_lo[by_width[0]]), [], 0
+        while by_width and (not members or max(3 * (rows + y_hi[by_width[0]] - y_lo[by_width[0]]),
+                                                3 * size * (len(members) + 1)) * width <= RESIZE_BUDGET):
+            k = by_width.pop(0)
+            members.append(k)
+            rows += int(y_hi[k] - y_lo[k])
+        m = np.array(sorted(members), dtype=np.int64)  # in output order: one chunk writes the batch as it is
+        # the gathered rows, (sample, y, channel): the flat start of row y of that channel at the crop's left edge
+        rows_of = y_hi[m] - y_lo[m]
+        base = np.concatenate([[0], np.cumsum(rows_of)[:-1]])  # each sample's first row (a row: 3 channels)
+        sample = np.repeat(np.arange(len(m)), rows_of)
+        y = y_lo[m][sample] + np.arange(len(sample)) - base[sample]
+        w_img, h_img = wh[m][sample].T
+        row_starts = (flat_offset[m][sample] + y * w_img + x_lo[m][sample])[:, None] + \
+            np.arange(3) * (h_img * w_img)[:, None]  # (rows, 3)
+        base = base[:, None, None]
+        taps = np.arange(v_w.shape[2])
+        v_idx = np.minimum(base + (v_offset[m] - y_lo[m])[:, None, None] + v_start[m][..., None] + taps,
+                           base + rows_of[:, None, None] - 1)
+        taps = np.arange(h_w.shape[2])
+        lane = (np.arange(len(m)) * width)[:, None, None]
+        h_idx = np.minimum(lane + (h_offset[m] - x_lo[m])[:, None, None] + h_start[m][..., None] + taps,
+                           lane + (x_hi[m] - x_lo[m])[:, None, None] - 1)
+        name = f'resize{len(chunks)}.'
+        tensors.update({name + 'rows': torch.from_numpy(row_starts.reshape(-1)),
+                        name + 'v_idx': torch.from_numpy(v_idx.reshape(-1).astype(np.int32)),
+                        name + 'v_w': torch.from_numpy(np.ascontiguousarray(v_w[m]).reshape(-1)),
+                        name + 'v_off': torch.arange(0, v_idx.size, v_w.shape[2], dtype=torch.int32),
+                        name + 'h_idx': torch.from_numpy(h_idx.reshape(-1).astype(np.int32)),
+                        name + 'h_w': torch.from_numpy(np.ascontiguousarray(h_w[m]).reshape(-1)),
+                        name + 'h_off': torch.arange(0, h_idx.size, h_w.shape[2], dtype=torch.int32),
+                        name + 'positions': torch.from_numpy(m)})
+        chunks.append(ResizeChunk(len(chunks), len(m), width, len(m) == n))  # one chunk: m is 0..n-1
+    return chunks, tensors
+
+
+def resize_batched(images: Sequence[torch.Tensor], chunks: Sequence[ResizeChunk], t: Dict[str, torch.Tensor],
+                   out: torch.Tensor) -> None:
+    """``compile_resize``'s plan on the decoded (3, H, W) uint8 images into out (B, 3, S, S) uint8: a fixed number
+    of kernels per chunk (one chunk unless the crops are huge), whatever the batch size."""
+    size = out.shape[-1]
+    flat = torch.cat([img.reshape(-1) for img in images] + [t['resize.zeros']])  # (N + widest crop,) uint8
+    for chunk in chunks:
+        name, n, width = f'resize{chunk.index}.', chunk.count, chunk.width
+        rows = flat.unfold(0, width, 1).index_select(0, t[name + 'rows'])  # (n * rows * 3, width) uint8
+        table = rows.float().view(-1, 3 * width)  # a crop row: its three channels side by side
+        v = F.embedding_bag(t[name + 'v_idx'], table, t[name + 'v_off'], mode='sum',
+                            per_sample_weights=t[name + 'v_w'])  # (n * S, 3 * width): (sample, y) x (channel, x)
+        table = v.view(n, size, 3, width).permute(0, 3, 2, 1).contiguous().view(n * width, 3 * size)
+        h = F.embedding_bag(t[name + 'h_idx'], table, t[name + 'h_off'], mode='sum',
+                            per_sample_weights=t[name + 'h_w'])  # (n * S, 3 * S): (sample, x) x (channel, y)
+        h = h.round_().clamp_(0, 255).view(n, size, 3, size).permute(0, 2, 3, 1)  # (n, 3, S, S)
+        if chunk.identity:
+            out.copy_(h)
+        else:
+            out.index_copy_(0, t[name + 'positions'], h.to(torch.uint8))
+
+
+def resize_per_sample(images: Sequence[torch.Tensor], plans: Sequence[Dict[str, Any]], order: Sequence[int],
+                      out: torch.Tensor) -> None:
+    """The same crop-resize one image at a time with torchvision (uint8 kernels on the CPU, several times faster
+    there than the batched float taps; the CPU has no kernel launches to save)."""
+    s = out.shape[-1]
+    for k, b in enumerate(order):
+        img, plan = images[b], plans[b]
+        interpolation = _INTERPOLATIONS[plan['interpolation']]
+        if 'eval' in plan:
+            (rh, rw), (top, left) = plan['eval']
+            out[k] = F2.resize(img, [rh, rw], interpolation=interpolation, antialias=True)[:, top:top + s,
+                                                                                          left:left + s]
+        else:
+            i, j, h, w = plan['crop']
+            x = F2.resize(img[:, i:i + h, j:j + w], [s, s], interpolation=interpolation, antialias=True)
+            out[k] = x.flip(-1) if plan['flip'] else x
+
+
+# ----------------------------------------------------------------------------- decoding
 
 def _decode_jpegs(payloads: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
     # Lazily: torchvision.io loads its image codecs (libjpeg, nvJPEG) on import, which only DATA.LOADER gpu needs.
@@ -220,17 +644,15 @@ def _decode_one(payload: torch.Tensor, size: Tuple[int, int], device: torch.devi
         pass
     try:
         pixels = np.array(decode_image(bytes(payload.numpy())))
-        return torch.from_numpy(pixels).permute(2, 0, 1).to(device)  # (3, H, W)
+        return torch.from_numpy(pixels).permute(2, 0, 1).to(device, non_blocking=True)  # (3, H, W)
     except DECODE_ERRORS as exc:
         logger.warning("DATA.LOADER gpu: a JPEG of %dx%d px that passed the worker's checks cannot be decoded "
                        "(%s: %s); a black image takes its place", size[0], size[1], type(exc).__name__, exc)
         return torch.zeros((3, size[1], size[0]), dtype=torch.uint8, device=device)
 
 
-def decode_batch(payloads: Sequence[torch.Tensor], device: torch.device,
-                 sizes: Optional[Sequence[Tuple[int, int]]] = None) -> List[torch.Tensor]:
-    """(3, H, W) uint8 images on ``device``: JPEG bytes through one batched ``decode_jpeg`` there (nvJPEG on
-    CUDA), already-decoded pixels copied. A batch that fails is decoded image by image (``_decode_one``)."""
+def _decode_on_current_stream(payloads: Sequence[torch.Tensor], device: torch.device,
+                              sizes: Optional[Sequence[Tuple[int, int]]]) -> List[torch.Tensor]:
     jpegs = [k for k, p in enumerate(payloads) if p.dim() == 1]
     out: List[Optional[torch.Tensor]] = [None] * len(payloads)
     if jpegs:
@@ -246,41 +668,103 @@ def decode_batch(payloads: Sequence[torch.Tensor], device: torch.device,
     return out  # type: ignore[return-value]
 
 
+_DECODE_STREAMS: Dict[torch.device, Any] = {}
+
+
+def has_cuda_streams() -> bool:
+    """Whether there are CUDA streams to order (not on a CPU-only machine, nor under the tests' fake CUDA)."""
+    return torch.cuda.is_available()
+
+
+def decode_stream(device: torch.device) -> Optional[Any]:
+    """The CUDA stream decoding runs on for ``device`` (one per device, made once), or None off CUDA."""
+    if device.type != 'cuda' or not has_cuda_streams():
+        return None
+    device = torch.device('cuda', torch.cuda.current_device() if device.index is None else device.index)
+    if device not in _DECODE_STREAMS:
+        _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    return _DECODE_STREAMS[device]
+
+
+def decode_batch(payloads: Sequence[torch.Tensor], device: torch.device,
+                 sizes: Optional[Sequence[Tuple[int, int]]] = None) -> List[torch.Tensor]:
+    """(3, H, W) uint8 images on ``device``: JPEG bytes through one batched ``decode_jpeg`` there (nvJPEG on
+    CUDA), already-decoded pixels copied. A batch that fails is decoded image by image (``_decode_one``).
+
+    On CUDA the images are made on a stream of their own (``decode_stream``) and handed to the current one with
+    ``wait_stream`` and ``record_stream`` (pytorch/vision#9606, not fixed in torchvision 0.29): torchvision
+    allocates its outputs on the caller's current stream but nvJPEG writes them from its private stream, which
+    waits for nothing, so on the current stream it can be handed memory that queued kernels (the optimizer step
+    after ``zero_grad(set_to_none=True)``) still read. The side stream's memory holds only decoded images, and
+    ``record_stream`` keeps each from being reused before the current stream's work on it has finished."""
+    side = decode_stream(device)
+    if side is None:
+        return _decode_on_current_stream(payloads, device, sizes)
+    current = torch.cuda.current_stream(device)
+    with torch.cuda.stream(side):
+        images = _decode_on_current_stream(payloads, device, sizes)
+    current.wait_stream(side)
+    for img in images:
+        img.record_stream(current)
+    return images
+
+
+# ----------------------------------------------------------------------------- the batches
+
+class BatchPlan:
+    """A batch's plans made into what the device runs (in the DataLoader worker): the crop-resize
+    (``compile_resize``; per sample on the CPU), the RandAugment layers (``compile_augment``) and ``extra``
+    tensors (targets, normalisation, erasing fill), all in one ``PackedTensors``."""
+
+    def __init__(self, plans: Sequence[Dict[str, Any]], size: int,
+                 extra: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        self.plans, self.size, self.count = list(plans), size, len(plans)
+        self.sizes = [tuple(plan['size']) for plan in plans]
+        self.layers, tensors, self.order = compile_augment([plan.get('ops', []) for plan in plans], size, size)
+        self.chunks, resize = compile_resize(self.plans, self.order, size)
+        self.packed = PackedTensors({**tensors, **resize, **(extra or {})})
+
+    def pin_memory(self) -> 'BatchPlan':
+        self.packed.pin_memory()
+        return self
+
+
 class GpuFinish:
-    """Picklable ``DeviceBatch`` finish of DATA.LOADER gpu: decode, execute the plans, normalise, erase."""
+    """Picklable ``DeviceBatch`` finish of DATA.LOADER gpu: decode, resize, RandAugment, normalise, erase."""
 
     def __init__(self, size: int, erase_mode: str) -> None:
         self.size = size
         self.device_finish = DeviceFinish(erase_mode)
 
+    def run(self, payloads: Sequence[torch.Tensor], plan: BatchPlan, t: Dict[str, torch.Tensor],
+            device: torch.device) -> torch.Tensor:
+        """uint8 (B, 3, S, S) on ``device``: ``plan`` executed on the decoded payloads (``t``: its tensors there)."""
+        images = decode_batch(payloads, device, plan.sizes)
+        for k, (img, (w, h)) in enumerate(zip(images, plan.sizes)):
+            if tuple(img.shape[1:]) != (h, w):  # shapes are host values: no sync
+                raise ValueError(f"DATA.LOADER gpu: image {k} of the batch decoded to {tuple(img.shape)}, its "
+                                 f"header said {w}x{h}")
+        x = torch.empty((plan.count, 3, self.size, self.size), dtype=torch.uint8, device=device)
+        if device.type == 'cpu':
+            resize_per_sample(images, plan.plans, plan.order, x)
+        else:
+            resize_batched(images, plan.chunks, t, x)
+        return augment(x, plan.layers, t)
+
     def images(self, payloads: Sequence[torch.Tensor], plans: Sequence[Dict[str, Any]],
                device: torch.device) -> torch.Tensor:
-        """uint8 (B, 3, S, S) on ``device``: the plans executed on the decoded images."""
-        s = self.size
-        out = torch.empty((len(payloads), 3, s, s), dtype=torch.uint8, device=device)
-        images = decode_batch(payloads, device, [plan['size'] for plan in plans])
-        for b, (img, plan) in enumerate(zip(images, plans)):
-            interpolation = _INTERPOLATIONS[plan['interpolation']]
-            if 'eval' in plan:
-                (rh, rw), (top, left) = plan['eval']
-                x = F2.resize(img, [rh, rw], interpolation=interpolation, antialias=True)[:, top:top + s, left:left + s]
-            else:
-                i, j, h, w = plan['crop']
-                x = F2.resize(img[:, i:i + h, j:j + w], [s, s], interpolation=interpolation, antialias=True)
-                if plan['flip']:
-                    x = x.flip(-1)
-                for op in plan['ops']:
-                    x = apply_op(x, op)
-            out[b] = x
-        return out
+        """uint8 (B, 3, S, S) on ``device``: the plans executed on the decoded images (the collate's batches come
+        with their plan made; this makes it here)."""
+        plan = BatchPlan(plans, self.size)
+        return self.run(payloads, plan, plan.packed.to(device), device)
 
     def __call__(self, batch: DeviceBatch, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        targets = batch.targets.to(device, non_blocking=True)
-        if len(batch.images) == 0:
-            return torch.empty((0, 3, self.size, self.size), device=device), targets
-        plans, erase = batch.extras
-        images = self.images(batch.images.unpack(), plans, device)
-        return self.device_finish(images, erase if erase.shape[1] > 1 else None), targets
+        plan: BatchPlan = batch.extras
+        t = plan.packed.to(device)
+        if not plan.count:
+            return torch.empty((0, 3, self.size, self.size), device=device), t['targets']
+        images = self.run(batch.images.unpack(), plan, t, device)
+        return self.device_finish.apply(images, t), t['targets']
 
 
 class PackedImages:
@@ -299,6 +783,12 @@ class PackedImages:
     def __len__(self) -> int:
         return self.count
 
+    def pin_memory(self) -> 'PackedImages':
+        """Pins the decoded pixels (copied to the device); the JPEG bytes stay where they are: the decoder reads
+        them on the host."""
+        self.pixels = [(k, p.pin_memory()) for k, p in self.pixels]
+        return self
+
     def unpack(self) -> List[torch.Tensor]:
         """The payloads in batch order: 1-D byte views (contiguous) and (3, H, W) pixel tensors."""
         views = iter(torch.split(self.data, self.lengths)) if self.lengths else iter(())
@@ -306,20 +796,24 @@ class PackedImages:
         return [pixels[k] if k in pixels else next(views) for k in range(self.count)]
 
 
-class GpuCollate(DeviceCollate):
-    """Collate for DATA.LOADER gpu: ``DeviceBatch(PackedImages, targets, (plans, erase (B, 4k+1)), GpuFinish)``;
-    the plans are plain Python values (pickled in-band), the erasing parameters one stacked tensor."""
+class GpuCollate:
+    """Collate for DATA.LOADER gpu: ``DeviceBatch(PackedImages, targets, BatchPlan, GpuFinish)``; drops ``None``
+    samples (unreadable validation images); the plan (with the targets, normalisation and erasing fill) is made
+    here, in the worker."""
+
+    def __init__(self, finish: GpuFinish) -> None:
+        self.finish = finish
 
     def __call__(self, samples: Sequence[Optional[Tuple[Tuple[Any, Dict[str, Any]], int]]]) -> DeviceBatch:
         kept = [s for s in samples if s is not None]
         targets = torch.tensor([label for _, label in kept], dtype=torch.int64)
         plans = [dict(plan) for (_, plan), _ in kept]
         erase = [plan.pop('erase', torch.zeros(1, dtype=torch.int64)) for plan in plans]
-        erase_t = torch.stack(erase) if erase else torch.zeros((0, 1), dtype=torch.int64)  # (B, 4k+1)
-        return DeviceBatch(PackedImages([payload for (payload, _), _ in kept]), targets, (plans, erase_t),
-                           self.finish)
+        size = self.finish.size
+        prepared = self.finish.device_finish.prepare(torch.stack(erase) if erase else None, size, size)
+        plan = BatchPlan(plans, size, {'targets': targets, **prepared})
+        return DeviceBatch(PackedImages([payload for (payload, _), _ in kept]), targets, plan, self.finish)
 
 
-def gpu_collate(is_train: bool, config: Any) -> DeviceCollate:
-    size = config.DATA.IMG_SIZE
-    return GpuCollate(GpuFinish(size, config.AUG.REMODE), stack=False, empty_shape=(0, 3, size, size))
+def gpu_collate(is_train: bool, config: Any) -> GpuCollate:
+    return GpuCollate(GpuFinish(config.DATA.IMG_SIZE, config.AUG.REMODE))

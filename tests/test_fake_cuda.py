@@ -9,9 +9,8 @@ reads, blocking host-to-device copies and device ops counted.
 - the loaders' device finish: blocking copies and a device-op budget for ``DATA.LOADER gpu``.
 
 Faults 1 and 2 (blocking ``torch.tensor(..., device=...)`` copies in the fast/gpu finish; gpu's per-sample loop on
-the device) are expected failures until the data-side change lands: ``xfail(strict=True)`` on exactly the checks
-that fail, each raising its own AssertionError subclass (``raises=``), so any other failure in those tests still
-fails the suite.
+the device) failed these checks before the batched device finish (data/device_batch.py, data/gpu.py); each check
+raises its own AssertionError subclass so that a failure names the fault.
 """
 import io
 import os
@@ -45,8 +44,6 @@ class OverBudget(AssertionError):
     """More device ops than the budget (fault 2: gpu's per-sample loop)."""
 
 
-FAULT1 = pytest.mark.xfail(strict=True, raises=BlockingCopies, reason='fault 1/2: fixed by the data-side change')
-FAULT2 = pytest.mark.xfail(strict=True, raises=OverBudget, reason='fault 1/2: fixed by the data-side change')
 LOADERS = ['torch', 'fast', 'gpu']
 SMALL = ['MODEL.SWIN.EMBED_DIM', '32', 'MODEL.SWIN.DEPTHS', '[2,2]', 'MODEL.SWIN.NUM_HEADS', '[2,4]']
 SIZES = {'tiny': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
@@ -112,7 +109,7 @@ def nvjpeg_stand_in(monkeypatch):
     def expect(*batches):
         for batch in batches:
             if isinstance(batch, data.DeviceBatch) and isinstance(batch.images, data.gpu.PackedImages):
-                sizes.extend(plan['size'] for plan in batch.extras[0])
+                sizes.extend(batch.extras.sizes)
     monkeypatch.setattr(data.gpu, '_decode_jpegs', decode)
     return expect
 
@@ -158,8 +155,7 @@ def _update_step(config, dtype):
 def _update_params():
     for loader in LOADERS:
         for name, dtype in (('fp32', None), ('bf16', torch.bfloat16), ('fp16-scaler', torch.float16)):
-            marks = [FAULT1] if loader != 'torch' else []
-            yield pytest.param(loader, dtype, id=f'{loader}-{name}', marks=marks)
+            yield pytest.param(loader, dtype, id=f'{loader}-{name}')
 
 
 @pytest.mark.parametrize('loader,dtype', list(_update_params()))
@@ -203,8 +199,7 @@ class _Batches:
         self.at_end = (list(self.ops.host_reads), list(self.ops.blocking_copies))
 
 
-@pytest.mark.parametrize('loader', [pytest.param(name, marks=[FAULT1] if name != 'torch' else [])
-                                    for name in LOADERS])
+@pytest.mark.parametrize('loader', LOADERS)
 def test_validation_reads_the_host_only_after_its_last_batch(folder, nvjpeg_stand_in, loader):
     """``engine.validate`` over two batches: the first host read is its final sum (which raises here: fake
     tensors hold no values), after the last batch; no blocking copy before it either."""
@@ -273,7 +268,6 @@ def test_torch_loader_batch_is_two_non_blocking_copies(folder):
 
 
 @pytest.mark.parametrize('loader', ['fast', 'gpu'])
-@FAULT1
 def test_device_finish_of_a_training_batch_has_no_blocking_copy(folder, nvjpeg_stand_in, loader):
     """One batch of 128 at 224 px (RandAugment, random erasing) finished by ``data.batch_to_device``."""
     batch = first_batch(folder, loader, 128)
@@ -286,7 +280,6 @@ def test_device_finish_of_a_training_batch_has_no_blocking_copy(folder, nvjpeg_s
     assert_no_blocking_copies(ops)
 
 
-@FAULT2
 def test_gpu_finish_of_a_training_batch_stays_within_150_device_ops(folder, nvjpeg_stand_in):
     """``DATA.LOADER gpu``'s device side for a batch of 128 at 224 px: batched work, not a loop over samples."""
     batch = first_batch(folder, 'gpu', 128)
