@@ -67,14 +67,19 @@ class SourceDependencyError(ConfigError):
     ConfigError, so main.py prints it as one line and exits 2."""
 
 
-def require_source(module: str, pip_name: str, dataset: str) -> Any:
-    """Import ``module`` or raise ``SourceDependencyError`` naming ``DATA.DATASET`` and the pip command."""
+def import_optional(module: str, pip_name: str, setting: str, fix: str, error: type = ConfigError) -> Any:
+    """Import ``module`` or raise ``error`` naming the ``setting`` that needs it, the pip command and ``fix``."""
     try:
         return importlib.import_module(module)
     except Exception as e:  # ImportError, or a broken install (OSError, AttributeError...)
-        raise SourceDependencyError(
-            f"DATA.DATASET {dataset!r} needs the package {pip_name!r} ({type(e).__name__}: {e}); install it with "
-            f"'pip install {pip_name}' (an optional extra, in requirements-dev.txt)") from e
+        raise error(f"{setting} needs the package {pip_name!r} ({type(e).__name__}: {e}); install it with "
+                    f"'pip install {pip_name}' {fix}") from e
+
+
+def require_source(module: str, pip_name: str, dataset: str) -> Any:
+    """Import ``module`` or raise ``SourceDependencyError`` naming ``DATA.DATASET`` and the pip command."""
+    return import_optional(module, pip_name, f"DATA.DATASET {dataset!r}",
+                           "(an optional extra, in requirements-dev.txt)", SourceDependencyError)
 
 
 class BrokenImageError(RuntimeError):

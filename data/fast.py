@@ -18,7 +18,6 @@ Layer: a loader, over ``data.datasets``, ``data.transforms`` and ``data.device_b
 """
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any, Optional, Tuple
 
@@ -31,7 +30,7 @@ from torchvision.transforms.v2 import functional as F2
 
 from config import ConfigError
 
-from .datasets import decode_image, is_jpeg, read_bytes
+from .datasets import decode_image, import_optional, is_jpeg, read_bytes
 from .device_batch import DeviceCollate, DeviceFinish, erase_params
 from .transforms import (EVAL_INTERPOLATION, GEOMETRIC_OPS, affine_matrix, augment_ops, check_fast_config,
                          eval_geometry, rrc_interpolation, size_only, timm_train_pieces)
@@ -43,12 +42,8 @@ class LoaderDependencyError(ConfigError):
 
 def require(module: str, pip_name: str, loader: str) -> Any:
     """Import ``module`` or raise ``LoaderDependencyError`` naming ``DATA.LOADER`` and the pip command."""
-    try:
-        return importlib.import_module(module)
-    except Exception as e:  # ImportError, or a broken binary (OSError, AttributeError...)
-        raise LoaderDependencyError(
-            f"DATA.LOADER {loader!r} needs the package {pip_name!r} ({type(e).__name__}: {e}); install it with "
-            f"'pip install {pip_name}' (it is in requirements.txt) or set DATA.LOADER torch") from e
+    return import_optional(module, pip_name, f"DATA.LOADER {loader!r}",
+                           "(it is in requirements.txt) or set DATA.LOADER torch", LoaderDependencyError)
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -348,13 +348,13 @@ def test_unreadable_images_take_the_broken_path(folder, tmp_path):
 
 
 def test_missing_decoder_package_is_named(folder, monkeypatch):
-    real = data.fast.importlib.import_module
+    real = data.datasets.importlib.import_module
 
     def fake(name, *a):
         if name == 'simplejpeg':
             raise ImportError("No module named 'simplejpeg'")
         return real(name, *a)
-    monkeypatch.setattr(data.fast.importlib, 'import_module', fake)
+    monkeypatch.setattr(data.datasets.importlib, 'import_module', fake)
     from config import ConfigError
     with pytest.raises(data.fast.LoaderDependencyError, match=r"DATA.LOADER 'fast'.*pip install simplejpeg"):
         build_dataset(True, cfg(folder, 'fast'))
