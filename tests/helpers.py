@@ -5,8 +5,11 @@ import numpy as np
 from PIL import Image
 
 
-def write_digits_folder(root, classes: int = 4, train_per_class: int = 16, val_per_class: int = 8) -> str:
-    """scikit-learn's digits as ``root/{train,val}/digit<c>/<i>.png`` (32 px RGB), first images per class."""
+def write_digits_folder(root, classes: int = 4, train_per_class: int = 16, val_per_class: int = 8,
+                        size: int = 32, colour: bool = False, ext: str = 'png') -> str:
+    """scikit-learn's digits as ``root/{train,val}/digit<c>/<i>.<ext>`` (``size`` px RGB), first images per class.
+    Default: grey digits in all three channels, nearest-neighbour PNGs. ``colour``: three different channels (so
+    colour matters), bicubic, and a JPEG of quality 90 named ``<i:04d>.jpg`` (``ext='jpg'``)."""
     from sklearn.datasets import load_digits
     d = load_digits()
     wanted = {'train': train_per_class, 'val': val_per_class}
@@ -21,7 +24,15 @@ def write_digits_folder(root, classes: int = 4, train_per_class: int = 16, val_p
         folder = os.path.join(str(root), split, f'digit{label}')
         os.makedirs(folder, exist_ok=True)
         pixels = (img / 16.0 * 255).astype(np.uint8)
-        Image.fromarray(pixels).resize((32, 32), Image.NEAREST).convert('RGB').save(os.path.join(folder, f'{i}.png'))
+        if colour:
+            rgb = np.stack([pixels, pixels[::-1], 255 - pixels], -1)
+            image = Image.fromarray(rgb).resize((size, size), Image.BICUBIC)
+        else:
+            image = Image.fromarray(pixels).resize((size, size), Image.NEAREST).convert('RGB')
+        if ext == 'jpg':
+            image.save(os.path.join(folder, f'{i:04d}.jpg'), quality=90)
+        else:
+            image.save(os.path.join(folder, f'{i}.{ext}'))
     return str(root)
 
 

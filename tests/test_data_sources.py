@@ -10,12 +10,10 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from helpers import subprocess_env
+from helpers import subprocess_env, write_digits_folder
 
 datasets = pytest.importorskip('datasets')
 
@@ -37,23 +35,7 @@ BATCH = 8  # 32 training images -> 4 updates per epoch
 
 def write_jpeg_folder(root, train_per_class=8, val_per_class=4):
     """``root/{train,val}/digit<c>/<i>.jpg``: 64 px RGB JPEGs of the first digits of each class."""
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    wanted = {'train': train_per_class, 'val': val_per_class}
-    counts = {(split, c): 0 for split in wanted for c in range(CLASSES)}
-    for i, (img, label) in enumerate(zip(d.images, d.target)):
-        if label >= CLASSES:
-            continue
-        split = 'train' if counts[('train', label)] < train_per_class else 'val'
-        if counts[(split, label)] >= wanted[split]:
-            continue
-        counts[(split, label)] += 1
-        folder = os.path.join(str(root), split, f'digit{label}')
-        os.makedirs(folder, exist_ok=True)
-        pixels = (img / 16.0 * 255).astype(np.uint8)
-        rgb = np.stack([pixels, pixels[::-1], 255 - pixels], -1)  # three different channels: colour matters
-        Image.fromarray(rgb).resize((64, 64), Image.BICUBIC).save(os.path.join(folder, f'{i:04d}.jpg'),
-                                                                  quality=90)
+    write_digits_folder(root, CLASSES, train_per_class, val_per_class, size=64, colour=True, ext='jpg')
     return str(root)
 
 
