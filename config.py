@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -30,7 +30,7 @@ _C.DATA.BATCH_SIZE = 128                 # per process
 _C.DATA.DATA_PATH = ''
 _C.DATA.DATASET = 'imagenet'             # imagenet | imagenet22K | folder (ours: any class count) | wds (ours:
                                          # WebDataset tar shards) | hf (ours: a Hugging Face dataset)
-_C.DATA.IMG_SIZE = 224
+_C.DATA.IMG_SIZE = 224                   # an int (square) or (ours) [height, width]: see img_size_hw
 _C.DATA.INTERPOLATION = 'bicubic'        # random | bilinear | bicubic | nearest
 _C.DATA.ZIP_MODE = False
 _C.DATA.CACHE_MODE = 'part'              # no | part | full
@@ -47,6 +47,8 @@ _C.DATA.VAL_SPLIT = 'val'                # (ours); for wds also a brace pattern,
 _C.DATA.HF_IMAGE_COLUMN = 'image'        # (ours) DATA.DATASET hf: the column holding the images (an Image feature)
 _C.DATA.HF_LABEL_COLUMN = 'label'        # (ours) DATA.DATASET hf: the column holding the integer labels
 _C.DATA.WDS_SHUFFLE = 1000               # (ours) DATA.DATASET wds: shuffle buffer, in samples per data worker
+_C.DATA.MEAN = []                        # (ours) per-channel normalisation mean (0..1 scale); [] = default_mean_std
+_C.DATA.STD = []                         # (ours) per-channel std; [] = default_mean_std; both: MODEL.*.IN_CHANS long
 _C.DATA.LOADER = 'torch'                 # (ours) torch: timm transforms, float batches | fast: uint8 on the CPU,
                                          # normalise + erasing on the device | gpu: decode + augment on the device
 
@@ -321,6 +323,10 @@ def _merge_file(config: CN, cfg_file: str, _seen: Optional[set] = None) -> None:
     for base in data.get('BASE', ['']) or ['']:
         if base:
             _merge_file(config, os.path.join(os.path.dirname(cfg_file), base), seen)
+    for key in INT_OR_PAIR:
+        section, name = key.split('.')
+        if isinstance(data.get(section), dict) and name in data[section]:
+            _take_int_or_pair(config, key, data[section][name])
     try:
         config.merge_from_other_cfg(config.load_cfg(yaml.safe_dump(data)))
     except KeyError as e:
@@ -333,6 +339,9 @@ def _merge_opts(config: CN, opts: Sequence[str]) -> None:
     opts = list(opts)
     if len(opts) % 2:
         raise ConfigError(f"--opts takes KEY VALUE pairs; got an odd number of items: {opts}")
+    for key, value in zip(opts[::2], opts[1::2]):
+        if key in INT_OR_PAIR:
+            _take_int_or_pair(config, key, CN._decode_cfg_value(value))
     try:
         config.merge_from_list(opts)
     except KeyError as e:
@@ -343,6 +352,62 @@ def _merge_opts(config: CN, opts: Sequence[str]) -> None:
         if 'Non-existent key' in str(e):
             raise _unknown_key_error(KeyError(str(e)), '--opts') from None
         raise ConfigError(f"in --opts: {e}") from None
+
+
+# Keys that take an int or an [a, b] pair (their default is the int). yacs refuses a value whose type differs from
+# the current one, so a merge first sets the key to the incoming value's type (_take_int_or_pair); _check_types and
+# validate_config then check what it holds.
+INT_OR_PAIR = ('DATA.IMG_SIZE',)
+
+
+def _take_int_or_pair(config: CN, key: str, value: Any) -> None:
+    section, name = key.split('.')
+    if isinstance(value, (list, tuple)) or isinstance(_get(config, key), (list, tuple)):
+        config[section][name] = list(value) if isinstance(value, (list, tuple)) else value
+
+
+def img_size_hw(config: CN) -> Tuple[int, int]:
+    """``DATA.IMG_SIZE`` as (height, width): an int is a square, a pair is [height, width]."""
+    size = config.DATA.IMG_SIZE
+    if isinstance(size, (list, tuple)):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
+def model_in_chans(config: CN) -> int:
+    """The image channels the model takes: ``MODEL.SWIN.IN_CHANS`` or ``MODEL.SWINV2.IN_CHANS`` (``MODEL.TYPE``)."""
+    return int(config.MODEL.SWINV2.IN_CHANS if config.MODEL.TYPE == 'swinv2' else config.MODEL.SWIN.IN_CHANS)
+
+
+def in_chans_key(config: CN) -> str:
+    return 'MODEL.SWINV2.IN_CHANS' if config.MODEL.TYPE == 'swinv2' else 'MODEL.SWIN.IN_CHANS'
+
+
+# ImageNet's RGB statistics (timm.data.constants; copied so that this module imports no torch).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The default for channels that are not colour: the middle of the 0..1 range, as timm's (0.5, 0.5, 0.5) presets.
+EXTRA_CHANNEL_MEAN, EXTRA_CHANNEL_STD = 0.5, 0.5
+
+
+def default_mean_std(channels: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The normalisation when ``DATA.MEAN`` / ``DATA.STD`` are empty: 3 channels ImageNet's; 1 channel (grey) the
+    average of ImageNet's three (0.449 / 0.226: what a grey image made of an RGB one has); 2 channels (grey +
+    alpha) that and 0.5 / 0.5; more than 3 (RGBA, multispectral) ImageNet's RGB for the first three and 0.5 / 0.5
+    for each further channel."""
+    if channels >= 3:
+        extra = channels - 3
+        return (IMAGENET_MEAN + (EXTRA_CHANNEL_MEAN,) * extra, IMAGENET_STD + (EXTRA_CHANNEL_STD,) * extra)
+    grey_mean, grey_std = round(sum(IMAGENET_MEAN) / 3, 3), round(sum(IMAGENET_STD) / 3, 3)
+    extra = channels - 1
+    return ((grey_mean,) + (EXTRA_CHANNEL_MEAN,) * extra, (grey_std,) + (EXTRA_CHANNEL_STD,) * extra)
+
+
+def mean_std(config: CN) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(mean, std) per channel of the normalisation: ``DATA.MEAN`` / ``DATA.STD``, each defaulting to
+    ``default_mean_std`` of the model's channel count when empty."""
+    mean, std = default_mean_std(model_in_chans(config))
+    return (tuple(float(v) for v in config.DATA.MEAN) or mean, tuple(float(v) for v in config.DATA.STD) or std)
 
 
 def _get(config: CN, dotted: str) -> Any:
@@ -365,6 +430,9 @@ def _check_types(config: CN) -> None:
     for key in _all_keys(_C):
         default, value = _get(_C, key), _get(config, key)
         if default is None:
+            continue
+        if key in INT_OR_PAIR:
+            _check_int_or_pair(key, value)
             continue
         if value is None:
             if key in NULLABLE:
@@ -399,6 +467,46 @@ def _check_types(config: CN) -> None:
         raise ConfigError(f"AUG.CUTMIX_MINMAX must be None or [min, max] ratios, got {minmax!r}")
 
 
+def _check_int_or_pair(key: str, value: Any) -> None:
+    def positive_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    pair = isinstance(value, (list, tuple)) and len(value) == 2 and all(positive_int(v) for v in value)
+    if not (positive_int(value) or pair):
+        raise ConfigError(f"{key} must be a positive int or [height, width] (two positive ints), got {value!r}")
+
+
+def _check_channels(config: CN, pretrain: bool) -> None:
+    """Channel counts and sizes the loaders cannot give: named with the keys that ask for them."""
+    chans, chans_key = model_in_chans(config), in_chans_key(config)
+    for key in ('DATA.MEAN', 'DATA.STD'):
+        values = list(_get(config, key))
+        if values and len(values) != chans:
+            raise ConfigError(f"{key} has {len(values)} values but {chans_key} is {chans}: give one per channel "
+                              f"(or [] for the default, see README 'Channels')")
+    if any(v <= 0 for v in config.DATA.STD):
+        raise ConfigError(f"DATA.STD must hold positive numbers, got {list(config.DATA.STD)}")
+    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+    if chans != 3 and config.DATA.DATASET == 'wds':
+        raise ConfigError(f"DATA.DATASET 'wds' reads RGB images only; {chans_key} is {chans}: use DATA.DATASET "
+                          f"folder, imagenet or hf for other channel counts")
+    colour_ops = [key for key, on in (('AUG.AUTO_AUGMENT', config.AUG.AUTO_AUGMENT not in ('', 'none')),
+                                      ('AUG.COLOR_JITTER', config.AUG.COLOR_JITTER > 0)) if on]
+    if training and not pretrain and colour_ops:
+        # timm's RandAugment and ColorJitter are Pillow ops on RGB; most also run on grey ('L') images, none on
+        # RGBA or N channels, and the gpu loader's device versions are RGB only
+        if chans not in (1, 3):
+            raise ConfigError(f"{' and '.join(colour_ops)} (colour augmentation) need 1 or 3 channels; {chans_key} "
+                              f"is {chans}: set AUG.AUTO_AUGMENT none and AUG.COLOR_JITTER 0.0 (the crop, flip and "
+                              f"erasing still run)")
+        if chans == 1 and config.DATA.LOADER == 'gpu':
+            raise ConfigError(f"DATA.LOADER 'gpu' runs RandAugment/ColorJitter on RGB only; {chans_key} is 1: use "
+                              f"DATA.LOADER torch or fast, or set AUG.AUTO_AUGMENT none and AUG.COLOR_JITTER 0.0")
+    h, w = img_size_hw(config)
+    if pretrain and h != w:
+        raise ConfigError(f"DATA.IMG_SIZE {list(config.DATA.IMG_SIZE)}: SimMIM pre-training (its mask generator) "
+                          f"takes square images; give one int")
+
+
 def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = None) -> None:
     """Check values the model, loop and data would otherwise trip over deep inside; raise ConfigError.
 
@@ -411,7 +519,7 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
         value = _get(config, key)
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r} is not one of {list(allowed)}")
-    positive = ['DATA.BATCH_SIZE', 'DATA.IMG_SIZE', 'MODEL.NUM_CLASSES', 'TRAIN.EPOCHS',
+    positive = ['DATA.BATCH_SIZE', 'MODEL.NUM_CLASSES', 'TRAIN.EPOCHS',
                 'TRAIN.ACCUMULATION_STEPS', 'SAVE_FREQ', 'PRINT_FREQ', 'TRAIN.MAX_NONFINITE_STEPS']
     for key in positive:
         if _get(config, key) < 1:
@@ -468,6 +576,8 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
         if config.MODEL.TYPE == 'swinv2' and len(m.PRETRAINED_WINDOW_SIZES) != len(m.DEPTHS):
             raise ConfigError(f"MODEL.SWINV2.PRETRAINED_WINDOW_SIZES needs {len(m.DEPTHS)} entries, got "
                               f"{list(m.PRETRAINED_WINDOW_SIZES)}")
+    if config.MODEL.TYPE in ('swin', 'swinv2') and model_in_chans(config) >= 1:
+        _check_channels(config, pretrain)
     if device is not None and config.TRAIN.FSDP.ENABLE and config.TRAIN.FSDP.CPU_OFFLOAD and device != 'cuda':
         raise ConfigError("TRAIN.FSDP.CPU_OFFLOAD moves the shards from GPU to host memory; this run is on the CPU "
                           "already (DEVICE / --device), so set TRAIN.FSDP.CPU_OFFLOAD False")
