@@ -15,10 +15,12 @@ import torch
 from timm.data import Mixup
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from config import img_size_hw, in_chans_key, model_in_chans
 from utils.distributed import dist_info
 
-from .datasets import (IMAGENET22K_CLASSES, DatasetLayoutError, ImageDataset, ImageFolderDataset,
-                       ImageNet22KDataset, SkipNoneCollate, ZipImageDataset)
+from .datasets import (DECODE_ERRORS, IMAGENET22K_CLASSES, ChannelError, DatasetLayoutError, ImageDataset,
+                       ImageFolderDataset, ImageNet22KDataset, SkipNoneCollate, ZipImageDataset, decode_image,
+                       image_channels)
 from .fast import FastEvalTransform, FastTrainTransform, fast_collate
 from .gpu import GpuEvalTransform, GpuTrainTransform, gpu_collate
 from .hf import HFImageDataset
@@ -54,7 +56,7 @@ def loader_collate(is_train: bool, config: Any) -> Optional[Callable]:
         return fast_collate(is_train, config)
     if kind == 'gpu':
         return gpu_collate(is_train, config)
-    return None if is_train else SkipNoneCollate(config.DATA.IMG_SIZE)
+    return None if is_train else SkipNoneCollate(img_size_hw(config), model_in_chans(config))
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -146,8 +148,30 @@ def build_dataset(is_train: bool, config: Any, class_to_idx: Optional[Dict[str, 
     else:
         raise DatasetLayoutError(f"DATA.DATASET = {kind!r} is not one of ['imagenet', 'imagenet22K', 'folder', "
                                  f"'hf', 'wds']")
+    if isinstance(dataset, ImageDataset):
+        dataset.channels = model_in_chans(config)
+        check_channels(dataset, config)
     _check_num_classes(num_classes, config, dataset.description)
     return dataset, num_classes
+
+
+def check_channels(dataset: ImageDataset, config: Any) -> None:
+    """The first readable image of ``dataset`` decodes to the model's channel count; else a ``DatasetLayoutError``
+    naming the file and ``MODEL.*.IN_CHANS``, before any training (images of other files that cannot give the
+    count are broken samples later, skipped and counted with a warning that names them)."""
+    key, channels = in_chans_key(config), model_in_chans(config)
+    for index in range(min(len(dataset), 8)):  # the first readable one of the first few
+        try:
+            img = decode_image(dataset.read(index), channels)
+        except ChannelError as e:
+            raise DatasetLayoutError(f"{key} is {channels} but {dataset.name_of(index)} cannot give "
+                                     f"{channels} channels: {e}") from None
+        except DECODE_ERRORS:
+            continue
+        if image_channels(img) != channels:  # decode_image's conversions make this impossible; kept as a guard
+            raise DatasetLayoutError(f"{key} is {channels} but {dataset.name_of(index)} decodes to "
+                                     f"{image_channels(img)} channels")
+        return
 
 
 def check_data_paths(config: Any, pretrain: bool = False) -> None:

@@ -160,19 +160,79 @@ def read_bytes(source: Any) -> bytes:
         return f.read()
 
 
-def decode_image(data: Any) -> Image.Image:
-    """Open a path, file object or bytes, decode it fully (so truncation fails here) and return RGB."""
+NPY_MAGIC = b'\x93NUMPY'  # a .npy file's first bytes
+ARRAY_EXTENSIONS = ('.npy',)  # (H, W, C) uint8 arrays: any channel count (scan_class_folder lists them too)
+# The PIL mode an image of each channel count is converted to; more channels come only from .npy arrays.
+CHANNEL_MODES = {1: 'L', 2: 'LA', 3: 'RGB', 4: 'RGBA'}
+
+
+class ChannelError(ValueError):
+    """An image that cannot give the channel count asked for (a ValueError: a broken sample for the loaders)."""
+
+
+def to_channels(img: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode as ``CHANNEL_MODES[channels]``: RGB through ``to_rgb``; grey ('L') from ``to_rgb``'s RGB
+    (so 16-bit and palette images are scaled and composited as for RGB) unless it is 'L' already; 'LA' / 'RGBA'
+    keep an image's alpha (opaque where it has none)."""
+    if channels == 3:
+        return to_rgb(img)
+    mode = CHANNEL_MODES.get(channels)
+    if mode is None:
+        raise ChannelError(f"a {img.mode} image has at most 4 channels, {channels} were asked for: store "
+                           f"{channels}-channel images as .npy arrays (H, W, {channels}) of uint8")
+    if img.mode == mode:
+        return img
+    if mode == 'L':
+        return to_rgb(img).convert('L')
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode == 'F':
+        return to_rgb(img).convert(mode)
+    return img.convert(mode)
+
+
+def decode_array(data: bytes, channels: int) -> Any:
+    """A .npy file's (H, W, C) or (H, W) uint8 array: a PIL image for 1-4 channels (``CHANNEL_MODES``), else
+    the array itself (H, W, C); another channel count or dtype than asked for is a ``ChannelError``."""
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.dtype != np.uint8:
+        raise ChannelError(f"a .npy image must be a (H, W, C) or (H, W) uint8 array, got shape {array.shape} "
+                           f"dtype {array.dtype}")
+    if array.shape[2] != channels:
+        raise ChannelError(f"a .npy image of {array.shape[2]} channels (shape {array.shape}), "
+                           f"{channels} were asked for")
+    if channels in CHANNEL_MODES:
+        return Image.fromarray(array[:, :, 0] if channels == 1 else array, CHANNEL_MODES[channels])
+    return np.ascontiguousarray(array)
+
+
+def decode_image(data: Any, channels: int = 3) -> Any:
+    """Open a path, file object or bytes, decode it fully (so truncation fails here) and return RGB, or with
+    ``channels`` another count: a PIL image in ``CHANNEL_MODES[channels]`` (1: grey, 2: grey + alpha, 4: RGBA),
+    or for more channels the (H, W, C) uint8 array of a .npy file (``decode_array``)."""
+    if isinstance(data, (str, os.PathLike)) and str(data).endswith(ARRAY_EXTENSIONS):
+        data = read_bytes(data)
     if isinstance(data, (bytes, bytearray, memoryview)):
+        if bytes(data[:6]) == NPY_MAGIC:
+            return decode_array(bytes(data), channels)
         data = io.BytesIO(data)
     with Image.open(data) as img:
         img.load()
-        return to_rgb(img)
+        return to_rgb(img) if channels == 3 else to_channels(img, channels)
+
+
+def image_channels(img: Any) -> int:
+    """The channel count of what ``decode_image`` returned (a PIL image or an (H, W, C) array)."""
+    return len(img.getbands()) if isinstance(img, Image.Image) else int(img.shape[2])
 
 
 # ----------------------------------------------------------------------------- base dataset
 
 class ImageDataset(Dataset):
     """Base class: ``samples`` is a list of (key, label); subclasses implement ``read(index) -> bytes|path``."""
+
+    # Channels the images are decoded with (``decode_image``): build_dataset sets the model's MODEL.*.IN_CHANS.
+    channels = 3
 
     def __init__(self, samples: List[Sample], transform: Optional[Callable] = None,
                  on_broken: str = 'substitute', description: str = '') -> None:
@@ -203,8 +263,8 @@ class ImageDataset(Dataset):
         """The file name used in warnings and errors."""
         return self.samples[index][0]
 
-    def _load(self, index: int) -> Image.Image:
-        return decode_image(self.read(index))
+    def _load(self, index: int) -> Any:
+        return decode_image(self.read(index), self.channels)
 
     def _broken(self, index: int, exc: BaseException) -> None:
         if self.on_broken == 'error':
@@ -254,16 +314,18 @@ class ImageDataset(Dataset):
 class SkipNoneCollate:
     """Collate that drops ``None`` samples (unreadable images under the 'drop' policy).
 
-    A batch whose every image was dropped becomes empty tensors of shape (0, 3, size, size) and (0,).
+    A batch whose every image was dropped becomes empty tensors of shape (0, C, H, W) and (0,).
     """
 
-    def __init__(self, img_size: int) -> None:
-        self.img_size = img_size
+    def __init__(self, img_size: Any, channels: int = 3) -> None:
+        self.img_size = img_size  # an int (square) or (height, width)
+        self.channels = channels
 
     def __call__(self, batch: Sequence[Optional[Tuple[torch.Tensor, int]]]) -> Any:
         kept = [s for s in batch if s is not None]
         if not kept:
-            return torch.empty(0, 3, self.img_size, self.img_size), torch.empty(0, dtype=torch.long)
+            h, w = self.img_size if isinstance(self.img_size, (tuple, list)) else (self.img_size,) * 2
+            return torch.empty(0, self.channels, h, w), torch.empty(0, dtype=torch.long)
         return default_collate(kept)
 
 
@@ -307,7 +369,8 @@ def _scan_classes(root: str, class_to_idx: Dict[str, int]) -> List[Sample]:
     start = last = time.monotonic()
     reported = False
     for done, name in enumerate(classes, 1):
-        found = make_dataset(root, {name: class_to_idx[name]}, extensions=IMG_EXTENSIONS, allow_empty=True)
+        found = make_dataset(root, {name: class_to_idx[name]}, extensions=IMG_EXTENSIONS + ARRAY_EXTENSIONS,
+                             allow_empty=True)
         if not found:
             empty.append(name)
         samples.extend(found)
@@ -318,7 +381,7 @@ def _scan_classes(root: str, class_to_idx: Dict[str, int]) -> List[Sample]:
             last, reported = now, True
     if empty:
         raise DatasetLayoutError(f"{root}: {len(empty)} class folders hold no image files "
-                                 f"({', '.join(IMG_EXTENSIONS)}): {empty[:10]}; remove them or add images")
+                                 f"({', '.join(IMG_EXTENSIONS + ARRAY_EXTENSIONS)}): {empty[:10]}; remove them or add images")
     if reported:
         logger.info("scanned %s: %d classes, %d images in %.1f s", root, len(classes), len(samples),
                     time.monotonic() - start)

@@ -16,17 +16,18 @@ import math
 import random
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform
 from timm.data import auto_augment as timm_auto_augment
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
-from timm.data.transforms import RandomResizedCropAndInterpolation
+from timm.data.transforms import RandomResizedCropAndInterpolation, ResizeKeepRatio
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
-from config import ConfigError
+from config import ConfigError, img_size_hw, mean_std, model_in_chans
 
 _LOG = logging.getLogger(__name__)
 
@@ -70,10 +71,46 @@ def fix_posterize(transform: Any) -> None:
             op.aug_fn = posterize_allowing_zero_bits
 
 
+# Channel counts whose images stay PIL images through the transforms (grey 'L' and RGB: timm's RandAugment and
+# ColorJitter are Pillow ops, and most of them run on 'L' too). Others (2, 4, N) become float tensors first
+# (``ToFloatTensor``) and get the geometric ops only (crop, flip, erasing): Pillow resizes RGBA premultiplied by
+# its alpha, and N channels are no PIL image at all; config.validate_config refuses their colour ops.
+PIL_CHANNELS = (1, 3)
+
+
+class ToFloatTensor:
+    """A decoded image (PIL 'LA'/'RGBA' or an (H, W, C) uint8 array) -> float (C, H, W) in [0, 1], as ToTensor
+    scales; the transforms after it are torchvision's tensor versions (antialiased resize, as Pillow's)."""
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        array = np.array(img, dtype=np.uint8, copy=True)  # (H, W, C) or (H, W)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        return torch.from_numpy(array).permute(2, 0, 1).float().div_(255)  # (C, H, W)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def img_size_arg(config: Any) -> Any:
+    """``DATA.IMG_SIZE`` as torchvision/timm take it: an int for a square (today's transforms exactly), else
+    (height, width)."""
+    h, w = img_size_hw(config)
+    return h if h == w else (h, w)
+
+
 def train_transform_kwargs(config: Any) -> Dict[str, Any]:
-    """timm ``create_transform`` arguments of the training augmentation (shared by every ``DATA.LOADER``)."""
+    """timm ``create_transform`` arguments of the training augmentation (shared by every ``DATA.LOADER``).
+
+    Non-square ``DATA.IMG_SIZE`` [H, W]: the random-resized crop's aspect range (3/4, 4/3) is taken around the
+    output's W / H, so that an average crop is not squashed on its way to H x W; square sizes keep timm's range.
+    Normalisation: ``config.mean_std`` (``DATA.MEAN`` / ``DATA.STD`` or the default for the channel count)."""
+    h, w = img_size_hw(config)
+    mean, std = mean_std(config)
+    extra: Dict[str, Any] = {} if h == w else {'ratio': (3 / 4 * w / h, 4 / 3 * w / h)}
     return dict(
-        input_size=config.DATA.IMG_SIZE,
+        input_size=img_size_arg(config),
+        mean=mean, std=std, **extra,
         is_training=True,
         scale=tuple(config.AUG.RRC_SCALE),
         hflip=config.AUG.HFLIP,
@@ -93,14 +130,15 @@ class RandomCrop(transforms.RandomCrop):
     geometry (a 48x32 image cropped at 32 px without a resize trains on a part of each image and is evaluated
     on all of it). The name is torchvision's: it is that crop, with the resize in front for other sizes."""
 
-    def __init__(self, size: int, eval_resize: Callable):
+    def __init__(self, size: Any, eval_resize: Callable):
         # pad_if_needed keeps the output size fixed for images smaller than the crop after the resize
         super().__init__(size, padding=4, pad_if_needed=True)
         self.side = size
+        self.hw = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         self.eval_resize = eval_resize
 
-    def forward(self, img: Image.Image) -> Image.Image:
-        if img.size != (self.side, self.side):
+    def forward(self, img: Any) -> Any:
+        if tuple(TF.get_image_size(img)) != self.hw[::-1]:  # (w, h), PIL image or tensor
             img = self.eval_resize(img)
         return super().forward(img)
 
@@ -108,14 +146,24 @@ class RandomCrop(transforms.RandomCrop):
         return f"{super().__repr__()} (other sizes first: {self.eval_resize})"
 
 
+def eval_scale_size(h: int, w: int) -> Tuple[int, int]:
+    """The size the eval resize covers before the centre crop: the official int(256 / 224 * size), per side."""
+    return int((256 / 224) * h), int((256 / 224) * w)
+
+
 def eval_resize(config: Any) -> List[Callable]:
     """The eval geometry: with ``TEST.CROP`` the short side to int(256 / 224 * size) and a center crop, else a
-    resize straight to (size, size)."""
-    size = config.DATA.IMG_SIZE
+    resize straight to (size, size). Non-square [H, W] with ``TEST.CROP``: timm's rule for a non-square crop
+    (``ResizeKeepRatio``): the image keeps its aspect and is scaled just enough to cover (int(256/224 * H),
+    int(256/224 * W)), then the centre H x W is cropped; without ``TEST.CROP`` a resize straight to (H, W)."""
+    h, w = img_size_hw(config)
     interpolation = EVAL_INTERPOLATION[config.DATA.INTERPOLATION]
+    if config.TEST.CROP and h == w:
+        return [transforms.Resize(int((256 / 224) * h), interpolation=interpolation), transforms.CenterCrop(h)]
     if config.TEST.CROP:
-        return [transforms.Resize(int((256 / 224) * size), interpolation=interpolation), transforms.CenterCrop(size)]
-    return [transforms.Resize((size, size), interpolation=interpolation)]
+        return [ResizeKeepRatio(eval_scale_size(h, w), interpolation=interpolation.value),
+                transforms.CenterCrop((h, w))]
+    return [transforms.Resize((h, w), interpolation=interpolation)]
 
 
 def build_transform(is_train: bool, config: Any) -> Callable:
@@ -127,24 +175,38 @@ def build_transform(is_train: bool, config: Any) -> Callable:
     Eval: with ``TEST.CROP`` resize the short side to int(256 / 224 * size) and center-crop, else resize
     straight to (size, size); then ImageNet mean/std normalisation. Each split logs the geometry it uses.
     """
-    size = config.DATA.IMG_SIZE
+    h, w = img_size_hw(config)
+    size, name = img_size_arg(config), f"{h}x{w}" if h != w else str(h)
+    channels = model_in_chans(config)
+    mean, std = mean_std(config)
     resize = eval_resize(config)
-    geometry = (f"short side to {int((256 / 224) * size)} px, center crop {size}" if config.TEST.CROP else
-                f"resize to {size}x{size}")
+    if config.TEST.CROP and h == w:
+        geometry = f"short side to {int((256 / 224) * h)} px, center crop {h}"
+    elif config.TEST.CROP:
+        sh, sw = eval_scale_size(h, w)
+        geometry = f"keep the aspect and cover {sh}x{sw} px, center crop {h}x{w}"
+    else:
+        geometry = f"resize to {h}x{w}"
+    tensors = channels not in PIL_CHANNELS
     if is_train:
         transform = create_transform(**train_transform_kwargs(config))
-        if size <= 32:
+        if max(h, w) <= 32:
             transform.transforms[0] = RandomCrop(size, resize[0])
-            _LOG.info(f"train transform: DATA.IMG_SIZE {size} <= 32: images of {size}x{size} px get the official "
+            _LOG.info(f"train transform: DATA.IMG_SIZE {name} <= 32: images of {h}x{w} px get the official "
                       f"padded RandomCrop({size}, padding=4); images of other sizes are first resized as in "
                       f"evaluation ({geometry.split(',')[0]}), then cropped so")
         else:
-            _LOG.info(f"train transform: RandomResizedCrop to {size}x{size} (scale {tuple(config.AUG.RRC_SCALE)})")
+            _LOG.info(f"train transform: RandomResizedCrop to {h}x{w} (height x width; scale "
+                      f"{tuple(config.AUG.RRC_SCALE)})")
+        if tensors:  # timm's crop, flip, MaybeToTensor (a no-op), Normalize and erasing all take tensors
+            transform.transforms.insert(0, ToFloatTensor())
+            _LOG.info(f"train transform: {channels} channels: float tensors, geometric augmentation only")
         fix_posterize(transform)
         return transform
-    _LOG.info(f"eval transform: {geometry}")
-    return transforms.Compose(resize + [transforms.ToTensor(),
-                                        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    _LOG.info(f"eval transform: {geometry}; {channels} channels, mean {mean}, std {std}")
+    if tensors:
+        return transforms.Compose([ToFloatTensor()] + resize + [transforms.Normalize(mean, std)])
+    return transforms.Compose(resize + [transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 # ----------------------------------------------------------------------------- RandAugment's affine ops
