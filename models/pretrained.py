@@ -3,7 +3,9 @@
 What ``load_pretrained`` does, and logs:
 - drops derived buffers (``relative_position_index``, ``attn_mask``, ``relative_coords_table``);
 - bicubic-interpolates every ``relative_position_bias_table`` whose window differs (e.g. 7 -> 12 for 384);
-- bicubic-interpolates ``absolute_pos_embed`` to the model's patch grid;
+- bicubic-interpolates ``absolute_pos_embed`` to the model's patch grid (square or not: h x w patches);
+- adapts ``patch_embed.proj.weight`` of another input channel count (an RGB checkpoint for a grey or RGBA model)
+  with timm's ``adapt_input_conv`` (sum over the channels for 1, repeat and rescale for more);
 - maps a 21841-class ImageNet-22K head to 1000 ImageNet-1K classes with the official index list
   (``map22kto1k.txt``), or re-initialises a head of any other size (zeros, as the official code does);
 - anything else that does not fit (another architecture, other widths/heads) is an error naming the key.
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import adapt_input_conv
 
 from .swin_common import DERIVED_BUFFERS
 
@@ -175,6 +178,15 @@ def load_pretrained(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
             else:
                 state[key] = resize_relative_position_bias_table(state[key], window)
             adapted.append(key)
+        elif key == 'patch_embed.proj.weight' and key in own and state[key].shape[1] != own[key].shape[1] \
+                and state[key].shape[0] == own[key].shape[0]:
+            before = state[key].shape[1]
+            # timm's rule: 3 -> 1 sums the RGB filters; more channels repeat them and rescale by 3 / in_chans
+            state[key] = adapt_input_conv(own[key].shape[1], state[key].float()).to(state[key].dtype)
+            adapted.append(key)
+            log.info(f"load_pretrained: {key}: adapted the patch embedding from {before} to {own[key].shape[1]} "
+                     f"input channels (timm's adapt_input_conv: "
+                     f"{'summed over the channels' if own[key].shape[1] == 1 else 'repeated and rescaled'})")
         elif key == 'absolute_pos_embed' and key in own and state[key].shape != own[key].shape:
             if state[key].shape[-1] != own[key].shape[-1]:
                 raise ValueError(f"{key}: checkpoint has width {state[key].shape[-1]}, the model {own[key].shape[-1]}")
