@@ -257,7 +257,7 @@ def timm_train_pieces(config: Any) -> Tuple[RandomResizedCropAndInterpolation, O
 
 def check_fast_config(config: Any) -> None:
     """Settings the fast/gpu loaders cannot honour: a clear error naming the keys."""
-    if config.DATA.IMG_SIZE <= 32:
+    if max(img_size_hw(config)) <= 32:
         raise ConfigError(f"DATA.LOADER {config.DATA.LOADER!r} needs DATA.IMG_SIZE > 32 (small images use a padded "
                           f"random crop, which only DATA.LOADER torch implements); got {config.DATA.IMG_SIZE}")
 

@@ -16,7 +16,7 @@ import contextlib
 import os
 import sys
 import warnings
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,14 +40,20 @@ def quiet_tracing() -> Iterator[None]:
         yield
 
 
-def export_onnx(model: torch.nn.Module, path: str, img_size: int, in_chans: int = 3, opset: int = 17) -> None:
-    """Trace ``model`` (eval mode, CPU) to ONNX with inputs ``(batch, C, H, W)`` where batch is dynamic.
+def image_hw(img_size: Any) -> Tuple[int, int]:
+    """``img_size`` (an int: a square, or (height, width), as ``DATA.IMG_SIZE``) as (height, width)."""
+    return (int(img_size[0]), int(img_size[1])) if isinstance(img_size, (tuple, list)) else (int(img_size),) * 2
+
+
+def export_onnx(model: torch.nn.Module, path: str, img_size: Any, in_chans: int = 3, opset: int = 17) -> None:
+    """Trace ``model`` (eval mode, CPU) to ONNX with inputs ``(batch, C, H, W)`` where batch is dynamic;
+    ``img_size`` an int (square) or (height, width).
 
     Written atomically like the checkpoints (a same-folder temp file renamed over ``path``, so an interrupted
     export never leaves a truncated model under the final name), with the mode the user's umask gives.
     """
     import torch
-    example = torch.randn(2, in_chans, img_size, img_size)
+    example = torch.randn(2, in_chans, *image_hw(img_size))
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp.{os.getpid()}.onnx')
@@ -68,7 +74,7 @@ def export_onnx(model: torch.nn.Module, path: str, img_size: int, in_chans: int 
         raise
 
 
-def check_onnx(model: torch.nn.Module, path: str, img_size: int, in_chans: int = 3, batch: int = 3
+def check_onnx(model: torch.nn.Module, path: str, img_size: Any, in_chans: int = 3, batch: int = 3
                ) -> Optional[float]:
     """Max abs logit difference between onnxruntime and PyTorch on a random batch; None without onnxruntime.
 
@@ -79,7 +85,7 @@ def check_onnx(model: torch.nn.Module, path: str, img_size: int, in_chans: int =
         import onnxruntime as ort
     except ImportError:
         return None
-    images = torch.randn(batch, in_chans, img_size, img_size)
+    images = torch.randn(batch, in_chans, *image_hw(img_size))
     with torch.no_grad():
         expected = model(images).numpy()
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
@@ -113,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # bad file, config or mismatch: one clear line
         print(f"error: {e}", file=sys.stderr)
         return 1
-    img_size = config.DATA.IMG_SIZE
+    img_size = image_hw(config.DATA.IMG_SIZE)
     in_chans = config.MODEL.SWIN.IN_CHANS if config.MODEL.TYPE == 'swin' else config.MODEL.SWINV2.IN_CHANS
     if args.safetensors:
         export_safetensors(model.state_dict(), args.safetensors,
@@ -121,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {args.safetensors}")
     if args.onnx:
         export_onnx(model, args.onnx, img_size, in_chans, args.opset)
-        print(f"wrote {args.onnx} (input 'images': batch x {in_chans} x {img_size} x {img_size}, dynamic batch)")
+        print(f"wrote {args.onnx} (input 'images': batch x {in_chans} x {img_size[0]} x {img_size[1]}, dynamic batch)")
         diff = check_onnx(model, args.onnx, img_size, in_chans)
         if diff is None:
             print("onnxruntime is not installed: output not checked (pip install onnxruntime)")
