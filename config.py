@@ -366,6 +366,21 @@ def _take_int_or_pair(config: CN, key: str, value: Any) -> None:
         config[section][name] = list(value) if isinstance(value, (list, tuple)) else value
 
 
+def merge_config_dict(config: CN, data: dict) -> None:
+    """Merge plain config data (a checkpoint's stored config, ``config_to_dict``) into ``config``, taking the
+    ``INT_OR_PAIR`` keys ([height, width] sizes) as the files and ``--opts`` do; yacs' errors pass through."""
+    for key in INT_OR_PAIR:
+        section, name = key.split('.')
+        if isinstance(data.get(section), dict) and name in data[section]:
+            _take_int_or_pair(config, key, data[section][name])
+    config.merge_from_other_cfg(CN(data))
+
+
+def merge_opts(config: CN, opts: Sequence[str]) -> None:
+    """``--opts`` KEY VALUE pairs into ``config`` (as ``load_config`` merges them); a ConfigError names a bad one."""
+    _merge_opts(config, opts)
+
+
 def img_size_hw(config: CN) -> Tuple[int, int]:
     """``DATA.IMG_SIZE`` as (height, width): an int is a square, a pair is [height, width]."""
     size = config.DATA.IMG_SIZE

@@ -18,7 +18,8 @@ import sys
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from config import ConfigError, get_defaults, load_config, validate_config  # noqa: E402
+from config import (ConfigError, get_defaults, load_config, merge_config_dict, merge_opts,  # noqa: E402
+                    model_in_chans, validate_config)
 
 if TYPE_CHECKING:
     import torch
@@ -30,14 +31,13 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.t
 
 def config_from_checkpoint(checkpoint: dict, path: str, opts: Sequence[str] = ()) -> Any:
     """The config stored in ``checkpoint['config']`` (a plain dict), with ``opts`` applied; validated, frozen."""
-    from yacs.config import CfgNode
     stored = checkpoint.get('config')
     if not isinstance(stored, dict):
         raise ConfigError(f"{path} holds no config; pass the model's config file with --cfg")
     config = get_defaults()
     try:
-        config.merge_from_other_cfg(CfgNode(stored))
-        config.merge_from_list(list(opts))
+        merge_config_dict(config, stored)  # DATA.IMG_SIZE may be [height, width]
+        merge_opts(config, list(opts))
     except (KeyError, ValueError, AssertionError) as e:
         raise ConfigError(f"the config stored in {path} does not fit this version's keys: {e}; "
                           f"pass --cfg") from None
@@ -105,7 +105,7 @@ def predict(model: torch.nn.Module, config: Any, paths: Sequence[str], topk: int
     results: List[List[Tuple[int, float]]] = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        images = torch.stack([transform(decode_image(p)) for p in chunk]).to(device)
+        images = torch.stack([transform(decode_image(p, model_in_chans(config))) for p in chunk]).to(device)
         with torch.no_grad():
             probs = model(images).float().softmax(dim=-1)
         values, labels = probs.topk(min(topk, probs.shape[-1]), dim=-1)
