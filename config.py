@@ -485,6 +485,8 @@ def _check_types(config: CN) -> None:
 def _check_int_or_pair(key: str, value: Any) -> None:
     def positive_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    if isinstance(value, int) and not isinstance(value, bool) and value < 1:  # the message of the other sizes
+        raise ConfigError(f"{key} must be >= 1, got {value!r}")
     pair = isinstance(value, (list, tuple)) and len(value) == 2 and all(positive_int(v) for v in value)
     if not (positive_int(value) or pair):
         raise ConfigError(f"{key} must be a positive int or [height, width] (two positive ints), got {value!r}")
