@@ -772,14 +772,15 @@ def end_of_epoch(t: Training, epoch: int, train_stats: Dict[str, Any],
     config, state, log = t.config, t.state, t.log
     val = ema_val = is_best = None
     if t.loaders.val is not None:
-        name = 'Accuracy' if metric_name(config) == 'accuracy' else 'mAP'
+        name = metric_name(config)
         val = validate(config, t.loaders.val, t.eval_model, t.precision, log)
-        log.info(f"{name} of the network on the {len(t.loaders.dataset_val)} test images: {val[0]:.1f}%")
+        log.info(f"{name[0].upper() + name[1:]} of the network on the {len(t.loaders.dataset_val)} test images: "
+                 f"{val[0]:.1f}%")
         if state.ema is not None:
             ema_val = validate(config, t.loaders.val, unwrap_model(state.ema), t.precision, log, prefix='EMA')
         is_best = val[0] > state.max_accuracy
         state.max_accuracy = max(state.max_accuracy, val[0])
-        log.info(f"Max {name.lower() if name == 'Accuracy' else name}: {state.max_accuracy:.2f}%")
+        log.info(f"Max {name}: {state.max_accuracy:.2f}%")
     state.epoch, state.update = epoch + 1, 0
     # Metrics first: a kill between the two then re-runs the epoch (whose line is dropped on resume) instead of
     # resuming after an epoch whose line was never written.
@@ -834,8 +835,9 @@ def _evaluate_only(config: Any, model: nn.Module, loaders: Loaders, device: torc
     if config.THROUGHPUT_MODE:
         return {'throughput': throughput(loaders.val, eval_model, precision, log)}
     val = validate(config, loaders.val, eval_model, precision, log)
-    name = 'Accuracy' if metric_name(config) == 'accuracy' else 'mAP'
-    log.info(f"{name} of the network on the {len(loaders.dataset_val)} test images: {val[0]:.1f}%")
+    name = metric_name(config)
+    log.info(f"{name[0].upper() + name[1:]} of the network on the {len(loaders.dataset_val)} test images: "
+             f"{val[0]:.1f}%")
     return val._asdict()
 
 

@@ -295,8 +295,8 @@ def check_timm_multi_label() -> None:
              and 'smooth_dense' in inspect.signature(BinaryCrossEntropy).parameters
              and importlib.util.find_spec('timm.task') is not None)
     if not found:
-        raise ConfigError(f"DATA.LABELS csv (multi-label) needs timm's multi-label Mixup, BCE and evaluator, which timm "
-                          f"{timm.__version__} lacks (timm 1.0.31 has them): pip install -U timm")
+        raise ConfigError(f"DATA.LABELS csv (multi-label) needs timm's multi-label Mixup, BCE and evaluator, which "
+                          f"timm {timm.__version__} lacks (timm 1.0.31 has them): pip install -U timm")
 
 
 def build_mixup(config: Any) -> Optional[Mixup]:

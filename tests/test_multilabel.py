@@ -350,3 +350,15 @@ def test_bce_trains_a_single_label_run(tmp_path):
         metrics = [json.loads(line) for line in f]
     assert max(m['val_acc1'] for m in metrics) > 40.0, [m['val_acc1'] for m in metrics]
     assert ' * Acc@1 ' in result.stdout
+
+
+def test_an_old_timm_without_multi_label_support_is_one_clear_error(monkeypatch):
+    import data.build as build
+
+    class OldMixup:  # timm's Mixup before its multi_label keyword
+        def __init__(self, mixup_alpha=1.0, num_classes=1000):
+            pass
+    build.check_timm_multi_label()  # this venv's timm has it
+    monkeypatch.setattr(build, 'Mixup', OldMixup)
+    with pytest.raises(ConfigError, match='pip install -U timm'):
+        build.check_timm_multi_label()
