@@ -51,6 +51,8 @@ _C.DATA.MEAN = []                        # (ours) per-channel normalisation mean
 _C.DATA.STD = []                         # (ours) per-channel std; [] = default_mean_std; both: MODEL.*.IN_CHANS long
 _C.DATA.LOADER = 'torch'                 # (ours) torch: timm transforms, float batches | fast: uint8 on the CPU,
                                          # normalise + erasing on the device | gpu: decode + augment on the device
+_C.DATA.LABELS = 'source'                # (ours) source: the dataset's own single label per image | csv: several
+                                         # labels per image (multi-label) from <DATA_PATH>/<split>.csv (docs/DATA.md)
 
 # ----------------------------------------------------------------------------- model
 _C.MODEL = CN()
@@ -180,6 +182,8 @@ _C.TRAIN.EMA.WARMUP = False
 _C.TRAIN.MAX_NONFINITE_STEPS = 20        # (ours) stop after this many non-finite losses in a row
 _C.TRAIN.SAVE_EVERY_STEPS = 0            # (ours) mid-epoch checkpoint every N optimizer updates; 0 = off
 _C.TRAIN.KEEP_CHECKPOINTS = 3            # (ours) keep the last K epoch checkpoints (plus best and last)
+_C.TRAIN.LOSS = 'ce'                     # (ours) ce: softmax cross-entropy (official) | bce: timm's
+                                         # BinaryCrossEntropy (timm's --bce-loss); DATA.LABELS csv needs bce
 
 _C.TRAIN.FSDP = CN()                     # (ours) sharded data parallel (torch FSDP2) and sharded checkpoints
 _C.TRAIN.FSDP.ENABLE = False             # --fsdp; 1 process or torchrun with N
@@ -207,6 +211,7 @@ _C.TEST = CN()
 _C.TEST.CROP = True
 _C.TEST.SEQUENTIAL = False
 _C.TEST.SHUFFLE = False
+_C.TEST.THRESHOLD = 0.5                  # (ours) multi-label: a class is predicted when sigmoid(logit) >= this
 
 # ----------------------------------------------------------------------------- misc
 _C.ENABLE_AMP = False                    # legacy, ignored (LEGACY_KEYS)
@@ -257,6 +262,8 @@ CHOICES = {
     'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic', 'nearest'),
     'DATA.CACHE_MODE': ('no', 'part', 'full'),
     'DATA.LOADER': ('torch', 'fast', 'gpu'),
+    'DATA.LABELS': ('source', 'csv'),
+    'TRAIN.LOSS': ('ce', 'bce'),
     'MODEL.TYPE': ('swin', 'swinv2'),
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'),
     'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd', 'fused_adam', 'fused_lamb'),
@@ -552,6 +559,7 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
         if _get(config, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {_get(config, key)!r}")
     _check_data_source(config)
+    _check_labels(config, pretrain)
     scale = list(config.AUG.RRC_SCALE)
     if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise ConfigError(f"AUG.RRC_SCALE must be [min, max] with 0 < min <= max <= 1, got {scale}")
@@ -602,6 +610,31 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
     if device is not None and config.TRAIN.FSDP.ENABLE and config.TRAIN.FSDP.CPU_OFFLOAD and device != 'cuda':
         raise ConfigError("TRAIN.FSDP.CPU_OFFLOAD moves the shards from GPU to host memory; this run is on the CPU "
                           "already (DEVICE / --device), so set TRAIN.FSDP.CPU_OFFLOAD False")
+
+
+def is_multi_label(config: CN) -> bool:
+    """Several labels per image (``DATA.LABELS csv``): multi-hot targets, BCE, mAP / F1 validation."""
+    return config.DATA.LABELS == 'csv'
+
+
+def _check_labels(config: CN, pretrain: bool) -> None:
+    """The combinations multi-label data (``DATA.LABELS csv``) and ``TRAIN.LOSS`` cannot honour."""
+    if not 0.0 < config.TEST.THRESHOLD < 1.0:
+        raise ConfigError(f"TEST.THRESHOLD must be in (0, 1) (a sigmoid probability), got {config.TEST.THRESHOLD!r}")
+    if not is_multi_label(config):
+        return
+    if pretrain:
+        raise ConfigError("DATA.LABELS csv (multi-label) is for classification; SimMIM pre-training uses no labels "
+                          "and reads class folders or a zip: set DATA.LABELS source")
+    if config.TRAIN.LOSS != 'bce':
+        raise ConfigError(f"DATA.LABELS csv (multi-label) needs an independent sigmoid per class: set TRAIN.LOSS bce "
+                          f"(TRAIN.LOSS {config.TRAIN.LOSS!r} is a softmax over the classes)")
+    if config.DATA.DATASET not in ('imagenet', 'folder'):
+        raise ConfigError(f"DATA.LABELS csv reads image files under DATA.DATA_PATH named in <split>.csv; DATA.DATASET "
+                          f"{config.DATA.DATASET!r} has labels of its own: use DATA.DATASET folder")
+    if config.DATA.ZIP_MODE:
+        raise ConfigError("DATA.LABELS csv reads image files under DATA.DATA_PATH; DATA.ZIP_MODE (--zip) reads "
+                          "<split>.zip with a single-label map file: turn one of them off")
 
 
 def _check_data_source(config: CN) -> None:

@@ -31,7 +31,8 @@ from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+import torch.nn.functional as F
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
@@ -39,7 +40,7 @@ from torch.utils.data import DataLoader
 
 import data
 import models
-from config import ConfigError, validate_config
+from config import ConfigError, is_multi_label, validate_config
 from data import batch_to_device, loader_from
 from lr_scheduler import build_scheduler
 from models.swin_common import SwinBlock
@@ -113,11 +114,21 @@ def apex_amp_module(config: Any) -> Any:
 # ----------------------------------------------------------------------------- losses
 
 def build_criterion(config: Any, mixup_fn: Any) -> nn.Module:
-    """Soft-target CE with Mixup/CutMix, label-smoothing CE when MODEL.LABEL_SMOOTHING > 0, else plain CE."""
+    """The training loss, chosen here only. ``TRAIN.LOSS ce`` (official): soft-target CE with Mixup/CutMix,
+    label-smoothing CE when MODEL.LABEL_SMOOTHING > 0, else plain CE. ``bce``: timm's ``BinaryCrossEntropy`` as
+    timm's ``train.py --bce-loss`` builds it (and ``timm.loss.create_classification_loss``): Mixup/CutMix's soft
+    targets as they come (the smoothing is in them); without Mixup, class ids one-hot encoded with
+    MODEL.LABEL_SMOOTHING, and multi-label (B, C) targets (``DATA.LABELS csv``) smoothed towards 0.5."""
+    smoothing = config.MODEL.LABEL_SMOOTHING
+    if config.TRAIN.LOSS == 'bce':
+        if mixup_fn is not None:
+            return BinaryCrossEntropy(smoothing=0.0)
+        dense = {'smooth_dense': True} if is_multi_label(config) else {}  # a timm keyword since its multi-label
+        return BinaryCrossEntropy(smoothing=smoothing, **dense)  # support (data.build.check_timm_multi_label)
     if mixup_fn is not None:
         return SoftTargetCrossEntropy()  # label smoothing is folded into Mixup's soft targets
-    if config.MODEL.LABEL_SMOOTHING > 0.0:
-        return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
+    if smoothing > 0.0:
+        return LabelSmoothingCrossEntropy(smoothing=smoothing)
     return nn.CrossEntropyLoss()
 
 
@@ -360,26 +371,37 @@ def stop_if_nonfinite(config: Any, train_log: TrainLog) -> None:
         f"bfloat16 or --disable_amp)")
 
 
-@torch.no_grad()
-def validate(config: Any, data_loader: DataLoader, model: nn.Module, precision: Optional[Precision] = None,
-             logger: Optional[logging.Logger] = None, prefix: str = '') -> Tuple[float, float, float]:
-    """Top-1, top-5 accuracy (%) and mean CE loss over the whole validation set, exact across ranks.
+class Accuracy(NamedTuple):
+    """Single-label validation: top-1 and top-5 accuracy (%), mean cross-entropy."""
+    acc1: float
+    acc5: float
+    loss: float
 
-    Each rank evaluates its own images (no padding); correct counts, loss sums and image counts are summed over
-    ranks before dividing. Every ``PRINT_FREQ`` batches a ``Test: [i/n]`` line shows this rank's running figures
-    and the time left (the only host syncs before the end). Prints `` * Acc@1 .. Acc@5 ..`` as the official
-    code, then the loss (``prefix`` for EMA lines).
-    """
-    log = logger or _LOG
-    device = precision.device if precision is not None else next(model.parameters()).device
-    autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits
-    count = 0  # images, counted on the host: no host-to-device copy per batch
-    criterion = nn.CrossEntropyLoss(reduction='sum')
-    start, num_batches = time.time(), len(data_loader)
-    # FSDP: every forward gathers weights from all ranks, so every rank must run as many as the others; ranks
-    # with fewer (or empty) batches run spare forwards on an image they already saw, and count nothing.
+
+class MultiLabelScores(NamedTuple):
+    """Multi-label validation (``DATA.LABELS csv``): mAP (macro average precision over the classes, %), micro and
+    macro F1 (%) at ``TEST.THRESHOLD``, mean binary cross-entropy (over images and classes)."""
+    mAP: float
+    f1_micro: float
+    f1_macro: float
+    loss: float
+
+
+ValMetrics = Any  # Accuracy or MultiLabelScores: field 0 is the metric that picks ckpt_best
+
+
+def metric_name(config: Any) -> str:
+    """The name of the validation metric that picks ``ckpt_best`` (field 0 of ``validate``'s result)."""
+    return 'mAP' if is_multi_label(config) else 'accuracy'
+
+
+def _forward_batches(data_loader: DataLoader, model: nn.Module, device: torch.device,
+                     autocast: contextlib.AbstractContextManager) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(batch index, float logits, targets)`` of every batch with images, on ``device``.
+
+    FSDP: every forward gathers weights from all ranks, so every rank must run as many as the others; ranks with
+    fewer (or empty) batches run spare forwards on an image they already saw, after the last batch, and count
+    nothing."""
     lockstep = is_sharded(model) and is_distributed()
     spare: Optional[torch.Tensor] = None
     forwards = 0
@@ -391,16 +413,7 @@ def validate(config: Any, data_loader: DataLoader, model: nn.Module, precision: 
             spare = images[:1]
         with autocast:
             outputs = model(images)
-        outputs = outputs.float()
-        hits = outputs.topk(min(5, outputs.shape[1]), dim=1).indices.eq(targets[:, None])
-        totals += torch.stack([criterion(outputs, targets), hits[:, :1].sum(), hits.sum()]).double()
-        count += images.shape[0]
-        if (idx + 1) % config.PRINT_FREQ == 0 and idx + 1 < num_batches:
-            loss_sum, top1, top5 = totals.tolist()
-            eta = (time.time() - start) / (idx + 1) * (num_batches - idx - 1)
-            log.info(f"{prefix + ' ' if prefix else ''}Test: [{idx + 1}/{num_batches}]\teta {format_seconds(eta)}\t"
-                     f"loss {loss_sum / count:.4f}\tAcc@1 {100 * top1 / count:.3f}\tAcc@5 {100 * top5 / count:.3f}"
-                     f"\t{memory_label(device)}")
+        yield idx, outputs.float(), targets
         forwards += 1
     if lockstep:
         most = torch.tensor([forwards], device=device)
@@ -409,6 +422,39 @@ def validate(config: Any, data_loader: DataLoader, model: nn.Module, precision: 
         with autocast:
             for _ in range(int(most.item()) - forwards):
                 model(spare)
+
+
+@torch.no_grad()
+def validate(config: Any, data_loader: DataLoader, model: nn.Module, precision: Optional[Precision] = None,
+             logger: Optional[logging.Logger] = None, prefix: str = '') -> ValMetrics:
+    """Top-1, top-5 accuracy (%) and mean CE loss over the whole validation set, exact across ranks
+    (``Accuracy``); for multi-label data (``DATA.LABELS csv``) ``validate_multi_label``'s ``MultiLabelScores``.
+
+    Each rank evaluates its own images (no padding); correct counts, loss sums and image counts are summed over
+    ranks before dividing. Every ``PRINT_FREQ`` batches a ``Test: [i/n]`` line shows this rank's running figures
+    and the time left (the only host syncs before the end). Prints `` * Acc@1 .. Acc@5 ..`` as the official
+    code, then the loss (``prefix`` for EMA lines).
+    """
+    if is_multi_label(config):
+        return validate_multi_label(config, data_loader, model, precision, logger, prefix)
+    log = logger or _LOG
+    device = precision.device if precision is not None else next(model.parameters()).device
+    autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits
+    count = 0  # images, counted on the host: no host-to-device copy per batch
+    criterion = nn.CrossEntropyLoss(reduction='sum')
+    start, num_batches = time.time(), len(data_loader)
+    for idx, outputs, targets in _forward_batches(data_loader, model, device, autocast):
+        hits = outputs.topk(min(5, outputs.shape[1]), dim=1).indices.eq(targets[:, None])
+        totals += torch.stack([criterion(outputs, targets), hits[:, :1].sum(), hits.sum()]).double()
+        count += outputs.shape[0]
+        if (idx + 1) % config.PRINT_FREQ == 0 and idx + 1 < num_batches:
+            loss_sum, top1, top5 = totals.tolist()
+            eta = (time.time() - start) / (idx + 1) * (num_batches - idx - 1)
+            log.info(f"{prefix + ' ' if prefix else ''}Test: [{idx + 1}/{num_batches}]\teta {format_seconds(eta)}\t"
+                     f"loss {loss_sum / count:.4f}\tAcc@1 {100 * top1 / count:.3f}\tAcc@5 {100 * top5 / count:.3f}"
+                     f"\t{memory_label(device)}")
     totals = all_reduce_sum(torch.cat([totals, torch.tensor([float(count)], dtype=torch.float64).to(device)]))
     loss_sum, correct1, correct5, count = totals.tolist()
     if count == 0:
@@ -418,7 +464,65 @@ def validate(config: Any, data_loader: DataLoader, model: nn.Module, precision: 
         log.info(f"{prefix} Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.4f}")
     else:
         log.info(f' * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.4f}')  # the official line, then the loss
-    return acc1, acc5, loss
+    return Accuracy(acc1, acc5, loss)
+
+
+def multi_label_scores(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5,
+                       distributed: bool = False) -> MultiLabelScores:
+    """mAP, micro/macro F1 (%) and mean BCE of ``logits`` (N, C) against multi-hot ``targets`` (N, C) through
+    timm's ``MultiLabelClassificationEvaluator``: AP per class as scikit-learn's ``average_precision_score``
+    (ranked by the logits, tied scores one threshold, a class without positives counting 0), F1 of
+    ``sigmoid(logits) >= threshold`` as ``f1_score`` (a class never predicted nor present counting 0).
+    ``distributed``: every rank passes its own rows, all ranks' rows are gathered (uneven counts, none included)
+    and every rank gets the metrics of all of them; a collective."""
+    from timm.task import MultiLabelClassificationEvaluator  # timm's multi-label support: check_timm_multi_label
+    evaluator = MultiLabelClassificationEvaluator(device=logits.device, threshold=threshold)
+    if logits.shape[0]:
+        evaluator.update(logits, targets)  # one device-to-host copy of the rows
+    metrics = evaluator.compute(distributed=distributed)
+    return MultiLabelScores(metrics['map'], metrics['micro_f1'], metrics['macro_f1'], metrics['loss'])
+
+
+@torch.no_grad()
+def validate_multi_label(config: Any, data_loader: DataLoader, model: nn.Module,
+                         precision: Optional[Precision] = None, logger: Optional[logging.Logger] = None,
+                         prefix: str = '') -> MultiLabelScores:
+    """``multi_label_scores`` over the whole validation set at ``TEST.THRESHOLD``, exact across ranks: each rank
+    keeps its own images' logits on the device (no padding), then all of them are gathered once, so the mAP and F1
+    are those of the whole set as one array. ``Test: [i/n]`` lines show this rank's running loss; the last line is
+    `` * mAP .. F1 micro .. macro .. loss ..`` (``prefix`` for EMA lines)."""
+    log = logger or _LOG
+    device = precision.device if precision is not None else next(model.parameters()).device
+    autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
+    model.eval()
+    logits, targets = [], []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # for the progress lines only
+    count = 0
+    start, num_batches = time.time(), len(data_loader)
+    for idx, outputs, batch_targets in _forward_batches(data_loader, model, device, autocast):
+        if batch_targets.shape != outputs.shape:
+            raise ValueError(f"multi-label validation needs (B, C) multi-hot targets like the (B, C) logits "
+                             f"{tuple(outputs.shape)}, got {tuple(batch_targets.shape)} (DATA.LABELS csv data)")
+        logits.append(outputs)  # (B, C)
+        targets.append(batch_targets)  # (B, C)
+        loss_sum += F.binary_cross_entropy_with_logits(outputs, batch_targets.float(), reduction='sum').double() \
+            / outputs.shape[1]
+        count += outputs.shape[0]
+        if (idx + 1) % config.PRINT_FREQ == 0 and idx + 1 < num_batches:
+            eta = (time.time() - start) / (idx + 1) * (num_batches - idx - 1)
+            log.info(f"{prefix + ' ' if prefix else ''}Test: [{idx + 1}/{num_batches}]\teta {format_seconds(eta)}\t"
+                     f"loss {loss_sum.item() / count:.4f}\t{memory_label(device)}")
+    total = all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64).to(device))
+    if total.item() == 0:
+        raise RuntimeError("the validation set has no readable images")
+    num_classes = config.MODEL.NUM_CLASSES
+    all_logits = torch.cat(logits) if logits else torch.zeros((0, num_classes), device=device)
+    all_targets = torch.cat(targets) if targets else torch.zeros((0, num_classes), device=device)
+    scores = multi_label_scores(all_logits, all_targets, config.TEST.THRESHOLD, is_distributed())
+    line = (f"mAP {scores.mAP:.3f} F1 micro {scores.f1_micro:.3f} macro {scores.f1_macro:.3f} "
+            f"loss {scores.loss:.4f}")
+    log.info(f"{prefix} {line}" if prefix else f" * {line}")
+    return scores
 
 
 def _input_shape(model: nn.Module) -> Tuple[int, int, int]:
@@ -660,20 +764,23 @@ def save_or_stop_mid_epoch(t: Training, preemption: PreemptionGuard) -> None:
 
 
 def end_of_epoch(t: Training, epoch: int, train_stats: Dict[str, Any],
-                 preemption: PreemptionGuard) -> Optional[Tuple[float, float, float]]:
-    """After the last update of epoch ``epoch``: validation (also of the EMA), the best accuracy, the metrics
-    line, the checkpoint (on the ``SAVE_FREQ`` schedule, else the best only), TensorBoard, then, before another
-    epoch, the stop check (a collective). Returns the validation's (top-1, top-5, loss), None without one."""
+                 preemption: PreemptionGuard) -> Optional[ValMetrics]:
+    """After the last update of epoch ``epoch``: validation (also of the EMA), the best accuracy (multi-label:
+    the best mAP, kept in ``state.max_accuracy``), the metrics line, the checkpoint (on the ``SAVE_FREQ``
+    schedule, else the best only), TensorBoard, then, before another epoch, the stop check (a collective).
+    Returns the validation's ``Accuracy`` (top-1, top-5, loss) or ``MultiLabelScores``, None without one."""
     config, state, log = t.config, t.state, t.log
     val = ema_val = is_best = None
     if t.loaders.val is not None:
+        name = metric_name(config)
         val = validate(config, t.loaders.val, t.eval_model, t.precision, log)
-        log.info(f"Accuracy of the network on the {len(t.loaders.dataset_val)} test images: {val[0]:.1f}%")
+        log.info(f"{name[0].upper() + name[1:]} of the network on the {len(t.loaders.dataset_val)} test images: "
+                 f"{val[0]:.1f}%")
         if state.ema is not None:
             ema_val = validate(config, t.loaders.val, unwrap_model(state.ema), t.precision, log, prefix='EMA')
         is_best = val[0] > state.max_accuracy
         state.max_accuracy = max(state.max_accuracy, val[0])
-        log.info(f"Max accuracy: {state.max_accuracy:.2f}%")
+        log.info(f"Max {name}: {state.max_accuracy:.2f}%")
     state.epoch, state.update = epoch + 1, 0
     # Metrics first: a kill between the two then re-runs the epoch (whose line is dropped on resume) instead of
     # resuming after an epoch whose line was never written.
@@ -686,10 +793,10 @@ def end_of_epoch(t: Training, epoch: int, train_stats: Dict[str, Any],
     elif is_best:
         t.checkpointer.save(state, 'best')
     if t.tb_writer is not None and val is not None:
-        for name, value in zip(('acc1', 'acc5', 'loss'), val):
+        for name, value in val._asdict().items():  # val/acc1, val/acc5, val/loss; val/mAP, val/f1_micro, ...
             t.tb_writer.add_scalar(f'val/{name}', value, epoch)
         if ema_val is not None:
-            t.tb_writer.add_scalar('val/ema_acc1', ema_val[0], epoch)
+            t.tb_writer.add_scalar(f'val/ema_{ema_val._fields[0]}', ema_val[0], epoch)
         t.tb_writer.flush()
     if not is_last and preemption.agreed_stop():  # collective: every rank reaches it
         log.warning(f"{preemption.received}: stopping after epoch {epoch}; saving a checkpoint")
@@ -699,14 +806,16 @@ def end_of_epoch(t: Training, epoch: int, train_stats: Dict[str, Any],
     return val
 
 
-def _metrics_record(epoch: int, train: Dict[str, Any], val: Optional[Tuple[float, float, float]],
-                    ema: Optional[Tuple[float, float, float]]) -> Dict[str, Any]:
+def _metrics_record(epoch: int, train: Dict[str, Any], val: Optional[ValMetrics],
+                    ema: Optional[ValMetrics]) -> Dict[str, Any]:
+    """One metrics.jsonl line: val_acc1, val_acc5, val_loss (multi-label: val_mAP, val_f1_micro, val_f1_macro,
+    val_loss), the EMA's as ema_*."""
     record = {'epoch': epoch, 'train_loss': train['loss'], 'lr': train['lr'], 'time': train['time'],
               'skipped_updates': train['skipped'], 'broken_images': train['broken']}
     if val is not None:
-        record.update(val_acc1=val[0], val_acc5=val[1], val_loss=val[2])
+        record.update({f'val_{name}': value for name, value in val._asdict().items()})
     if ema is not None:
-        record.update(ema_acc1=ema[0], ema_acc5=ema[1], ema_loss=ema[2])
+        record.update({f'ema_{name}': value for name, value in ema._asdict().items()})
     return record
 
 
@@ -725,9 +834,11 @@ def _evaluate_only(config: Any, model: nn.Module, loaders: Loaders, device: torc
     eval_model = torch.compile(model) if config.COMPILE else model
     if config.THROUGHPUT_MODE:
         return {'throughput': throughput(loaders.val, eval_model, precision, log)}
-    acc1, acc5, loss = validate(config, loaders.val, eval_model, precision, log)
-    log.info(f"Accuracy of the network on the {len(loaders.dataset_val)} test images: {acc1:.1f}%")
-    return {'acc1': acc1, 'acc5': acc5, 'loss': loss}
+    val = validate(config, loaders.val, eval_model, precision, log)
+    name = metric_name(config)
+    log.info(f"{name[0].upper() + name[1:]} of the network on the {len(loaders.dataset_val)} test images: "
+             f"{val[0]:.1f}%")
+    return val._asdict()
 
 
 # ----------------------------------------------------------------------------- the run
@@ -749,9 +860,9 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
     t = build_training(config, dist_info, model, loaders, pretrain, log)
     if t.state.epoch >= config.TRAIN.EPOCHS:  # a finished run started again: say so rather than train 0 epochs
         log.info(f"training is already finished: {t.checkpointer.find()} holds epoch {t.state.epoch - 1}, the last "
-                 f"of TRAIN.EPOCHS {config.TRAIN.EPOCHS} (max accuracy {t.state.max_accuracy:.2f}%); nothing to do. "
-                 f"Raise TRAIN.EPOCHS to train on, or use another --tag or --output for a new run")
-        return {'max_accuracy': t.state.max_accuracy, 'acc1': None, 'acc5': None, 'loss': None, 'finished': True}
+                 f"of TRAIN.EPOCHS {config.TRAIN.EPOCHS} (max {metric_name(config)} {t.state.max_accuracy:.2f}%); "
+                 f"nothing to do. Raise TRAIN.EPOCHS to train on, or use another --tag or --output for a new run")
+        return {'max_accuracy': t.state.max_accuracy, **dict.fromkeys(_val_fields(config)), 'finished': True}
     t.checkpointer.restore_rng(t.state)  # last: whatever is set up after it may draw random numbers
     log.info("start training")
     run_start, val = time.time(), None
@@ -764,5 +875,9 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
         if t.tb_writer is not None:
             t.tb_writer.close()
     log.info(f"Training time {format_seconds(time.time() - run_start)}")
-    acc1, acc5, loss = val if val is not None else (None, None, None)
-    return {'max_accuracy': t.state.max_accuracy, 'acc1': acc1, 'acc5': acc5, 'loss': loss}
+    result = val._asdict() if val is not None else dict.fromkeys(_val_fields(config))
+    return {'max_accuracy': t.state.max_accuracy, **result}
+
+
+def _val_fields(config: Any) -> Tuple[str, ...]:
+    return MultiLabelScores._fields if is_multi_label(config) else Accuracy._fields

@@ -6,21 +6,25 @@ sources, samplers and the ``DATA.LOADER`` transform and collate, and holds the l
 """
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import logging
 import os
 import signal
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+import timm
 from timm.data import Mixup
+from timm.loss import BinaryCrossEntropy
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from config import img_size_hw, in_chans_key, model_in_chans
+from config import ConfigError, img_size_hw, in_chans_key, is_multi_label, model_in_chans
 from utils.distributed import dist_info
 
 from .datasets import (DECODE_ERRORS, IMAGENET22K_CLASSES, ChannelError, DatasetLayoutError, ImageDataset,
-                       ImageFolderDataset, ImageNet22KDataset, SkipNoneCollate, ZipImageDataset, decode_image,
-                       image_channels)
+                       ImageFolderDataset, ImageNet22KDataset, MultiLabelCsvDataset, SkipNoneCollate,
+                       ZipImageDataset, decode_image, image_channels)
 from .fast import FastEvalTransform, FastTrainTransform, fast_collate
 from .gpu import GpuEvalTransform, GpuTrainTransform, gpu_collate
 from .hf import HFImageDataset
@@ -114,7 +118,10 @@ def build_dataset(is_train: bool, config: Any, class_to_idx: Optional[Dict[str, 
     on_broken = 'error' if config.DATA.STRICT_IMAGES else ('substitute' if is_train else 'drop')
     root = config.DATA.DATA_PATH
     kind = config.DATA.DATASET
-    if kind in ('imagenet', 'folder'):
+    if is_multi_label(config):  # validate_config allows it for the folder sources only, without ZIP_MODE
+        num_classes = config.MODEL.NUM_CLASSES
+        dataset = MultiLabelCsvDataset(root, f'{split_name(is_train, config)}.csv', num_classes, transform, on_broken)
+    elif kind in ('imagenet', 'folder'):
         split = split_name(is_train, config)
         if config.DATA.ZIP_MODE:
             dataset = ZipImageDataset(os.path.join(root, f'{split}.zip'), os.path.join(root, f'{split}_map.txt'),
@@ -192,6 +199,9 @@ def check_data_paths(config: Any, pretrain: bool = False) -> None:
     elif config.DATA.DATASET == 'imagenet22K':
         wanted = [IMAGENET22K_MAPS[True], IMAGENET22K_MAPS[False]] if not config.EVAL_MODE else \
             [IMAGENET22K_MAPS[False]]
+    elif is_multi_label(config):
+        splits = ([] if config.EVAL_MODE else [config.DATA.TRAIN_SPLIT]) + [config.DATA.VAL_SPLIT]
+        wanted = [f'{split}.csv' for split in splits]
     elif config.DATA.DATASET in ('imagenet', 'folder'):
         splits = ([] if config.EVAL_MODE else [config.DATA.TRAIN_SPLIT]) + [config.DATA.VAL_SPLIT]
         wanted = [name for split in splits for name in ((f'{split}.zip', f'{split}_map.txt') if config.DATA.ZIP_MODE
@@ -200,7 +210,8 @@ def check_data_paths(config: Any, pretrain: bool = False) -> None:
         return  # build_dataset names the unknown DATA.DATASET
     missing = [name for name in wanted if not os.path.exists(os.path.join(root, name))]
     if missing:
-        layout = '<split>.zip and <split>_map.txt' if config.DATA.ZIP_MODE else '<split>/<class>/<image>'
+        layout = '<split>.zip and <split>_map.txt' if config.DATA.ZIP_MODE else \
+            '<split>.csv (DATA.LABELS csv)' if is_multi_label(config) else '<split>/<class>/<image>'
         raise DatasetLayoutError(f"DATA.DATA_PATH (--data-path) {root!r} lacks {', '.join(missing)} (expected "
                                  f"{layout}; check DATA.DATA_PATH, DATA.TRAIN_SPLIT / DATA.VAL_SPLIT)")
 
@@ -299,14 +310,29 @@ def train_sampler(dataset: Dataset, config: Any, rank: int, world: int) -> Sampl
     return DistributedTrainSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.SEED)
 
 
+def check_timm_multi_label() -> None:
+    """``DATA.LABELS csv`` trains with timm's multi-label pieces: ``Mixup(multi_label=True)``,
+    ``BinaryCrossEntropy(smooth_dense=True)`` and ``timm.task.MultiLabelClassificationEvaluator`` (the engine's
+    mAP / F1); an older timm lacks them: a ConfigError (one line, exit 2) saying so."""
+    found = ('multi_label' in inspect.signature(Mixup).parameters
+             and 'smooth_dense' in inspect.signature(BinaryCrossEntropy).parameters
+             and importlib.util.find_spec('timm.task') is not None)
+    if not found:
+        raise ConfigError(f"DATA.LABELS csv (multi-label) needs timm's multi-label Mixup, BCE and evaluator, which "
+                          f"timm {timm.__version__} lacks (timm 1.0.31 has them): pip install -U timm")
+
+
 def build_mixup(config: Any) -> Optional[Mixup]:
-    """timm's Mixup/CutMix from AUG.*, or None when both are off."""
+    """timm's Mixup/CutMix from AUG.*, or None when both are off. Multi-label (``DATA.LABELS csv``): timm's
+    ``multi_label`` mode, which mixes the (B, C) multi-hot targets as they are (each label smoothed towards 0.5 by
+    ``MODEL.LABEL_SMOOTHING``) instead of one-hot encoding class ids."""
     aug = config.AUG
     if not (aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None):
         return None
+    multi = {'multi_label': True} if is_multi_label(config) else {}  # the official call otherwise
     return Mixup(mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX, cutmix_minmax=aug.CUTMIX_MINMAX,
                  prob=aug.MIXUP_PROB, switch_prob=aug.MIXUP_SWITCH_PROB, mode=aug.MIXUP_MODE,
-                 label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES)
+                 label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES, **multi)
 
 
 def build_loader(config: Any) -> Tuple[Optional[Dataset], Dataset, Optional[DataLoader], DataLoader,
@@ -325,6 +351,8 @@ def build_loader(config: Any) -> Tuple[Optional[Dataset], Dataset, Optional[Data
     broken images (``data.pop_broken_count``).
     """
     rank, world = dist_info()
+    if is_multi_label(config):
+        check_timm_multi_label()
     dataset_train = loader_train = None
     class_to_idx = None
     if not config.EVAL_MODE:

@@ -21,6 +21,7 @@ Layer: above ``data.seeding``; the samplers, transforms and loaders build on the
 from __future__ import annotations
 
 import contextlib
+import csv
 import importlib
 import io
 import json
@@ -263,6 +264,10 @@ class ImageDataset(Dataset):
         """The file name used in warnings and errors."""
         return self.samples[index][0]
 
+    def target(self, index: int) -> Any:
+        """What the loaders get as sample ``index``'s label: its class id here (multi-label: a multi-hot vector)."""
+        return self.samples[index][1]
+
     def _load(self, index: int) -> Any:
         return decode_image(self.read(index), self.channels)
 
@@ -301,7 +306,7 @@ class ImageDataset(Dataset):
                     continue
                 if self.transform is not None:
                     img = self.transform(img)
-            return img, self.samples[i][1]
+            return img, self.target(i)
         if self.on_broken == 'drop':
             return None
         raise BrokenImageError(f"{tries} consecutive unreadable images starting at {self.name_of(index)} in "
@@ -545,3 +550,108 @@ class ImageNet22KDataset(ImageDataset):
 
     def read(self, index: int) -> str:
         return self.name_of(index)
+
+
+# ----------------------------------------------------------------------------- multi-label: CSV label files
+
+CLASS_NAMES_FILE = 'classes.txt'  # <DATA_PATH>/classes.txt: optional class names, one per line, line i = class i
+MultiLabelSample = Tuple[str, Tuple[int, ...]]
+
+
+def _class_ids(field: str) -> Optional[Tuple[int, ...]]:
+    """``'3 0 7'`` -> (0, 3, 7) (sorted, repeats dropped); '' -> () (an image with no label); None if a word is not
+    an integer."""
+    try:
+        return tuple(sorted({int(word) for word in field.split()}))
+    except ValueError:
+        return None
+
+
+def read_label_csv(csv_path: str, num_classes: int) -> List[MultiLabelSample]:
+    """``<split>.csv`` -> samples ``(relative path, class ids)``. Each row is ``path,ids`` where ids are class ids
+    in [0, ``num_classes``) separated by spaces (none: an image without any of the classes). A first row whose
+    second field is not integers (``path,labels``) is a header and skipped; blank lines are skipped. A row with
+    another field count, a word that is not an id or an id out of range is an error naming the file, line and
+    row. Read with the ``csv`` module, so a path holding a comma can be quoted."""
+    if not os.path.isfile(csv_path):
+        raise DatasetLayoutError(f"label file not found: {csv_path} (DATA.LABELS csv expects "
+                                 f"<DATA.DATA_PATH>/<split>.csv with rows 'relative/path,<class ids separated by "
+                                 f"spaces>'; see docs/DATA.md)")
+    samples: List[MultiLabelSample] = []
+    with open(csv_path, newline='', encoding='utf-8') as f:
+        reader = csv.reader(f)
+        first_row = True
+        for row in reader:
+            where = f"{csv_path}:{reader.line_num}"
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if len(row) != 2:
+                raise DatasetLayoutError(f"{where}: expected 2 fields 'relative/path,<class ids separated by "
+                                         f"spaces>', got {len(row)}: {row!r}")
+            path, ids = row[0].strip(), _class_ids(row[1])
+            header, first_row = first_row and ids is None, False
+            if header:
+                continue
+            if ids is None:
+                raise DatasetLayoutError(f"{where}: class ids must be integers separated by spaces, got {row[1]!r} "
+                                         f"(row {row!r})")
+            bad = [i for i in ids if not 0 <= i < num_classes]
+            if bad:
+                raise DatasetLayoutError(f"{where}: class id {bad[0]} out of range [0, {num_classes}) "
+                                         f"(MODEL.NUM_CLASSES) in row {row!r}")
+            if not path:
+                raise DatasetLayoutError(f"{where}: empty image path in row {row!r}")
+            samples.append((path, ids))
+    if not samples:
+        raise DatasetLayoutError(f"label file {csv_path} lists no images")
+    return samples
+
+
+def read_class_names(path: str) -> List[str]:
+    """A class names file: one name per line (blank lines skipped), in class id order."""
+    with open(path, encoding='utf-8') as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+class MultiLabelCsvDataset(ImageDataset):
+    """Images under ``root`` with several labels each from ``root/<csv_name>`` (``read_label_csv``): the target
+    of a sample is a float32 multi-hot vector of ``num_classes`` (the loaders stack them to (B, C)). Class names
+    come from ``root/classes.txt`` when it exists (``classes``; its line count must be ``num_classes``)."""
+
+    def __init__(self, root: str, csv_name: str, num_classes: int, transform: Optional[Callable] = None,
+                 on_broken: str = 'substitute') -> None:
+        self.root, self.csv_path, self.class_count = root, os.path.join(root, csv_name), num_classes
+        samples = read_label_csv(self.csv_path, num_classes)
+        missing = [p for p, _ in samples if not os.path.isfile(os.path.join(root, p))]
+        if missing:
+            raise DatasetLayoutError(f"{self.csv_path} lists {len(missing)} images that are not under {root}, e.g. "
+                                     f"{missing[:3]} (paths are relative to DATA.DATA_PATH)")
+        names_path = os.path.join(root, CLASS_NAMES_FILE)
+        self.classes: Optional[List[str]] = read_class_names(names_path) if os.path.isfile(names_path) else None
+        if self.classes is not None and len(self.classes) != num_classes:
+            raise DatasetLayoutError(f"{names_path} names {len(self.classes)} classes but MODEL.NUM_CLASSES is "
+                                     f"{num_classes}; give one name per class id, one per line")
+        super().__init__(samples, transform, on_broken, description=self.csv_path)
+
+    @property
+    def num_classes(self) -> int:
+        return self.class_count
+
+    def name_of(self, index: int) -> str:
+        return os.path.join(self.root, self.samples[index][0])
+
+    def read(self, index: int) -> str:
+        return self.name_of(index)
+
+    def target(self, index: int) -> torch.Tensor:
+        hot = torch.zeros(self.class_count, dtype=torch.float32)  # (C,)
+        hot[list(self.samples[index][1])] = 1.0
+        return hot
+
+    def label_counts(self) -> List[int]:
+        """Images per class (how many rows name each class id)."""
+        counts = [0] * self.class_count
+        for _, ids in self.samples:
+            for i in ids:
+                counts[i] += 1
+        return counts

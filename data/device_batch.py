@@ -184,6 +184,13 @@ class DeviceFinish:
         return self.apply(images, PackedTensors(self.prepare(erase, height, width)).to(images.device))
 
 
+def stack_targets(labels: Sequence[Any]) -> torch.Tensor:
+    """A batch's labels: class ids -> (B,) int64; multi-hot vectors (``DATA.LABELS csv``) -> (B, C) float32."""
+    if labels and isinstance(labels[0], torch.Tensor):
+        return torch.stack(list(labels)).float()  # (B, C)
+    return torch.tensor(labels, dtype=torch.int64)  # (B,)
+
+
 class DeviceBatch:
     """A batch whose last steps run on the training device: ``images, targets = batch`` and ``batch[i]`` as a
     tuple; ``on_device(device)`` -> finished float ``(images, targets)`` there. ``pin_memory`` (DataLoader's
@@ -238,7 +245,7 @@ class DeviceCollate:
 
     def __call__(self, samples: Sequence[Optional[Tuple[Tuple[torch.Tensor, torch.Tensor], int]]]) -> DeviceBatch:
         kept = [s for s in samples if s is not None]
-        targets = torch.tensor([label for _, label in kept], dtype=torch.int64)
+        targets = stack_targets([label for _, label in kept])
         if kept:
             images = torch.stack([img for (img, _), _ in kept])  # (B, S, S, 3) or (B, 3, S, S) uint8
             erase = torch.stack([e for (_, e), _ in kept])  # (B, 4k+1) int64

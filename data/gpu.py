@@ -47,7 +47,7 @@ from torchvision.transforms.v2 import functional as F2
 from config import ConfigError
 
 from .datasets import DECODE_ERRORS, decode_image, is_jpeg, read_bytes
-from .device_batch import DeviceBatch, DeviceFinish, PackedTensors, erase_params
+from .device_batch import DeviceBatch, DeviceFinish, PackedTensors, erase_params, stack_targets
 from .transforms import (EVAL_INTERPOLATION, GEOMETRIC_OPS, affine_matrix, augment_ops, check_fast_config,
                          eval_geometry, posterize_allowing_zero_bits, rrc_interpolation, size_only,
                          timm_train_pieces)
@@ -806,7 +806,7 @@ class GpuCollate:
 
     def __call__(self, samples: Sequence[Optional[Tuple[Tuple[Any, Dict[str, Any]], int]]]) -> DeviceBatch:
         kept = [s for s in samples if s is not None]
-        targets = torch.tensor([label for _, label in kept], dtype=torch.int64)
+        targets = stack_targets([label for _, label in kept])
         plans = [dict(plan) for (_, plan), _ in kept]
         erase = [plan.pop('erase', torch.zeros(1, dtype=torch.int64)) for plan in plans]
         size = self.finish.size

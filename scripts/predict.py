@@ -5,7 +5,12 @@ The model is built from ``--cfg`` (+ ``--opts``) or, when omitted, from the conf
 (every checkpoint this framework writes holds one). The checkpoint is read only through the project's safe
 loader (``weights_only=True``). Images get the deterministic eval transform of the config. Class names come
 from ``--class-names`` (one per line, in label order) or ``--data-path`` (the dataset folder: class folders
-sorted by name, as training labelled them); otherwise labels are printed as numbers.
+sorted by name, as training labelled them; for a multi-label model its ``classes.txt``); otherwise labels are
+printed as numbers.
+
+A multi-label model (trained with ``DATA.LABELS csv``) gets a sigmoid per class instead of a softmax, and each
+image's line lists every class whose probability is at least ``--threshold`` (default: the checkpoint's
+``TEST.THRESHOLD``), most likely first, or ``(no label >= 0.50)``.
 
     python scripts/predict.py --resume demo_output/swin_demo_digits_48_ft/default/ckpt_best.pth \\
         --data-path demo_data demo_data/val/digit_7
@@ -18,8 +23,8 @@ import sys
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from config import (ConfigError, get_defaults, load_config, merge_config_dict, merge_opts,  # noqa: E402
-                    model_in_chans, validate_config)
+from config import (ConfigError, get_defaults, is_multi_label, load_config, merge_config_dict,  # noqa: E402
+                    merge_opts, model_in_chans, validate_config)
 
 if TYPE_CHECKING:
     import torch
@@ -69,9 +74,15 @@ def load_model(checkpoint_path: str, cfg: Optional[str] = None, opts: Sequence[s
 
 def read_class_names(class_names: Optional[str], data_path: Optional[str], config: Any) -> Optional[List[str]]:
     """Names in label order from a one-per-line file or a dataset folder (its training split), else None."""
+    from data.datasets import CLASS_NAMES_FILE, read_class_names as read_names_file
     if class_names:
-        with open(class_names, encoding='utf-8') as f:
-            return [line.strip() for line in f if line.strip()]
+        return read_names_file(class_names)
+    if data_path and is_multi_label(config):  # DATA.LABELS csv: the class names file beside the CSVs
+        path = os.path.join(data_path, CLASS_NAMES_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CLASS_NAMES_FILE} in {data_path} (a multi-label dataset names its classes "
+                                    f"there, one per line); pass --class-names FILE or leave --data-path out")
+        return read_names_file(path)
     if data_path:
         split = os.path.join(data_path, config.DATA.TRAIN_SPLIT)
         root = split if os.path.isdir(split) else data_path
@@ -96,8 +107,9 @@ def list_images(path: str) -> List[str]:
 
 
 def predict(model: torch.nn.Module, config: Any, paths: Sequence[str], topk: int = 5, batch_size: int = 32,
-            device: str = 'cpu') -> List[List[Tuple[int, float]]]:
-    """For each image, the ``topk`` (label, probability) pairs, most likely first."""
+            device: str = 'cpu', threshold: Optional[float] = None) -> List[List[Tuple[int, float]]]:
+    """For each image, the ``topk`` (label, probability) pairs, most likely first. ``threshold`` (multi-label
+    models): every (label, sigmoid probability) pair with a probability >= ``threshold`` instead."""
     import torch
     from data import build_transform
     from data.datasets import decode_image
@@ -107,7 +119,15 @@ def predict(model: torch.nn.Module, config: Any, paths: Sequence[str], topk: int
         chunk = paths[start:start + batch_size]
         images = torch.stack([transform(decode_image(p, model_in_chans(config))) for p in chunk]).to(device)
         with torch.no_grad():
-            probs = model(images).float().softmax(dim=-1)
+            logits = model(images).float()  # (B, C)
+        if threshold is not None:
+            probs = logits.sigmoid()  # (B, C): one independent probability per class
+            for row in probs:
+                values, labels = row.sort(descending=True)
+                kept = values >= threshold
+                results.append(list(zip(labels[kept].tolist(), values[kept].tolist())))
+            continue
+        probs = logits.softmax(dim=-1)
         values, labels = probs.topk(min(topk, probs.shape[-1]), dim=-1)
         results.extend([list(zip(lab.tolist(), val.tolist())) for lab, val in zip(labels, values)])
     return results
@@ -123,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--class-names', metavar='FILE', help='class names, one per line, in label order')
     parser.add_argument('--data-path', help='dataset folder: class names are its (training split) class folders')
     parser.add_argument('--topk', type=int, default=5, help='how many classes to show (default: 5)')
+    parser.add_argument('--threshold', type=float,
+                        help="multi-label models: show the classes with a sigmoid probability >= this (default: the "
+                             "checkpoint's TEST.THRESHOLD)")
     parser.add_argument('--batch-size', type=int, default=32, help='images per forward pass (default: 32)')
     parser.add_argument('--ema', action='store_true', help="use the EMA weights ('ema' entry)")
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'],
@@ -132,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.topk < 1 or args.batch_size < 1:
         parser.error('--topk and --batch-size must be >= 1')
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        parser.error('--threshold must be in (0, 1)')
     import torch
     from utils.checkpoint import CheckpointError
     if args.device == 'auto':
@@ -141,7 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    args.device)
         names = read_class_names(args.class_names, args.data_path, config)
         paths = list_images(args.images)
-        results = predict(model, config, paths, args.topk, args.batch_size, args.device)
+        threshold = None
+        if is_multi_label(config):
+            threshold = args.threshold if args.threshold is not None else config.TEST.THRESHOLD
+        elif args.threshold is not None:
+            raise ConfigError('--threshold is for multi-label models (trained with DATA.LABELS csv); this one is '
+                              'single-label: use --topk')
+        results = predict(model, config, paths, args.topk, args.batch_size, args.device, threshold)
     except (CheckpointError, ConfigError, FileNotFoundError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -150,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path, top in zip(paths, results):
         shown = ', '.join(f"{names[label] if names and label < len(names) else label} {100 * p:.1f}%"
                           for label, p in top)
-        print(f"{path}: {shown}")
+        print(f"{path}: {shown or f'(no label >= {threshold:.2f})'}")
     return 0
 
 
