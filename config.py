@@ -330,10 +330,7 @@ def _merge_file(config: CN, cfg_file: str, _seen: Optional[set] = None) -> None:
     for base in data.get('BASE', ['']) or ['']:
         if base:
             _merge_file(config, os.path.join(os.path.dirname(cfg_file), base), seen)
-    for key in INT_OR_PAIR:
-        section, name = key.split('.')
-        if isinstance(data.get(section), dict) and name in data[section]:
-            _take_int_or_pair(config, key, data[section][name])
+    _take_int_or_pair_keys(config, data)
     try:
         config.merge_from_other_cfg(config.load_cfg(yaml.safe_dump(data)))
     except KeyError as e:
@@ -342,7 +339,8 @@ def _merge_file(config: CN, cfg_file: str, _seen: Optional[set] = None) -> None:
         raise _type_error(e, cfg_file) from None
 
 
-def _merge_opts(config: CN, opts: Sequence[str]) -> None:
+def merge_opts(config: CN, opts: Sequence[str]) -> None:
+    """``--opts`` KEY VALUE pairs into ``config`` (as ``load_config`` merges them); a ConfigError names a bad one."""
     opts = list(opts)
     if len(opts) % 2:
         raise ConfigError(f"--opts takes KEY VALUE pairs; got an odd number of items: {opts}")
@@ -373,19 +371,19 @@ def _take_int_or_pair(config: CN, key: str, value: Any) -> None:
         config[section][name] = list(value) if isinstance(value, (list, tuple)) else value
 
 
-def merge_config_dict(config: CN, data: dict) -> None:
-    """Merge plain config data (a checkpoint's stored config, ``config_to_dict``) into ``config``, taking the
-    ``INT_OR_PAIR`` keys ([height, width] sizes) as the files and ``--opts`` do; yacs' errors pass through."""
+def _take_int_or_pair_keys(config: CN, data: dict) -> None:
+    """``_take_int_or_pair`` for each ``INT_OR_PAIR`` key that plain config data (a file, a stored config) sets."""
     for key in INT_OR_PAIR:
         section, name = key.split('.')
         if isinstance(data.get(section), dict) and name in data[section]:
             _take_int_or_pair(config, key, data[section][name])
+
+
+def merge_config_dict(config: CN, data: dict) -> None:
+    """Merge plain config data (a checkpoint's stored config, ``config_to_dict``) into ``config``, taking the
+    ``INT_OR_PAIR`` keys ([height, width] sizes) as the files and ``--opts`` do; yacs' errors pass through."""
+    _take_int_or_pair_keys(config, data)
     config.merge_from_other_cfg(CN(data))
-
-
-def merge_opts(config: CN, opts: Sequence[str]) -> None:
-    """``--opts`` KEY VALUE pairs into ``config`` (as ``load_config`` merges them); a ConfigError names a bad one."""
-    _merge_opts(config, opts)
 
 
 def img_size_hw(config: CN) -> Tuple[int, int]:
@@ -685,7 +683,7 @@ def load_config(cfg_file: Optional[str] = None, opts: Iterable[str] = ()) -> CN:
     config = get_defaults()
     if cfg_file:
         _merge_file(config, cfg_file)
-    _merge_opts(config, opts or ())
+    merge_opts(config, opts or ())
     for note in legacy_key_notes(config):
         _LOG.warning(note)
     validate_config(config)
@@ -706,7 +704,7 @@ def get_config(args: Any, notes: Optional[List[str]] = None, pretrain: bool = Fa
     config = get_defaults()
     if getattr(args, 'cfg', None):
         _merge_file(config, args.cfg)
-    _merge_opts(config, getattr(args, 'opts', None) or ())
+    merge_opts(config, getattr(args, 'opts', None) or ())
     # what the file and --opts set (main.py's --help says which official flags are accepted only)
     legacy = legacy_key_notes(config)
 
