@@ -236,6 +236,24 @@ _C.LOCAL_RANK = 0                        # legacy, ignored (LEGACY_KEYS)
 _C.FUSED_WINDOW_PROCESS = False          # legacy, ignored (LEGACY_KEYS)
 _C.FUSED_LAYERNORM = False               # legacy, ignored (LEGACY_KEYS)
 
+# ----------------------------------------------------------------------------- experiment trackers (ours)
+# Rank 0 logs the same scalars as TensorBoard (TENSORBOARD) to each enabled tracker, plus the resolved config;
+# the tracker's run id is kept in the checkpoint, so a resumed run continues the same tracker run
+# (utils/trackers.py). Neither package is needed unless enabled.
+_C.LOGGER = CN()
+_C.LOGGER.WANDB = CN()
+_C.LOGGER.WANDB.ENABLE = False           # Weights & Biases (pip install wandb)
+_C.LOGGER.WANDB.PROJECT = ''             # '' = WANDB_PROJECT, else wandb's default
+_C.LOGGER.WANDB.ENTITY = ''              # '' = WANDB_ENTITY, else your default entity
+_C.LOGGER.WANDB.NAME = ''                # display name; '' = <MODEL.NAME>/<TAG>
+_C.LOGGER.WANDB.MODE = ''                # '' = WANDB_MODE, else online | online | offline | disabled
+_C.LOGGER.MLFLOW = CN()
+_C.LOGGER.MLFLOW.ENABLE = False          # MLflow (pip install mlflow, or mlflow-skinny for the client only)
+_C.LOGGER.MLFLOW.TRACKING_URI = ''       # '' = MLFLOW_TRACKING_URI, else MLflow's default; e.g. http://host:5000,
+                                         # sqlite:///mlflow.db, file:///path/mlruns
+_C.LOGGER.MLFLOW.EXPERIMENT = ''         # experiment name; '' = MLFLOW_EXPERIMENT_NAME, else 'Default'
+_C.LOGGER.MLFLOW.RUN_NAME = ''           # '' = <MODEL.NAME>/<TAG>
+
 # ----------------------------------------------------------------------------- legacy keys (accepted, ignored)
 # Official keys that nothing here reads, with the reason. Files and --opts that set them load as before; a value
 # other than the default gets one log line per key per load (legacy_key_notes). The MODEL.SWIN_MLP.* and
@@ -272,6 +290,7 @@ CHOICES = {
     'AMP_OPT_LEVEL': ('', 'O0', 'O1', 'O2'),
     'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
     'DEVICE': ('auto', 'cpu', 'cuda'),
+    'LOGGER.WANDB.MODE': ('', 'online', 'offline', 'disabled'),
 }
 
 
@@ -605,9 +624,20 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
                               f"{list(m.PRETRAINED_WINDOW_SIZES)}")
     if config.MODEL.TYPE in ('swin', 'swinv2') and model_in_chans(config) >= 1:
         _check_channels(config, pretrain)
+    _check_trackers(config)
     if device is not None and config.TRAIN.FSDP.ENABLE and config.TRAIN.FSDP.CPU_OFFLOAD and device != 'cuda':
         raise ConfigError("TRAIN.FSDP.CPU_OFFLOAD moves the shards from GPU to host memory; this run is on the CPU "
                           "already (DEVICE / --device), so set TRAIN.FSDP.CPU_OFFLOAD False")
+
+
+def _check_trackers(config: CN) -> None:
+    """A ``LOGGER`` value wandb would refuse only after the output folder exists (the trackers' packages are
+    checked at start-up by ``utils.trackers.check_tracker_packages``)."""
+    wandb = config.LOGGER.WANDB
+    bad = [c for c in '/\\#?%:' if c in wandb.PROJECT]
+    if wandb.ENABLE and bad:  # wandb's rule for project names
+        raise ConfigError(f"LOGGER.WANDB.PROJECT {wandb.PROJECT!r} may not contain {' '.join(bad)} (wandb project "
+                          f"names exclude / \\ # ? % :)")
 
 
 def is_multi_label(config: CN) -> bool:
