@@ -78,31 +78,46 @@ def test_missing_package_is_one_line_before_any_output(key, module, digits, tmp_
 
 # ----------------------------------------------------------------------------- MLflow
 
-def test_resumed_run_logs_to_the_same_mlflow_run_as_tensorboard_does(digits, tmp_path, monkeypatch):
-    """Train 1 epoch, then resume to 2 (auto-resume): one MLflow run holding the metrics of both parts (read
-    back with MlflowClient), the resolved config as params, and the same scalars as the TensorBoard events."""
+def test_resumed_run_logs_to_the_same_mlflow_run_as_tensorboard_does(digits, tmp_path, monkeypatch, caplog):
+    """SIGTERM after update 2 of 8 (exit 143, the MLflow run KILLED), then the same command resumes from
+    ckpt_last: one MLflow run holding every update's and epoch's metrics (read back with MlflowClient), the
+    resolved config as params, the same scalars as TensorBoard; a third part with a raised TRAIN.EPOCHS goes on
+    in the same run and keeps the first value of the changed param (MLflow params cannot change)."""
     pytest.importorskip('mlflow')
+    import signal
+
+    import engine
     from mlflow.tracking import MlflowClient
     monkeypatch.setenv('MLFLOW_ALLOW_FILE_STORE', 'true')
     uri = (tmp_path / 'mlruns').as_uri()
     out = tmp_path / 'out'
     run_dir = os.path.join(out, MODEL_DIR)
     opts = ('LOGGER.MLFLOW.ENABLE', 'True', 'LOGGER.MLFLOW.TRACKING_URI', uri, 'LOGGER.MLFLOW.EXPERIMENT', 'digits')
-    assert _main(_train(digits, out, 1, *opts))[0] == 0
-    run_id = _tracker_runs(run_dir, 'ckpt_epoch_0.pth')['mlflow']
-    client = MlflowClient(uri)
-    assert client.get_run(run_id).info.status == 'FINISHED'
-    assert _main(_train(digits, out, 2, *opts))[0] == 0
-    assert _tracker_runs(run_dir, 'ckpt_epoch_1.pth')['mlflow'] == run_id
 
+    record, updates = engine.TrainLog.record, []
+
+    def record_then_signal(self, *args):
+        record(self, *args)
+        updates.append(self.state.global_update)
+        if len(updates) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the engine's PreemptionGuard: it saves, then stops
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.TrainLog, 'record', record_then_signal)
+        assert _main(_train(digits, out, 2, *opts))[0] == 143
+    run_id = _tracker_runs(run_dir, 'ckpt_last.pth')['mlflow']
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).info.status == 'KILLED'
+    assert [m.step for m in client.get_metric_history(run_id, 'train/loss')] == [1, 2]
+
+    assert _main(_train(digits, out, 2, *opts))[0] == 0  # resumes mid-epoch 0, from update 2
+    assert _tracker_runs(run_dir, 'ckpt_epoch_1.pth')['mlflow'] == run_id
     experiment = client.get_experiment_by_name('digits')
-    runs = client.search_runs([experiment.experiment_id])
-    assert [r.info.run_id for r in runs] == [run_id]  # no second run
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]  # no second run
     run = client.get_run(run_id)
     assert run.info.status == 'FINISHED' and run.info.run_name == 'swin_tiny_patch4_window7_224/default'
-    assert run.data.params['MODEL.SWIN.EMBED_DIM'] == '16' and run.data.params['TRAIN.EPOCHS'] == '1'  # the first
+    assert run.data.params['MODEL.SWIN.EMBED_DIM'] == '16' and run.data.params['TRAIN.EPOCHS'] == '2'
     steps = {key: [m.step for m in client.get_metric_history(run_id, key)] for key in run.data.metrics}
-    assert steps['train/loss'] == [1, 2, 3, 4, 5, 6, 7, 8]  # 4 updates an epoch, both epochs
+    assert steps['train/loss'] == [1, 2, 3, 4, 5, 6, 7, 8]  # 4 updates an epoch: both parts, none twice
     assert steps['val/acc1'] == [0, 1] and steps['val/loss'] == [0, 1]
     with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
         val_acc1 = [json.loads(line)['val_acc1'] for line in f]
@@ -117,6 +132,12 @@ def test_resumed_run_logs_to_the_same_mlflow_run_as_tensorboard_does(digits, tmp
         ml = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
         assert [s for s, _ in tb] == [s for s, _ in ml], key
         assert [v for _, v in tb] == pytest.approx([v for _, v in ml], rel=1e-6), key
+
+    with caplog.at_level('WARNING'):
+        assert _main(_train(digits, out, 3, *opts))[0] == 0
+    assert f"mlflow: run {run_id} keeps its first value of 1 changed config keys" in caplog.text
+    assert [m.step for m in client.get_metric_history(run_id, 'train/loss')] == list(range(1, 13))
+    assert client.get_run(run_id).data.params['TRAIN.EPOCHS'] == '2'
 
 
 # ----------------------------------------------------------------------------- wandb
