@@ -78,6 +78,7 @@ def test_missing_package_is_one_line_before_any_output(key, module, digits, tmp_
 
 # ----------------------------------------------------------------------------- MLflow
 
+@pytest.mark.slow  # three / two short training runs
 def test_resumed_run_logs_to_the_same_mlflow_run_as_tensorboard_does(digits, tmp_path, monkeypatch, caplog):
     """SIGTERM after update 2 of 8 (exit 143, the MLflow run KILLED), then the same command resumes from
     ckpt_last: one MLflow run holding every update's and epoch's metrics (read back with MlflowClient), the
@@ -140,8 +141,18 @@ def test_resumed_run_logs_to_the_same_mlflow_run_as_tensorboard_does(digits, tmp
     assert client.get_run(run_id).data.params['TRAIN.EPOCHS'] == '2'
 
 
+def test_a_tracking_uri_mlflow_cannot_use_is_one_line(digits, tmp_path, capsys):
+    pytest.importorskip('mlflow')
+    code, err = _main(_train(digits, tmp_path / 'out', 1, 'LOGGER.MLFLOW.ENABLE', 'True',
+                             'LOGGER.MLFLOW.TRACKING_URI', 'nosuchscheme://host/x'), capsys)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: LOGGER.MLFLOW.TRACKING_URI 'nosuchscheme://host/x': MLflow cannot use it: ")
+
+
 # ----------------------------------------------------------------------------- wandb
 
+@pytest.mark.slow  # three / two short training runs
 def test_resumed_run_continues_the_same_wandb_run_offline(digits, tmp_path, monkeypatch):
     """WANDB_MODE=offline: the first part and the resumed part write run folders with the same id under
     <OUTPUT>/wandb, each with its part's last metrics; the config goes in as the run's config."""

@@ -150,10 +150,16 @@ class MlflowBackend:
     name = 'mlflow'
 
     def __init__(self, config: Any, resume_id: Optional[str], log: logging.Logger):
-        from mlflow.entities import Param, RunStatus
+        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
         c = config.LOGGER.MLFLOW
-        self.client, self.run_status = MlflowClient(tracking_uri=c.TRACKING_URI or None), RunStatus
+        try:  # the client opens its store here: an unusable URI fails now, with MLflow's reason
+            self.client = MlflowClient(tracking_uri=c.TRACKING_URI or None)
+        except Exception as e:  # MlflowException, or ImportError for a store needing the full mlflow package
+            uri = c.TRACKING_URI or os.environ.get('MLFLOW_TRACKING_URI', '') or "MLflow's default"
+            reason = ' '.join(str(e).split())[:300]
+            raise ConfigError(f"LOGGER.MLFLOW.TRACKING_URI {uri!r}: MLflow cannot use it: {type(e).__name__}: "
+                              f"{reason}") from None
         params = flat_params(config)
         if resume_id:
             run = self.client.get_run(resume_id)  # an unknown id raises MLflow's own error, naming it
