@@ -325,6 +325,7 @@ def _type_error(exc: ValueError, where: str) -> ConfigError:
         default = _get(_C, key)
         shown = msg.split(' with values (', 1)[-1].rsplit(') for config key', 1)[0]
         got = shown.split(' vs. ', 1)[-1] if ' vs. ' in shown else '?'
+        got = got if got.isprintable() else repr(got)  # a newline in the value must not break the one-line message
         return ConfigError(f"in {where}: {key} must be of type {type(default).__name__} like its default "
                            f"{default!r}, got {got}")
     return ConfigError(f"in {where}: {msg}")

@@ -150,6 +150,30 @@ def test_a_tracking_uri_mlflow_cannot_use_is_one_line(digits, tmp_path, capsys):
     assert lines[0].startswith("error: LOGGER.MLFLOW.TRACKING_URI 'nosuchscheme://host/x': MLflow cannot use it: ")
 
 
+def test_a_checkpoint_run_missing_from_the_tracking_store_starts_a_new_run(tmp_path, monkeypatch, caplog):
+    """A resume whose MLflow run is not in this store (e.g. LOGGER.MLFLOW.TRACKING_URI changed): a warning and a
+    new run, not a crash; a run that is there is continued with the params it lacks added."""
+    pytest.importorskip('mlflow')
+    from mlflow.tracking import MlflowClient
+
+    from utils.trackers import start_trackers
+    monkeypatch.setenv('MLFLOW_ALLOW_FILE_STORE', 'true')
+    uri = (tmp_path / 'mlruns').as_uri()
+    config = load_config(opts=['LOGGER.MLFLOW.ENABLE', 'True', 'LOGGER.MLFLOW.TRACKING_URI', uri,
+                               'TENSORBOARD', 'False', 'OUTPUT', str(tmp_path / 'out')])
+    with caplog.at_level('WARNING'):
+        trackers = start_trackers(config, True, {'mlflow': '0123456789abcdef0123456789abcdef'})
+    assert "mlflow: the checkpoint's run 0123456789abcdef0123456789abcdef is not at" in caplog.text
+    run_id = trackers.run_ids()['mlflow']
+    assert run_id != '0123456789abcdef0123456789abcdef'
+    trackers.log({'train/loss': 2.0}, 7)
+    trackers.close()
+    client = MlflowClient(uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, 'train/loss')] == [(7, 2.0)]
+    assert client.get_run(run_id).info.status == 'FINISHED'
+    assert start_trackers(config, False).run_ids() == {}  # other ranks: no trackers
+
+
 # ----------------------------------------------------------------------------- wandb
 
 @pytest.mark.slow  # three / two short training runs

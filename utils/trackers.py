@@ -21,6 +21,7 @@ lines over each library's own client.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import os
 import time
@@ -151,6 +152,7 @@ class MlflowBackend:
 
     def __init__(self, config: Any, resume_id: Optional[str], log: logging.Logger):
         from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
         c = config.LOGGER.MLFLOW
         try:  # the client opens its store here: an unusable URI fails now, with MLflow's reason
@@ -162,7 +164,15 @@ class MlflowBackend:
                               f"{reason}") from None
         params = flat_params(config)
         if resume_id:
-            run = self.client.get_run(resume_id)  # an unknown id raises MLflow's own error, naming it
+            try:
+                run = self.client.get_run(resume_id)
+            except MlflowException as e:  # e.g. another tracking URI than the checkpoint's run was logged to
+                if e.error_code != 'RESOURCE_DOES_NOT_EXIST':
+                    raise
+                log.warning(f"mlflow: the checkpoint's run {resume_id} is not at {self.client.tracking_uri}; "
+                            f"starting a new run there")
+                resume_id = None
+        if resume_id:
             self.client.update_run(resume_id, status='RUNNING')
             logged = run.data.params
             changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
@@ -176,6 +186,10 @@ class MlflowBackend:
             experiment = self._experiment_id(c.EXPERIMENT)
             run = self.client.create_run(experiment, run_name=c.RUN_NAME or default_run_name(config))
             self.run_id = run.info.run_id
+        # Metrics are logged asynchronously where MLflow can (>= 2.8: ``synchronous=False``), so that a slow tracking
+        # server does not hold up training on rank 0; ``flush`` (end of epoch) and ``close`` wait for them.
+        self.asynchronous = 'synchronous' in inspect.signature(self.client.log_batch).parameters
+        self.pending: List[Any] = []  # RunOperations not yet waited for
         items = [Param(k, v) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[start:start + 100])
@@ -190,12 +204,20 @@ class MlflowBackend:
     def log(self, scalars: Mapping[str, float], step: int, axis: str) -> None:
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in scalars.items()])
+        metrics = [Metric(k, float(v), now, step) for k, v in scalars.items()]
+        if self.asynchronous:
+            self.pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
+        else:
+            self.client.log_batch(self.run_id, metrics=metrics)
 
     def flush(self) -> None:
-        pass  # log_batch is synchronous
+        for operations in self.pending:
+            if operations is not None:
+                operations.wait()
+        self.pending = []
 
     def close(self, status: str) -> None:
+        self.flush()
         self.client.set_terminated(self.run_id, status=status)
 
 
