@@ -192,6 +192,15 @@ def test_resumed_run_continues_the_same_wandb_run_offline(digits, tmp_path, monk
     run_id = _tracker_runs(run_dir, 'ckpt_epoch_0.pth')['wandb']
     assert _main(_train(digits, out, 2, *opts))[0] == 0
     assert _tracker_runs(run_dir, 'ckpt_epoch_1.pth') == {'wandb': run_id}
+    # Starting the trackers leaves Python's random (the augmentations draw from it) as it was
+    import random
+
+    from utils.trackers import start_trackers
+    config = load_config(opts=[*opts, 'OUTPUT', str(tmp_path / 'rng')])
+    random.seed(0)
+    before = random.getstate()
+    start_trackers(config, True).close()
+    assert random.getstate() == before
 
     folders = sorted(glob.glob(os.path.join(run_dir, 'wandb', 'offline-run-*')))
     assert len(folders) == 2 and all(os.path.basename(f).split('-')[3] == run_id for f in folders), folders

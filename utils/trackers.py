@@ -24,6 +24,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import random
 import time
 from typing import Any, Dict, List, Mapping, Optional, Protocol
 
@@ -262,6 +263,10 @@ def start_trackers(config: Any, is_main: bool, resume_ids: Optional[Mapping[str,
     check_tracker_packages(config)
     resume_ids = dict(resume_ids or {})
     trackers = Trackers()
+    # Python's global ``random`` feeds the data augmentations: keep it as it was, so that a run with a tracker on
+    # trains exactly as one without. MLflow draws generated run names from it (we always pass a name; wandb 0.31
+    # draws nothing), and another version of either may draw more.
+    python_rng = random.getstate()
     try:
         if config.TENSORBOARD:
             from .logger import create_tb_writer
@@ -275,4 +280,6 @@ def start_trackers(config: Any, is_main: bool, resume_ids: Optional[Mapping[str,
     except BaseException:
         trackers.close('FAILED')
         raise
+    finally:
+        random.setstate(python_rng)
     return trackers
