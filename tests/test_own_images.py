@@ -86,8 +86,9 @@ def test_img_size_int_or_pair_in_yaml_and_opts(tmp_path):
     (['MODEL.SWIN.IN_CHANS', '4'], 'AUG.AUTO_AUGMENT'),
     (['MODEL.SWIN.IN_CHANS', '4', 'AUG.AUTO_AUGMENT', 'none'], 'AUG.COLOR_JITTER'),
     (['MODEL.SWIN.IN_CHANS', '1', 'DATA.DATASET', 'wds'], "DATA.DATASET 'wds'"),
-    (['MODEL.SWIN.IN_CHANS', '1', 'DATA.LOADER', 'fast', 'DATA.IMG_SIZE', '64'], 'DATA.LOADER'),
-    (['DATA.LOADER', 'gpu', 'DATA.IMG_SIZE', '[64, 48]'], 'DATA.LOADER'),
+    (['MODEL.SWIN.IN_CHANS', '1', 'DATA.LOADER', 'gpu', 'DATA.IMG_SIZE', '64'], "DATA.LOADER 'gpu'"),
+    (['MODEL.SWIN.IN_CHANS', '4', 'DATA.LOADER', 'gpu', 'AUG.COLOR_JITTER', '0.0'], 'AUG.AUTO_AUGMENT'),
+    (['MODEL.SWIN.IN_CHANS', '4', 'DATA.LOADER', 'fast', 'AUG.AUTO_AUGMENT', 'none'], 'AUG.COLOR_JITTER'),
 ])
 def test_impossible_combinations_are_named(opts, named):
     with pytest.raises(ConfigError, match=named.replace('.', r'\.')):
