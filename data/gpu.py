@@ -83,7 +83,7 @@ def encoded_or_pixels(data: bytes, channels: int = 3) -> Tuple[torch.Tensor, Tup
 
 def decoded_pixels(data: bytes, channels: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """``decode_image``'s image as (C, H, W) uint8 and its (w, h)."""
-    array = np.array(decode_image(data, channels))
+    array = np.array(decode_image(data) if channels == 3 else decode_image(data, channels))  # 3: the default
     array = array if array.ndim == 3 else array[:, :, None]  # grey (H, W) -> (H, W, 1)
     pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (C, H, W)
     return pixels, (pixels.shape[2], pixels.shape[1])
@@ -664,13 +664,19 @@ def _decode_jpegs(payloads: List[torch.Tensor], device: torch.device, channels: 
                            device=device if device.type == 'cuda' else 'cpu')
 
 
+def _jpeg_decoder(channels: int) -> Callable[[List[torch.Tensor], torch.device], List[torch.Tensor]]:
+    """``_decode_jpegs`` as (payloads, device) -> images for ``channels`` (RGB: the function itself, as the
+    tests' stand-ins for nvJPEG replace it)."""
+    return _decode_jpegs if channels == 3 else functools.partial(_decode_jpegs, channels=channels)
+
+
 def _decode_one(payload: torch.Tensor, size: Tuple[int, int], device: torch.device, channels: int = 3
                 ) -> torch.Tensor:
     """One JPEG the batched call rejected: alone on the device, else Pillow on the CPU (it reads some files
     nvJPEG does not), else a black image of the header's size with a warning, so that the run goes on as with
     unreadable files elsewhere (the worker already checked the header and the end marker)."""
     try:
-        return _decode_jpegs([payload], device, channels)[0].to(device)
+        return _jpeg_decoder(channels)([payload], device)[0].to(device)
     except RuntimeError:
         pass
     try:
@@ -688,7 +694,7 @@ def _decode_on_current_stream(payloads: Sequence[torch.Tensor], device: torch.de
     out: List[Optional[torch.Tensor]] = [None] * len(payloads)
     if jpegs:
         try:
-            decoded = _decode_jpegs([payloads[k] for k in jpegs], device, channels)
+            decoded = _jpeg_decoder(channels)([payloads[k] for k in jpegs], device)
         except RuntimeError:
             decoded = [_decode_one(payloads[k], sizes[k] if sizes else (0, 0), device, channels) for k in jpegs]
         for k, img in zip(jpegs, decoded):

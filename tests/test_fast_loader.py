@@ -452,18 +452,18 @@ def test_gpu_decode_falls_back_image_by_image(folder, monkeypatch, caplog):
     want, _ = batch_to_device(batch, torch.device('cpu'))
     real = gpu_mod._decode_jpegs
 
-    def no_batches(payloads, device, channels=3):
+    def no_batches(payloads, device):
         if len(payloads) > 1:
             raise RuntimeError('nvjpeg: unsupported')
-        return real(payloads, device, channels)
+        return real(payloads, device)
     monkeypatch.setattr(gpu_mod, '_decode_jpegs', no_batches)
     got, _ = batch_to_device(batch, torch.device('cpu'))
     assert torch.equal(got, want)
 
-    def nothing(payloads, device, channels=3):
+    def nothing(payloads, device):
         raise RuntimeError('nvjpeg: unsupported')
     monkeypatch.setattr(gpu_mod, '_decode_jpegs', nothing)
-    monkeypatch.setattr(gpu_mod, 'decode_image', lambda data_, channels=3: (_ for _ in ()).throw(OSError('broken data')))
+    monkeypatch.setattr(gpu_mod, 'decode_image', lambda data_: (_ for _ in ()).throw(OSError('broken data')))
     got, _ = batch_to_device(batch, torch.device('cpu'))
     assert 'cannot be decoded' in caplog.text and got.shape == want.shape
     # each JPEG became a black image (crop, resize and flip keep it black; RandAugment is off), normalised: every
