@@ -808,22 +808,28 @@ class GpuFinish:
         t = plan.packed.to(device)
         if not plan.count:
             return torch.empty((0, self.channels, *self.size), device=device), t['targets']
-        images = self.run(batch.images.unpack(), plan, t, device)
+        images = self.run(batch.images.unpack(device), plan, t, device)
         return self.device_finish.apply(images, t), t['targets']
 
 
 class PackedImages:
-    """A batch's encoded JPEGs as one uint8 tensor plus lengths, and the (rare) Pillow-decoded images by position.
+    """A batch's encoded JPEGs as one uint8 tensor plus lengths, and the images decoded in the worker (other
+    files; every image for 2, 4 or N channels) as another one plus shapes, by position.
 
     One tensor per batch instead of one per image: DataLoader workers pass every tensor through its own shared
-    memory file descriptor, and 128 per batch times the batches in flight can exceed the open-file limit."""
+    memory file descriptor, and 128 per batch times the batches in flight can exceed the open-file limit; and the
+    decoded pixels reach the device in one copy, not one per image."""
 
     def __init__(self, payloads: Sequence[torch.Tensor]) -> None:
         jpegs = [p for p in payloads if p.dim() == 1]
+        decoded = [(k, p) for k, p in enumerate(payloads) if p.dim() != 1]
         self.count = len(payloads)
         self.data = torch.cat(jpegs) if jpegs else torch.empty(0, dtype=torch.uint8)  # all the bytes, (N,)
         self.lengths = [int(p.numel()) for p in jpegs]
-        self.pixels = [(k, p) for k, p in enumerate(payloads) if p.dim() != 1]
+        self.pixel_positions = [k for k, _ in decoded]
+        self.pixel_shapes = [tuple(p.shape) for _, p in decoded]  # (C, H, W) each
+        self.pixel_data = (torch.cat([p.reshape(-1) for _, p in decoded]) if decoded else
+                           torch.empty(0, dtype=torch.uint8))  # all the pixels, (M,)
 
     def __len__(self) -> int:
         return self.count
@@ -831,13 +837,19 @@ class PackedImages:
     def pin_memory(self) -> 'PackedImages':
         """Pins the decoded pixels (copied to the device); the JPEG bytes stay where they are: the decoder reads
         them on the host."""
-        self.pixels = [(k, p.pin_memory()) for k, p in self.pixels]
+        self.pixel_data = self.pixel_data.pin_memory()
         return self
 
-    def unpack(self) -> List[torch.Tensor]:
-        """The payloads in batch order: 1-D byte views (contiguous) and (3, H, W) pixel tensors."""
+    def unpack(self, device: Optional[torch.device] = None) -> List[torch.Tensor]:
+        """The payloads in batch order: 1-D byte views (contiguous, on the host) and (C, H, W) pixel views, on
+        ``device`` when given (one non-blocking copy of them all)."""
         views = iter(torch.split(self.data, self.lengths)) if self.lengths else iter(())
-        pixels = dict(self.pixels)
+        flat = self.pixel_data
+        if device is not None and flat.numel():
+            flat = flat.to(device, non_blocking=True)
+        sizes = [int(np.prod(shape)) for shape in self.pixel_shapes]
+        pixels = {k: view.view(shape) for k, view, shape in
+                  zip(self.pixel_positions, torch.split(flat, sizes) if sizes else (), self.pixel_shapes)}
         return [pixels[k] if k in pixels else next(views) for k in range(self.count)]
 
 
