@@ -187,8 +187,8 @@ def test_fast_and_gpu_batches_are_the_torch_loaders(loader, kind, chans, crop, t
     loader's shapes, labels and pixels, training (the same crop and flip draws per sample) and eval (its resize and
     centre crop per side, or the plain resize). In pixel levels of 255, after clamping to 0..255: within 1 for grey
     and RGB (Pillow's kernels there, torchvision's uint8 ones here); within 5 for the float-tensor channel counts,
-    whose torch-loader resize keeps float values between its two passes where Pillow's and torchvision's uint8
-    kernels round (fast and gpu do the latter for every count)."""
+    whose torch-loader resize keeps float values between its two passes (bicubic overshoot below 0 included)
+    where Pillow's and torchvision's uint8 kernels clamp and round (fast and gpu do the latter for every count)."""
     root = write_folder(tmp_path, kind, train=4, val=2)
     _, (t_ref, y_ref), (v_ref, vy_ref) = _first_batches(root, 'torch', chans, 'TEST.CROP', crop)
     config, (t_got, y_got), (v_got, vy_got) = _first_batches(root, loader, chans, 'TEST.CROP', crop)
