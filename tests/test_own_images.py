@@ -204,6 +204,20 @@ def test_fast_and_gpu_batches_are_the_torch_loaders(loader, kind, chans, crop, t
         assert float(diff.max()) <= tolerance and float(diff.mean()) < 0.5, (float(diff.max()), float(diff.mean()))
 
 
+def test_fast_grey_randaugment_is_the_torch_loaders(tmp_path):
+    """Grey with RandAugment (DATA.LOADER fast runs timm's ops on the grey Pillow image, its affine ops through
+    OpenCV): sample by sample the torch loader's augmentation (the same op draws), each image within 3 levels of
+    255 on average (OpenCV's cubic kernel is a = -0.75, Pillow's -0.5), the batch within 1."""
+    root = write_folder(tmp_path, 'grey', train=8, val=2)
+    opts = ('AUG.AUTO_AUGMENT', 'rand-m9-mstd0.5-inc1', 'DATA.BATCH_SIZE', '32')
+    _, (ref, y_ref), _ = _first_batches(root, 'torch', 1, *opts)
+    config, (got, y_got), _ = _first_batches(root, 'fast', 1, *opts)
+    assert got.shape == (32, 1, 48, 32) and torch.equal(y_got, y_ref)
+    mean, std = mean_std(config)
+    diff = (got - ref).abs() * std[0] * 255
+    assert float(diff.mean((1, 2, 3)).max()) < 3.0 and float(diff.mean()) < 1.0
+
+
 @pytest.mark.parametrize('loader', ['fast', 'gpu'])
 def test_grey_jpeg_is_its_luma_on_fast_and_gpu(loader, tmp_path):
     """A colour JPEG read with 1 channel: libjpeg's (nvJPEG's) grey output, the JPEG's luma, on both loaders, and
