@@ -337,6 +337,33 @@ def test_non_rgb_non_square_finish_on_fake_cuda(loader, kind, chans, tmp_path):
     assert ops.total <= {'fast': 8, 'gpu': 16}[loader], ops.report()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('loader', ['fast', 'gpu'])
+@pytest.mark.parametrize('kind, chans', [('jpeg', 1), ('rgba', 4)])
+def test_non_rgb_non_square_finish_on_cuda_like_on_cpu(loader, kind, chans, tmp_path):
+    """Colour JPEGs read grey (nvJPEG's grey output on CUDA) and RGBA PNGs at [48, 32]: the batches finished on
+    CUDA and on the CPU agree (decoders and kernels differ by rounding; erasing off)."""
+    from data import batch_to_device, build_loader
+    root = write_folder(tmp_path, 'rgb' if kind == 'jpeg' else kind, train=4, val=2)
+    if kind == 'jpeg':
+        for folder, _, files in os.walk(root):
+            for name in files:
+                path = os.path.join(folder, name)
+                Image.open(path).convert('RGB').save(path[:-4] + '.jpg', quality=90)
+                os.remove(path)
+    config = load_config(None, ['DATA.DATA_PATH', root, 'DATA.BATCH_SIZE', '8', 'MODEL.SWIN.IN_CHANS', str(chans),
+                                'DATA.IMG_SIZE', '[48, 32]', *TINY, 'DATA.LOADER', loader])
+    _, _, train, val, _ = build_loader(config)
+    train.sampler.set_epoch(0)
+    std = torch.tensor(mean_std(config)[1]).view(1, -1, 1, 1) * 255
+    for batch in [*train, *val]:
+        a, ya = batch_to_device(batch, torch.device('cuda'))
+        b, yb = batch_to_device(batch, torch.device('cpu'))
+        assert a.is_cuda and a.shape == b.shape == (8, chans, 48, 32) and torch.equal(ya.cpu(), yb)
+        assert float(((a.cpu() - b) * std).abs().mean()) < 1.5
+
+
 # ----------------------------------------------------------------------------- models
 
 def test_flops_non_square_scale_with_the_tokens():
