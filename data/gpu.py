@@ -83,7 +83,8 @@ def encoded_or_pixels(data: bytes, channels: int = 3) -> Tuple[torch.Tensor, Tup
 
 def decoded_pixels(data: bytes, channels: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """``decode_image``'s image as (C, H, W) uint8 and its (w, h)."""
-    array = np.array(decode_image(data) if channels == 3 else decode_image(data, channels))  # 3: the default
+    # RGB keeps its call of before, decode_image(data): channels 3 is that function's default
+    array = np.array(decode_image(data) if channels == 3 else decode_image(data, channels))
     array = array if array.ndim == 3 else array[:, :, None]  # grey (H, W) -> (H, W, 1)
     pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (C, H, W)
     return pixels, (pixels.shape[2], pixels.shape[1])

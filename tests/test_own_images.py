@@ -409,8 +409,9 @@ def _ok(result):
 
 @pytest.mark.slow
 def test_grey_non_square_trains_learns_exports_and_fine_tunes_from_rgb(tmp_path):
-    """Grey 48 x 32 from scratch learns (above 25 % chance); an RGB run's checkpoint fine-tunes into a grey model
-    that learns too (ONNX of this size: test_onnx_dynamic_batch_with_padded_grid)."""
+    """Grey 48 x 32 from scratch learns (above 25 % chance) and its checkpoint exports to ONNX with the same
+    logits through ONNX Runtime (scripts/export.py, the config stored in the checkpoint); an RGB run's checkpoint
+    fine-tunes into a grey model that learns too."""
     grey = write_folder(tmp_path / 'grey', 'grey')
     common = ['--batch-size', '8', '--device', 'cpu', '--disable_amp', '--opts', *TINY, 'TRAIN.EPOCHS', '6',
               'DATA.IMG_SIZE', '[48, 32]']
@@ -420,6 +421,11 @@ def test_grey_non_square_trains_learns_exports_and_fine_tunes_from_rgb(tmp_path)
     assert acc1 > 40.0, acc1
     run_dir = os.path.join(out, 'swin_tiny_patch4_window7_224', 'default')
     checkpoint = os.path.join(run_dir, 'ckpt_last.pth')
+    onnx_path = str(tmp_path / 'grey.onnx')
+    exported = _ok(subprocess.run([sys.executable, 'scripts/export.py', '--resume', checkpoint, '--onnx', onnx_path],
+                                  cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300))
+    assert 'batch x 1 x 48 x 32' in exported.stdout and os.path.isfile(onnx_path)
+    assert float(exported.stdout.split('max abs diff ')[1].split()[0]) < 1e-3, exported.stdout
 
     # fine-tune: an RGB run's weights into the grey model (patch embedding summed over RGB, logged)
     rgb = write_folder(tmp_path / 'rgb', 'rgb')
