@@ -219,6 +219,23 @@ def test_fast_grey_randaugment_is_the_torch_loaders(tmp_path):
 
 
 @pytest.mark.parametrize('loader', ['fast', 'gpu'])
+def test_grey_datasets_pickle_for_spawned_workers(loader, tmp_path):
+    """A spawned DataLoader worker gets the dataset pickled: the channel count travels with the transform (the
+    fast loader's decoder re-imports simplejpeg there), and a sample is the same there."""
+    import pickle
+
+    from data.build import build_dataset
+    from data.seeding import SampleKey
+    root = write_folder(tmp_path, 'grey', train=2, val=1)
+    config = load_config(None, ['DATA.DATA_PATH', root, 'MODEL.SWIN.IN_CHANS', '1', 'DATA.IMG_SIZE', '[48, 32]',
+                                *TINY, 'DATA.LOADER', loader])
+    ds, _ = build_dataset(True, config)
+    copy = pickle.loads(pickle.dumps(ds))
+    a, b = copy[SampleKey(1, 0, 3)], ds[SampleKey(1, 0, 3)]
+    assert a[0][0].shape[0] == 1 and torch.equal(a[0][0], b[0][0])
+
+
+@pytest.mark.parametrize('loader', ['fast', 'gpu'])
 def test_grey_jpeg_is_its_luma_on_fast_and_gpu(loader, tmp_path):
     """A colour JPEG read with 1 channel: libjpeg's (nvJPEG's) grey output, the JPEG's luma, on both loaders, and
     close to the torch loader's Pillow RGB -> 'L' (mean below 0.1 level; single pixels differ where Pillow's
