@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fast_paths import use_eager_fast_paths, use_fast_paths
+from .fast_paths import use_eager_fast_path, use_eager_fast_paths, use_fast_path
 from .lowp import Linear
 
 
@@ -23,7 +23,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     entries broadcast over the batch, never expanded. SDPA only while the fast paths are on (the attention
     modules run :meth:`WindowAttentionBase.official_attention` instead of this function when they are off).
     """
-    if fused and use_fast_paths() and not cpu_training(q):
+    if fused and use_fast_path('sdpa') and not cpu_training(q):
         windows, heads, n, _ = q.shape
         if bias.shape[0] not in (1, windows):  # SDPA needs a mask broadcastable to (B*nW, nH, N, N)
             bias = bias.unsqueeze(0).expand(windows // bias.shape[0], -1, -1, -1, -1).reshape(windows, heads, n, n)
@@ -150,7 +150,7 @@ class WindowAttentionBase(nn.Module):
         q, k and v are contiguous copies with the scale folded into q (returned scale 1); otherwise they are
         views and the scale is left to the attention.
         """
-        if self.fused_attn and cpu_training(qkv) and use_eager_fast_paths():
+        if self.fused_attn and cpu_training(qkv) and use_eager_fast_path('contiguous_heads'):
             return (*_SplitHeads.apply(qkv, self.num_heads, q_scale), 1.0)
         b, n, _ = qkv.shape
         return (*qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0), q_scale)

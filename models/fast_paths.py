@@ -23,6 +23,22 @@ context manager ``fast_paths_enabled`` change it; ``build_model`` turns it off f
 ``MODEL.FAST_PATHS False`` (and leaves it as it is for True). ``MODEL.FUSED_ATTN`` (the modules' ``fused_attn``)
 chooses SDPA only while the switch is on.
 
+Named fast paths, each with a choice beside the master switch (``use_fast_path(name)`` = switch on AND the
+choice for the current mode: ``'train'`` while gradients are recorded, else ``'eval'``). These are the tricks that
+run separately and cost or save time by themselves, so a measurement can choose them one by one
+(``models.fast_path_select``; ``engine.select_fast_paths`` applies, caches and records the choice):
+
+- ``lowp_matmul``: the fp32-kernel low-precision matmuls of ``lowp``;
+- ``chunked_mlp``: the row-chunked MLP of ``mlp``;
+- ``contiguous_heads``: the contiguous q/k/v copies with the query scale folded in (CPU training);
+- ``sdpa``: ``scaled_dot_product_attention`` where ``fused_attn`` allows it (else the matmul attention);
+- ``recompute_attn_input``: V1's attention input recomputed in backward;
+- ``permute_backward``: the window permutation's gather backward (instead of index_select's scatter-add).
+
+The rest (the window gather, cached geometries and masks, the -1e4 mask, the combined bias, the one-permute merge)
+is structural and follows the master switch only. Every choice starts on (today's behaviour);
+``set_fast_path_choices`` / ``fast_path_choices`` change them.
+
 ``capturing()``: under ``torch.compile``, TorchScript and the exporters built on them, the eager-only tricks
 (custom autograd functions, caches keyed on parameter versions, recompute hooks) step aside for plain ops that a
 graph can hold with dynamic shapes; the graph-friendly ones (SDPA, the window gather) stay.
@@ -31,7 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Mapping
+from typing import Dict, Iterator, Mapping, Optional
 
 import torch
 
@@ -52,6 +68,69 @@ def enabled_by_environment(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 _enabled = enabled_by_environment()
+
+PATHS = ('lowp_matmul', 'chunked_mlp', 'contiguous_heads', 'sdpa', 'recompute_attn_input', 'permute_backward')
+MODES = ('train', 'eval')
+Choices = Dict[str, Dict[str, bool]]  # mode -> path -> on
+
+
+def all_on() -> Choices:
+    """Every named path chosen (the default, and ``MODEL.FAST_PATHS_SELECT all``)."""
+    return {mode: {name: True for name in PATHS} for mode in MODES}
+
+
+_choices: Choices = all_on()
+
+
+def check_choices(choices: Mapping) -> Choices:
+    """``choices`` as a full, validated ``{mode: {path: bool}}`` (missing entries on); unknown names are an error."""
+    unknown_modes = set(choices) - set(MODES)
+    if unknown_modes:
+        raise ValueError(f"fast-path choices: unknown mode(s) {sorted(unknown_modes)}; expected {MODES}")
+    full = all_on()
+    for mode, paths in choices.items():
+        unknown = set(paths) - set(PATHS)
+        if unknown:
+            raise ValueError(f"fast-path choices: unknown path(s) {sorted(unknown)}; known: {PATHS}")
+        full[mode].update({name: bool(on) for name, on in paths.items()})
+    return full
+
+
+def use_fast_path(name: str, mode: Optional[str] = None) -> bool:
+    """Whether the named fast path runs: the switch is on and it is chosen for ``mode`` (default: ``'train'``
+    while gradients are recorded, else ``'eval'``)."""
+    if not _enabled:
+        return False
+    if mode is None:
+        mode = 'train' if torch.is_grad_enabled() else 'eval'
+    return _choices[mode][name]
+
+
+def use_eager_fast_path(name: str) -> bool:
+    """:func:`use_fast_path` for a trick only eager execution takes (no graph being captured)."""
+    return use_fast_path(name) and not capturing()
+
+
+def get_fast_path_choices() -> Choices:
+    """A copy of the current choices ``{mode: {path: on}}``."""
+    return {mode: dict(paths) for mode, paths in _choices.items()}
+
+
+def set_fast_path_choices(choices: Mapping) -> None:
+    """Choose the named paths for the whole process (missing entries: on); the master switch still rules."""
+    global _choices
+    _choices = check_choices(choices)
+
+
+@contextlib.contextmanager
+def fast_path_choices(choices: Mapping) -> Iterator[None]:
+    """``set_fast_path_choices(choices)`` inside the block; the previous choices after it."""
+    previous = get_fast_path_choices()
+    set_fast_path_choices(choices)
+    try:
+        yield
+    finally:
+        set_fast_path_choices(previous)
 
 
 def use_fast_paths() -> bool:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fast_paths import capturing, use_fast_paths
+from .fast_paths import capturing, use_fast_path
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,7 +37,7 @@ def cpu_native(dtype: torch.dtype) -> bool:
 
 def upcast_dtype(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether matmuls of ``dtype`` on ``device`` should run through the fp32 kernel (a fast path)."""
-    return device.type == 'cpu' and dtype in (torch.bfloat16, torch.float16) and use_fast_paths() \
+    return device.type == 'cpu' and dtype in (torch.bfloat16, torch.float16) and use_fast_path('lowp_matmul') \
         and not cpu_native(dtype)
 
 
@@ -74,11 +74,14 @@ class _UpcastLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           upcast: Optional[bool] = None) -> torch.Tensor:
     """``F.linear`` that runs low-precision operands (explicit or from autocast) through fp32 kernels on
-    CPUs without native support for them (while the fast paths are on); otherwise exactly ``F.linear``."""
+    CPUs without native support for them (while the fast paths are on); otherwise exactly ``F.linear``.
+    ``upcast``: that decision taken by the caller (inside an autograd function grad mode is off, which would
+    read the ``'eval'`` choice of ``lowp_matmul``); None: decide here."""
     low = autocast_dtype(x) or x.dtype
-    if not upcast_dtype(low, x.device) or capturing():
+    if not (upcast_dtype(low, x.device) if upcast is None else upcast) or capturing():
         return F.linear(x, weight, bias)
     with torch.autocast(x.device.type, enabled=False):
         x = x.to(low)
@@ -87,9 +90,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         return F.linear(x.float(), _rounded(weight, low), _rounded(bias, low)).to(low)
 
 
-def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for 2-D operands of one dtype (no autograd), through fp32 kernels where :func:`linear` would."""
-    if upcast_dtype(a.dtype, a.device):
+def mm(a: torch.Tensor, b: torch.Tensor, upcast: Optional[bool] = None) -> torch.Tensor:
+    """``a @ b`` for 2-D operands of one dtype (no autograd), through fp32 kernels where :func:`linear` would.
+
+    ``upcast``: the decision taken in the forward (a backward runs without grad mode, so it would otherwise
+    read the ``'eval'`` choice of ``lowp_matmul``); None: decide now."""
+    if upcast_dtype(a.dtype, a.device) if upcast is None else upcast:
         return a.float().mm(b.float()).to(a.dtype)
     return a.mm(b)
 

@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 from torch.multiprocessing.reductions import StorageWeakRef
 from timm.layers import DropPath, trunc_normal_
 
-from .fast_paths import use_eager_fast_paths, use_fast_paths
+from .fast_paths import use_eager_fast_path, use_fast_paths
 from .lowp import Linear, autocast_dtype
 from .mlp import Mlp
 
@@ -174,7 +174,7 @@ class SwinBlock(nn.Module):
         compute = autocast_dtype(x) or x.dtype
         windows = geometry.partition(self.norm1(x).to(compute))  # (B*nW, N, C)
         saving = contextlib.nullcontext()
-        if recompute_norm and torch.is_grad_enabled() and use_eager_fast_paths():
+        if recompute_norm and torch.is_grad_enabled() and use_eager_fast_path('recompute_attn_input'):
             saving = recompute_when_saved(
                 windows, lambda block_input=x: geometry.partition(self.norm1(block_input).to(compute)))
         with saving:

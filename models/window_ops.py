@@ -15,7 +15,7 @@ from typing import Dict, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .fast_paths import use_eager_fast_paths, use_fast_paths
+from .fast_paths import use_eager_fast_path, use_fast_paths
 
 # Additive mask across shifted-window borders. The official code uses -100, but softmax then yields weights
 # near exp(-100) = 3.7e-44, subnormal floats, and x86 matmuls over them stall: attention-times-values of a
@@ -89,7 +89,7 @@ class _PermuteTokens(torch.autograd.Function):
 
 def permute_tokens(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """``x.index_select(1, index)`` for a permutation ``index`` whose inverse is ``inverse``."""
-    if torch.is_grad_enabled() and x.requires_grad and use_eager_fast_paths():
+    if torch.is_grad_enabled() and x.requires_grad and use_eager_fast_path('permute_backward'):
         return _PermuteTokens.apply(x, index, inverse)
     return x.index_select(1, index)
 
