@@ -66,6 +66,10 @@ _C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
 _C.MODEL.FAST_PATHS = True               # (ours) the speed tricks of models/ (models/fast_paths.py); False, or the
                                          # environment SWIN_FAST_PATHS=0: the official computation everywhere
+_C.MODEL.FAST_PATHS_SELECT = 'measure'   # (ours) which named fast paths run (models/fast_paths.py PATHS) with
+                                         # MODEL.FAST_PATHS on: measure = timed once per machine/torch/shape on the
+                                         # CPU (cached, recorded in checkpoints; CUDA: all), all = every one, none =
+                                         # none of them (the structural ones stay; MODEL.FAST_PATHS False: nothing)
 _C.MODEL.FUSED_ATTN = True               # (ours) with MODEL.FAST_PATHS: SDPA attention (on CPU while training, the
                                          # matmul attention on contiguous heads); False: the matmul attention
 
@@ -280,6 +284,7 @@ CHOICES = {
     'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic', 'nearest'),
     'DATA.CACHE_MODE': ('no', 'part', 'full'),
     'DATA.LOADER': ('torch', 'fast', 'gpu'),
+    'MODEL.FAST_PATHS_SELECT': ('measure', 'all', 'none'),
     'DATA.LABELS': ('source', 'csv'),
     'TRAIN.LOSS': ('ce', 'bce'),
     'MODEL.TYPE': ('swin', 'swinv2'),

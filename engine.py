@@ -25,6 +25,7 @@ import contextlib
 import inspect
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
@@ -40,13 +41,16 @@ from torch.utils.data import DataLoader
 
 import data
 import models
-from config import ConfigError, is_multi_label, validate_config
+from config import ConfigError, img_size_hw, is_multi_label, model_in_chans, validate_config
 from data import batch_to_device, loader_from
 from lr_scheduler import build_scheduler
+from models import fast_path_select, fast_paths
 from models.swin_common import SwinBlock
 from optimizer import build_optimizer
+from utils import fast_path_cache
 from utils.checkpoint import CheckpointError, Checkpointer, TrainState, load_weights
-from utils.distributed import DistInfo, all_reduce_sum, get_world_size, is_distributed, is_sharded, unwrap_model
+from utils.distributed import (DistInfo, all_reduce_sum, broadcast_object, get_world_size, is_distributed, is_sharded,
+                               unwrap_model)
 from utils.fsdp import shard_model
 from utils.logger import MetricsFile
 from utils.misc import format_seconds, memory_label
@@ -613,6 +617,83 @@ def fsdp_shard(model: nn.Module, config: Any, precision: 'Precision') -> nn.Modu
                        reshard_after_forward=config.TRAIN.FSDP.RESHARD_AFTER_FORWARD, device=precision.device)
 
 
+# ----------------------------------------------------------------------------- the fast paths
+
+# Overrides MODEL.FAST_PATHS_SELECT for every run of the process and its children: fixed paths for CI and
+# benchmarks (the test suite runs with 'all', today's paths, so that its runs spend no time measuring).
+SELECT_ENV_VAR = 'SWIN_FAST_PATHS_SELECT'
+
+def select_fast_paths(config: Any, model: nn.Module, precision: 'Precision', log: logging.Logger,
+                      modes: Sequence[str] = fast_paths.MODES, recorded: Optional[Dict[str, Dict[str, bool]]] = None,
+                      timer: Callable[[], float] = time.perf_counter) -> Dict[str, Dict[str, bool]]:
+    """Choose the named fast paths (``models.fast_paths``) for this run, apply them process-wide, log them once
+    and return them (for ``TrainState.fast_paths``, i.e. every checkpoint).
+
+    ``recorded`` (the choices in the checkpoint a run resumes from) wins: the resumed run takes the same paths
+    as the run it resumes, whatever this machine would measure. Else ``SWIN_FAST_PATHS_SELECT`` if set, or
+    ``MODEL.FAST_PATHS_SELECT``: ``all`` / ``none``,
+    or ``measure``: the cache (``utils.fast_path_cache``) or, on a miss, a timing on rank 0 of the model's own
+    blocks at the run's batch size, image size and autocast dtype (``models.fast_path_select``), broadcast so
+    that every rank takes the same paths. Nothing is timed off the CPU, for SimMIM pre-training, or with the
+    fast paths switched off (``MODEL.FAST_PATHS False`` / ``SWIN_FAST_PATHS=0``: nothing runs either way).
+    """
+    how = os.environ.get(SELECT_ENV_VAR) or config.MODEL.FAST_PATHS_SELECT
+    if how not in ('measure', 'all', 'none'):
+        raise ConfigError(f"environment variable {SELECT_ENV_VAR}={how!r} must be measure, all or none (or unset)")
+    device = precision.device
+    if recorded is not None:
+        choices, source = fast_paths.check_choices(recorded), 'recorded in the checkpoint resumed from'
+    elif how == 'none':
+        choices, source = {m: dict.fromkeys(fast_paths.PATHS, False) for m in fast_paths.MODES}, \
+            'MODEL.FAST_PATHS_SELECT none'
+    elif how == 'all' or not fast_paths.use_fast_paths() or is_sharded(model) or \
+            not any(fast_path_select.applicable_paths(m, precision.dtype, device) for m in modes) or \
+            not any(isinstance(m, SwinBlock) for m in model.modules()):
+        choices, source = fast_paths.all_on(), 'all (nothing to measure)' if how == 'measure' else \
+            'MODEL.FAST_PATHS_SELECT all'
+    else:
+        result = None
+        if not is_distributed() or torch.distributed.get_rank() == 0:
+            result = _measure_fast_paths(config, model, precision, modes, timer)
+        choices, source = broadcast_object(result)
+    fast_paths.set_fast_path_choices(choices)
+    if not fast_paths.use_fast_paths():
+        source += '; the fast-path switch is off, so none runs'
+    described = '; '.join(f"{mode}: off " + (', '.join(n for n, on in paths.items() if not on) or 'none')
+                          for mode, paths in choices.items())
+    log.info(f"fast paths ({source}): {described}")
+    return choices
+
+
+def _measure_fast_paths(config: Any, model: nn.Module, precision: 'Precision', modes: Sequence[str],
+                        timer: Callable[[], float]) -> Tuple[Dict[str, Dict[str, bool]], str]:
+    """The cached choices for this machine, torch, dtype and the model's block shapes, or measured and cached."""
+    device, dtype = precision.device, precision.dtype
+    height, width = img_size_hw(config)
+    with torch.random.fork_rng(devices=[]):  # the run's random streams stay untouched (exact resume, seeds)
+        sample = torch.randn(config.DATA.BATCH_SIZE, model_in_chans(config), height, width, device=device)
+        plain = unwrap_model(model)
+        was_training = plain.training
+        plain.eval()
+        with precision.autocast():
+            samples = fast_path_select.capture_blocks(plain, lambda: plain(sample))
+        plain.train(was_training)
+        key = fast_path_cache.cache_key({
+            'cpu': fast_path_cache.cpu_identity(), 'torch': torch.__version__, 'threads': torch.get_num_threads(),
+            'device': device.type, 'dtype': str(dtype or torch.float32), 'modes': sorted(modes),
+            'blocks': fast_path_select.signature(samples)})
+        cached = fast_path_cache.lookup(key)
+        if cached is not None:
+            return fast_paths.check_choices(cached), f"cached in {fast_path_cache.cache_path()}"
+        start = time.perf_counter()
+        choices, timings = fast_path_select.measure_choices(plain, samples, dtype, device, modes, timer=timer)
+        spent = time.perf_counter() - start
+    where = fast_path_cache.store(key, choices, timings) or 'not cached: the cache file is not writable'
+    ratios = '; '.join(f"{mode}: " + ', '.join(f"{label} {t / times['all on']:.2f}x" for label, t in times.items()
+                                               if label != 'all on') for mode, times in timings.items())
+    return choices, f"measured in {spent:.1f} s, time without each relative to all on: {ratios}; saved to {where}"
+
+
 # ----------------------------------------------------------------------------- building a run
 
 class Loaders(NamedTuple):
@@ -695,6 +776,9 @@ def build_training(config: Any, dist_info: DistInfo, model: nn.Module, loaders: 
                        scaler=torch.amp.GradScaler(device.type) if precision.needs_scaler else None, ema=ema,
                        epoch=config.TRAIN.START_EPOCH, updates_per_epoch=updates_per_epoch)
     checkpointer.restore(state)
+    # after the restore: a resumed run takes the choices its checkpoint recorded (state.fast_paths)
+    state.fast_paths = select_fast_paths(config, model, precision, log, modes=() if pretrain else fast_paths.MODES,
+                                         recorded=state.fast_paths)
     train_model = wrap_for_training(model, config, dist_info)
     eval_model = torch.compile(model) if config.COMPILE else model
     loss_fn = masked_image_loss(device) if pretrain else \
@@ -836,6 +920,7 @@ def _evaluate_only(config: Any, model: nn.Module, loaders: Loaders, device: torc
         _load_pretrained(model, config.MODEL.PRETRAINED, log, trust)
     elif config.EVAL_MODE:
         log.warning("--eval without --resume or --pretrained: evaluating randomly initialised weights")
+    select_fast_paths(config, model, precision, log, modes=('eval',))
     eval_model = torch.compile(model) if config.COMPILE else model
     if config.THROUGHPUT_MODE:
         return {'throughput': throughput(loaders.val, eval_model, precision, log)}

@@ -12,6 +12,24 @@ if ROOT not in sys.path:
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True, scope='session')
+def _fast_path_cache(tmp_path_factory):
+    """The fast-path choice cache (MODEL.FAST_PATHS_SELECT measure) of the test session's own, never the user's
+    ~/.cache (spawned and torchrun processes inherit the variables)."""
+    path = str(tmp_path_factory.mktemp('fast_path_cache') / 'choices.json')
+    previous = {k: os.environ.get(k) for k in ('SWIN_FAST_PATHS_CACHE', 'SWIN_FAST_PATHS_SELECT')}
+    os.environ['SWIN_FAST_PATHS_CACHE'] = path
+    # today's paths in every run unless a test unsets this (tests/test_fast_path_select.py): the suite's many
+    # runs spend no time measuring, and their results do not depend on the timings of a shared machine
+    os.environ['SWIN_FAST_PATHS_SELECT'] = 'all'
+    yield path
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -24,10 +42,12 @@ def _fast_paths_restored():
     MODEL.FAST_PATHS False) leaves it as it found it (as SWIN_FAST_PATHS set it when not imported yet)."""
     module = sys.modules.get('models.fast_paths')
     before = module.use_fast_paths() if module is not None else None
+    choices = module.get_fast_path_choices() if module is not None else None
     yield
     module = sys.modules.get('models.fast_paths')
     if module is not None:
         module.set_fast_paths(module.enabled_by_environment() if before is None else before)
+        module.set_fast_path_choices(choices if choices is not None else module.all_on())
 
 
 @pytest.fixture

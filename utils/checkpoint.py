@@ -406,6 +406,10 @@ class TrainState:
     # The experiment trackers' run ids (``utils.trackers.Trackers.run_ids``: ``{'wandb': id, 'mlflow': run_id}``),
     # saved with every checkpoint so that a resumed run continues the same tracker runs; empty: none.
     tracker_runs: Dict[str, str] = field(default_factory=dict)
+    # The fast-path choices the run took (``models.fast_paths``: ``{'train'|'eval': {path: on}}``, chosen by
+    # ``engine.select_fast_paths``), saved with every checkpoint so that a resumed run takes the same paths (the
+    # same arithmetic: exact resume stays exact) instead of measuring again; None: not chosen (yet).
+    fast_paths: Optional[Dict[str, Dict[str, bool]]] = None
 
     @property
     def global_update(self) -> int:
@@ -439,6 +443,9 @@ def build_checkpoint(state: TrainState, config_dict: Dict[str, Any], rng: Option
     }
     if state.update and state.running_sums:  # mid-epoch: the epoch's log sums so far, as plain numbers
         checkpoint['running_sums'] = {k: float(v) for k, v in state.running_sums.items()}
+    if state.fast_paths:
+        checkpoint['fast_paths'] = {str(m): {str(k): bool(v) for k, v in paths.items()}
+                                    for m, paths in state.fast_paths.items()}
     if state.tracker_runs:
         checkpoint['tracker_runs'] = {str(k): str(v) for k, v in state.tracker_runs.items()}
     if rng is not None:
@@ -539,6 +546,9 @@ def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, pat
     log = logger or _LOG
     runs = checkpoint.get('tracker_runs')  # absent before trackers were saved: the trackers start new runs
     state.tracker_runs = {str(k): str(v) for k, v in runs.items()} if isinstance(runs, Mapping) else {}
+    recorded = checkpoint.get('fast_paths')  # absent before choices were recorded: the run chooses afresh
+    state.fast_paths = {str(m): {str(k): bool(v) for k, v in paths.items()} for m, paths in recorded.items()
+                        if isinstance(paths, Mapping)} if isinstance(recorded, Mapping) else None
     sharded = bool(checkpoint.get('sharded_dir'))
     if sharded:
         with_optimizer = state.optimizer is not None and bool(checkpoint.get('optimizer_groups'))

@@ -1,0 +1,165 @@
+"""Choosing the named fast paths (``models.fast_paths.PATHS``) by measurement on the machine, as
+``torch.backends.cudnn.benchmark`` chooses convolution kernels: each path is timed against its plain
+computation on the model's own blocks, at the run's real shapes and autocast dtype, in training (forward and
+backward) and in evaluation (forward, no grad), and kept only where it does not cost time.
+
+Cost: one forward of the model on a sample batch (to catch every block's input), then, per mode, each
+applicable path off in turn and the baseline (all on), interleaved over ``rounds`` rounds after a warm-up, on one
+block per stage (the shifted one where a stage has it), weighted by the stage's depth. The fastest round of each
+counts (as ``timeit`` advises): on a shared machine other processes only ever add time, and a median of a few
+rounds still swings by factors there (measured on 2 shared cores: the same tiny block took 1 ms to 400 ms). Patch embedding, merging
+and the head run the same computation either way and are not timed.
+
+No I/O here (models never do I/O): the caller (``engine.select_fast_paths``) caches the result per machine,
+torch version, dtype and the signature this module returns, broadcasts it and records it in checkpoints.
+On CUDA nothing is timed (today's choices, all on, are kept): see :func:`applicable_paths`.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .fast_paths import MODES, Choices, all_on, fast_path_choices, get_fast_path_choices
+from .lowp import cpu_native
+from .swin_common import SwinBlock
+
+Timer = Callable[[], float]
+# A path is switched off only when its plain computation is faster by more than this fraction: the fast paths
+# are the tested default, and a difference inside timing noise should not flip it from run to run.
+MARGIN = 0.03
+
+
+def applicable_paths(mode: str, dtype: Optional[torch.dtype], device: torch.device) -> List[str]:
+    """The named paths that change what runs in ``mode`` for ``dtype`` (None: fp32) on ``device``.
+
+    Off the CPU: none (no timing; CUDA keeps every path on, as before). On the CPU: ``lowp_matmul`` only for a
+    low-precision dtype the CPU has no native arithmetic for; ``sdpa`` only in evaluation (CPU training takes
+    the matmul attention anyway, see ``models.attention.window_attention``); the contiguous heads, V1's
+    recomputed attention input and the permutation backward only in training.
+    """
+    if device.type != 'cpu':
+        return []
+    paths = ['chunked_mlp']
+    if dtype in (torch.bfloat16, torch.float16) and not cpu_native(dtype):
+        paths.append('lowp_matmul')
+    if mode == 'train':
+        paths += ['contiguous_heads', 'recompute_attn_input', 'permute_backward']
+    else:
+        paths.append('sdpa')
+    return paths
+
+
+class _Sample:
+    """One block's call as the model made it: the block, its (detached) input, the map size, its weight."""
+
+    def __init__(self, block: nn.Module, x: torch.Tensor, hw: Tuple[int, int], weight: int):
+        self.block, self.x, self.hw, self.weight = block, x, hw, weight
+
+
+def capture_blocks(model: nn.Module, run_forward: Callable[[], object]) -> List[_Sample]:
+    """The input of every :class:`SwinBlock` during one ``run_forward()`` (no grad), then one block per group of
+    equal (width, map size) calls, the shifted one where there is one, weighted by the group's size."""
+    calls: List[Tuple[nn.Module, torch.Tensor, Tuple[int, int]]] = []
+
+    def hook(module, args, kwargs):
+        x, hw = args[0], tuple(int(v) for v in args[1])
+        calls.append((module, x.detach().clone(), hw))
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()
+               if isinstance(m, SwinBlock)]
+    try:
+        with torch.no_grad():
+            run_forward()
+    finally:
+        for h in handles:
+            h.remove()
+    groups: Dict[tuple, List[Tuple[nn.Module, torch.Tensor, Tuple[int, int]]]] = {}
+    for call in calls:
+        groups.setdefault((call[0].dim, call[2], tuple(call[1].shape)), []).append(call)
+    samples = []
+    for members in groups.values():
+        shifted = [c for c in members if any(c[0].shift_size)]
+        block, x, hw = (shifted or members)[0]
+        samples.append(_Sample(block, x, hw, len(members)))
+    return samples
+
+
+def signature(samples: Sequence[_Sample]) -> List[list]:
+    """What the timings depend on besides the machine: per sampled block its class, input shape, map size,
+    window, shift, heads, weight (a cache key part)."""
+    return [[type(s.block).__name__, list(s.x.shape), list(s.hw), list(s.block.window_size),
+             list(s.block.shift_size), int(getattr(s.block.attn, 'num_heads', 0)), s.weight] for s in samples]
+
+
+def _step(samples: Sequence[_Sample], mode: str, autocast: contextlib.AbstractContextManager) -> None:
+    """One timed unit: every sampled block once (training: forward and backward)."""
+    for s in samples:
+        if mode == 'train':
+            x = s.x.detach().requires_grad_(True)
+            with autocast:
+                y = s.block(x, s.hw, recompute_norm=True)
+            y.float().sum().backward()
+        else:
+            with torch.no_grad(), autocast:
+                s.block(s.x, s.hw)
+
+
+def _weighted_time(samples: Sequence[_Sample], mode: str, autocast_fn, timer: Timer) -> float:
+    total = 0.0
+    for s in samples:
+        start = timer()
+        _step([s], mode, autocast_fn())
+        total += (timer() - start) * s.weight
+    return total
+
+
+def measure_choices(model: nn.Module, samples: Sequence[_Sample], dtype: Optional[torch.dtype],
+                    device: torch.device, modes: Sequence[str] = MODES, rounds: int = 5,
+                    timer: Timer = time.perf_counter) -> Tuple[Choices, Dict[str, Dict[str, float]]]:
+    """Time each applicable path against its plain computation; returns the choices (all on but the paths
+    whose plain computation was faster by more than ``MARGIN``) and the fastest round's times ``{mode: {'all on':
+    s, 'no <path>': s}}`` (seconds per model-equivalent of the sampled blocks).
+
+    The model's parameters' gradients, training flag and the RNG state (dropout, drop path) are as before.
+    """
+    choices = all_on()
+    timings: Dict[str, Dict[str, float]] = {}
+    was_training = model.training
+    grads = {p: p.grad for p in model.parameters()}
+
+    def autocast_fn():
+        return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    base = get_fast_path_choices()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for mode in modes:
+                paths = applicable_paths(mode, dtype, device)
+                if not paths:
+                    continue
+                model.train(mode == 'train')
+                variants = {'all on': base}
+                for name in paths:
+                    variants[f'no {name}'] = {m: dict(c, **({name: False} if m == mode else {}))
+                                              for m, c in base.items()}
+                times: Dict[str, List[float]] = {k: [] for k in variants}
+                for r in range(rounds + 1):  # round 0 warms up (allocator, caches, geometries)
+                    for label, variant in variants.items():
+                        with fast_path_choices(variant):
+                            t = _weighted_time(samples, mode, autocast_fn, timer)
+                        if r:
+                            times[label].append(t)
+                medians = {k: min(v) for k, v in times.items()}
+                timings[mode] = medians
+                for name in paths:
+                    if medians[f'no {name}'] < (1.0 - MARGIN) * medians['all on']:
+                        choices[mode][name] = False
+    finally:
+        model.train(was_training)
+        for p, g in grads.items():
+            p.grad = g
+    return choices, timings
