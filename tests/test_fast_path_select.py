@@ -1,0 +1,248 @@
+"""The named fast paths and their selection (models/fast_paths.py, models/fast_path_select.py,
+engine.select_fast_paths, utils/fast_path_cache.py): each path forced on alone gives the plain path's outputs and
+is the only one taken; measurement follows the timer; a resumed run takes the recorded choice; the master switch
+turns every path off whatever the selection."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import engine
+import models.fast_path_select as fast_path_select
+import models.fast_paths as fast_paths
+import models.lowp as lowp
+import test_fast_paths
+import test_models
+from config import ConfigError, load_config
+from models import SwinTransformer, SwinTransformerV2
+from models.fast_paths import PATHS, fast_path_choices, fast_paths_enabled, use_fast_path
+from utils import fast_path_cache
+
+SMALL = test_models.SMALL
+BF16 = torch.bfloat16
+
+# The spies of test_fast_paths.spy_on_fast_paths that belong to each named path (the rest are structural).
+SPIES = {
+    'lowp_matmul': ('upcast linear (grad)', 'upcast operands'),
+    'chunked_mlp': ('chunked MLP (grad)', 'chunked MLP forward'),
+    'contiguous_heads': ('contiguous heads',),
+    'sdpa': ('SDPA',),
+    'recompute_attn_input': ('recomputed attention input',),
+    'permute_backward': ('permutation backward',),
+}
+
+
+def only(name):
+    """Choices with ``name`` alone on, in both modes."""
+    return {mode: {p: p == name for p in PATHS} for mode in fast_paths.MODES}
+
+
+NONE = {mode: dict.fromkeys(PATHS, False) for mode in fast_paths.MODES}
+
+
+# ----------------------------------------------------------------------------- forcing each path alone
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2], ids=['v1', 'v2'])
+def test_each_path_alone_equals_the_plain_path_and_is_the_only_one_taken(monkeypatch, cls):
+    """Each named path on by itself (the others off, the master switch on): forward, inference and gradients
+    equal the official computation (switch off) at test_fast_paths' tolerances, fp32 and bf16 autocast, and of
+    the named paths' code only its own runs. With no path chosen, none of their code runs."""
+    monkeypatch.setattr(lowp, 'cpu_native', lambda dtype: False)  # the upcast path exists on any CPU
+    model = test_models.randomize(cls(img_size=32, window_size=4, num_classes=10, drop_path_rate=0.0, **SMALL))
+    x = torch.randn(2, 3, 32, 32)  # 8x8 tokens: shifted windows of 4, no padding (the permutation path)
+    calls = test_fast_paths.spy_on_fast_paths(monkeypatch)
+    dtypes = (torch.float32, BF16)
+    with fast_paths_enabled(False):
+        plain = {dtype: test_fast_paths.run_model(model, x, dtype) for dtype in dtypes}
+    owned = {key for keys in SPIES.values() for key in keys}
+    for name in PATHS + ('none',):
+        for key in calls:
+            calls[key] = 0
+        with fast_paths_enabled(True), fast_path_choices(NONE if name == 'none' else only(name)):
+            forced = {dtype: test_fast_paths.run_model(model, x, dtype) for dtype in dtypes}
+        taken = {key for key in owned if calls[key]}
+        expected = set() if name == 'none' else set(SPIES[name])
+        if name == 'recompute_attn_input' and cls is SwinTransformerV2:
+            expected = set()  # V1 only (V2's post-norm block recomputes nothing)
+        assert taken == expected, f'{name} alone: named-path code taken {sorted(taken)}, expected {sorted(expected)}'
+        for dtype in dtypes:
+            (out, infer, grad), (out0, infer0, grad0) = forced[dtype], plain[dtype]
+            if dtype == torch.float32:
+                assert (out - out0).abs().max().item() < 1e-5, name
+                assert (infer - infer0).abs().max().item() < 1e-5, name
+                test_fast_paths.assert_close_gradients(grad, grad0)
+            else:  # test_fast_paths' bf16 tolerances: within bf16 precision of fp32, gradients within 5%
+                fp32_out, fp32_infer, _ = plain[torch.float32]
+                scale = fp32_out.abs().max().item()
+                assert (out - fp32_out).abs().max().item() < 0.03 * scale, name
+                assert (infer - fp32_infer).abs().max().item() < 0.03 * scale, name
+                assert (grad - grad0).norm() < 0.05 * grad0.norm(), name
+
+
+def test_master_switch_turns_every_path_off_whatever_the_choices(monkeypatch):
+    with fast_path_choices(fast_paths.all_on()):
+        with fast_paths_enabled(False):
+            assert not any(use_fast_path(n, m) for n in PATHS for m in fast_paths.MODES)
+            assert not fast_paths.use_eager_fast_path('chunked_mlp')
+            assert not lowp.upcast_dtype(BF16, torch.device('cpu'))
+        with fast_paths_enabled(True):
+            assert all(use_fast_path(n, m) for n in PATHS for m in fast_paths.MODES)
+    with fast_paths_enabled(True), fast_path_choices({'train': {'sdpa': False}}):
+        assert not use_fast_path('sdpa', 'train') and use_fast_path('sdpa', 'eval')
+        with torch.no_grad():
+            assert use_fast_path('sdpa')  # the mode follows grad mode
+        assert not use_fast_path('sdpa')
+    with pytest.raises(ValueError, match='unknown path'):
+        fast_paths.set_fast_path_choices({'train': {'fused_everything': True}})
+    with pytest.raises(ValueError, match='unknown mode'):
+        fast_paths.set_fast_path_choices({'inference': {}})
+
+
+# ----------------------------------------------------------------------------- measuring
+class FakeTimer:
+    """A clock that advances by ``cost`` per reading while ``path`` is chosen for ``mode`` and by 1 otherwise:
+    the unit timed between two readings costs ``cost`` with the path and 1 without it."""
+
+    def __init__(self, path: str, mode: str, cost: float):
+        self.path, self.mode, self.cost, self.now, self.readings = path, mode, cost, 0.0, 0
+
+    def __call__(self) -> float:
+        self.readings += 1
+        if self.readings % 2 == 0:  # the end of a timed unit: charge it
+            on = fast_paths.get_fast_path_choices()[self.mode][self.path]
+            self.now += self.cost if on else 1.0
+        return self.now
+
+
+def tiny_model():
+    return SwinTransformer(img_size=32, window_size=4, num_classes=4, drop_path_rate=0.1, embed_dim=16,
+                           depths=(2, 2), num_heads=(1, 2))
+
+
+def test_measurement_follows_the_timer_and_leaves_the_model_and_rng_alone():
+    model = tiny_model()
+    x = torch.randn(4, 3, 32, 32)
+    samples = fast_path_select.capture_blocks(model, lambda: model(x))
+    assert [s.weight for s in samples] == [2, 2] and all(any(s.block.shift_size) for s in samples[:1])
+    model.train()
+    rng = torch.get_rng_state()
+    with fast_paths_enabled(True):
+        choices, timings = fast_path_select.measure_choices(model, samples, None, torch.device('cpu'),
+                                                            timer=FakeTimer('chunked_mlp', 'train', 1.5))
+        assert choices['train']['chunked_mlp'] is False  # the plain MLP took 1 against 1.5: chosen off
+        assert all(on for mode, paths in choices.items() for name, on in paths.items()
+                   if (mode, name) != ('train', 'chunked_mlp'))
+        assert timings['train']['no chunked_mlp'] < timings['train']['all on']
+        choices, _ = fast_path_select.measure_choices(model, samples, None, torch.device('cpu'),
+                                                      timer=FakeTimer('sdpa', 'eval', 1.01))
+        assert all(on for paths in choices.values() for on in paths.values())  # inside MARGIN: kept on
+    assert torch.equal(rng, torch.get_rng_state())
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert fast_path_select.applicable_paths('train', None, torch.device('cuda')) == []  # CUDA: nothing timed
+
+
+def test_cpu_identity_and_cache_round_trip(tmp_path):
+    info = tmp_path / 'cpuinfo'
+    info.write_text('processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: sse avx512_bf16 fma\n\nprocessor\t: 1\n')
+    ident = fast_path_cache.cpu_identity(str(info))
+    assert ident['model'] == 'AMD EPYC' and len(ident['flags']) == 12
+    info.write_text('model name\t: AMD EPYC\nflags\t\t: sse fma\n')
+    assert fast_path_cache.cpu_identity(str(info))['flags'] != ident['flags']  # another flag set, another key
+    path = str(tmp_path / 'c' / 'choices.json')
+    key = fast_path_cache.cache_key({'cpu': ident, 'b': 1})
+    assert fast_path_cache.lookup(key, path) is None
+    assert fast_path_cache.store(key, only('sdpa'), {'eval': {'all on': 1.0}}, path) == path
+    assert fast_path_cache.lookup(key, path) == only('sdpa')
+    with open(path, 'w') as f:
+        f.write('{not json')
+    assert fast_path_cache.lookup(key, path) is None  # unreadable: ignored, measured again
+    assert fast_path_cache.cache_path({'SWIN_FAST_PATHS_CACHE': '/x/y.json'}) == '/x/y.json'
+    assert fast_path_cache.cache_path({'XDG_CACHE_HOME': '/c'}) == '/c/swin_fast_paths/choices.json'
+
+
+def test_config_key_is_validated():
+    with pytest.raises(ConfigError, match="MODEL.FAST_PATHS_SELECT = 'fastest' is not one of"):
+        load_config(None, ['MODEL.FAST_PATHS_SELECT', 'fastest'])
+    assert load_config().MODEL.FAST_PATHS_SELECT == 'measure'
+
+
+# ----------------------------------------------------------------------------- a run and its resume
+sys.path.insert(0, os.path.dirname(__file__))
+from test_train import MODEL_DIR, _run_main, _train_args, digits  # noqa: E402,F401  (digits: the fixture)
+
+
+def _log(run_dir):
+    with open(os.path.join(run_dir, 'log_rank0.txt')) as f:
+        return [line for line in f if 'fast paths (' in line]
+
+
+def test_run_records_its_choice_and_a_resume_takes_it_whatever_the_measurement(digits, capsys, tmp_path,
+                                                                                monkeypatch):
+    """A fresh run measures (the fake timer makes the chunked MLP slow in training), logs and records the choice;
+    the run resumed from its checkpoint, where the measurement and the cache now say the opposite, takes the
+    recorded choice and measures nothing; a new run reads the cache."""
+    monkeypatch.delenv('SWIN_FAST_PATHS_SELECT', raising=False)
+    monkeypatch.setenv('SWIN_FAST_PATHS_CACHE', str(tmp_path / 'cache.json'))
+    monkeypatch.setattr(lowp, 'cpu_native', lambda dtype: True)
+    original = fast_path_select.measure_choices
+    measured = []
+
+    def measure_with(timer):
+        def measure(*args, **kwargs):
+            measured.append(timer.path)
+            return original(*args, **{**kwargs, 'timer': timer})
+        return measure
+
+    monkeypatch.setattr(fast_path_select, 'measure_choices', measure_with(FakeTimer('chunked_mlp', 'train', 2.0)))
+    seen = []
+    real_epoch = engine.train_epoch
+
+    def train_epoch(t, epoch, preemption):  # the choices in force while the run trains
+        seen.append(fast_paths.get_fast_path_choices())
+        return real_epoch(t, epoch, preemption)
+
+    monkeypatch.setattr(engine, 'train_epoch', train_epoch)
+    out = tmp_path / 'run'
+    code, _ = _run_main(_train_args(digits, str(out), 1), capsys)
+    assert code == 0 and measured == ['chunked_mlp']
+    expected = fast_paths.all_on()
+    expected['train']['chunked_mlp'] = False
+    run_dir = out / MODEL_DIR
+    assert torch.load(run_dir / 'ckpt_epoch_0.pth', weights_only=True)['fast_paths'] == expected
+    assert seen == [expected]
+    lines = _log(run_dir)
+    assert len(lines) == 1 and 'measured in' in lines[0] and 'train: off chunked_mlp; eval: off none' in lines[0]
+
+    # The machine now says otherwise (cache rewritten to all on, measurement would turn sdpa off): the resume
+    # takes the recorded choice.
+    with open(tmp_path / 'cache.json') as f:
+        cache = json.load(f)
+    for entry in cache.values():
+        entry['choices'] = fast_paths.all_on()
+    with open(tmp_path / 'cache.json', 'w') as f:
+        json.dump(cache, f)
+    monkeypatch.setattr(fast_path_select, 'measure_choices', measure_with(FakeTimer('sdpa', 'eval', 2.0)))
+    code, _ = _run_main(_train_args(digits, str(out), 2), capsys)
+    assert code == 0 and measured == ['chunked_mlp']  # not measured again
+    assert seen[1] == expected
+    assert torch.load(run_dir / 'ckpt_epoch_1.pth', weights_only=True)['fast_paths'] == expected
+    assert 'recorded in the checkpoint resumed from' in _log(run_dir)[-1]
+
+    # A new run of the same model on this machine: the cache (now all on), no measurement.
+    code, _ = _run_main(_train_args(digits, str(tmp_path / 'new'), 1), capsys)
+    assert code == 0 and measured == ['chunked_mlp'] and seen[2] == fast_paths.all_on()
+    assert 'cached in' in _log(tmp_path / 'new' / MODEL_DIR)[-1]
+
+
+def test_config_switch_off_measures_nothing_and_runs_no_path(digits, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv('SWIN_FAST_PATHS_SELECT', raising=False)
+    monkeypatch.setattr(fast_path_select, 'measure_choices', lambda *a, **k: pytest.fail('measured'))
+    seen = []
+    real_epoch = engine.train_epoch
+    monkeypatch.setattr(engine, 'train_epoch', lambda t, e, p: (seen.append(
+        [use_fast_path(n, m) for n in PATHS for m in fast_paths.MODES]), real_epoch(t, e, p))[1])
+    with fast_paths_enabled(True):
+        code, _ = _run_main(_train_args(digits, str(tmp_path), 1, ['MODEL.FAST_PATHS', 'False']), capsys)
+    assert code == 0 and seen == [[False] * (2 * len(PATHS))]
+    assert 'the fast-path switch is off, so none runs' in _log(tmp_path / MODEL_DIR)[-1]
