@@ -4,7 +4,8 @@ computation on the model's own blocks, at the run's real shapes and autocast dty
 backward) and in evaluation (forward, no grad), and kept only where it does not cost time.
 
 Cost: one forward of the model on a sample batch (to catch every block's input), then, per mode, each
-applicable path off in turn and the baseline (all on), interleaved over ``rounds`` rounds after a warm-up, on one
+applicable path off in turn and the baseline (all on), interleaved over up to ``rounds`` rounds (within
+``BUDGET_S``) after a warm-up, on one
 block per stage (the shifted one where a stage has it), weighted by the stage's depth. The fastest round of each
 counts (as ``timeit`` advises): on a shared machine other processes only ever add time, and a median of a few
 rounds still swings by factors there (measured on 2 shared cores: the same tiny block took 1 ms to 400 ms). Patch embedding, merging
@@ -28,6 +29,11 @@ from .lowp import cpu_native
 from .swin_common import SwinBlock
 
 Timer = Callable[[], float]
+# Timed rounds after the warm-up stop once this many seconds were spent on them (at least one round, at most
+# ``rounds``). Measured on 2 shared cores (load ~6): Swin-T batch 8 bf16 took 130 s for a warm-up and 3 rounds
+# (one model-equivalent train step ~5.6 s there), a tiny demo model 12 s; the choice is cached per machine and
+# shape and never remeasured on resume, so this is paid once.
+BUDGET_S = 5.0
 # A path is switched off only when its plain computation is faster by more than this fraction: the fast paths
 # are the tested default, and a difference inside timing noise should not flip it from run to run.
 MARGIN = 0.03
@@ -119,7 +125,7 @@ def _weighted_time(samples: Sequence[_Sample], mode: str, autocast_fn, timer: Ti
 
 def measure_choices(model: nn.Module, samples: Sequence[_Sample], dtype: Optional[torch.dtype],
                     device: torch.device, modes: Sequence[str] = MODES, rounds: int = 5,
-                    timer: Timer = time.perf_counter) -> Tuple[Choices, Dict[str, Dict[str, float]]]:
+                    timer: Timer = time.perf_counter, budget_s: float = BUDGET_S) -> Tuple[Choices, Dict[str, Dict[str, float]]]:
     """Time each applicable path against its plain computation; returns the choices (all on but the paths
     whose plain computation was faster by more than ``MARGIN``) and the fastest round's times ``{mode: {'all on':
     s, 'no <path>': s}}`` (seconds per model-equivalent of the sampled blocks).
@@ -147,12 +153,18 @@ def measure_choices(model: nn.Module, samples: Sequence[_Sample], dtype: Optiona
                     variants[f'no {name}'] = {m: dict(c, **({name: False} if m == mode else {}))
                                               for m, c in base.items()}
                 times: Dict[str, List[float]] = {k: [] for k in variants}
+                spent = 0.0  # wall time of the timed rounds (time.perf_counter: the budget is real time)
                 for r in range(rounds + 1):  # round 0 warms up (allocator, caches, geometries)
+                    if r > 1 and spent >= budget_s:
+                        break
+                    start = time.perf_counter()
                     for label, variant in variants.items():
                         with fast_path_choices(variant):
                             t = _weighted_time(samples, mode, autocast_fn, timer)
                         if r:
                             times[label].append(t)
+                    if r:
+                        spent += time.perf_counter() - start
                 medians = {k: min(v) for k, v in times.items()}
                 timings[mode] = medians
                 for name in paths:
