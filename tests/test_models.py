@@ -342,7 +342,7 @@ def test_chunked_mlp_matches_plain_and_gradchecks(monkeypatch, chunked):
     nd, fc1, fc2 = torch.nn.LayerNorm(6).double(), torch.nn.Linear(6, 12).double(), torch.nn.Linear(12, 6).double()
     for normed in (True, False):
         assert torch.autograd.gradcheck(
-            lambda *t: _ChunkedMlp.apply(t[0], normed, t[1], t[2], 1e-5, *t[3:], 3, torch.double),
+            lambda *t: _ChunkedMlp.apply(t[0], normed, t[1], t[2], 1e-5, *t[3:], 3, torch.double, False),
             (xd, nd.weight, nd.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias))
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = mlp(x, norm)
