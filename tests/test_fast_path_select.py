@@ -246,3 +246,42 @@ def test_config_switch_off_measures_nothing_and_runs_no_path(digits, capsys, tmp
         code, _ = _run_main(_train_args(digits, str(tmp_path), 1, ['MODEL.FAST_PATHS', 'False']), capsys)
     assert code == 0 and seen == [[False] * (2 * len(PATHS))]
     assert 'the fast-path switch is off, so none runs' in _log(tmp_path / MODEL_DIR)[-1]
+
+
+TINY_OPTS = ['DATA.IMG_SIZE', '32', 'MODEL.SWIN.WINDOW_SIZE', '4', 'MODEL.SWIN.EMBED_DIM', '16', 'DATA.BATCH_SIZE', '4',
+             'MODEL.SWIN.DEPTHS', '[2, 2]', 'MODEL.SWIN.NUM_HEADS', '[1, 2]', 'MODEL.NUM_CLASSES', '4',
+             'AMP_ENABLE', 'False']
+
+
+def _select_worker(rank, world, init_file, out_dir):
+    import logging
+    import torch.distributed as dist
+    from models import build_model
+    torch.set_num_threads(1)
+    os.environ.pop('SWIN_FAST_PATHS_SELECT', None)
+    os.environ['SWIN_FAST_PATHS_CACHE'] = os.path.join(out_dir, 'cache.json')
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    try:
+        config = load_config(None, TINY_OPTS)
+        model = build_model(config)
+        # each rank's timer would choose another path off: only rank 0's measurement counts
+        fake = {0: FakeTimer('chunked_mlp', 'train', 2.0), 1: FakeTimer('sdpa', 'eval', 2.0)}[rank]
+        precision = engine.resolve_precision(config, torch.device('cpu'))
+        with fast_paths_enabled(True):
+            choices = engine.select_fast_paths(config, model, precision, logging.getLogger('test'), timer=fake)
+            in_force = fast_paths.get_fast_path_choices()
+        with open(os.path.join(out_dir, f'rank{rank}.json'), 'w') as f:
+            json.dump({'choices': choices, 'in_force': in_force, 'readings': fake.readings}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_take_rank_zeros_measurement(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_select_worker, args=(2, str(tmp_path / 'pg_init'), str(tmp_path)), nprocs=2, join=True)
+    results = [json.load(open(tmp_path / f'rank{r}.json')) for r in range(2)]
+    expected = fast_paths.all_on()
+    expected['train']['chunked_mlp'] = False
+    assert all(r['choices'] == r['in_force'] == expected for r in results)
+    assert results[0]['readings'] > 0 and results[1]['readings'] == 0  # rank 1 timed nothing
