@@ -140,7 +140,7 @@ class SwinBlock(nn.Module):
 
     def __init__(self, dim: int, attn: nn.Module, window_size: Size, shift_size: Size, mlp_ratio: float = 4.,
                  drop: float = 0., drop_path: float = 0., norm_layer: Type[nn.Module] = nn.LayerNorm,
-                 post_norm: bool = False):
+                 post_norm: bool = False, mlp: Optional[nn.Module] = None):
         super().__init__()
         self.dim = dim
         self.window_size = window_size
@@ -150,7 +150,8 @@ class SwinBlock(nn.Module):
         self.attn = attn
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        # ``mlp``: another feed-forward taking ``(x, norm)`` like Mlp (Swin-MoE's mixture of experts)
+        self.mlp = mlp if mlp is not None else Mlp(dim, int(dim * mlp_ratio), drop)
         self.mlp_ratio = mlp_ratio
         self._geometry = GeometryCache()
 
@@ -188,7 +189,8 @@ class SwinBlock(nn.Module):
         num_windows = math.ceil(h / wh) * math.ceil(w / ww)
         flops = 2 * self.dim * h * w  # norm1, norm2
         flops += num_windows * self.attn.flops(wh * ww)
-        flops += 2 * h * w * self.dim * self.dim * self.mlp_ratio
+        # a mixture of experts counts capacity_factor * k dense MLPs (its ``flops_scale``), as the official code
+        flops += 2 * h * w * self.dim * self.dim * self.mlp_ratio * getattr(self.mlp, 'flops_scale', 1.0)
         return flops
 
 
@@ -224,6 +226,8 @@ def stage_window(resolution: Size, window_size: Size) -> Tuple[Size, bool]:
 
 
 AttnFactory = Callable[[int, int, Size, int], nn.Module]  # (dim, heads, window, stage index) -> module
+# (dim, stage index, block index) -> a block's feed-forward, or None for the standard Mlp
+MlpFactory = Callable[[int, int, int], Optional[nn.Module]]
 
 
 class SwinBackbone(nn.Module):
@@ -239,7 +243,8 @@ class SwinBackbone(nn.Module):
     def __init__(self, img_size, patch_size, in_chans: int, num_classes: int, embed_dim: int,
                  depths: Sequence[int], num_heads: Sequence[int], window_size, mlp_ratio: float,
                  drop_rate: float, drop_path_rate: float, ape: bool, patch_norm: bool, use_checkpoint: bool,
-                 attn_factory: AttnFactory, norm_layer: Type[nn.Module] = nn.LayerNorm):
+                 attn_factory: AttnFactory, norm_layer: Type[nn.Module] = nn.LayerNorm,
+                 mlp_factory: Optional[MlpFactory] = None):
         super().__init__()
         img_size = window_to_tuple(img_size, 'img_size')
         patch = window_to_tuple(patch_size, 'patch_size')
@@ -284,7 +289,8 @@ class SwinBackbone(nn.Module):
             shift = (stage_win[0] // 2, stage_win[1] // 2) if can_shift else (0, 0)
             blocks = [SwinBlock(dim, attn_factory(dim, heads, stage_win, i), stage_win,
                                 shift if j % 2 else (0, 0), mlp_ratio, drop_rate,
-                                dpr[sum(depths[:i]) + j], norm_layer, self.post_norm)
+                                dpr[sum(depths[:i]) + j], norm_layer, self.post_norm,
+                                mlp_factory(dim, i, j) if mlp_factory is not None else None)
                       for j in range(depth)]
             last = i == self.num_layers - 1
             downsample = None if last else PatchMerging(dim, norm_layer, norm_after=self.post_norm)
