@@ -56,7 +56,7 @@ _C.DATA.LABELS = 'source'                # (ours) source: the dataset's own sing
 
 # ----------------------------------------------------------------------------- model
 _C.MODEL = CN()
-_C.MODEL.TYPE = 'swin'                   # swin | swinv2
+_C.MODEL.TYPE = 'swin'                   # swin | swinv2 | swin_moe
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
 _C.MODEL.PRETRAINED = ''
 _C.MODEL.RESUME = ''
@@ -264,7 +264,7 @@ CHOICES = {
     'DATA.LOADER': ('torch', 'fast', 'gpu'),
     'DATA.LABELS': ('source', 'csv'),
     'TRAIN.LOSS': ('ce', 'bce'),
-    'MODEL.TYPE': ('swin', 'swinv2'),
+    'MODEL.TYPE': ('swin', 'swinv2', 'swin_moe'),
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'),
     'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd', 'fused_adam', 'fused_lamb'),
     'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
@@ -396,11 +396,15 @@ def img_size_hw(config: CN) -> Tuple[int, int]:
 
 def model_in_chans(config: CN) -> int:
     """The image channels the model takes: ``MODEL.SWIN.IN_CHANS`` or ``MODEL.SWINV2.IN_CHANS`` (``MODEL.TYPE``)."""
-    return int(config.MODEL.SWINV2.IN_CHANS if config.MODEL.TYPE == 'swinv2' else config.MODEL.SWIN.IN_CHANS)
+    return int(_get(config, in_chans_key(config)))
+
+
+# MODEL.TYPE -> the config section holding its architecture keys
+MODEL_SECTIONS = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'swin_moe': 'SWIN_MOE'}
 
 
 def in_chans_key(config: CN) -> str:
-    return 'MODEL.SWINV2.IN_CHANS' if config.MODEL.TYPE == 'swinv2' else 'MODEL.SWIN.IN_CHANS'
+    return f"MODEL.{MODEL_SECTIONS.get(config.MODEL.TYPE, 'SWIN')}.IN_CHANS"
 
 
 # ImageNet's RGB statistics (timm.data.constants; copied so that this module imports no torch).
@@ -583,9 +587,9 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
                           f"with AUG.MIXUP_MODE = {config.AUG.MIXUP_MODE!r}")
     if config.TRAIN.LR_SCHEDULER.NAME == 'step' and config.TRAIN.LR_SCHEDULER.DECAY_EPOCHS < 1:
         raise ConfigError("TRAIN.LR_SCHEDULER.DECAY_EPOCHS must be >= 1 for the step scheduler")
-    if config.MODEL.TYPE in ('swin', 'swinv2'):
-        m = config.MODEL.SWIN if config.MODEL.TYPE == 'swin' else config.MODEL.SWINV2
-        prefix = 'MODEL.SWIN' if config.MODEL.TYPE == 'swin' else 'MODEL.SWINV2'
+    if config.MODEL.TYPE in MODEL_SECTIONS:
+        m = config.MODEL[MODEL_SECTIONS[config.MODEL.TYPE]]
+        prefix = f'MODEL.{MODEL_SECTIONS[config.MODEL.TYPE]}'
         if len(m.DEPTHS) != len(m.NUM_HEADS):
             raise ConfigError(f"{prefix}.DEPTHS {list(m.DEPTHS)} and {prefix}.NUM_HEADS {list(m.NUM_HEADS)} "
                               f"must have the same length")
@@ -600,14 +604,37 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
             if dim % heads:
                 raise ConfigError(f"{prefix}.EMBED_DIM {m.EMBED_DIM}: stage {i} width {dim} is not divisible "
                                   f"by its {heads} heads ({prefix}.NUM_HEADS)")
-        if config.MODEL.TYPE == 'swinv2' and len(m.PRETRAINED_WINDOW_SIZES) != len(m.DEPTHS):
-            raise ConfigError(f"MODEL.SWINV2.PRETRAINED_WINDOW_SIZES needs {len(m.DEPTHS)} entries, got "
+        if config.MODEL.TYPE != 'swin' and len(m.PRETRAINED_WINDOW_SIZES) != len(m.DEPTHS):
+            raise ConfigError(f"{prefix}.PRETRAINED_WINDOW_SIZES needs {len(m.DEPTHS)} entries, got "
                               f"{list(m.PRETRAINED_WINDOW_SIZES)}")
-    if config.MODEL.TYPE in ('swin', 'swinv2') and model_in_chans(config) >= 1:
+        if config.MODEL.TYPE == 'swin_moe':
+            _check_moe(config)
+    if config.MODEL.TYPE in MODEL_SECTIONS and model_in_chans(config) >= 1:
         _check_channels(config, pretrain)
     if device is not None and config.TRAIN.FSDP.ENABLE and config.TRAIN.FSDP.CPU_OFFLOAD and device != 'cuda':
         raise ConfigError("TRAIN.FSDP.CPU_OFFLOAD moves the shards from GPU to host memory; this run is on the CPU "
                           "already (DEVICE / --device), so set TRAIN.FSDP.CPU_OFFLOAD False")
+
+
+def _check_moe(config: CN) -> None:
+    """The MODEL.SWIN_MOE keys that the model could only refuse later, or that would fail mid-run."""
+    m = config.MODEL.SWIN_MOE
+    if len(m.MOE_BLOCKS) != len(m.DEPTHS) or not all(isinstance(b, (list, tuple)) for b in m.MOE_BLOCKS):
+        raise ConfigError(f"MODEL.SWIN_MOE.MOE_BLOCKS needs one list of block indices per stage "
+                          f"({len(m.DEPTHS)}), got {m.MOE_BLOCKS!r}")
+    if m.NUM_LOCAL_EXPERTS == 0:
+        raise ConfigError("MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS must not be 0 (> 0: experts per process; < 0: that "
+                          "many processes share one expert)")
+    if m.TOP_VALUE < 1:
+        raise ConfigError(f"MODEL.SWIN_MOE.TOP_VALUE (the k of top-k routing) must be >= 1, got {m.TOP_VALUE}")
+    if m.COSINE_ROUTER and (m.COSINE_ROUTER_DIM < 1 or m.COSINE_ROUTER_INIT_T <= 0):
+        raise ConfigError(f"MODEL.SWIN_MOE.COSINE_ROUTER_DIM must be >= 1 and COSINE_ROUTER_INIT_T > 0, got "
+                          f"{m.COSINE_ROUTER_DIM} and {m.COSINE_ROUTER_INIT_T}")
+    if not m.IS_GSHARD_LOSS and m.GATE_NOISE <= 0:
+        raise ConfigError("MODEL.SWIN_MOE.GATE_NOISE must be > 0 with IS_GSHARD_LOSS False (the load loss "
+                          "normalises by it)")
+    if not 0 <= m.MOE_DROP < 1:
+        raise ConfigError(f"MODEL.SWIN_MOE.MOE_DROP must be in [0, 1), got {m.MOE_DROP}")
 
 
 def is_multi_label(config: CN) -> bool:

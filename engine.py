@@ -134,12 +134,15 @@ def build_criterion(config: Any, mixup_fn: Any) -> nn.Module:
 
 def classification_loss(criterion: nn.Module, mixup_fn: Optional[Callable], device: torch.device) -> LossFn:
     """``loss_fn(model, (images, targets))``: to the device (``batch_to_device``), Mixup/CutMix there, then the
-    criterion."""
+    criterion, plus the model's auxiliary loss of that forward when it has one (Swin-MoE's ``aux_loss()``, already
+    weighted by ``MODEL.SWIN_MOE.AUX_LOSS_WEIGHT``: the official ``loss = criterion(outputs, targets) + l_aux``)."""
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
         images, targets = batch_to_device(batch, device)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
-        return criterion(model(images).float(), targets)
+        loss = criterion(model(images).float(), targets)
+        aux_loss = getattr(unwrap_model(model), 'aux_loss', None)
+        return loss if aux_loss is None else loss + aux_loss().float()
     return loss_fn
 
 

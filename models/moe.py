@@ -147,12 +147,18 @@ class MoELayer(nn.Module):
         gate = (CosineTopKGate(model_dim, num_experts, top_k, cosine_router_dim, cosine_router_init_t)
                 if cosine_router else TopKGate(model_dim, num_experts, top_k))
         self.gates = nn.ModuleList([gate])
-        self._share_group: Optional[dist.ProcessGroup] = None
-        if share > 1:  # ranks [e*share, (e+1)*share) hold expert e; every rank joins every new_group call
-            for e in range(num_experts):
-                group = dist.new_group(list(range(e * share, (e + 1) * share)))
-                if self.rank // share == e:
+        self._share_group: Optional[dist.ProcessGroup] = None  # made at the first forward (share_group)
+
+    def share_group(self) -> dist.ProcessGroup:
+        """The ranks sharing this rank's expert: ranks ``[e*share, (e+1)*share)`` hold expert ``e``. Made at the
+        first forward, not at construction, so that a model builds without a process group (on the meta
+        device, say); every rank joins every ``new_group`` call, in the same order."""
+        if self._share_group is None:
+            for e in range(self.num_experts):
+                group = dist.new_group(list(range(e * self.share, (e + 1) * self.share)))
+                if self.rank // self.share == e:
                     self._share_group = group
+        return self._share_group
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + '_num_global_experts'
@@ -246,7 +252,7 @@ class MoELayer(nn.Module):
         if self.share > 1:  # every rank of an expert's group computes 1/share of its slots
             sent = y.reshape(world, E * cap // world, C)
             got = dist_fn.all_to_all_single(torch.empty_like(sent), sent.contiguous())  # (world, T, C)
-            out = self.experts(got.reshape(1, -1, C), self._share_group)  # (1, world*T, C)
+            out = self.experts(got.reshape(1, -1, C), self.share_group())  # (1, world*T, C)
             back = dist_fn.all_to_all_single(torch.empty_like(sent), out.reshape(world, -1, C).contiguous())
             return back.view(E, cap, C)
         local = self.local_experts
