@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -197,6 +197,8 @@ class UpdateStep:
         self.ddp, self.fsdp = find_ddp(train_model), unwrap_model(train_model, FSDPModule)
         self.max_norm = float(clip_grad) if clip_grad else math.inf
         self.params = [p for p in state.model.parameters() if p.requires_grad]
+        # Swin-MoE: each rank's experts (their gradients are not all-reduced, so they differ between ranks)
+        self.expert_params = expert_parameters(unwrap_model(state.model)) if is_distributed() else []
 
     def __call__(self, micro_batches: Sequence[Batch]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         state, precision, n = self.state, self.precision, len(micro_batches)
@@ -214,7 +216,10 @@ class UpdateStep:
         if state.scaler is not None:
             state.scaler.unscale_(optimizer)
         params = list(precision.apex_amp.master_params(optimizer)) if precision.apex_amp else self.params
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        if self.expert_params and not precision.apex_amp:
+            grad_norm = clip_grad_norm_with_experts(params, self.expert_params, self.max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
         if hasattr(grad_norm, 'full_tensor'):  # FSDP: a replicated DTensor (the norm of the whole gradient)
             grad_norm = grad_norm.full_tensor()
         bad = ~torch.isfinite(grad_norm)  # the same on every rank: gradients are all-reduced (or the norm is)
@@ -242,6 +247,31 @@ class UpdateStep:
 
 
 # ----------------------------------------------------------------------------- train / validate / throughput
+
+def expert_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The parameters a model lists in ``_ddp_params_and_buffers_to_ignore`` (Swin-MoE's experts: DDP does not
+    all-reduce them, each rank owns its own)."""
+    ignored = set(getattr(model, '_ddp_params_and_buffers_to_ignore', ()))
+    return [p for n, p in model.named_parameters() if n in ignored]
+
+
+def clip_grad_norm_with_experts(params: Sequence[nn.Parameter], expert_params: Sequence[nn.Parameter],
+                                max_norm: float) -> torch.Tensor:
+    """Clip by the norm of the whole model's gradient: the shared parameters' (equal on every rank after DDP's
+    all-reduce) and every rank's experts' (their squares summed over the ranks). The official code clips each rank
+    by its local norm, which differs between ranks; this one is the same everywhere, so every rank skips a
+    non-finite step together."""
+    experts = {id(p) for p in expert_params}
+    shared = [p.grad for p in params if p.grad is not None and id(p) not in experts]
+    local = [p.grad for p in params if p.grad is not None and id(p) in experts]
+    device = (shared or local)[0].device
+    shared_sq = torch.nn.utils.get_total_norm(shared).float() ** 2 if shared else torch.zeros((), device=device)
+    expert_sq = torch.nn.utils.get_total_norm(local).float() ** 2 if local else torch.zeros((), device=device)
+    total = (shared_sq + all_reduce_sum(expert_sq)).sqrt()
+    if math.isfinite(max_norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
 
 def train_one_epoch(state: TrainState, update_step: UpdateStep, data_loader: DataLoader,
                     accumulation_steps: int = 1) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -593,6 +623,13 @@ def wrap_for_training(model: nn.Module, config: Any, dist_info: DistInfo) -> nn.
         # torch >= 2.12 names the per-forward broadcast `forward_sync_buffers` and deprecates the old keyword.
         no_broadcast = {'forward_sync_buffers' if 'forward_sync_buffers' in _DDP_PARAMETERS else
                         'broadcast_buffers': False}
+        # Swin-MoE's experts are in model._ddp_params_and_buffers_to_ignore (DDP reads it): not all-reduced. Their
+        # gradients sum every rank's tokens (the all-to-all's backward) while DDP averages the shared ones, so they
+        # are divided by the world size, as the official main_moe.py does (hook_scale_grad).
+        world = dist_info.world_size
+        for p in expert_parameters(model):
+            if p.requires_grad:
+                p.register_hook(lambda grad, world=world: grad / world)
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
                                               find_unused_parameters=False, **no_broadcast)
     return torch.compile(train_model) if config.COMPILE else train_model

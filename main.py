@@ -125,7 +125,9 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
 
     try:  # before the process group and the output folder: a wrong path leaves nothing behind
         check_data_paths(config, pretrain)
-        if config.MODEL.RESUME and not os.path.exists(config.MODEL.RESUME):
+        resume = config.MODEL.RESUME
+        if resume and not (os.path.exists(resume) or (config.MODEL.TYPE == 'swin_moe' and os.path.exists(
+                resume + ('.global' if config.TRAIN.MOE.SAVE_MASTER else '.rank0')))):  # Swin-MoE: <name>.pth.rank<r>
             raise CheckpointError(f"checkpoint file not found: {config.MODEL.RESUME} (--resume / MODEL.RESUME)")
     except (DatasetLayoutError, CheckpointError) as e:
         return report_error(e, 2, first_rank)

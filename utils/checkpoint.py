@@ -599,13 +599,14 @@ def _copy_into_ema(state: TrainState) -> None:
 
 # ----------------------------------------------------------------------------- the output folder
 
-def epoch_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
-    """``(epoch, path)`` of the ``ckpt_epoch_{e}.pth`` files, by epoch number ascending."""
+def epoch_checkpoints(output_dir: str, suffix: str = '') -> List[Tuple[int, str]]:
+    """``(epoch, path)`` of the ``ckpt_epoch_{e}.pth{suffix}`` files, by epoch number ascending."""
     if not os.path.isdir(output_dir):
         return []
     found = []
+    pattern = re.compile(r'^ckpt_epoch_(\d+)\.pth' + re.escape(suffix) + '$') if suffix else EPOCH_FILE
     for name in os.listdir(output_dir):
-        match = EPOCH_FILE.match(name)
+        match = pattern.match(name)
         if match:
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
     return sorted(found)
@@ -630,7 +631,7 @@ def sharded_checkpoints(output_dir: str) -> List[Tuple[Tuple[int, int], str]]:
     return found
 
 
-def auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.Logger] = None
+def auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.Logger] = None, suffix: str = ''
                 ) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
     """The furthest readable checkpoint in ``output_dir`` and its contents, or ``(None, None)``.
 
@@ -640,10 +641,11 @@ def auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.L
     file (needs unpickling) is an error rather than a skip.
     """
     log = logger or _LOG
-    candidates: List[Tuple[Tuple[int, int], str]] = [((e, 0), p) for e, p in epoch_checkpoints(output_dir)]
-    candidates += sharded_checkpoints(output_dir)
+    candidates: List[Tuple[Tuple[int, int], str]] = [((e, 0), p) for e, p in epoch_checkpoints(output_dir, suffix)]
+    if not suffix:
+        candidates += sharded_checkpoints(output_dir)
     candidates.sort(reverse=True)
-    last = os.path.join(output_dir, LAST_NAME)
+    last = os.path.join(output_dir, LAST_NAME + suffix)
     if os.path.isfile(last) and not any(_same_file(last, p) for _, p in candidates):
         try:
             checkpoint = load_checkpoint_file(last, trust=trust)
@@ -675,6 +677,14 @@ def auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.L
     return None, None
 
 
+def _rank_files(path: str) -> int:
+    """How many consecutive ``<path>.rank<r>`` files exist, from rank 0."""
+    count = 0
+    while os.path.exists(f'{path}.rank{count}'):
+        count += 1
+    return count
+
+
 def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -685,32 +695,33 @@ def _same_file(a: str, b: str) -> bool:
 class CheckpointManager:
     """Writes checkpoints into ``output_dir`` with the naming, best/last links and pruning described above."""
 
-    def __init__(self, output_dir: str, keep: int = 0, logger: Optional[logging.Logger] = None):
+    def __init__(self, output_dir: str, keep: int = 0, logger: Optional[logging.Logger] = None, suffix: str = ''):
         self.output_dir = output_dir
         self.keep = int(keep)
         self.log = logger or _LOG
+        self.suffix = suffix  # '.rank<r>' / '.global': the official Swin-MoE layout
 
     def save_epoch(self, checkpoint: Mapping[str, Any], epoch: int, is_best: bool = False) -> str:
         """Write ``ckpt_epoch_{epoch}.pth``, point ``ckpt_last.pth`` (and ``ckpt_best.pth`` if best) at it, prune."""
-        path = os.path.join(self.output_dir, f'ckpt_epoch_{epoch}.pth')
+        path = os.path.join(self.output_dir, f'ckpt_epoch_{epoch}.pth{self.suffix}')
         save_checkpoint_file(checkpoint, path)
-        _link_or_copy(path, os.path.join(self.output_dir, LAST_NAME))
+        _link_or_copy(path, os.path.join(self.output_dir, LAST_NAME + self.suffix))
         if is_best:
-            _link_or_copy(path, os.path.join(self.output_dir, BEST_NAME))
+            _link_or_copy(path, os.path.join(self.output_dir, BEST_NAME + self.suffix))
         self.log.info("saved %s%s", path, " (best so far)" if is_best else "")
         self.prune()
         return path
 
     def save_best(self, checkpoint: Mapping[str, Any]) -> str:
         """Write ``ckpt_best.pth`` on its own (an epoch that is best but not on the SAVE_FREQ schedule)."""
-        path = os.path.join(self.output_dir, BEST_NAME)
+        path = os.path.join(self.output_dir, BEST_NAME + self.suffix)
         save_checkpoint_file(checkpoint, path)
         self.log.info("saved %s", path)
         return path
 
     def save_last(self, checkpoint: Mapping[str, Any]) -> str:
         """Write a mid-epoch ``ckpt_last.pth``."""
-        path = os.path.join(self.output_dir, LAST_NAME)
+        path = os.path.join(self.output_dir, LAST_NAME + self.suffix)
         save_checkpoint_file(checkpoint, path)
         self.log.info("saved %s (epoch %d done, %d updates into the next)", path, checkpoint['epoch'],
                       checkpoint['step'])
@@ -721,7 +732,7 @@ class CheckpointManager:
         if self.keep <= 0:
             return []
         removed = []
-        for _, path in epoch_checkpoints(self.output_dir)[:-self.keep]:
+        for _, path in epoch_checkpoints(self.output_dir, self.suffix)[:-self.keep]:
             try:
                 os.remove(path)
                 removed.append(path)
@@ -875,7 +886,13 @@ class Checkpointer:
         self.config_dict = config_to_dict(config)
         self.trust = bool(config.TRUST_CHECKPOINTS)
         self.sharded = bool(config.TRAIN.FSDP.ENABLE)
-        self.files = CheckpointManager(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS, self.log)
+        # Swin-MoE: each rank owns its experts, so every rank writes its own file <name>.pth.rank<r> (the official
+        # layout), or, with TRAIN.MOE.SAVE_MASTER, rank 0 writes <name>.pth.global and every rank reads it
+        self.per_rank = config.MODEL.TYPE == 'swin_moe' and not self.sharded and not config.TRAIN.MOE.SAVE_MASTER
+        self.suffix = ''
+        if config.MODEL.TYPE == 'swin_moe' and not self.sharded:
+            self.suffix = f'.rank{dist_info.rank}' if self.per_rank else '.global'
+        self.files = CheckpointManager(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS, self.log, self.suffix)
         self._write = self._write_sharded if self.sharded else self._write_file
         self._found: Optional[Tuple[Optional[str], Optional[Dict[str, Any]]]] = None  # (path, contents)
         self._saved_rng: Optional[Mapping[str, Any]] = None  # set by restore
@@ -890,13 +907,39 @@ class Checkpointer:
         call, so that the caller can decide before building the rest (e.g. whether ``--pretrained`` applies)."""
         if self._found is None:
             if self.config.MODEL.RESUME:
-                path = self.config.MODEL.RESUME
+                path = self.rank_file(self.config.MODEL.RESUME)
                 self._found = path, load_checkpoint_file(path, trust=self.trust)
             elif self.config.TRAIN.AUTO_RESUME:
-                self._found = auto_resume(self.config.OUTPUT, trust=self.trust, logger=self.log)
+                self._found = auto_resume(self.config.OUTPUT, trust=self.trust, logger=self.log, suffix=self.suffix)
+            if self.suffix and self._found[1] is not None:
+                self._check_world_size(*self._found)
             else:
                 self._found = None, None
         return self._found[0]
+
+    def rank_file(self, path: str) -> str:
+        """``--resume <name>.pth`` names this rank's ``<name>.pth.rank<r>`` (or ``.global``) for Swin-MoE, as the
+        official main_moe.py reads it; another name is used as it is."""
+        if not self.suffix or not path.endswith('.pth'):
+            return path
+        mine = path + self.suffix
+        if self.per_rank and not os.path.exists(mine):
+            ranks = _rank_files(path)
+            if ranks:
+                raise CheckpointError(
+                    f"{path} was saved per rank by {ranks} processes ({path}.rank0 .. .rank{ranks - 1}), and "
+                    f"{mine} is not there: each rank's experts live in its own file, so resume with {ranks} "
+                    f"processes (this run has {self.dist_info.world_size})")
+        return mine
+
+    def _check_world_size(self, path: Optional[str], checkpoint: Mapping[str, Any]) -> None:
+        saved = (checkpoint.get('rng') or {}).get('world_size')
+        world = self.dist_info.world_size
+        if self.per_rank and saved is not None and saved != world:
+            raise CheckpointError(
+                f"{path} is one of {saved} per-rank Swin-MoE checkpoint files (one per process, each with its own "
+                f"experts); this run has {world} processes: resume it with {saved} processes "
+                f"(torchrun --nproc_per_node {saved}, or that many over the nodes)")
 
     def restore(self, state: TrainState) -> Optional[str]:
         """Restore ``state`` in place from the checkpoint ``find`` names (model, optimizer, scheduler, scaler,
@@ -947,7 +990,7 @@ class Checkpointer:
         if kind not in ('epoch', 'best', 'last'):
             raise ValueError(f"checkpoint kind {kind!r} is not one of 'epoch', 'best', 'last'")
         rng = gather_rng_states()  # a collective: every rank takes part
-        if not (self.dist_info.is_main or self.sharded):
+        if not (self.dist_info.is_main or self.sharded or self.per_rank):
             return
         checkpoint = build_checkpoint(state, self.config_dict, rng, weights=not self.sharded, sampler=self.sampler)
         try:
