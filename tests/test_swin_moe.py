@@ -100,3 +100,65 @@ def test_swinmoe_config_loads_and_builds(cfg_file, monkeypatch):
     assert model._ddp_params_and_buffers_to_ignore and all(
         '_moe_layer.experts.' in n for n in model._ddp_params_and_buffers_to_ignore)
     assert isinstance(moe[0]._moe_layer.gates[0], CosineTopKGate) == ('cosine' in stem)
+
+
+# ----------------------------------------------------------------------------- training with torchrun
+
+TINY_MOE = ['MODEL.TYPE', 'swin_moe', 'MODEL.NAME', 'moe_tiny', 'MODEL.NUM_CLASSES', '4',
+            'MODEL.SWIN_MOE.EMBED_DIM', '16', 'MODEL.SWIN_MOE.DEPTHS', '[2, 2]', 'MODEL.SWIN_MOE.NUM_HEADS', '[2, 4]',
+            'MODEL.SWIN_MOE.WINDOW_SIZE', '4', 'MODEL.SWIN_MOE.MLP_RATIO', '2.0',
+            'MODEL.SWIN_MOE.MOE_BLOCKS', '[[1], [1]]', 'MODEL.SWIN_MOE.PRETRAINED_WINDOW_SIZES', '[0, 0]',
+            'TRAIN.EPOCHS', '3', 'TRAIN.WARMUP_EPOCHS', '0', 'TRAIN.KEEP_CHECKPOINTS', '0', 'TRAIN.CLIP_GRAD', '5.0',
+            'DATA.NUM_WORKERS', '0', 'SEED', '3']
+
+
+def _train(data: str, out: str, nproc: int, *extra: str):
+    import socket
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    launcher = ['-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port', str(port)] \
+        if nproc > 1 else []
+    cmd = [sys.executable, *launcher, os.path.join(ROOT, 'main.py'), '--cfg',
+           os.path.join(ROOT, 'configs', 'demo', 'swin_demo_digits_32.yaml'), '--data-path', data, '--output', out,
+           '--device', 'cpu', '--batch-size', '8', *extra, '--opts', *TINY_MOE]
+    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_trains_experts_per_rank_and_resumes_exactly(tmp_path):
+    """2 CPU processes, one expert each: per-rank files <name>.pth.rank<r>; after training the experts differ
+    between the ranks and everything else is equal; a run stopped after epoch 1 and resumed with --resume
+    <name>.pth ends with the straight run's weights on both ranks; one process cannot resume it."""
+    from helpers import write_digits_folder
+    data = write_digits_folder(tmp_path / 'digits')
+    straight = str(tmp_path / 'straight')
+    result = _train(data, straight, 2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = os.path.join(straight, 'moe_tiny', 'default')
+    names = sorted(os.listdir(run_dir))
+    assert {f'ckpt_epoch_{e}.pth.rank{r}' for e in range(3) for r in (0, 1)} <= set(names)
+    assert not [n for n in names if n.endswith('.pth')]
+    final = [torch.load(os.path.join(run_dir, f'ckpt_epoch_2.pth.rank{r}'), weights_only=True)['model'] for r in (0, 1)]
+    experts = [k for k in final[0] if '_moe_layer.experts.' in k]
+    assert len(experts) == 8  # 2 MoE blocks x fc1/fc2 weights and biases
+    assert not [k for k in experts if torch.equal(final[0][k], final[1][k])]
+    assert not [k for k in final[0] if k not in experts and not torch.equal(final[0][k], final[1][k])]
+
+    # the "interrupted" run: the straight run's epoch-1 files, resumed to epoch 3
+    resumed = str(tmp_path / 'resumed')
+    result = _train(data, resumed, 2, '--resume', os.path.join(run_dir, 'ckpt_epoch_1.pth'))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert 'starting at epoch 2' in result.stdout + result.stderr
+    for r in (0, 1):
+        again = torch.load(os.path.join(resumed, 'moe_tiny', 'default', f'ckpt_epoch_2.pth.rank{r}'),
+                           weights_only=True)['model']
+        assert not [k for k in final[r] if not torch.equal(final[r][k], again[k])]
+
+    result = _train(data, str(tmp_path / 'one'), 1, '--resume', os.path.join(run_dir, 'ckpt_epoch_1.pth'))
+    assert result.returncode != 0
+    assert 'resume it with 2 processes' in result.stdout + result.stderr
