@@ -121,7 +121,8 @@ class Experts(nn.Module):
         return [w1, b1, w2, b2[:, :self.model_dim]]
 
     def forward(self, x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
-        w1, b1, w2, b2 = self.weights(group)
+        # in the dtype of the dispatched tokens: the autocast dtype under autocast, as autocast would run the bmm
+        w1, b1, w2, b2 = (t.to(x.dtype) for t in self.weights(group))
         h = torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2))  # (L, T, H)
         h = self.drop(F.gelu(h))
         return torch.baddbmm(b2.unsqueeze(1), h, w2)  # (L, T, C)
@@ -231,12 +232,15 @@ class MoELayer(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             ids, slots, gates, capacity, l_aux = self.route(tokens.to(compute))
             kept = slots < capacity  # (k, N): tokens past an expert's capacity are dropped
-            flat = (ids * capacity + slots).masked_fill(~kept, 0)  # (k, N) rows of the (E*capacity, C) buffer
-            rows = flat[kept]
-            source = tokens.float().unsqueeze(0).expand(ids.shape[0], -1, -1)[kept]  # (kept, C)
-            buffer = source.new_zeros(self.num_experts * capacity, shape[-1]).index_copy(0, rows, source)
+            # rows of the (E*capacity, C) buffer, and one spare row past its end for the dropped tokens: no
+            # boolean indexing, whose data-dependent size would make the host wait for the device
+            spare = self.num_experts * capacity
+            flat = torch.where(kept, ids * capacity + slots, spare).reshape(-1)  # (k*N,)
+            source = tokens.float().unsqueeze(0).expand(ids.shape[0], -1, -1).reshape(-1, shape[-1])  # (k*N, C)
+            buffer = source.new_zeros(spare + 1, shape[-1]).index_copy(0, flat, source)[:spare]  # (E*cap, C)
             y = self.expert_pass(buffer.to(compute).view(self.num_experts, capacity, shape[-1])).float()
-            picked = y.reshape(-1, shape[-1]).index_select(0, flat.reshape(-1)).view(*flat.shape, -1)  # (k, N, C)
+            y = torch.cat([y.reshape(-1, shape[-1]), y.new_zeros(1, shape[-1])])  # the spare row reads as zero
+            picked = y.index_select(0, flat).view(*ids.shape, -1)  # (k, N, C)
             weights = (gates * kept).unsqueeze(-1)  # (k, N, 1)
             out = picked[0] * weights[0]
             for k in range(1, picked.shape[0]):
@@ -279,10 +283,11 @@ def load_importance_loss(scores: torch.Tensor, topk_logits: torch.Tensor, num_ex
                          "normalises by it)")
     importance = scores.float().sum(dim=0)
     l_imp = importance.var() / (importance.mean() ** 2 + 1e-10)
-    normal = torch.distributions.Normal(torch.tensor([0.0], device=scores.device),
-                                        torch.tensor([gate_noise / num_experts], device=scores.device))
+    # the CDF of N(0, gate_noise / E) as torch.distributions.Normal computes it, without its argument check
+    # (a host read of the device scale)
+    inv_scale = torch.full((1,), gate_noise / num_experts, device=scores.device).reciprocal()
     threshold = topk_logits[:, -1].view(-1, 1).float()
-    load = normal.cdf(scores.float() - threshold).sum(dim=0)
+    load = (0.5 * (1 + torch.erf((scores.float() - threshold) * inv_scale / math.sqrt(2)))).sum(dim=0)
     l_load = load.var() / (load.mean() ** 2 + 1e-10)
     return (l_imp + l_load) / 2.0
 
