@@ -173,7 +173,7 @@ _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
 _C.TRAIN.LAYER_DECAY = 1.0
 
 _C.TRAIN.MOE = CN()
-_C.TRAIN.MOE.SAVE_MASTER = False         # legacy, ignored (LEGACY_KEYS)
+_C.TRAIN.MOE.SAVE_MASTER = False         # Swin-MoE: rank 0 saves <name>.pth.global, every rank resumes from it
 
 _C.TRAIN.EMA = CN()                      # (ours) model EMA through timm's ModelEmaV3
 _C.TRAIN.EMA.ENABLE = False
@@ -238,14 +238,12 @@ _C.FUSED_LAYERNORM = False               # legacy, ignored (LEGACY_KEYS)
 
 # ----------------------------------------------------------------------------- legacy keys (accepted, ignored)
 # Official keys that nothing here reads, with the reason. Files and --opts that set them load as before; a value
-# other than the default gets one log line per key per load (legacy_key_notes). The MODEL.SWIN_MLP.* and
-# MODEL.SWIN_MOE.* keys are not listed: they are for the model families still to be built (build_model names
-# them unsupported). TRAIN.MOE.SAVE_MASTER and FUSED_LAYERNORM are to get their official meaning later.
+# other than the default gets one log line per key per load (legacy_key_notes). The MODEL.SWIN_MLP.* keys are
+# not listed: they are for a model family still to be built. FUSED_LAYERNORM is to get its official meaning later.
 LEGACY_KEYS = {
     'ENABLE_AMP': 'deprecated in the official code too; AMP_ENABLE turns mixed precision on and off',
     'FUSED_WINDOW_PROCESS': "the official fused window CUDA kernel; the models' own window ops run",
     'LOCAL_RANK': 'the local rank comes from the LOCAL_RANK environment variable (torchrun) or --local_rank',
-    'TRAIN.MOE.SAVE_MASTER': 'Swin-MoE is not built yet',
     'FUSED_LAYERNORM': "apex's fused LayerNorm is not used; torch's LayerNorm runs",
 }
 

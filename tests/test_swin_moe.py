@@ -162,3 +162,54 @@ def test_torchrun_trains_experts_per_rank_and_resumes_exactly(tmp_path):
     result = _train(data, str(tmp_path / 'one'), 1, '--resume', os.path.join(run_dir, 'ckpt_epoch_1.pth'))
     assert result.returncode != 0
     assert 'resume it with 2 processes' in result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------- training rules (one process)
+
+def test_weight_decay_follows_the_official_moe_rules():
+    """Official set_weight_decay with the MoE model's keywords: expert weights decay; expert biases, the cosine
+    router (projector, similarity matrix, temperature) and cpb_mlp do not; the frozen fc2 bias (MLP_FC2_BIAS
+    False) is in no group."""
+    import models
+    from optimizer import build_optimizer
+    config = load_config(os.path.join(ROOT, 'configs', 'swinmoe',
+                                      'swin_moe_small_patch4_window12_192_cosine_router_32expert_32gpu_22k.yaml'),
+                         ['MODEL.SWIN_MOE.DEPTHS', '[2, 2, 2, 2]', 'MODEL.SWIN_MOE.MOE_BLOCKS', '[[-1], [-1], [1], [1]]',
+                          'MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS', '1'])
+    model = models.build_model(config)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g['weight_decay']: {names[id(p)] for p in g['params']} for g in build_optimizer(config, model).param_groups}
+    prefix = 'layers.2.blocks.1.mlp._moe_layer.'
+    assert {prefix + 'experts.batched_fc1_w', prefix + 'experts.batched_fc2_w'} <= groups[config.TRAIN.WEIGHT_DECAY]
+    assert {prefix + n for n in ('experts.batched_fc1_bias', 'gates.0.cosine_projector.weight',
+                                 'gates.0.cosine_projector.bias', 'gates.0.sim_matrix', 'gates.0.temperature')} \
+        <= groups[0.0]
+    assert prefix + 'experts.batched_fc2_bias' not in set().union(*groups.values())
+    assert not model.layers[2].blocks[1].mlp._moe_layer.experts.batched_fc2_bias.requires_grad
+
+
+def test_training_forward_adds_gate_noise_and_the_aux_loss_has_gradients():
+    """Training mode: gate noise changes the routing between calls (eval is deterministic); the weighted
+    auxiliary loss reaches the router's weights."""
+    torch.manual_seed(0)
+    model = SwinTransformerMoE(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4,
+                               mlp_ratio=2.0, pretrained_window_sizes=(0, 0), moe_blocks=((1,), (0, 1)),
+                               num_local_experts=4, gate_noise=5.0, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    model.train()
+    first = model(x)
+    assert not torch.equal(first, model(x))
+    model.aux_loss().backward()
+    gate = model.layers[0].blocks[1].mlp._moe_layer.gates[0].wg.weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+
+
+def test_a_checkpoint_with_another_expert_count_is_refused():
+    fixture = load_fixture('top1_1p', 0)
+    model = SwinTransformerMoE(**dict(fixture['kwargs'], num_local_experts=4))
+    with pytest.raises((ValueError, RuntimeError), match='experts in all'):
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                               for k, v in fixture['state_dict'].items()})
