@@ -631,6 +631,9 @@ def _check_moe(config: CN) -> None:
     if not m.IS_GSHARD_LOSS and m.GATE_NOISE <= 0:
         raise ConfigError("MODEL.SWIN_MOE.GATE_NOISE must be > 0 with IS_GSHARD_LOSS False (the load loss "
                           "normalises by it)")
+    if config.TRAIN.FSDP.ENABLE:
+        raise ConfigError("TRAIN.FSDP.ENABLE is not supported with MODEL.TYPE swin_moe: its experts are already "
+                          "sharded over the processes (DDP with per-rank checkpoints)")
     if not 0 <= m.MOE_DROP < 1:
         raise ConfigError(f"MODEL.SWIN_MOE.MOE_DROP must be in [0, 1), got {m.MOE_DROP}")
 

@@ -214,6 +214,7 @@ def test_clip_grad_may_be_none():
     (['MODEL.TYPE', 'swin_moe', 'MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS', '0'], r'NUM_LOCAL_EXPERTS must not be 0'),
     (['MODEL.TYPE', 'swin_moe', 'MODEL.SWIN_MOE.TOP_VALUE', '0'], r'TOP_VALUE .* must be >= 1'),
     (['MODEL.TYPE', 'swin_moe', 'MODEL.SWIN_MOE.GATE_NOISE', '0.0'], r'GATE_NOISE must be > 0'),
+    (['MODEL.TYPE', 'swin_moe', 'TRAIN.FSDP.ENABLE', 'True'], r'TRAIN\.FSDP\.ENABLE is not supported with MODEL'),
     (['TRAIN.OPTIMIZER.NAME', 'adam'], r"\['adamw', 'sgd', 'fused_adam', 'fused_lamb'\]"),
     (['TRAIN.LR_SCHEDULER.NAME', 'poly'], r"\['cosine', 'linear', 'step', 'multistep'\]"),
     (['DATA.DATASET', 'cifar'], r"\['imagenet', 'imagenet22K', 'folder', 'wds', 'hf'\]"),

@@ -213,3 +213,21 @@ def test_a_checkpoint_with_another_expert_count_is_refused():
     with pytest.raises((ValueError, RuntimeError), match='experts in all'):
         model.load_state_dict({k: v.float() if v.is_floating_point() else v
                                for k, v in fixture['state_dict'].items()})
+
+
+def test_checkpoint_names_follow_the_official_per_rank_layout(tmp_path):
+    import torch as _torch
+
+    from utils.checkpoint import CheckpointError, Checkpointer
+    from utils.distributed import DistInfo
+
+    def checkpointer(rank, world, *opts):
+        config = load_config(None, ['MODEL.TYPE', 'swin_moe', 'OUTPUT', str(tmp_path), *opts])
+        return Checkpointer(config, DistInfo(rank, world, rank, _torch.device('cpu')))
+    assert checkpointer(1, 2).rank_file('/x/ckpt_epoch_3.pth') == '/x/ckpt_epoch_3.pth.rank1'
+    assert checkpointer(1, 2, 'TRAIN.MOE.SAVE_MASTER', 'True').rank_file('/x/a.pth') == '/x/a.pth.global'
+    assert checkpointer(0, 1).rank_file('/x/other.bin') == '/x/other.bin'  # not <name>.pth: as given
+    for r in (0, 1):
+        (tmp_path / f'ckpt_epoch_0.pth.rank{r}').write_bytes(b'')
+    with pytest.raises(CheckpointError, match=r'saved per rank by 2 processes.*resume with 2 processes'):
+        checkpointer(2, 3).rank_file(str(tmp_path / 'ckpt_epoch_0.pth'))
