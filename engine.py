@@ -626,7 +626,7 @@ def wrap_for_training(model: nn.Module, config: Any, dist_info: DistInfo) -> nn.
         # Swin-MoE's experts are in model._ddp_params_and_buffers_to_ignore (DDP reads it): not all-reduced. Their
         # gradients sum every rank's tokens (the all-to-all's backward) while DDP averages the shared ones, so they
         # are divided by the world size, as the official main_moe.py does (hook_scale_grad).
-        world = dist_info.world_size
+        world = get_world_size()
         for p in expert_parameters(model):
             if p.requires_grad:
                 p.register_hook(lambda grad, world=world: grad / world)
