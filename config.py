@@ -185,6 +185,14 @@ _C.TRAIN.KEEP_CHECKPOINTS = 3            # (ours) keep the last K epoch checkpoi
 _C.TRAIN.LOSS = 'ce'                     # (ours) ce: softmax cross-entropy (official) | bce: timm's
                                          # BinaryCrossEntropy (timm's --bce-loss); DATA.LABELS csv needs bce
 
+# (ours) Parameters that do not train (README 'Freezing'): requires_grad False before the optimizer and DDP/FSDP
+# are built, so they get no gradient, no optimizer state and no all-reduce. TRAIN.FREEZE: fnmatch globs over the
+# parameter names of model.named_parameters() (no DDP 'module.' prefix); a pattern also covers everything under
+# it, i.e. P freezes the names matching P or P.*: 'patch_embed', 'layers.0' (not layers.10), 'layers.*.norm*'.
+# Each must match some parameter. TRAIN.LINEAR_PROBE: freeze all but the classification head ('head.*').
+_C.TRAIN.FREEZE = []
+_C.TRAIN.LINEAR_PROBE = False
+
 _C.TRAIN.FSDP = CN()                     # (ours) sharded data parallel (torch FSDP2) and sharded checkpoints
 _C.TRAIN.FSDP.ENABLE = False             # --fsdp; 1 process or torchrun with N
 _C.TRAIN.FSDP.CPU_OFFLOAD = False        # shards, gradients and optimizer state live in host memory
@@ -306,8 +314,11 @@ def _type_error(exc: ValueError, where: str) -> ConfigError:
         default = _get(_C, key)
         shown = msg.split(' with values (', 1)[-1].rsplit(') for config key', 1)[0]
         got = shown.split(' vs. ', 1)[-1] if ' vs. ' in shown else '?'
+        hint = (f" (a list: [patch_embed, layers.0] in YAML, one quoted argument \"['patch_embed', 'layers.0']\" "
+                f"in --opts)"
+                if key in STRING_LISTS else '')
         return ConfigError(f"in {where}: {key} must be of type {type(default).__name__} like its default "
-                           f"{default!r}, got {got}")
+                           f"{default!r}, got {got}{hint}")
     return ConfigError(f"in {where}: {msg}")
 
 
@@ -439,6 +450,8 @@ def _get(config: CN, dotted: str) -> Any:
 
 # Keys whose value may be None although their default is not.
 NULLABLE = ('TRAIN.CLIP_GRAD',)
+# List keys with an empty default whose elements are strings (an empty default says nothing about its elements).
+STRING_LISTS = ('TRAIN.FREEZE',)
 
 
 def _is_number(v: Any) -> bool:
@@ -468,7 +481,7 @@ def _check_types(config: CN) -> None:
         if isinstance(value, float) and value != value:
             raise ConfigError(f"{key} is NaN")
         if isinstance(default, (list, tuple)):
-            elem = type(default[0]) if default else None
+            elem = str if key in STRING_LISTS else type(default[0]) if default else None
             for v in value:
                 ok = (_is_number(v) if elem in (float, None) and key != 'BASE' else
                       isinstance(v, elem) and not (elem is int and isinstance(v, bool)))
@@ -558,6 +571,7 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
             raise ConfigError(f"{key} must be >= 0, got {_get(config, key)!r}")
     _check_data_source(config)
     _check_labels(config, pretrain)
+    _check_freeze(config, pretrain)
     scale = list(config.AUG.RRC_SCALE)
     if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise ConfigError(f"AUG.RRC_SCALE must be [min, max] with 0 < min <= max <= 1, got {scale}")
@@ -633,6 +647,22 @@ def _check_labels(config: CN, pretrain: bool) -> None:
     if config.DATA.ZIP_MODE:
         raise ConfigError("DATA.LABELS csv reads image files under DATA.DATA_PATH; DATA.ZIP_MODE (--zip) reads "
                           "<split>.zip with a single-label map file: turn one of them off")
+
+
+def _check_freeze(config: CN, pretrain: bool) -> None:
+    """``TRAIN.FREEZE`` / ``TRAIN.LINEAR_PROBE`` combinations that cannot work (the patterns themselves are
+    matched against the model's parameter names when it is built: ``models.freeze_parameters``)."""
+    patterns = list(config.TRAIN.FREEZE)
+    for pattern in patterns:
+        if not pattern.strip() or pattern != pattern.strip():
+            raise ConfigError(f"TRAIN.FREEZE holds {pattern!r}: give parameter-name patterns without surrounding "
+                              f"spaces, e.g. ['patch_embed', 'layers.0']")
+    if config.TRAIN.LINEAR_PROBE and patterns:
+        raise ConfigError(f"TRAIN.LINEAR_PROBE freezes everything but the head already; leave TRAIN.FREEZE empty "
+                          f"(got {patterns})")
+    if config.TRAIN.LINEAR_PROBE and pretrain:
+        raise ConfigError("TRAIN.LINEAR_PROBE trains only the classification head; SimMIM pre-training has none: "
+                          "set TRAIN.LINEAR_PROBE False")
 
 
 def _check_data_source(config: CN) -> None:
