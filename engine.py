@@ -670,6 +670,7 @@ def build_training(config: Any, dist_info: DistInfo, model: nn.Module, loaders: 
     checkpointer = Checkpointer(config, dist_info, sampler=type(loaders.train.sampler).__name__, logger=log)
     if checkpointer.find() is None and config.MODEL.PRETRAINED:  # into the plain model: before the EMA copies
         _load_pretrained(model, config.MODEL.PRETRAINED, log, bool(config.TRUST_CHECKPOINTS))  # it, and sharding
+    apply_freeze(model, config, log)  # before FSDP shards it and the optimizer and DDP take its parameters
     # The EMA copies the fp32 weights before apex O2 casts the model to fp16 (an fp16 EMA at decay 0.9998 would
     # round its updates away); ModelEmaV3 then adds the fp16 weights into its fp32 copy. Under FSDP the copy is
     # sharded like the model, so its update is a shard-by-shard lerp with no communication.
@@ -703,6 +704,22 @@ def build_training(config: Any, dist_info: DistInfo, model: nn.Module, loaders: 
     metrics = MetricsFile(f"{config.OUTPUT}/metrics.jsonl", state.epoch) if dist_info.is_main else None
     return Training(config, dist_info, state, update_step, eval_model, precision, loaders, checkpointer, log,
                     tb_writer, metrics)
+
+
+def apply_freeze(model: nn.Module, config: Any, log: logging.Logger) -> Optional[models.FreezeSummary]:
+    """Freeze the parameters ``TRAIN.FREEZE`` names, or all but the head for ``TRAIN.LINEAR_PROBE``
+    (``models.freeze_parameters``), and log how many train; None when neither is set. A pattern that matches no
+    parameter, or nothing left to train, is a ``ConfigError`` naming the key."""
+    patterns, probe = [str(p) for p in config.TRAIN.FREEZE], bool(config.TRAIN.LINEAR_PROBE)
+    if not (patterns or probe):
+        return None
+    reason = 'TRAIN.LINEAR_PROBE: all but the head' if probe else f"TRAIN.FREEZE {patterns}"
+    try:
+        summary = models.freeze_parameters(model, patterns, probe)
+    except models.FreezeError as e:
+        raise ConfigError(f"{'TRAIN.LINEAR_PROBE' if probe else 'TRAIN.FREEZE'}: {e}") from None
+    log.info(summary.describe(reason))
+    return summary
 
 
 def _load_pretrained(model: nn.Module, path: str, log: logging.Logger, trust: bool) -> None:

@@ -523,6 +523,56 @@ def _load_sharded_tensors(checkpoint: Mapping[str, Any], model: torch.nn.Module,
         raise CheckpointError(str(e)) from None
 
 
+_WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DDP / torch.compile, should a name carry them
+
+
+def _plain(name: str) -> str:
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.split('.', 1)[1]
+    return name
+
+
+def _saved_trained_names(checkpoint: Mapping[str, Any]) -> Optional[set]:
+    """The names of the parameters the checkpoint's optimizer trained: ``param_names`` of a file's optimizer
+    groups, or the FQNs of a sharded checkpoint's ``optimizer_groups``; None when it does not record them."""
+    if checkpoint.get('sharded_dir'):
+        groups = (checkpoint.get('optimizer_groups') or {}).get('param_groups') or []
+        key = 'params'
+    else:
+        groups = (checkpoint.get('optimizer') or {}).get('param_groups') or []
+        key = 'param_names'
+    if not groups or not all(isinstance(g, Mapping) and key in g for g in groups):
+        return None
+    return {_plain(str(n)) for g in groups for n in g[key]}
+
+
+def check_same_trainable(checkpoint: Mapping[str, Any], model: torch.nn.Module, path: str = '<checkpoint>') -> None:
+    """Refuse to resume optimizer state into a model whose trainable parameters (``requires_grad``) are not the
+    ones the checkpoint's optimizer trained, e.g. after changing ``TRAIN.FREEZE`` / ``TRAIN.LINEAR_PROBE``:
+    torch's ``Optimizer.load_state_dict`` matches parameters by position and group size only, so it would load
+    one tensor's moments into another without a word, or fail on a group size. Nothing to check when the
+    checkpoint does not record the names."""
+    saved = _saved_trained_names(checkpoint)
+    if saved is None:
+        return
+    now = {_plain(n) for n, p in unwrap_model(model).named_parameters() if p.requires_grad}
+    if saved == now:
+        return
+    frozen_now, trained_now = sorted(saved - now), sorted(now - saved)
+    parts = []
+    if frozen_now:
+        parts.append(f"{len(frozen_now)} tensor(s) it trained do not train now (e.g. {', '.join(frozen_now[:3])})")
+    if trained_now:
+        parts.append(f"{len(trained_now)} tensor(s) train now that it did not (e.g. {', '.join(trained_now[:3])})")
+    train_cfg = (checkpoint.get('config') or {}).get('TRAIN') or {}
+    then = (f" (it was saved with TRAIN.FREEZE {list(train_cfg.get('FREEZE') or [])}, TRAIN.LINEAR_PROBE "
+            f"{bool(train_cfg.get('LINEAR_PROBE'))})" if isinstance(train_cfg, Mapping) else '')
+    raise CheckpointError(f"{path}: its optimizer state is for other trainable parameters: {'; '.join(parts)}"
+                          f"{then}. Resume with the frozen parameters it was saved with, or, to change what "
+                          f"trains, start a new run (another --output or --tag) with --pretrained {path}: its "
+                          f"weights load and the optimizer starts fresh")
+
+
 def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, path: str = '<checkpoint>',
                            logger: Optional[logging.Logger] = None) -> None:
     """Restore ``state`` (model, optimizer, scheduler, scaler, EMA, epoch, update, best accuracy) in place.
@@ -532,6 +582,8 @@ def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, pat
     """
     log = logger or _LOG
     sharded = bool(checkpoint.get('sharded_dir'))
+    if state.optimizer is not None:  # before any tensor loads: a sharded load takes model and optimizer together
+        check_same_trainable(checkpoint, state.model, path)
     if sharded:
         with_optimizer = state.optimizer is not None and bool(checkpoint.get('optimizer_groups'))
         ema_restored = _load_sharded_tensors(checkpoint, state.model, state.optimizer if with_optimizer else None,
