@@ -296,10 +296,9 @@ def _ranks_worker(rank, world, init_file, out_dir):
                 'carried': carried,
                 'requires_grad': {n: p.requires_grad for n, p in model.named_parameters()},
                 'state_names': sorted(names[id(p)] for p in optimizer.state),
-                'weights': get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                                cpu_offload=True)),
-                'local': {n: (p.to_local() if hasattr(p, 'to_local') else p).detach().clone()
-                          for n, p in model.named_parameters()},
+                # full tensors on every rank (with cpu_offload only rank 0 would get them)
+                'weights': {k: v.clone() for k, v in get_model_state_dict(
+                    model, options=StateDictOptions(full_state_dict=True)).items()},
             }
         torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
     finally:
