@@ -237,6 +237,57 @@ def test_resume_with_another_freeze_set_is_an_error_and_the_same_one_resumes():
     assert len(same.optimizer.state) == len(state.optimizer.state)
 
 
+@pytest.mark.fake_cuda
+@pytest.mark.parametrize('dtype', [None, torch.float16], ids=['fp32', 'fp16-scaler'])
+def test_update_with_frozen_parameters_on_fake_cuda(dtype):
+    """The device path with a frozen backbone (tests/fake_cuda.py): the second update (fused AdamW, EMA,
+    clipping; GradScaler for fp16) reads nothing on the host and copies nothing blocking; frozen parameters get no
+    gradient and no optimizer state there either."""
+    import engine
+    import models
+    from fake_cuda import DEVICE, DeviceOps, fake_cuda, on_fake_cuda
+    from lr_scheduler import build_scheduler
+    from optimizer import build_optimizer
+    from timm.utils import ModelEmaV3
+    config = _config(*FREEZE_OPT, 'TRAIN.CLIP_GRAD', '5.0')
+    with fake_cuda():
+        model = on_fake_cuda(lambda: models.build_model(config))
+        engine.apply_freeze(model, config, SimpleNamespace(info=lambda *a: None))
+        optimizer = build_optimizer(config, model)
+        precision = engine.Precision(DEVICE, dtype)
+        state = engine.TrainState(model, optimizer, build_scheduler(config, optimizer, 10),
+                                  scaler=torch.amp.GradScaler('cuda') if precision.needs_scaler else None,
+                                  ema=ModelEmaV3(model, decay=0.999), updates_per_epoch=10)
+        step = engine.UpdateStep(model, state, precision,
+                                 engine.classification_loss(torch.nn.CrossEntropyLoss(), None, DEVICE), 5.0)
+        batch = (torch.empty(4, 3, 32, 32, device=DEVICE), torch.zeros(4, dtype=torch.long, device=DEVICE))
+        step([batch])
+        with DeviceOps() as ops:
+            step([batch])
+    assert not ops.host_reads and not ops.blocking_copies, ops.report()
+    assert ops.launches['_fused_adamw_'] >= 1, ops.report()
+    frozen = {id(p) for n, p in model.named_parameters() if _is_frozen(n)}
+    assert frozen and not frozen & {id(p) for p in optimizer.state}
+    assert len(optimizer.state) == sum(not _is_frozen(n) for n, _ in model.named_parameters())
+
+
+def test_resume_check_reads_a_sharded_checkpoints_optimizer_groups():
+    import engine
+    import models
+    from utils.checkpoint import CheckpointError, check_same_trainable
+    config = _config(*FREEZE_OPT)
+    model = models.build_model(config)
+    engine.apply_freeze(model, config, SimpleNamespace(info=lambda *a: None))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    sharded = {'sharded_dir': 'ckpt_epoch_0', 'optimizer_groups': {'param_groups': [
+        {'params': trainable[:3]}, {'params': trainable[3:]}]}}
+    check_same_trainable(sharded, model, 'ckpt_epoch_0')  # the same set: fine
+    sharded['optimizer_groups']['param_groups'][1]['params'] = trainable[3:] + ['layers.0.blocks.0.norm1.weight']
+    with pytest.raises(CheckpointError, match=r"1 tensor\(s\) it trained do not train now \(e.g. layers.0.blocks.0"):
+        check_same_trainable(sharded, model, 'ckpt_epoch_0')
+    check_same_trainable({'optimizer': {'param_groups': [{'params': [0, 1]}]}}, model)  # no names recorded: no check
+
+
 # ----------------------------------------------------------------------------- 2 ranks in process: DDP, FSDP2
 
 def _ranks_worker(rank, world, init_file, out_dir):
@@ -292,8 +343,10 @@ def _ranks_worker(rank, world, init_file, out_dir):
             finally:
                 if original is not None:
                     group_module.foreach_reduce = original
+            from utils.fsdp import optimizer_param_groups
             results[kind] = {
                 'carried': carried,
+                'groups': optimizer_param_groups(model, optimizer),  # what a sharded checkpoint records
                 'requires_grad': {n: p.requires_grad for n, p in model.named_parameters()},
                 'state_names': sorted(names[id(p)] for p in optimizer.state),
                 # full tensors on every rank (with cpu_offload only rank 0 would get them)
@@ -333,6 +386,9 @@ def test_ddp_and_fsdp_reduce_no_frozen_gradient_and_keep_frozen_weights(kind, tw
             assert not torch.equal(r['weights'][name], start[name]), f'rank {rank} {kind} {name} did not train'
     for name in params:  # the ranks agree
         assert torch.equal(two_ranks[0][kind]['weights'][name], two_ranks[1][kind]['weights'][name]), name
+    # the names a (sharded) checkpoint records for the optimizer are the trainable ones, as the resume check reads
+    recorded = {n for g in two_ranks[0][kind]['groups']['param_groups'] for n in g['params']}
+    assert recorded == set(trainable)
     if kind == 'fsdp':  # FSDP trains the trainable part as DDP does (up to the reduction order's rounding)
         for name in trainable:
             torch.testing.assert_close(two_ranks[0]['fsdp']['weights'][name], two_ranks[0]['ddp']['weights'][name],
