@@ -1,7 +1,8 @@
 """Frozen parameters (``TRAIN.FREEZE``, ``TRAIN.LINEAR_PROBE``; issue 21).
 
 - fast: pattern rules (fnmatch, ``P`` or ``P.*``), the errors (config types and combinations before torch; a
-  pattern that matches nothing, nothing left to train, at model build), the optimizer's groups (also per layer)
+  pattern that matches nothing, nothing left to train, at model build; through ``main.py``: exit 2 and one
+  line), the optimizer's groups (also per layer)
   hold no frozen tensor, an update through ``engine.UpdateStep`` leaves frozen tensors bit-identical with no
   gradient and no optimizer state (EMA on, clipping on), resume refuses optimizer state of another freeze set;
 - slow, in process (``mp.spawn``, 2 ranks, gloo): DDP's buckets (its comm hook) and FSDP2's reduce-scatters
@@ -135,6 +136,18 @@ def test_unmatched_pattern_at_model_build_is_a_config_error_naming_the_key():
     with pytest.raises(ConfigError, match='^TRAIN.FREEZE: .*nothing to train'):
         engine.apply_freeze(model, _config('TRAIN.FREEZE', "['*']"), log)
     assert all(p.requires_grad for p in model.parameters())  # a refused request changes nothing
+
+
+def test_main_with_a_pattern_matching_nothing_exits_2_with_one_line(digits, capsys, tmp_path):
+    import main
+    code = main.main(['--data-path', digits, '--output', str(tmp_path), '--device', 'cpu', '--batch-size', '8',
+                      '--disable_amp', '--opts', *TINY, *PLAIN, 'TRAIN.EPOCHS', '1',
+                      'TRAIN.FREEZE', "['patch_embed', 'layers.0.block']"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count('\n') == 1, err
+    assert err.startswith("error: TRAIN.FREEZE: pattern 'layers.0.block' matches no parameter") and \
+        'did you mean layers.0.blocks' in err
+    assert not [f for f in os.listdir(os.path.join(tmp_path, MODEL_DIR)) if f.endswith('.pth')]
 
 
 # ----------------------------------------------------------------------------- optimizer, update, EMA
