@@ -10,7 +10,8 @@
 - slow, ``torchrun --nproc_per_node 2`` through ``main.py`` on scikit-learn digits: ``--pretrained`` from a
   10-class checkpoint (head re-initialised) with ``TRAIN.FREEZE ['patch_embed', 'layers.0']``: both ranks end
   with the same weights, frozen tensors equal the file's (``torch.equal``), the others moved, the log says how
-  many parameters train; resuming with another freeze set is an error naming it.
+  many parameters train; resuming with another freeze set is an error naming it. With ``--fsdp``: the sharded
+  checkpoint's frozen tensors (model and EMA, all ranks' shards) are the initial ones after a resumed run.
 """
 import os
 import subprocess
@@ -480,3 +481,29 @@ def test_torchrun_two_processes_pretrained_with_frozen_backbone(digits, tmp_path
     assert "train now that it did not (e.g. layers.0." in result.stderr
     assert f"saved with TRAIN.FREEZE {FREEZE}" in result.stderr
     assert not os.path.exists(os.path.join(out, MODEL_DIR, 'ckpt_epoch_2.pth'))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_fsdp_keeps_frozen_shards_and_resumes(digits, tmp_path):
+    """``--fsdp`` under torchrun: the sharded checkpoint (every rank's shards) holds the initial weights for
+    the frozen tensors, in the model and its EMA, after an epoch and after a resumed second one."""
+    import engine
+    import models
+    from config import load_config
+    from utils.checkpoint import read_sharded_model
+    config = load_config(opts=TINY)
+    initial = engine.build_fsdp_model(config, lambda: models.build_model(config)).state_dict()  # as engine.run
+    out = str(tmp_path / 'out')
+    args = ['--data-path', digits, '--output', out, '--batch-size', '8', '--device', 'cpu', '--disable_amp',
+            '--fsdp', '--opts', *TINY, *PLAIN, *FREEZE_OPT, 'TRAIN.EMA.ENABLE', 'True', 'TRAIN.EMA.DECAY', '0.5']
+    _ok(_launch([*args, 'TRAIN.EPOCHS', '1'], 2, str(tmp_path / 'one')))
+    result = _ok(_launch([*args, 'TRAIN.EPOCHS', '2'], 2, str(tmp_path / 'two')))
+    assert 'starting at epoch 1' in result.stdout + open(os.path.join(out, MODEL_DIR, 'log_rank0.txt')).read()
+    directory = os.path.join(out, MODEL_DIR, 'ckpt_epoch_1')
+    weights, ema = read_sharded_model(directory), read_sharded_model(directory, ema=True)
+    for name, _ in models.build_model(config).named_parameters():
+        if _is_frozen(name):
+            assert torch.equal(weights[name], initial[name]), f'frozen {name} changed'
+            assert torch.equal(ema[name], initial[name]), f'EMA of frozen {name} changed'
+        else:
+            assert not torch.equal(weights[name], initial[name]), f'{name} did not train'
