@@ -244,6 +244,24 @@ _C.LOCAL_RANK = 0                        # legacy, ignored (LEGACY_KEYS)
 _C.FUSED_WINDOW_PROCESS = False          # legacy, ignored (LEGACY_KEYS)
 _C.FUSED_LAYERNORM = False               # legacy, ignored (LEGACY_KEYS)
 
+# ----------------------------------------------------------------------------- experiment trackers (ours)
+# Rank 0 logs the same scalars as TensorBoard (TENSORBOARD) to each enabled tracker, plus the resolved config;
+# the tracker's run id is kept in the checkpoint, so a resumed run continues the same tracker run
+# (utils/trackers.py). Neither package is needed unless enabled.
+_C.LOGGER = CN()
+_C.LOGGER.WANDB = CN()
+_C.LOGGER.WANDB.ENABLE = False           # Weights & Biases (pip install wandb)
+_C.LOGGER.WANDB.PROJECT = ''             # '' = WANDB_PROJECT, else wandb's default
+_C.LOGGER.WANDB.ENTITY = ''              # '' = WANDB_ENTITY, else your default entity
+_C.LOGGER.WANDB.NAME = ''                # display name; '' = <MODEL.NAME>/<TAG>
+_C.LOGGER.WANDB.MODE = ''                # '' = WANDB_MODE, else online | online | offline | disabled
+_C.LOGGER.MLFLOW = CN()
+_C.LOGGER.MLFLOW.ENABLE = False          # MLflow (pip install mlflow, or mlflow-skinny for the client only)
+_C.LOGGER.MLFLOW.TRACKING_URI = ''       # '' = MLFLOW_TRACKING_URI, else MLflow's default; e.g. http://host:5000,
+                                         # sqlite:///mlflow.db, file:///path/mlruns
+_C.LOGGER.MLFLOW.EXPERIMENT = ''         # experiment name; '' = MLFLOW_EXPERIMENT_NAME, else 'Default'
+_C.LOGGER.MLFLOW.RUN_NAME = ''           # '' = <MODEL.NAME>/<TAG>
+
 # ----------------------------------------------------------------------------- legacy keys (accepted, ignored)
 # Official keys that nothing here reads, with the reason. Files and --opts that set them load as before; a value
 # other than the default gets one log line per key per load (legacy_key_notes). The MODEL.SWIN_MLP.* and
@@ -280,6 +298,7 @@ CHOICES = {
     'AMP_OPT_LEVEL': ('', 'O0', 'O1', 'O2'),
     'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
     'DEVICE': ('auto', 'cpu', 'cuda'),
+    'LOGGER.WANDB.MODE': ('', 'online', 'offline', 'disabled'),
 }
 
 
@@ -314,6 +333,7 @@ def _type_error(exc: ValueError, where: str) -> ConfigError:
         default = _get(_C, key)
         shown = msg.split(' with values (', 1)[-1].rsplit(') for config key', 1)[0]
         got = shown.split(' vs. ', 1)[-1] if ' vs. ' in shown else '?'
+        got = got if got.isprintable() else repr(got)  # a newline in the value must not break the one-line message
         hint = (f" (a list: [patch_embed, layers.0] in YAML, one quoted argument \"['patch_embed', 'layers.0']\" "
                 f"in --opts)"
                 if key in STRING_LISTS else '')
@@ -535,12 +555,9 @@ def _check_channels(config: CN, pretrain: bool) -> None:
                               f"erasing still run)")
         if chans == 1 and config.DATA.LOADER == 'gpu':
             raise ConfigError(f"DATA.LOADER 'gpu' runs RandAugment/ColorJitter on RGB only; {chans_key} is 1: use "
-                              f"DATA.LOADER torch or fast, or set AUG.AUTO_AUGMENT none and AUG.COLOR_JITTER 0.0")
+                              f"DATA.LOADER torch or fast, or set AUG.AUTO_AUGMENT none and AUG.COLOR_JITTER 0.0 "
+                              f"(the crop, flip and erasing still run)")
     h, w = img_size_hw(config)
-    if config.DATA.LOADER in ('fast', 'gpu') and (chans != 3 or h != w):
-        # their uint8 / device pipelines (data/fast.py, data/gpu.py) are written for square RGB batches
-        raise ConfigError(f"DATA.LOADER {config.DATA.LOADER!r} takes square RGB images; {chans_key} {chans} and "
-                          f"DATA.IMG_SIZE {config.DATA.IMG_SIZE!r} need DATA.LOADER torch")
     if pretrain and h != w:
         raise ConfigError(f"DATA.IMG_SIZE {list(config.DATA.IMG_SIZE)}: SimMIM pre-training (its mask generator) "
                           f"takes square images; give one int")
@@ -619,9 +636,20 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
                               f"{list(m.PRETRAINED_WINDOW_SIZES)}")
     if config.MODEL.TYPE in ('swin', 'swinv2') and model_in_chans(config) >= 1:
         _check_channels(config, pretrain)
+    _check_trackers(config)
     if device is not None and config.TRAIN.FSDP.ENABLE and config.TRAIN.FSDP.CPU_OFFLOAD and device != 'cuda':
         raise ConfigError("TRAIN.FSDP.CPU_OFFLOAD moves the shards from GPU to host memory; this run is on the CPU "
                           "already (DEVICE / --device), so set TRAIN.FSDP.CPU_OFFLOAD False")
+
+
+def _check_trackers(config: CN) -> None:
+    """A ``LOGGER`` value wandb would refuse only after the output folder exists (the trackers' packages are
+    checked at start-up by ``utils.trackers.check_tracker_packages``)."""
+    wandb = config.LOGGER.WANDB
+    bad = [c for c in '/\\#?%:' if c in wandb.PROJECT]
+    if wandb.ENABLE and bad:  # wandb's rule for project names
+        raise ConfigError(f"LOGGER.WANDB.PROJECT {wandb.PROJECT!r} may not contain {' '.join(bad)} (wandb project "
+                          f"names exclude / \\ # ? % :)")
 
 
 def is_multi_label(config: CN) -> bool:

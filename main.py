@@ -106,8 +106,10 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
     # Under torchrun every rank finds the same bad config, data path or checkpoint: rank 0 (torchrun's RANK,
     # read before any process group exists) prints it once, and every rank exits with the same code.
     first_rank = os.environ.get('RANK', '0') in ('', '0')
+    from utils.trackers import check_tracker_packages  # no torch, and no tracker package is imported
     try:
         config = get_config(args, notes, pretrain=pretrain)
+        check_tracker_packages(config)  # an enabled wandb / MLflow that is not installed: before any output
     except ConfigError as e:
         return report_error(e, 2, first_rank)
 

@@ -177,9 +177,20 @@ class GeometryCache:
     def windows(self, height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int],
                 device: torch.device) -> Union[WindowGeometry, ReferenceWindows]:
         """The window split of an ``H x W`` map: :meth:`get`, or with the fast paths off the official one."""
+        # Under torch.jit.trace (the ONNX export) sizes read from shapes are 0-d tensors: a geometry built from
+        # them is recorded as ops on the input's shape (the padded grid's index fill became an Expand that ONNX
+        # Runtime rejects, "invalid expand shape") and keyed by tensors the cache never finds again. The export
+        # fixes the image size, so the sizes are constants of the graph: take them as ints.
+        height, width = static_size(height), static_size(width)
         if use_fast_paths():
             return self.get(height, width, window, shift, device)
         return ReferenceWindows(height, width, window, shift, device)
+
+
+def static_size(value: Union[int, torch.Tensor]) -> int:
+    """A map size as a Python int: a traced 0-d size tensor (``torch.jit.trace``) becomes its value, a constant
+    of the traced graph (the tracer's warning on that is silenced by scripts/export.py)."""
+    return int(value) if isinstance(value, torch.Tensor) else value
 
 
 def effective_shift(height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int]) -> Tuple[int, int]:

@@ -13,7 +13,8 @@ File layout in the output folder (official names kept):
 
 A checkpoint is a plain dict readable with ``torch.load(weights_only=True)``:
 ``model, optimizer, lr_scheduler, scaler, ema, epoch, step, max_accuracy, config, rng`` and, from a training
-run, ``data_order``; a mid-epoch one also ``running_sums`` (the epoch's loss sums, skip counts and time so far,
+run, ``data_order`` and, with experiment trackers on, ``tracker_runs`` (tracker name -> run id, so that a
+resume continues the same wandb / MLflow run); a mid-epoch one also ``running_sums`` (the epoch's loss sums, skip counts and time so far,
 which ``metrics.jsonl`` and TensorBoard report; a file without them resumes with fresh sums). ``epoch`` is the
 last *completed* epoch (-1 before the first), as the official code reads it, and ``step`` the optimizer updates
 already done in epoch ``epoch + 1`` (0 for an end-of-epoch checkpoint).
@@ -59,7 +60,7 @@ import random
 import re
 import shutil
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -402,6 +403,9 @@ class TrainState:
     # mid-epoch checkpoint so that a resumed epoch reports the same mean loss, skips and time as an uninterrupted
     # one; None: none (a fresh epoch, or a checkpoint from before they were saved).
     running_sums: Optional[Dict[str, Any]] = None
+    # The experiment trackers' run ids (``utils.trackers.Trackers.run_ids``: ``{'wandb': id, 'mlflow': run_id}``),
+    # saved with every checkpoint so that a resumed run continues the same tracker runs; empty: none.
+    tracker_runs: Dict[str, str] = field(default_factory=dict)
 
     @property
     def global_update(self) -> int:
@@ -435,6 +439,8 @@ def build_checkpoint(state: TrainState, config_dict: Dict[str, Any], rng: Option
     }
     if state.update and state.running_sums:  # mid-epoch: the epoch's log sums so far, as plain numbers
         checkpoint['running_sums'] = {k: float(v) for k, v in state.running_sums.items()}
+    if state.tracker_runs:
+        checkpoint['tracker_runs'] = {str(k): str(v) for k, v in state.tracker_runs.items()}
     if rng is not None:
         checkpoint['rng'] = rng
     if sampler is not None:
@@ -581,6 +587,8 @@ def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, pat
     checkpoint (a directory) loads into any world size, sharded or not.
     """
     log = logger or _LOG
+    runs = checkpoint.get('tracker_runs')  # absent before trackers were saved: the trackers start new runs
+    state.tracker_runs = {str(k): str(v) for k, v in runs.items()} if isinstance(runs, Mapping) else {}
     sharded = bool(checkpoint.get('sharded_dir'))
     if state.optimizer is not None:  # before any tensor loads: a sharded load takes model and optimizer together
         check_same_trainable(checkpoint, state.model, path)
