@@ -221,3 +221,21 @@ def test_forward_under_cuda_autocast_fp16_and_bf16_on_fake_cuda():
     assert all('models/window_ops.py' in c for c in first.blocking_copies), first.report()
     assert not second.blocking_copies, second.report()
     assert second.total > 50, second.report()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_official_logits_on_cuda_fp32_and_under_bf16_autocast(monkeypatch):
+    """On a real GPU (scripts/gpu_check.sh): fp32 (TF32 off) gives the official logits; bf16 autocast stays
+    within bf16's rounding of them."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    kwargs, state, x, expected = fixture_case('small')
+    model = SwinMLP(**kwargs).eval()
+    model.load_state_dict(state)
+    model, x = model.cuda(), x.cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).cpu(), expected, rtol=0, atol=1e-4)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            low = model(x).float().cpu()
+    assert ((low - expected).norm() / expected.norm()).item() < 2e-2
