@@ -56,7 +56,7 @@ _C.DATA.LABELS = 'source'                # (ours) source: the dataset's own sing
 
 # ----------------------------------------------------------------------------- model
 _C.MODEL = CN()
-_C.MODEL.TYPE = 'swin'                   # swin | swinv2
+_C.MODEL.TYPE = 'swin'                   # swin | swinv2 | swin_mlp
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
 _C.MODEL.PRETRAINED = ''
 _C.MODEL.RESUME = ''
@@ -242,7 +242,7 @@ _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
 _C.LOCAL_RANK = 0                        # legacy, ignored (LEGACY_KEYS)
 _C.FUSED_WINDOW_PROCESS = False          # legacy, ignored (LEGACY_KEYS)
-_C.FUSED_LAYERNORM = False               # legacy, ignored (LEGACY_KEYS)
+_C.FUSED_LAYERNORM = False               # apex FusedLayerNorm when importable (models.build.layer_norm_class)
 
 # ----------------------------------------------------------------------------- experiment trackers (ours)
 # Rank 0 logs the same scalars as TensorBoard (TENSORBOARD) to each enabled tracker, plus the resolved config;
@@ -266,13 +266,12 @@ _C.LOGGER.MLFLOW.RUN_NAME = ''           # '' = <MODEL.NAME>/<TAG>
 # Official keys that nothing here reads, with the reason. Files and --opts that set them load as before; a value
 # other than the default gets one log line per key per load (legacy_key_notes). The MODEL.SWIN_MLP.* and
 # MODEL.SWIN_MOE.* keys are not listed: they are for the model families still to be built (build_model names
-# them unsupported). TRAIN.MOE.SAVE_MASTER and FUSED_LAYERNORM are to get their official meaning later.
+# them unsupported). TRAIN.MOE.SAVE_MASTER is to get its official meaning later.
 LEGACY_KEYS = {
     'ENABLE_AMP': 'deprecated in the official code too; AMP_ENABLE turns mixed precision on and off',
     'FUSED_WINDOW_PROCESS': "the official fused window CUDA kernel; the models' own window ops run",
     'LOCAL_RANK': 'the local rank comes from the LOCAL_RANK environment variable (torchrun) or --local_rank',
     'TRAIN.MOE.SAVE_MASTER': 'Swin-MoE is not built yet',
-    'FUSED_LAYERNORM': "apex's fused LayerNorm is not used; torch's LayerNorm runs",
 }
 
 
@@ -290,7 +289,7 @@ CHOICES = {
     'DATA.LOADER': ('torch', 'fast', 'gpu'),
     'DATA.LABELS': ('source', 'csv'),
     'TRAIN.LOSS': ('ce', 'bce'),
-    'MODEL.TYPE': ('swin', 'swinv2'),
+    'MODEL.TYPE': ('swin', 'swinv2', 'swin_mlp'),
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'),
     'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd', 'fused_adam', 'fused_lamb'),
     'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
@@ -425,13 +424,17 @@ def img_size_hw(config: CN) -> Tuple[int, int]:
     return int(size), int(size)
 
 
+# MODEL.TYPE -> its architecture section under MODEL (the official layout)
+MODEL_SECTIONS = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'swin_mlp': 'SWIN_MLP'}
+
+
 def model_in_chans(config: CN) -> int:
-    """The image channels the model takes: ``MODEL.SWIN.IN_CHANS`` or ``MODEL.SWINV2.IN_CHANS`` (``MODEL.TYPE``)."""
-    return int(config.MODEL.SWINV2.IN_CHANS if config.MODEL.TYPE == 'swinv2' else config.MODEL.SWIN.IN_CHANS)
+    """The image channels the model takes: ``MODEL.<section>.IN_CHANS`` of ``MODEL.TYPE`` (``MODEL_SECTIONS``)."""
+    return int(config.MODEL[MODEL_SECTIONS.get(config.MODEL.TYPE, 'SWIN')].IN_CHANS)
 
 
 def in_chans_key(config: CN) -> str:
-    return 'MODEL.SWINV2.IN_CHANS' if config.MODEL.TYPE == 'swinv2' else 'MODEL.SWIN.IN_CHANS'
+    return f"MODEL.{MODEL_SECTIONS.get(config.MODEL.TYPE, 'SWIN')}.IN_CHANS"
 
 
 # ImageNet's RGB statistics (timm.data.constants; copied so that this module imports no torch).
@@ -614,9 +617,9 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
                           f"with AUG.MIXUP_MODE = {config.AUG.MIXUP_MODE!r}")
     if config.TRAIN.LR_SCHEDULER.NAME == 'step' and config.TRAIN.LR_SCHEDULER.DECAY_EPOCHS < 1:
         raise ConfigError("TRAIN.LR_SCHEDULER.DECAY_EPOCHS must be >= 1 for the step scheduler")
-    if config.MODEL.TYPE in ('swin', 'swinv2'):
-        m = config.MODEL.SWIN if config.MODEL.TYPE == 'swin' else config.MODEL.SWINV2
-        prefix = 'MODEL.SWIN' if config.MODEL.TYPE == 'swin' else 'MODEL.SWINV2'
+    if config.MODEL.TYPE in ('swin', 'swinv2', 'swin_mlp'):
+        m = config.MODEL[MODEL_SECTIONS[config.MODEL.TYPE]]
+        prefix = f'MODEL.{MODEL_SECTIONS[config.MODEL.TYPE]}'
         if len(m.DEPTHS) != len(m.NUM_HEADS):
             raise ConfigError(f"{prefix}.DEPTHS {list(m.DEPTHS)} and {prefix}.NUM_HEADS {list(m.NUM_HEADS)} "
                               f"must have the same length")
@@ -634,7 +637,7 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
         if config.MODEL.TYPE == 'swinv2' and len(m.PRETRAINED_WINDOW_SIZES) != len(m.DEPTHS):
             raise ConfigError(f"MODEL.SWINV2.PRETRAINED_WINDOW_SIZES needs {len(m.DEPTHS)} entries, got "
                               f"{list(m.PRETRAINED_WINDOW_SIZES)}")
-    if config.MODEL.TYPE in ('swin', 'swinv2') and model_in_chans(config) >= 1:
+    if config.MODEL.TYPE in ('swin', 'swinv2', 'swin_mlp') and model_in_chans(config) >= 1:
         _check_channels(config, pretrain)
     _check_trackers(config)
     if device is not None and config.TRAIN.FSDP.ENABLE and config.TRAIN.FSDP.CPU_OFFLOAD and device != 'cuda':

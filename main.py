@@ -77,7 +77,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         action='store_true',
                         help='official fused window kernel flag (accepted; windows use the built-in path)')
     parser.add_argument('--fused_layernorm', '--fused-layernorm', dest='fused_layernorm', action='store_true',
-                        help='official apex fused LayerNorm flag (accepted)')
+                        help="apex's FusedLayerNorm for every LayerNorm (FUSED_LAYERNORM); without apex, torch's "
+                             "LayerNorm and one log line")
     parser.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=None,
                         help='set by torch.distributed.launch; torchrun uses the LOCAL_RANK variable')
     parser.add_argument('--device', type=str, choices=['auto', 'cpu', 'cuda'],

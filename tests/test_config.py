@@ -209,7 +209,7 @@ def test_clip_grad_may_be_none():
     (['TRAIN.LAYER_DECAY', '0.0'], 'LAYER_DECAY'),
     (['DATA.BATCH_SIZE', '7', 'AUG.MIXUP_MODE', 'pair'], r'DATA\.BATCH_SIZE = 7 must be even'),
     (['DATA.BATCH_SIZE', '7', 'AUG.MIXUP_MODE', 'elem'], 'must be even'),
-    (['MODEL.TYPE', 'swin_moe'], r"MODEL\.TYPE = 'swin_moe' is not one of \['swin', 'swinv2'\]"),
+    (['MODEL.TYPE', 'swin_moe'], r"MODEL\.TYPE = 'swin_moe' is not one of \['swin', 'swinv2', 'swin_mlp'\]"),
     (['TRAIN.OPTIMIZER.NAME', 'adam'], r"\['adamw', 'sgd', 'fused_adam', 'fused_lamb'\]"),
     (['TRAIN.LR_SCHEDULER.NAME', 'poly'], r"\['cosine', 'linear', 'step', 'multistep'\]"),
     (['DATA.DATASET', 'cifar'], r"\['imagenet', 'imagenet22K', 'folder', 'wds', 'hf'\]"),
