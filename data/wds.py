@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
 LABEL_EXTENSION = 'cls'
+READ_EXTENSIONS = IMAGE_EXTENSIONS + (LABEL_EXTENSION,)  # the parts a reader needs; others are skipped
 INDEX_SUFFIX = '.index.json'
 INDEX_FORMAT = 'swin-wds-index/1'
 # Recent samples a stream reader keeps, so that a substitute (the next sample) and the batch after it need no
@@ -230,10 +231,17 @@ def read_exact(stream: Any, n: int) -> bytes:
 
 
 def iter_tar(stream: Any, keep: Optional[Callable[[str], bool]] = None) -> Iterator[Tuple[str, Optional[bytes]]]:
-    """(name, data) of the regular files of a tar stream in order; ``keep(name)`` False: data None (skipped).
+    """(name, data) of the regular files of a tar stream in order. ``keep`` is called once for each regular
+    member, just before it is yielded: False gives data None and the bytes are not read (a seekable stream
+    seeks past them).
 
     Raises ``TarFormatError`` for a bad header, an unsupported member (sparse files), or data cut short.
     """
+    try:
+        seekable = bool(stream.seekable())
+        size_on_disk = os.fstat(stream.fileno()).st_size if seekable else 0
+    except (AttributeError, OSError, ValueError):
+        seekable = False
     global_pax: Dict[str, str] = {}
     pax: Dict[str, str] = {}
     long_name: Optional[str] = None
@@ -296,29 +304,42 @@ def iter_tar(stream: Any, keep: Optional[Callable[[str], bool]] = None) -> Itera
             offset += padded
             yield name, data
             continue
-        skipped = read_exact(stream, padded) if padded else b''  # a skipped or unknown-type member
-        if len(skipped) != padded:
+        if seekable:  # a skipped or unknown-type member: past it without reading (a file: its size says if
+            if offset + padded > size_on_disk:  # it is all there)
+                raise TarFormatError(f"member {name} cut short ({size_on_disk - offset} of its {size} bytes)")
+            stream.seek(padded, os.SEEK_CUR)
+        elif padded and len(read_exact(stream, padded)) != padded:
             raise TarFormatError(f"member {name} cut short")
         offset += padded
         if kind in TAR_REGULAR:
             yield name, None
 
 
-def iter_shard(url: str, keep: Optional[Sequence[str]] = None) -> Iterator[Raw]:
-    """The samples of one tar shard in order: members grouped by key; with ``keep``, only those extensions are
-    read (others are skipped). A damaged tar is a ``WdsShardError`` naming the shard."""
+def iter_shard(url: str, keep: Optional[Sequence[str]] = None, skip: int = 0) -> Iterator[Raw]:
+    """The samples of one tar shard in order from sample ``skip``: members grouped by key; with ``keep``, only
+    those extensions are read. Skipped samples and parts are not read (seeked past in a local file). A damaged
+    tar is a ``WdsShardError`` naming the shard."""
     wanted = None if keep is None else frozenset(keep)
+    current: List[Any] = [None, '', -1]  # the last member's (key, extension, sample number): set by keep(), used below
+
+    def keep_member(name: str) -> bool:
+        k, ext = split_member_name(name)
+        current[2] += k != current[0]
+        current[0], current[1] = k, ext
+        return current[2] >= skip and (wanted is None or ext in wanted)
+
     try:
         with open_shard(url) as stream:
             key, parts = None, {}
-            for name, data in iter_tar(stream, None if wanted is None else
-                                       (lambda name: split_member_name(name)[1] in wanted)):
-                k, ext = split_member_name(name)
+            for _, data in iter_tar(stream, keep_member):
+                k, ext, n = current
+                if n < skip:
+                    continue
                 if k != key:
                     if key is not None:
                         yield key, parts
                     key, parts = k, {}
-                if wanted is None or ext in wanted:
+                if data is not None:
                     parts[ext] = data
             if key is not None:
                 yield key, parts
@@ -327,12 +348,11 @@ def iter_shard(url: str, keep: Optional[Sequence[str]] = None) -> Iterator[Raw]:
                             f"truncated; re-pack it (scripts/pack_wds.py --verify checks every shard)") from None
 
 
-def shard_samples(url: str, skip: int, take: int) -> Iterator[Raw]:
-    """Samples ``skip .. skip + take - 1`` of one shard; a shard that ends before them is an error naming it."""
+def shard_samples(url: str, skip: int, take: int, keep: Optional[Sequence[str]] = None) -> Iterator[Raw]:
+    """Samples ``skip .. skip + take - 1`` of one shard (``keep``: the extensions to read); a shard that ends
+    before them is an error naming it."""
     got = 0
-    for n, raw in enumerate(iter_shard(url)):
-        if n < skip:
-            continue
+    for raw in iter_shard(url, keep, skip):
         yield raw
         got += 1
         if got == take:
@@ -422,7 +442,8 @@ class StreamReader:
         self._restart()
 
     def _restart(self) -> None:
-        raw = (s for shard, skip, take in self.pieces for s in shard_samples(self.urls[shard], skip, take))
+        raw = (s for shard, skip, take in self.pieces
+               for s in shard_samples(self.urls[shard], skip, take, READ_EXTENSIONS))
         if self.seed is not None and self.shuffle > 1:
             raw = shuffled(raw, self.shuffle, np.random.default_rng(self.seed))
         self._items = raw

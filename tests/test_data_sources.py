@@ -514,6 +514,19 @@ def test_tar_reader_numbers_and_damage():
         list(iter_tar(io.BytesIO(bytes(bad))))  # ours: a damaged shard
 
 
+def test_iter_shard_skips_samples_and_parts_without_reading_them(shards):
+    """Reading from sample ``skip`` with only some extensions: the same samples and bytes as reading it all,
+    from a local file (seeks past the rest) and through a pipe (reads and drops it)."""
+    from data.wds import iter_shard
+    for entry in pack_wds.read_index(shards, 'train')[:2]:
+        full = list(iter_shard(entry['url']))
+        assert len(full) == entry['samples'] and all(set(p) == {'jpg', 'cls'} for _, p in full)
+        for url in (entry['url'], f"pipe:cat {entry['url']}"):
+            for skip in (0, 2, entry['samples']):
+                assert list(iter_shard(url, ('cls',), skip)) == [(k, {'cls': p['cls']}) for k, p in full[skip:]]
+                assert list(iter_shard(url, None, skip)) == full[skip:]
+
+
 def test_wds_shard_with_a_bad_header_is_an_error_naming_it(shards, tmp_path):
     root = _copy_shards(shards, tmp_path / 'badheader')
     url = pack_wds.read_index(root, 'val')[0]['url']
