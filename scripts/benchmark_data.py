@@ -318,12 +318,13 @@ def pack_sources(files: Sequence[str], out: str, sources: Sequence[str]) -> Dict
 
 
 def time_source(path: str, opts: Sequence[str], loader: str, size: int, workers: int, batch: int,
-                epochs: int) -> float:
-    """Images/s of one source's training dataset + sampler + collate through a DataLoader (first epoch warm-up)."""
+                epochs: int, seed: int = 0) -> float:
+    """Images/s of one source's training dataset + sampler + collate through a DataLoader (first epoch warm-up).
+    ``seed`` (SEED) draws the order and the augmentations: which image gets which crop and RandAugment ops."""
     from data.build import build_dataset, loader_collate, train_sampler
     config = load_config(opts=['DATA.DATA_PATH', path, 'DATA.IMG_SIZE', str(size), 'DATA.BATCH_SIZE', str(batch),
                                'DATA.NUM_WORKERS', str(workers), 'DATA.LOADER', loader, 'MODEL.NUM_CLASSES',
-                               '1000', *opts])
+                               '1000', 'SEED', str(seed), *opts])
     dataset, _ = build_dataset(True, config)
     sampler = train_sampler(dataset, config, 0, 1)
     data = DataLoader(dataset, sampler=sampler, batch_size=batch, drop_last=True, num_workers=workers,
@@ -340,22 +341,35 @@ def time_source(path: str, opts: Sequence[str], loader: str, size: int, workers:
 
 
 def benchmark_sources(files: Sequence[str], args: Any) -> None:
+    """Each source per round, interleaved. Every round uses another SEED (the same for all sources): a source's
+    samples meet other augmentations than the folder's at the same step (the order differs), and the cost of
+    an epoch depends on which large image drew a large crop or a costly RandAugment op; fresh draws each round
+    keep that from biasing one source in every round. Ratios are medians of the per-round ratios to the folder."""
     with tempfile.TemporaryDirectory(prefix='swin_sources_') as out:
         layouts = pack_sources(files, out, args.sources)
         rates: Dict[Tuple[str, str, int], List[float]] = {}
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             for workers in args.workers:
                 for loader in ('torch', 'fast'):
                     for source, (path, opts) in layouts.items():
-                        rate = time_source(path, opts, loader, args.img_size, workers, args.batch_size, args.epochs)
+                        rate = time_source(path, opts, loader, args.img_size, workers, args.batch_size, args.epochs,
+                                           seed=r)
                         rates.setdefault((source, loader, workers), []).append(rate / max(1, workers))
-    print(f"## train sources: images/s per worker (median of {args.rounds} rounds)\n")
+    print(f"## train sources: images/s per worker (median of {args.rounds} rounds; ratio: median of per-round "
+          f"ratios to folder)\n")
     columns = [(loader, w) for w in args.workers for loader in ('torch', 'fast')]
     print("| source | " + " | ".join(f"{loader}, {w} worker{'s' if w != 1 else ''}" for loader, w in columns) + " |")
     print("| --- |" + " --- |" * len(columns))
     for source in layouts:
-        print(f"| {source} | " + " | ".join(f"{statistics.median(rates[(source, loader, w)]):.0f}"
-                                           for loader, w in columns) + " |")
+        cells = []
+        for loader, w in columns:
+            cell = f"{statistics.median(rates[(source, loader, w)]):.0f}"
+            if 'folder' in layouts and source != 'folder':
+                ratio = statistics.median(x / f for x, f in zip(rates[(source, loader, w)],
+                                                                rates[('folder', loader, w)]))
+                cell += f" ({ratio:.2f}x)"
+            cells.append(cell)
+        print(f"| {source} | " + " | ".join(cells) + " |")
     print()
 
 

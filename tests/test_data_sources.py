@@ -669,7 +669,10 @@ def test_benchmark_data_times_every_source(folder):
     rows = [line for line in result.stdout.splitlines()
             if line.startswith('| ') and 'source' not in line and '---' not in line]
     assert [r.split('|')[1].strip() for r in rows] == ['folder', 'zip', 'wds', 'hf'], result.stdout
-    assert all(float(cell) > 0 for r in rows for cell in r.strip('| ').split('|')[1:]), result.stdout
+    cells = [cell.split() for r in rows for cell in r.strip('| ').split('|')[1:]]
+    assert all(float(c[0]) > 0 for c in cells), result.stdout  # images/s per worker
+    ratios = [c[1] for c in cells if len(c) > 1]  # '(1.02x)': zip, wds, hf over the folder, 2 loaders
+    assert len(ratios) == 3 * 2 and all(float(x.strip('()x')) > 0 for x in ratios), result.stdout
 
 
 @pytest.mark.slow
