@@ -675,6 +675,17 @@ def test_benchmark_data_times_every_source(folder):
     assert len(ratios) == 3 * 2 and all(float(x.strip('()x')) > 0 for x in ratios), result.stdout
 
 
+def test_benchmark_data_paired_times_folder_and_wds_on_the_same_samples(folder):
+    result = _run([sys.executable, 'scripts/benchmark_data.py', '--data-path', os.path.join(folder, 'train'),
+                   '--paired', '--rounds', '2', '--batch-size', '8', '--img-size', '64'])
+    rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]]
+            for line in result.stdout.splitlines() if line.startswith(('| torch', '| fast'))}
+    assert set(rows) == {'torch', 'fast'}, result.stdout
+    for folder_ms, wds_ms, ratio, rounds in rows.values():
+        assert float(folder_ms) > 0 and float(wds_ms) > 0 and float(ratio.rstrip('x')) > 0, result.stdout
+        assert len(rounds.split()) == 2, result.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('kind', ['wds', 'hf'])
 def test_sigkill_mid_epoch_then_the_same_command_resumes_exactly(kind, shards, hf_copy, tmp_path):
