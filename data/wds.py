@@ -160,7 +160,7 @@ def open_shard(url: str) -> Any:
 
 
 # A hand-written tar reader, not ``tarfile``: for every member ``tarfile`` builds a ``TarInfo`` (15 us to parse a
-# header into 20 fields) and an extracted-file wrapper, ~60 us a sample in all against ~17 us for a folder reader's
+# header into 20 fields) and an extracted-file wrapper, ~67 us a sample in all against ~17 us for a folder reader's
 # open + read + close (docs/DATA.md "Speed per worker"); webdataset's own tar iterator is ``tarfile`` underneath.
 # This one reads what a shard reader needs (name, size, type) with the checks ``tarfile`` makes (checksum, signed
 # or unsigned; octal or base-256 sizes; ustar prefixes, GNU long names, pax ``path`` / ``size`` records) and is
