@@ -84,7 +84,7 @@ def test_shifted_mask_is_written_once_in_the_layout_sdpa_takes(monkeypatch, vers
     """Swin-T, batch 128, bf16: each shifted block writes its ``(B*nW, nH, N, N)`` mask once, in 8-element
     rows, so the memory-efficient kernel does not pad it into a second copy. Before (main at d8909a0) the mask
     was a reshape's contiguous copy, strides ``(nH*N*N, N*N, N, 1)``: unaligned, so SDPA padded a second copy
-    (253 MiB more written per forward, 506 MiB with the reshape)."""
+    (289 MiB more written per forward on top of the reshape's 253 MiB)."""
     trace, shifted = trace_forward(monkeypatch, BUILDS[version])
     assert [(q.shape[0] // BATCH, q.shape[1]) for q, _ in shifted] == SHIFTED
     for q, mask in shifted:
