@@ -56,7 +56,7 @@ _C.DATA.LABELS = 'source'                # (ours) source: the dataset's own sing
 
 # ----------------------------------------------------------------------------- model
 _C.MODEL = CN()
-_C.MODEL.TYPE = 'swin'                   # swin | swinv2 | swin_moe
+_C.MODEL.TYPE = 'swin'                   # swin | swinv2 | swin_mlp | swin_moe
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
 _C.MODEL.PRETRAINED = ''
 _C.MODEL.RESUME = ''
@@ -185,6 +185,14 @@ _C.TRAIN.KEEP_CHECKPOINTS = 3            # (ours) keep the last K epoch checkpoi
 _C.TRAIN.LOSS = 'ce'                     # (ours) ce: softmax cross-entropy (official) | bce: timm's
                                          # BinaryCrossEntropy (timm's --bce-loss); DATA.LABELS csv needs bce
 
+# (ours) Parameters that do not train (README 'Freezing'): requires_grad False before the optimizer and DDP/FSDP
+# are built, so they get no gradient, no optimizer state and no all-reduce. TRAIN.FREEZE: fnmatch globs over the
+# parameter names of model.named_parameters() (no DDP 'module.' prefix); a pattern also covers everything under
+# it, i.e. P freezes the names matching P or P.*: 'patch_embed', 'layers.0' (not layers.10), 'layers.*.norm*'.
+# Each must match some parameter. TRAIN.LINEAR_PROBE: freeze all but the classification head ('head.*').
+_C.TRAIN.FREEZE = []
+_C.TRAIN.LINEAR_PROBE = False
+
 _C.TRAIN.FSDP = CN()                     # (ours) sharded data parallel (torch FSDP2) and sharded checkpoints
 _C.TRAIN.FSDP.ENABLE = False             # --fsdp; 1 process or torchrun with N
 _C.TRAIN.FSDP.CPU_OFFLOAD = False        # shards, gradients and optimizer state live in host memory
@@ -234,17 +242,33 @@ _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
 _C.LOCAL_RANK = 0                        # legacy, ignored (LEGACY_KEYS)
 _C.FUSED_WINDOW_PROCESS = False          # legacy, ignored (LEGACY_KEYS)
-_C.FUSED_LAYERNORM = False               # legacy, ignored (LEGACY_KEYS)
+_C.FUSED_LAYERNORM = False               # apex FusedLayerNorm when importable (models.build.layer_norm_class)
+
+# ----------------------------------------------------------------------------- experiment trackers (ours)
+# Rank 0 logs the same scalars as TensorBoard (TENSORBOARD) to each enabled tracker, plus the resolved config;
+# the tracker's run id is kept in the checkpoint, so a resumed run continues the same tracker run
+# (utils/trackers.py). Neither package is needed unless enabled.
+_C.LOGGER = CN()
+_C.LOGGER.WANDB = CN()
+_C.LOGGER.WANDB.ENABLE = False           # Weights & Biases (pip install wandb)
+_C.LOGGER.WANDB.PROJECT = ''             # '' = WANDB_PROJECT, else wandb's default
+_C.LOGGER.WANDB.ENTITY = ''              # '' = WANDB_ENTITY, else your default entity
+_C.LOGGER.WANDB.NAME = ''                # display name; '' = <MODEL.NAME>/<TAG>
+_C.LOGGER.WANDB.MODE = ''                # '' = WANDB_MODE, else online | online | offline | disabled
+_C.LOGGER.MLFLOW = CN()
+_C.LOGGER.MLFLOW.ENABLE = False          # MLflow (pip install mlflow, or mlflow-skinny for the client only)
+_C.LOGGER.MLFLOW.TRACKING_URI = ''       # '' = MLFLOW_TRACKING_URI, else MLflow's default; e.g. http://host:5000,
+                                         # sqlite:///mlflow.db, file:///path/mlruns
+_C.LOGGER.MLFLOW.EXPERIMENT = ''         # experiment name; '' = MLFLOW_EXPERIMENT_NAME, else 'Default'
+_C.LOGGER.MLFLOW.RUN_NAME = ''           # '' = <MODEL.NAME>/<TAG>
 
 # ----------------------------------------------------------------------------- legacy keys (accepted, ignored)
 # Official keys that nothing here reads, with the reason. Files and --opts that set them load as before; a value
-# other than the default gets one log line per key per load (legacy_key_notes). The MODEL.SWIN_MLP.* keys are
-# not listed: they are for a model family still to be built. FUSED_LAYERNORM is to get its official meaning later.
+# other than the default gets one log line per key per load (legacy_key_notes).
 LEGACY_KEYS = {
     'ENABLE_AMP': 'deprecated in the official code too; AMP_ENABLE turns mixed precision on and off',
     'FUSED_WINDOW_PROCESS': "the official fused window CUDA kernel; the models' own window ops run",
     'LOCAL_RANK': 'the local rank comes from the LOCAL_RANK environment variable (torchrun) or --local_rank',
-    'FUSED_LAYERNORM': "apex's fused LayerNorm is not used; torch's LayerNorm runs",
 }
 
 
@@ -262,7 +286,7 @@ CHOICES = {
     'DATA.LOADER': ('torch', 'fast', 'gpu'),
     'DATA.LABELS': ('source', 'csv'),
     'TRAIN.LOSS': ('ce', 'bce'),
-    'MODEL.TYPE': ('swin', 'swinv2', 'swin_moe'),
+    'MODEL.TYPE': ('swin', 'swinv2', 'swin_mlp', 'swin_moe'),
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'),
     'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd', 'fused_adam', 'fused_lamb'),
     'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
@@ -270,6 +294,7 @@ CHOICES = {
     'AMP_OPT_LEVEL': ('', 'O0', 'O1', 'O2'),
     'AMP_DTYPE': ('auto', 'float16', 'bfloat16'),
     'DEVICE': ('auto', 'cpu', 'cuda'),
+    'LOGGER.WANDB.MODE': ('', 'online', 'offline', 'disabled'),
 }
 
 
@@ -304,8 +329,12 @@ def _type_error(exc: ValueError, where: str) -> ConfigError:
         default = _get(_C, key)
         shown = msg.split(' with values (', 1)[-1].rsplit(') for config key', 1)[0]
         got = shown.split(' vs. ', 1)[-1] if ' vs. ' in shown else '?'
+        got = got if got.isprintable() else repr(got)  # a newline in the value must not break the one-line message
+        hint = (f" (a list: [patch_embed, layers.0] in YAML, one quoted argument \"['patch_embed', 'layers.0']\" "
+                f"in --opts)"
+                if key in STRING_LISTS else '')
         return ConfigError(f"in {where}: {key} must be of type {type(default).__name__} like its default "
-                           f"{default!r}, got {got}")
+                           f"{default!r}, got {got}{hint}")
     return ConfigError(f"in {where}: {msg}")
 
 
@@ -392,13 +421,13 @@ def img_size_hw(config: CN) -> Tuple[int, int]:
     return int(size), int(size)
 
 
+# MODEL.TYPE -> its architecture section under MODEL (the official layout)
+MODEL_SECTIONS = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'swin_mlp': 'SWIN_MLP', 'swin_moe': 'SWIN_MOE'}
+
+
 def model_in_chans(config: CN) -> int:
-    """The image channels the model takes: ``MODEL.SWIN.IN_CHANS`` or ``MODEL.SWINV2.IN_CHANS`` (``MODEL.TYPE``)."""
-    return int(_get(config, in_chans_key(config)))
-
-
-# MODEL.TYPE -> the config section holding its architecture keys
-MODEL_SECTIONS = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'swin_moe': 'SWIN_MOE'}
+    """The image channels the model takes: ``MODEL.<section>.IN_CHANS`` of ``MODEL.TYPE`` (``MODEL_SECTIONS``)."""
+    return int(config.MODEL[MODEL_SECTIONS.get(config.MODEL.TYPE, 'SWIN')].IN_CHANS)
 
 
 def in_chans_key(config: CN) -> str:
@@ -441,6 +470,8 @@ def _get(config: CN, dotted: str) -> Any:
 
 # Keys whose value may be None although their default is not.
 NULLABLE = ('TRAIN.CLIP_GRAD',)
+# List keys with an empty default whose elements are strings (an empty default says nothing about its elements).
+STRING_LISTS = ('TRAIN.FREEZE',)
 
 
 def _is_number(v: Any) -> bool:
@@ -470,7 +501,7 @@ def _check_types(config: CN) -> None:
         if isinstance(value, float) and value != value:
             raise ConfigError(f"{key} is NaN")
         if isinstance(default, (list, tuple)):
-            elem = type(default[0]) if default else None
+            elem = str if key in STRING_LISTS else type(default[0]) if default else None
             for v in value:
                 ok = (_is_number(v) if elem in (float, None) and key != 'BASE' else
                       isinstance(v, elem) and not (elem is int and isinstance(v, bool)))
@@ -524,12 +555,9 @@ def _check_channels(config: CN, pretrain: bool) -> None:
                               f"erasing still run)")
         if chans == 1 and config.DATA.LOADER == 'gpu':
             raise ConfigError(f"DATA.LOADER 'gpu' runs RandAugment/ColorJitter on RGB only; {chans_key} is 1: use "
-                              f"DATA.LOADER torch or fast, or set AUG.AUTO_AUGMENT none and AUG.COLOR_JITTER 0.0")
+                              f"DATA.LOADER torch or fast, or set AUG.AUTO_AUGMENT none and AUG.COLOR_JITTER 0.0 "
+                              f"(the crop, flip and erasing still run)")
     h, w = img_size_hw(config)
-    if config.DATA.LOADER in ('fast', 'gpu') and (chans != 3 or h != w):
-        # their uint8 / device pipelines (data/fast.py, data/gpu.py) are written for square RGB batches
-        raise ConfigError(f"DATA.LOADER {config.DATA.LOADER!r} takes square RGB images; {chans_key} {chans} and "
-                          f"DATA.IMG_SIZE {config.DATA.IMG_SIZE!r} need DATA.LOADER torch")
     if pretrain and h != w:
         raise ConfigError(f"DATA.IMG_SIZE {list(config.DATA.IMG_SIZE)}: SimMIM pre-training (its mask generator) "
                           f"takes square images; give one int")
@@ -560,6 +588,7 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
             raise ConfigError(f"{key} must be >= 0, got {_get(config, key)!r}")
     _check_data_source(config)
     _check_labels(config, pretrain)
+    _check_freeze(config, pretrain)
     scale = list(config.AUG.RRC_SCALE)
     if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise ConfigError(f"AUG.RRC_SCALE must be [min, max] with 0 < min <= max <= 1, got {scale}")
@@ -602,13 +631,14 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
             if dim % heads:
                 raise ConfigError(f"{prefix}.EMBED_DIM {m.EMBED_DIM}: stage {i} width {dim} is not divisible "
                                   f"by its {heads} heads ({prefix}.NUM_HEADS)")
-        if config.MODEL.TYPE != 'swin' and len(m.PRETRAINED_WINDOW_SIZES) != len(m.DEPTHS):
+        if config.MODEL.TYPE in ('swinv2', 'swin_moe') and len(m.PRETRAINED_WINDOW_SIZES) != len(m.DEPTHS):
             raise ConfigError(f"{prefix}.PRETRAINED_WINDOW_SIZES needs {len(m.DEPTHS)} entries, got "
                               f"{list(m.PRETRAINED_WINDOW_SIZES)}")
         if config.MODEL.TYPE == 'swin_moe':
             _check_moe(config)
     if config.MODEL.TYPE in MODEL_SECTIONS and model_in_chans(config) >= 1:
         _check_channels(config, pretrain)
+    _check_trackers(config)
     if device is not None and config.TRAIN.FSDP.ENABLE and config.TRAIN.FSDP.CPU_OFFLOAD and device != 'cuda':
         raise ConfigError("TRAIN.FSDP.CPU_OFFLOAD moves the shards from GPU to host memory; this run is on the CPU "
                           "already (DEVICE / --device), so set TRAIN.FSDP.CPU_OFFLOAD False")
@@ -636,6 +666,14 @@ def _check_moe(config: CN) -> None:
                           "sharded over the processes (DDP with per-rank checkpoints)")
     if not 0 <= m.MOE_DROP < 1:
         raise ConfigError(f"MODEL.SWIN_MOE.MOE_DROP must be in [0, 1), got {m.MOE_DROP}")
+def _check_trackers(config: CN) -> None:
+    """A ``LOGGER`` value wandb would refuse only after the output folder exists (the trackers' packages are
+    checked at start-up by ``utils.trackers.check_tracker_packages``)."""
+    wandb = config.LOGGER.WANDB
+    bad = [c for c in '/\\#?%:' if c in wandb.PROJECT]
+    if wandb.ENABLE and bad:  # wandb's rule for project names
+        raise ConfigError(f"LOGGER.WANDB.PROJECT {wandb.PROJECT!r} may not contain {' '.join(bad)} (wandb project "
+                          f"names exclude / \\ # ? % :)")
 
 
 def is_multi_label(config: CN) -> bool:
@@ -661,6 +699,22 @@ def _check_labels(config: CN, pretrain: bool) -> None:
     if config.DATA.ZIP_MODE:
         raise ConfigError("DATA.LABELS csv reads image files under DATA.DATA_PATH; DATA.ZIP_MODE (--zip) reads "
                           "<split>.zip with a single-label map file: turn one of them off")
+
+
+def _check_freeze(config: CN, pretrain: bool) -> None:
+    """``TRAIN.FREEZE`` / ``TRAIN.LINEAR_PROBE`` combinations that cannot work (the patterns themselves are
+    matched against the model's parameter names when it is built: ``models.freeze_parameters``)."""
+    patterns = list(config.TRAIN.FREEZE)
+    for pattern in patterns:
+        if not pattern.strip() or pattern != pattern.strip():
+            raise ConfigError(f"TRAIN.FREEZE holds {pattern!r}: give parameter-name patterns without surrounding "
+                              f"spaces, e.g. ['patch_embed', 'layers.0']")
+    if config.TRAIN.LINEAR_PROBE and patterns:
+        raise ConfigError(f"TRAIN.LINEAR_PROBE freezes everything but the head already; leave TRAIN.FREEZE empty "
+                          f"(got {patterns})")
+    if config.TRAIN.LINEAR_PROBE and pretrain:
+        raise ConfigError("TRAIN.LINEAR_PROBE trains only the classification head; SimMIM pre-training has none: "
+                          "set TRAIN.LINEAR_PROBE False")
 
 
 def _check_data_source(config: CN) -> None:

@@ -26,7 +26,7 @@ import inspect
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -48,9 +48,10 @@ from optimizer import build_optimizer
 from utils.checkpoint import CheckpointError, Checkpointer, TrainState, load_weights
 from utils.distributed import DistInfo, all_reduce_sum, get_world_size, is_distributed, is_sharded, unwrap_model
 from utils.fsdp import shard_model
-from utils.logger import MetricsFile, create_tb_writer
+from utils.logger import MetricsFile
 from utils.misc import format_seconds, memory_label
 from utils.preemption import Preempted, PreemptionGuard
+from utils.trackers import EPOCH_AXIS, Trackers, start_trackers
 
 _LOG = logging.getLogger('swin')
 Batch = Sequence[torch.Tensor]
@@ -304,8 +305,9 @@ class TrainLog:
     syncs of training), and the count of consecutive skipped (non-finite) updates; ``last_window`` holds what
     the last log line read (``stop_if_nonfinite`` stops the run from it)."""
 
-    def __init__(self, config: Any, state: TrainState, device: torch.device, log: logging.Logger, tb_writer: Any):
-        self.config, self.state, self.device, self.log, self.tb_writer = config, state, device, log, tb_writer
+    def __init__(self, config: Any, state: TrainState, device: torch.device, log: logging.Logger,
+                 trackers: Optional[Trackers] = None):
+        self.config, self.state, self.device, self.log, self.trackers = config, state, device, log, trackers
         self.accum = config.TRAIN.ACCUMULATION_STEPS
         self.every = max(1, config.PRINT_FREQ // self.accum)
         self.images_per_update = config.DATA.BATCH_SIZE * self.accum * get_world_size()
@@ -369,12 +371,12 @@ class TrainLog:
             f"loss {window_loss:.4f} ({epoch_loss:.4f})\tgrad_norm {norm:.4f}\t"
             f"loss_scale {f'{scale:.1f}' if scale is not None else '-'}\t{memory_label(self.device)}\t"
             f"{images_per_s:.1f} img/s")
-        if self.tb_writer is not None:
-            values = {'loss': window_loss, 'lr': lr, 'grad_norm': norm, 'throughput': images_per_s}
+        if self.trackers:
+            values = {'train/loss': window_loss, 'train/lr': lr, 'train/grad_norm': norm,
+                      'train/throughput': images_per_s}
             if scale is not None:
-                values['loss_scale'] = scale
-            for name, value in values.items():
-                self.tb_writer.add_scalar(f'train/{name}', value, state.global_update)
+                values['train/loss_scale'] = scale
+            self.trackers.log(values, state.global_update)
         self.window_loss = torch.zeros((), device=self.device)
         self.window_updates = 0
         self.window_start = time.time()
@@ -693,7 +695,7 @@ class Training:
     loaders: Loaders
     checkpointer: Checkpointer
     log: logging.Logger
-    tb_writer: Any = None
+    trackers: Trackers = field(default_factory=Trackers)  # TensorBoard, wandb, MLflow (rank 0)
     metrics: Optional[MetricsFile] = None
 
 
@@ -701,7 +703,7 @@ def build_training(config: Any, dist_info: DistInfo, model: nn.Module, loaders: 
                    log: logging.Logger) -> Training:
     """The train state around ``model`` (restored from a checkpoint, else with ``MODEL.PRETRAINED`` weights;
     sharded under FSDP) with its optimizer, schedule, loss scaler and EMA; the update step, the model to validate,
-    the checkpointer and the run's outputs (TensorBoard, ``metrics.jsonl``)."""
+    the checkpointer and the run's outputs (the trackers: TensorBoard, wandb, MLflow; ``metrics.jsonl``)."""
     device, fsdp, accum = dist_info.device, bool(config.TRAIN.FSDP.ENABLE), config.TRAIN.ACCUMULATION_STEPS
     updates_per_epoch = len(loaders.train) // accum
     if updates_per_epoch < 1:
@@ -710,6 +712,7 @@ def build_training(config: Any, dist_info: DistInfo, model: nn.Module, loaders: 
     checkpointer = Checkpointer(config, dist_info, sampler=type(loaders.train.sampler).__name__, logger=log)
     if checkpointer.find() is None and config.MODEL.PRETRAINED:  # into the plain model: before the EMA copies
         _load_pretrained(model, config.MODEL.PRETRAINED, log, bool(config.TRUST_CHECKPOINTS))  # it, and sharding
+    apply_freeze(model, config, log)  # before FSDP shards it and the optimizer and DDP take its parameters
     # The EMA copies the fp32 weights before apex O2 casts the model to fp16 (an fp16 EMA at decay 0.9998 would
     # round its updates away); ModelEmaV3 then adds the fp16 weights into its fp32 copy. Under FSDP the copy is
     # sharded like the model, so its update is a shard-by-shard lerp with no communication.
@@ -738,11 +741,29 @@ def build_training(config: Any, dist_info: DistInfo, model: nn.Module, loaders: 
     loss_fn = masked_image_loss(device) if pretrain else \
         classification_loss(build_criterion(config, loaders.mixup_fn), loaders.mixup_fn, device)
     update_step = UpdateStep(train_model, state, precision, loss_fn, config.TRAIN.CLIP_GRAD)
-    finished = state.epoch >= config.TRAIN.EPOCHS  # run() stops at once: no new (empty) event file
-    tb_writer = create_tb_writer(config.OUTPUT, config.TENSORBOARD and not finished, dist_info.is_main)
+    finished = state.epoch >= config.TRAIN.EPOCHS  # run() stops at once: no new (empty) event file or run
+    # After the restore: the checkpoint names the tracker runs to continue; their ids go into every later one.
+    trackers = Trackers() if finished else start_trackers(config, dist_info.is_main, state.tracker_runs, log)
+    state.tracker_runs.update(trackers.run_ids())
     metrics = MetricsFile(f"{config.OUTPUT}/metrics.jsonl", state.epoch) if dist_info.is_main else None
     return Training(config, dist_info, state, update_step, eval_model, precision, loaders, checkpointer, log,
-                    tb_writer, metrics)
+                    trackers, metrics)
+
+
+def apply_freeze(model: nn.Module, config: Any, log: logging.Logger) -> Optional[models.FreezeSummary]:
+    """Freeze the parameters ``TRAIN.FREEZE`` names, or all but the head for ``TRAIN.LINEAR_PROBE``
+    (``models.freeze_parameters``), and log how many train; None when neither is set. A pattern that matches no
+    parameter, or nothing left to train, is a ``ConfigError`` naming the key."""
+    patterns, probe = [str(p) for p in config.TRAIN.FREEZE], bool(config.TRAIN.LINEAR_PROBE)
+    if not (patterns or probe):
+        return None
+    reason = 'TRAIN.LINEAR_PROBE: all but the head' if probe else f"TRAIN.FREEZE {patterns}"
+    try:
+        summary = models.freeze_parameters(model, patterns, probe)
+    except models.FreezeError as e:
+        raise ConfigError(f"{'TRAIN.LINEAR_PROBE' if probe else 'TRAIN.FREEZE'}: {e}") from None
+    log.info(summary.describe(reason))
+    return summary
 
 
 def _load_pretrained(model: nn.Module, path: str, log: logging.Logger, trust: bool) -> None:
@@ -766,7 +787,7 @@ def train_epoch(t: Training, epoch: int, preemption: PreemptionGuard) -> Dict[st
         loader_train.sampler.set_epoch(epoch)
     loader = loader_from(loader_train, state.update * accum,
                          seed=(epoch * 100003 + state.update) * 1009 + t.dist_info.rank)
-    train_log = TrainLog(config, state, t.dist_info.device, t.log, t.tb_writer)
+    train_log = TrainLog(config, state, t.dist_info.device, t.log, t.trackers)
     for result in train_one_epoch(state, t.update_step, loader, accum):
         train_log.record(*result)
         stop_if_nonfinite(config, train_log)
@@ -807,7 +828,7 @@ def end_of_epoch(t: Training, epoch: int, train_stats: Dict[str, Any],
                  preemption: PreemptionGuard) -> Optional[ValMetrics]:
     """After the last update of epoch ``epoch``: validation (also of the EMA), the best accuracy (multi-label:
     the best mAP, kept in ``state.max_accuracy``), the metrics line, the checkpoint (on the ``SAVE_FREQ``
-    schedule, else the best only), TensorBoard, then, before another epoch, the stop check (a collective).
+    schedule, else the best only), the trackers, then, before another epoch, the stop check (a collective).
     Returns the validation's ``Accuracy`` (top-1, top-5, loss) or ``MultiLabelScores``, None without one."""
     config, state, log = t.config, t.state, t.log
     val = ema_val = is_best = None
@@ -832,12 +853,13 @@ def end_of_epoch(t: Training, epoch: int, train_stats: Dict[str, Any],
         t.checkpointer.save(state, 'epoch', bool(is_best))
     elif is_best:
         t.checkpointer.save(state, 'best')
-    if t.tb_writer is not None and val is not None:
-        for name, value in val._asdict().items():  # val/acc1, val/acc5, val/loss; val/mAP, val/f1_micro, ...
-            t.tb_writer.add_scalar(f'val/{name}', value, epoch)
+    if t.trackers and val is not None:
+        # val/acc1, val/acc5, val/loss; val/mAP, val/f1_micro, ...; the EMA's first metric as val/ema_<name>
+        scalars = {f'val/{name}': value for name, value in val._asdict().items()}
         if ema_val is not None:
-            t.tb_writer.add_scalar(f'val/ema_{ema_val._fields[0]}', ema_val[0], epoch)
-        t.tb_writer.flush()
+            scalars[f'val/ema_{ema_val._fields[0]}'] = ema_val[0]
+        t.trackers.log(scalars, epoch, EPOCH_AXIS)
+        t.trackers.flush()
     if not is_last and preemption.agreed_stop():  # collective: every rank reaches it
         log.warning(f"{preemption.received}: stopping after epoch {epoch}; saving a checkpoint")
         if not on_schedule:
@@ -906,14 +928,18 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
     t.checkpointer.restore_rng(t.state)  # last: whatever is set up after it may draw random numbers
     log.info("start training")
     run_start, val = time.time(), None
+    status = 'FAILED'  # what the tracker runs end as: FINISHED, KILLED (preempted; resumes) or FAILED
     try:
         with PreemptionGuard(dist_info.device) as preemption:
             for epoch in range(t.state.epoch, config.TRAIN.EPOCHS):
                 train_stats = train_epoch(t, epoch, preemption)
                 val = end_of_epoch(t, epoch, train_stats, preemption)
+        status = 'FINISHED'
+    except Preempted:
+        status = 'KILLED'
+        raise
     finally:
-        if t.tb_writer is not None:
-            t.tb_writer.close()
+        t.trackers.close(status)
     log.info(f"Training time {format_seconds(time.time() - run_start)}")
     result = val._asdict() if val is not None else dict.fromkeys(_val_fields(config))
     return {'max_accuracy': t.state.max_accuracy, **result}

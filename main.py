@@ -77,7 +77,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         action='store_true',
                         help='official fused window kernel flag (accepted; windows use the built-in path)')
     parser.add_argument('--fused_layernorm', '--fused-layernorm', dest='fused_layernorm', action='store_true',
-                        help='official apex fused LayerNorm flag (accepted)')
+                        help="apex's FusedLayerNorm for every LayerNorm (FUSED_LAYERNORM); without apex, torch's "
+                             "LayerNorm and one log line")
     parser.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=None,
                         help='set by torch.distributed.launch; torchrun uses the LOCAL_RANK variable')
     parser.add_argument('--device', type=str, choices=['auto', 'cpu', 'cuda'],
@@ -106,8 +107,10 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
     # Under torchrun every rank finds the same bad config, data path or checkpoint: rank 0 (torchrun's RANK,
     # read before any process group exists) prints it once, and every rank exits with the same code.
     first_rank = os.environ.get('RANK', '0') in ('', '0')
+    from utils.trackers import check_tracker_packages  # no torch, and no tracker package is imported
     try:
         config = get_config(args, notes, pretrain=pretrain)
+        check_tracker_packages(config)  # an enabled wandb / MLflow that is not installed: before any output
     except ConfigError as e:
         return report_error(e, 2, first_rank)
 

@@ -63,37 +63,38 @@ def erase_params(eraser: Optional[RandomErasing], height: int, width: int) -> to
     return out
 
 
-def erase_fill(params: torch.Tensor, mode: str, height: int, width: int) -> Dict[str, torch.Tensor]:
+def erase_fill(params: torch.Tensor, mode: str, height: int, width: int, channels: int = 3
+               ) -> Dict[str, torch.Tensor]:
     """What the device writes for the drawn erasing ``params`` (B, 4k+1) (CPU): ``erase_index`` (E,) the erased
-    pixels' positions in the flat (B, 3, H, W) batch, in order, and ``erase_values`` (E,) float32 their values.
+    pixels' positions in the flat (B, C, H, W) batch, in order, and ``erase_values`` (E,) float32 their values.
 
-    timm's modes: 'pixel' per-pixel normal noise, 'rand' one normal colour per box, 'const' zeros; boxes in their
-    drawn order (a later one overwrites an earlier one where they overlap), the noise of a sample from a generator
-    seeded with its drawn seed alone."""
-    plane, indices, values = height * width, [], []
+    timm's modes: 'pixel' per-pixel normal noise, 'rand' one normal colour per box, 'const' zeros, each of the
+    image's ``channels`` (timm's ``(chan, h, w)`` patch); boxes in their drawn order (a later one overwrites an
+    earlier one where they overlap), the noise of a sample from a generator seeded with its drawn seed alone."""
+    c, plane, indices, values = channels, height * width, [], []
     for b, row in enumerate(params.tolist()):
         boxes = [row[k:k + 4] for k in range(0, len(row) - 1, 4) if row[k + 2] > 0]
         if not boxes:
             continue
         g = torch.Generator().manual_seed(row[-1])
-        fills = [torch.randn((3, h, w), generator=g) if mode == 'pixel' else
-                 torch.randn((3, 1, 1), generator=g).expand(3, h, w) if mode == 'rand' else torch.zeros((3, h, w))
+        fills = [torch.randn((c, h, w), generator=g) if mode == 'pixel' else
+                 torch.randn((c, 1, 1), generator=g).expand(c, h, w) if mode == 'rand' else torch.zeros((c, h, w))
                  for _, _, h, w in boxes]
         if len(boxes) == 1:  # the box's pixels, row-major: its fill as it is
             top, left, h, w = boxes[0]
             pixels = ((top + torch.arange(h))[:, None] * width + left + torch.arange(w)).view(-1)
             value = fills[0].reshape(-1)
         else:  # overlapping boxes: the last one drawn wins
-            canvas = torch.zeros((3, height, width))
+            canvas = torch.zeros((c, height, width))
             mask = torch.zeros((height, width), dtype=torch.bool)
             for (top, left, h, w), fill in zip(boxes, fills):
                 canvas[:, top:top + h, left:left + w] = fill
                 mask[top:top + h, left:left + w] = True
             pixels = mask.view(-1).nonzero().squeeze(1)  # (n,) row-major
-            value = canvas.view(3, -1)[:, pixels].reshape(-1)
-        indices.append((b * 3 * plane + plane * torch.arange(3)[:, None] + pixels).view(-1))
-        values.append(value)  # (3 * n,): channel-major, as the indices
-    index_type = torch.int32 if len(params) * 3 * plane < 2 ** 31 else torch.int64
+            value = canvas.view(c, -1)[:, pixels].reshape(-1)
+        indices.append((b * c * plane + plane * torch.arange(c)[:, None] + pixels).view(-1))
+        values.append(value)  # (C * n,): channel-major, as the indices
+    index_type = torch.int32 if len(params) * c * plane < 2 ** 31 else torch.int64
     return {'erase_index': torch.cat(indices).to(index_type) if indices else torch.zeros(0, dtype=index_type),
             'erase_values': torch.cat(values) if values else torch.zeros(0)}
 
@@ -143,16 +144,32 @@ class PackedTensors:
 
 # ----------------------------------------------------------------------------- the device side
 
+def pair(size: Any) -> Tuple[int, int]:
+    """An image size, an int (a square) or (height, width), as (height, width)."""
+    return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+
+
+def channels_last(shape: Sequence[int], channels: int) -> bool:
+    """Whether a uint8 batch of ``shape`` is (B, H, W, C) rather than (B, C, H, W): the fast loader's RGB
+    training batches come from Pillow as (B, H, W, 3), every other batch is (B, C, H, W). Unambiguous for the
+    sizes these loaders take (H, W > 32, the ``check_fast_config`` rule, and never equal to C)."""
+    return shape[-1] == channels and shape[1] != channels
+
+
 class DeviceFinish:
-    """uint8 (B, H, W, 3) or (B, 3, H, W) on the device -> float (B, 3, H, W) normalised with the ImageNet
-    mean/std, then random erasing (``erase_fill``) written into the drawn boxes.
+    """uint8 (B, H, W, C) or (B, C, H, W) on the device -> float (B, C, H, W) normalised with the per-channel
+    ``mean``/``std`` (their length is C; ImageNet's RGB ones by default), then random erasing (``erase_fill``)
+    written into the drawn boxes.
 
     ``prepare`` (in the DataLoader worker) makes the CPU tensors this needs, ``apply`` (on the device) runs it from
     them in four kernels; calling the object does both (tests, direct use)."""
 
     def __init__(self, mode: str = 'pixel', mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                  std: Sequence[float] = IMAGENET_DEFAULT_STD) -> None:
+        if len(mean) != len(std) or not len(mean):
+            raise ValueError(f"mean {tuple(mean)} and std {tuple(std)} need one value per channel each")
         self.mode = mode
+        self.channels = len(mean)
         self.mean = tuple(255.0 * m for m in mean)
         self.std = tuple(255.0 * s for s in std)
 
@@ -161,17 +178,21 @@ class DeviceFinish:
         CPU, its fill (``erase_fill``)."""
         out = {'normalise': torch.tensor([self.mean, [1.0 / s for s in self.std]], dtype=torch.float32)}
         if erase is not None and erase.shape[1] > 1:
-            out.update(erase_fill(erase, self.mode, height, width))
+            out.update(erase_fill(erase, self.mode, height, width, self.channels))
         return out
 
     def apply(self, images: torch.Tensor, tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
-        if images.shape[-1] == 3 and images.shape[1] != 3:
-            images = images.permute(0, 3, 1, 2)  # (B, 3, H, W) view of (B, H, W, 3)
-        mean, inv_std = tensors['normalise'].view(2, 1, 3, 1, 1).unbind(0)
+        c = self.channels
+        if channels_last(images.shape, c):
+            images = images.permute(0, 3, 1, 2)  # (B, C, H, W) view of (B, H, W, C)
+        if images.shape[1] != c:  # shapes are host values: no sync
+            raise ValueError(f"DeviceFinish normalises {c}-channel images (len(mean)), got a batch of shape "
+                             f"{tuple(images.shape)}")
+        mean, inv_std = tensors['normalise'].view(2, 1, c, 1, 1).unbind(0)
         # One converting copy into a contiguous float buffer, then in-place: 4-6x fewer passes than
         # ((x.float() - mean) / std).contiguous() on a channels-last view, and 1.7x addcmul's mixed-dtype pass
         # (measured on the CPU).
-        out = torch.empty(images.shape, dtype=torch.float32, device=images.device)  # (B, 3, H, W)
+        out = torch.empty(images.shape, dtype=torch.float32, device=images.device)  # (B, C, H, W)
         out.copy_(images)
         out.sub_(mean).mul_(inv_std)
         index = tensors.get('erase_index')
@@ -180,7 +201,7 @@ class DeviceFinish:
         return out
 
     def __call__(self, images: torch.Tensor, erase: Optional[torch.Tensor]) -> torch.Tensor:
-        height, width = (images.shape[1:3] if images.shape[-1] == 3 and images.shape[1] != 3 else images.shape[2:])
+        height, width = images.shape[1:3] if channels_last(images.shape, self.channels) else images.shape[2:]
         return self.apply(images, PackedTensors(self.prepare(erase, height, width)).to(images.device))
 
 
@@ -230,7 +251,7 @@ class UInt8Finish:
 
     def __call__(self, batch: DeviceBatch, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         tensors = batch.extras.to(device)
-        images = batch.images.to(device, non_blocking=True)  # (B, S, S, 3) or (B, 3, S, S) uint8
+        images = batch.images.to(device, non_blocking=True)  # (B, H, W, 3) or (B, C, H, W) uint8
         return self.device_finish.apply(images, tensors), tensors['targets']
 
 
@@ -247,11 +268,12 @@ class DeviceCollate:
         kept = [s for s in samples if s is not None]
         targets = stack_targets([label for _, label in kept])
         if kept:
-            images = torch.stack([img for (img, _), _ in kept])  # (B, S, S, 3) or (B, 3, S, S) uint8
+            images = torch.stack([img for (img, _), _ in kept])  # (B, H, W, 3) or (B, C, H, W) uint8
             erase = torch.stack([e for (_, e), _ in kept])  # (B, 4k+1) int64
         else:
             images, erase = torch.empty(self.empty_shape, dtype=torch.uint8), None
-        height, width = images.shape[1:3] if images.shape[-1] == 3 else images.shape[2:]
+        last = channels_last(images.shape, self.finish.device_finish.channels)
+        height, width = images.shape[1:3] if last else images.shape[2:]
         prepared = self.finish.device_finish.prepare(erase, height, width)
         return DeviceBatch(images, targets, PackedTensors({'targets': targets, **prepared}), self.finish)
 

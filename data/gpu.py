@@ -25,6 +25,13 @@ not bit-identical to theirs (nvJPEG/torch kernels instead of Pillow's, bilinear/
 Non-JPEG files, CMYK JPEGs and JPEGs without an end marker (truncated) are decoded by Pillow in the worker (a
 damaged one then takes the broken-image path there) and travel as uint8 pixels.
 
+Channels (``MODEL.SWIN(V2).IN_CHANS``): 3 (RGB); 1 (grey: JPEGs decoded by nvJPEG / libjpeg to their luma, other
+files by Pillow as 'L' in the worker); 2, 4 and any count from ``.npy`` arrays decoded in the worker by
+``data.datasets.decode_image`` and sent as (C, H, W) pixels. RandAugment and ColorJitter are RGB only here
+(``validate_config`` refuses them for other counts); the crop, flip and erasing run for every count.
+``DATA.IMG_SIZE`` [H, W]: the crop-resize goes to H x W, the eval geometry is the torch loader's
+(``data.transforms.eval_geometry``).
+
 Layer: a loader, over ``data.datasets``, ``data.transforms`` and ``data.device_batch`` (not over ``data.fast``).
 """
 from __future__ import annotations
@@ -41,13 +48,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from timm.data import auto_augment as timm_auto_augment
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F2
 
-from config import ConfigError
+from config import ConfigError, img_size_hw, mean_std, model_in_chans
 
 from .datasets import DECODE_ERRORS, decode_image, is_jpeg, read_bytes
-from .device_batch import DeviceBatch, DeviceFinish, PackedTensors, erase_params, stack_targets
+from .device_batch import DeviceBatch, DeviceFinish, PackedTensors, erase_params, pair, stack_targets
 from .transforms import (EVAL_INTERPOLATION, GEOMETRIC_OPS, affine_matrix, augment_ops, check_fast_config,
                          eval_geometry, posterize_allowing_zero_bits, rrc_interpolation, size_only,
                          timm_train_pieces)
@@ -62,14 +70,23 @@ _OP_ALIASES = {posterize_allowing_zero_bits.__name__: 'posterize'}
 
 # ----------------------------------------------------------------------------- worker side: read and draw
 
-def encoded_or_pixels(data: bytes) -> Tuple[torch.Tensor, Tuple[int, int]]:
-    """(payload, (w, h)): the raw bytes as a 1-D uint8 tensor for a JPEG that nvJPEG / libjpeg decode as RGB, else
-    the image decoded here by Pillow as (3, H, W) uint8 (raises a DECODE_ERRORS exception when it is damaged)."""
-    if is_jpeg(data) and data.rstrip(b'\x00')[-2:] == b'\xff\xd9':
+def encoded_or_pixels(data: bytes, channels: int = 3) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """(payload, (w, h)): the raw bytes as a 1-D uint8 tensor for a JPEG that nvJPEG / libjpeg decode as RGB (or
+    grey, for 1 channel), else the image decoded here by ``decode_image`` as (C, H, W) uint8 (raises a
+    DECODE_ERRORS exception when it is damaged)."""
+    if channels in JPEG_MODES and is_jpeg(data) and data.rstrip(b'\x00')[-2:] == b'\xff\xd9':
         with Image.open(io.BytesIO(data)) as img:  # header only
             if img.format == 'JPEG' and img.mode in ('RGB', 'L'):
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), img.size
-    pixels = torch.from_numpy(np.array(decode_image(data))).permute(2, 0, 1).contiguous()  # (3, H, W)
+    return decoded_pixels(data, channels)
+
+
+def decoded_pixels(data: bytes, channels: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """``decode_image``'s image as (C, H, W) uint8 and its (w, h)."""
+    # RGB keeps its call of before, decode_image(data): channels 3 is that function's default
+    array = np.array(decode_image(data) if channels == 3 else decode_image(data, channels))
+    array = array if array.ndim == 3 else array[:, :, None]  # grey (H, W) -> (H, W, 1)
+    pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (C, H, W)
     return pixels, (pixels.shape[2], pixels.shape[1])
 
 
@@ -116,12 +133,16 @@ class GpuTrainTransform:
 
     def __init__(self, config: Any) -> None:
         check_fast_config(config)
-        self.size = config.DATA.IMG_SIZE
+        self.height, self.width = img_size_hw(config)
+        self.channels = model_in_chans(config)
         self.crop, self.flip, secondary, self.eraser = timm_train_pieces(config)
         self.recorder = plan_recorder(secondary)
+        if self.recorder is not None and self.channels != 3:  # validate_config refuses this first
+            raise ConfigError(f"DATA.LOADER 'gpu' runs RandAugment on RGB images only; the model takes "
+                              f"{self.channels} channels: set AUG.AUTO_AUGMENT none")
 
     def decode(self, source: Any) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        return encoded_or_pixels(read_bytes(source))
+        return encoded_or_pixels(read_bytes(source), self.channels)
 
     def __call__(self, decoded: Tuple[torch.Tensor, Tuple[int, int]]) -> Tuple[torch.Tensor, Dict[str, Any]]:
         payload, (w, h) = decoded
@@ -130,7 +151,7 @@ class GpuTrainTransform:
         flip = self.flip is not None and bool(torch.rand(1) < self.flip.p)  # RandomHorizontalFlip's draw
         ops = self.recorder([]) if self.recorder is not None else []
         plan = {'size': (w, h), 'crop': box, 'interpolation': _INTERPOLATIONS.index(interpolation), 'flip': flip, 'ops': ops,
-                'erase': erase_params(self.eraser, self.size, self.size)}
+                'erase': erase_params(self.eraser, self.height, self.width)}
         return payload, plan
 
 
@@ -142,12 +163,13 @@ class GpuEvalTransform:
 
     def __init__(self, config: Any) -> None:
         check_fast_config(config)
-        self.size = config.DATA.IMG_SIZE
+        self.size = img_size_hw(config)
+        self.channels = model_in_chans(config)
         self.crop = bool(config.TEST.CROP)
         self.interpolation = _INTERPOLATIONS.index(EVAL_INTERPOLATION[config.DATA.INTERPOLATION])
 
     def decode(self, source: Any) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        return encoded_or_pixels(read_bytes(source))
+        return encoded_or_pixels(read_bytes(source), self.channels)
 
     def __call__(self, decoded: Tuple[torch.Tensor, Tuple[int, int]]) -> Tuple[torch.Tensor, Dict[str, Any]]:
         payload, (w, h) = decoded
@@ -510,16 +532,18 @@ class ResizeChunk:
 RESIZE_BUDGET = 2 ** 27  # elements of a chunk's largest buffer (float32: 512 MiB); more starts another chunk
 
 
-def compile_resize(plans: Sequence[Dict[str, Any]], order: Sequence[int], size: int
+def compile_resize(plans: Sequence[Dict[str, Any]], order: Sequence[int], size: Any, channels: int = 3
                    ) -> Tuple[List[ResizeChunk], Dict[str, torch.Tensor]]:
-    """The batched crop-resize of ``plans`` (train: crop, flip; eval: resize and center crop) into (B, 3, S, S)
-    at positions in ``order``, from the decoded images concatenated flat in batch order.
+    """The batched crop-resize of ``plans`` (train: crop, flip; eval: resize and center crop) into (B, C, H, W)
+    at positions in ``order``, from the decoded (C, h, w) images concatenated flat in batch order; ``size`` an
+    int (a square) or (H, W).
 
-    Separable, vertical pass first: ``index_select`` gathers each crop's rows (three channels side by side,
+    Separable, vertical pass first: ``index_select`` gathers each crop's rows (the C channels side by side,
     padded to the chunk's widest crop) from a sliding-window view of the flat images; an ``embedding_bag`` (a
     weighted sum of taps, float32, no TF32) resizes the columns, a transpose turns the rows into columns and a
     second ``embedding_bag`` resizes those. Flips are reversed horizontal taps."""
-    n = len(order)
+    n, c = len(order), channels
+    out_h, out_w = pair(size)
     geometry = [plans[b] for b in order]
     wh = np.array([plan['size'] for plan in geometry], dtype=np.int64).reshape(n, 2)  # (n, 2) image (w, h)
     modes = np.array([plan['interpolation'] for plan in geometry], dtype=np.int64)
@@ -531,17 +555,17 @@ def compile_resize(plans: Sequence[Dict[str, Any]], order: Sequence[int], size: 
         flip = np.zeros(n, bool)
     else:
         i, j, h, w = np.array([plan['crop'] for plan in geometry], dtype=np.int64).reshape(n, 4).T
-        v_in, v_out, v_first, v_offset = h, np.full(n, size), np.zeros(n, np.int64), i
-        h_in, h_out, h_first, h_offset = w, np.full(n, size), np.zeros(n, np.int64), j
+        v_in, v_out, v_first, v_offset = h, np.full(n, out_h), np.zeros(n, np.int64), i
+        h_in, h_out, h_first, h_offset = w, np.full(n, out_w), np.zeros(n, np.int64), j
         flip = np.array([plan['flip'] for plan in geometry], dtype=bool)
-    v_start, v_len, v_w = resize_taps(v_in, v_out, v_first, size, modes)  # in crop coordinates
-    h_start, h_len, h_w = resize_taps(h_in, h_out, h_first, size, modes)
+    v_start, v_len, v_w = resize_taps(v_in, v_out, v_first, out_h, modes)  # in crop coordinates
+    h_start, h_len, h_w = resize_taps(h_in, h_out, h_first, out_w, modes)
     h_start, h_len, h_w = (np.where(flip[:, None], a[:, ::-1], a) if a.ndim == 2 else
                            np.where(flip[:, None, None], a[:, ::-1], a) for a in (h_start, h_len, h_w))
     y_lo, y_hi = v_offset + v_start.min(1, initial=0), v_offset + (v_start + v_len).max(1, initial=0)
     x_lo, x_hi = h_offset + h_start.min(1, initial=0), h_offset + (h_start + h_len).max(1, initial=0)
     sizes = np.array([plan['size'] for plan in plans], dtype=np.int64).reshape(len(plans), 2)
-    flat_offset = np.concatenate([[0], np.cumsum(3 * sizes[:, 0] * sizes[:, 1])])[np.asarray(order, np.int64)]
+    flat_offset = np.concatenate([[0], np.cumsum(c * sizes[:, 0] * sizes[:, 1])])[np.asarray(order, np.int64)]
 
     chunks: List[ResizeChunk] = []
     tensors: Dict[str, torch.Tensor] = {'resize.zeros': torch.zeros(int((x_hi - x_lo).max(initial=1)),
@@ -549,20 +573,21 @@ def compile_resize(plans: Sequence[Dict[str, Any]], order: Sequence[int], size: 
     by_width = sorted(range(n), key=lambda k: -(x_hi[k] - x_lo[k]))
     while by_width:
         width, members, rows = int(x_hi[by_width[0]] - x_lo[by_width[0]]), [], 0
-        while by_width and (not members or max(3 * (rows + y_hi[by_width[0]] - y_lo[by_width[0]]),
-                                                3 * size * (len(members) + 1)) * width <= RESIZE_BUDGET):
+        while by_width and (not members or max(c * (rows + y_hi[by_width[0]] - y_lo[by_width[0]]),
+                                                c * max(out_h, out_w) * (len(members) + 1)) * width
+                            <= RESIZE_BUDGET):
             k = by_width.pop(0)
             members.append(k)
             rows += int(y_hi[k] - y_lo[k])
         m = np.array(sorted(members), dtype=np.int64)  # in output order: one chunk writes the batch as it is
         # the gathered rows, (sample, y, channel): the flat start of row y of that channel at the crop's left edge
         rows_of = y_hi[m] - y_lo[m]
-        base = np.concatenate([[0], np.cumsum(rows_of)[:-1]])  # each sample's first row (a row: 3 channels)
+        base = np.concatenate([[0], np.cumsum(rows_of)[:-1]])  # each sample's first row (a row: C channels)
         sample = np.repeat(np.arange(len(m)), rows_of)
         y = y_lo[m][sample] + np.arange(len(sample)) - base[sample]
         w_img, h_img = wh[m][sample].T
         row_starts = (flat_offset[m][sample] + y * w_img + x_lo[m][sample])[:, None] + \
-            np.arange(3) * (h_img * w_img)[:, None]  # (rows, 3)
+            np.arange(c) * (h_img * w_img)[:, None]  # (rows, C)
         base = base[:, None, None]
         taps = np.arange(v_w.shape[2])
         v_idx = np.minimum(base + (v_offset[m] - y_lo[m])[:, None, None] + v_start[m][..., None] + taps,
@@ -586,20 +611,20 @@ def compile_resize(plans: Sequence[Dict[str, Any]], order: Sequence[int], size: 
 
 def resize_batched(images: Sequence[torch.Tensor], chunks: Sequence[ResizeChunk], t: Dict[str, torch.Tensor],
                    out: torch.Tensor) -> None:
-    """``compile_resize``'s plan on the decoded (3, H, W) uint8 images into out (B, 3, S, S) uint8: a fixed number
-    of kernels per chunk (one chunk unless the crops are huge), whatever the batch size."""
-    size = out.shape[-1]
+    """``compile_resize``'s plan on the decoded (C, h, w) uint8 images into out (B, C, H, W) uint8: a fixed
+    number of kernels per chunk (one chunk unless the crops are huge), whatever the batch size."""
+    c, out_h, out_w = out.shape[1:]
     flat = torch.cat([img.reshape(-1) for img in images] + [t['resize.zeros']])  # (N + widest crop,) uint8
     for chunk in chunks:
         name, n, width = f'resize{chunk.index}.', chunk.count, chunk.width
-        rows = flat.unfold(0, width, 1).index_select(0, t[name + 'rows'])  # (n * rows * 3, width) uint8
-        table = rows.float().view(-1, 3 * width)  # a crop row: its three channels side by side
+        rows = flat.unfold(0, width, 1).index_select(0, t[name + 'rows'])  # (n * rows * C, width) uint8
+        table = rows.float().view(-1, c * width)  # a crop row: its C channels side by side
         v = F.embedding_bag(t[name + 'v_idx'], table, t[name + 'v_off'], mode='sum',
-                            per_sample_weights=t[name + 'v_w'])  # (n * S, 3 * width): (sample, y) x (channel, x)
-        table = v.view(n, size, 3, width).permute(0, 3, 2, 1).contiguous().view(n * width, 3 * size)
+                            per_sample_weights=t[name + 'v_w'])  # (n * H, C * width): (sample, y) x (channel, x)
+        table = v.view(n, out_h, c, width).permute(0, 3, 2, 1).contiguous().view(n * width, c * out_h)
         h = F.embedding_bag(t[name + 'h_idx'], table, t[name + 'h_off'], mode='sum',
-                            per_sample_weights=t[name + 'h_w'])  # (n * S, 3 * S): (sample, x) x (channel, y)
-        h = h.round_().clamp_(0, 255).view(n, size, 3, size).permute(0, 2, 3, 1)  # (n, 3, S, S)
+                            per_sample_weights=t[name + 'h_w'])  # (n * W, C * H): (sample, x) x (channel, y)
+        h = h.round_().clamp_(0, 255).view(n, out_w, c, out_h).permute(0, 2, 3, 1)  # (n, C, H, W)
         if chunk.identity:
             out.copy_(h)
         else:
@@ -610,56 +635,69 @@ def resize_per_sample(images: Sequence[torch.Tensor], plans: Sequence[Dict[str, 
                       out: torch.Tensor) -> None:
     """The same crop-resize one image at a time with torchvision (uint8 kernels on the CPU, several times faster
     there than the batched float taps; the CPU has no kernel launches to save)."""
-    s = out.shape[-1]
+    out_h, out_w = out.shape[2:]
     for k, b in enumerate(order):
         img, plan = images[b], plans[b]
         interpolation = _INTERPOLATIONS[plan['interpolation']]
         if 'eval' in plan:
             (rh, rw), (top, left) = plan['eval']
-            out[k] = F2.resize(img, [rh, rw], interpolation=interpolation, antialias=True)[:, top:top + s,
-                                                                                          left:left + s]
+            out[k] = F2.resize(img, [rh, rw], interpolation=interpolation, antialias=True)[:, top:top + out_h,
+                                                                                          left:left + out_w]
         else:
             i, j, h, w = plan['crop']
-            x = F2.resize(img[:, i:i + h, j:j + w], [s, s], interpolation=interpolation, antialias=True)
+            x = F2.resize(img[:, i:i + h, j:j + w], [out_h, out_w], interpolation=interpolation, antialias=True)
             out[k] = x.flip(-1) if plan['flip'] else x
 
 
 # ----------------------------------------------------------------------------- decoding
 
-def _decode_jpegs(payloads: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
+# The channel counts whose JPEGs are decoded on the device: torchvision's read modes (grey: libjpeg's / nvJPEG's
+# luma output); other counts (alpha, .npy) are decoded in the worker.
+JPEG_MODES = {1: 'GRAY', 3: 'RGB'}
+
+
+def _decode_jpegs(payloads: List[torch.Tensor], device: torch.device, channels: int = 3) -> List[torch.Tensor]:
     # Lazily: torchvision.io loads its image codecs (libjpeg, nvJPEG) on import, which only DATA.LOADER gpu needs.
     from torchvision.io import ImageReadMode, decode_jpeg
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
         warnings.simplefilter('ignore')
-        return decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device if device.type == 'cuda' else 'cpu')
+        return decode_jpeg(payloads, mode=getattr(ImageReadMode, JPEG_MODES[channels]),
+                           device=device if device.type == 'cuda' else 'cpu')
 
 
-def _decode_one(payload: torch.Tensor, size: Tuple[int, int], device: torch.device) -> torch.Tensor:
+def _jpeg_decoder(channels: int) -> Callable[[List[torch.Tensor], torch.device], List[torch.Tensor]]:
+    """``_decode_jpegs`` as (payloads, device) -> images for ``channels`` (RGB: the function itself, as the
+    tests' stand-ins for nvJPEG replace it)."""
+    return _decode_jpegs if channels == 3 else functools.partial(_decode_jpegs, channels=channels)
+
+
+def _decode_one(payload: torch.Tensor, size: Tuple[int, int], device: torch.device, channels: int = 3
+                ) -> torch.Tensor:
     """One JPEG the batched call rejected: alone on the device, else Pillow on the CPU (it reads some files
     nvJPEG does not), else a black image of the header's size with a warning, so that the run goes on as with
     unreadable files elsewhere (the worker already checked the header and the end marker)."""
     try:
-        return _decode_jpegs([payload], device)[0].to(device)
+        return _jpeg_decoder(channels)([payload], device)[0].to(device)
     except RuntimeError:
         pass
     try:
-        pixels = np.array(decode_image(bytes(payload.numpy())))
-        return torch.from_numpy(pixels).permute(2, 0, 1).to(device, non_blocking=True)  # (3, H, W)
+        pixels, _ = decoded_pixels(bytes(payload.numpy()), channels)
+        return pixels.to(device, non_blocking=True)  # (C, H, W)
     except DECODE_ERRORS as exc:
         logger.warning("DATA.LOADER gpu: a JPEG of %dx%d px that passed the worker's checks cannot be decoded "
                        "(%s: %s); a black image takes its place", size[0], size[1], type(exc).__name__, exc)
-        return torch.zeros((3, size[1], size[0]), dtype=torch.uint8, device=device)
+        return torch.zeros((channels, size[1], size[0]), dtype=torch.uint8, device=device)
 
 
 def _decode_on_current_stream(payloads: Sequence[torch.Tensor], device: torch.device,
-                              sizes: Optional[Sequence[Tuple[int, int]]]) -> List[torch.Tensor]:
+                              sizes: Optional[Sequence[Tuple[int, int]]], channels: int = 3) -> List[torch.Tensor]:
     jpegs = [k for k, p in enumerate(payloads) if p.dim() == 1]
     out: List[Optional[torch.Tensor]] = [None] * len(payloads)
     if jpegs:
         try:
-            decoded = _decode_jpegs([payloads[k] for k in jpegs], device)
+            decoded = _jpeg_decoder(channels)([payloads[k] for k in jpegs], device)
         except RuntimeError:
-            decoded = [_decode_one(payloads[k], sizes[k] if sizes else (0, 0), device) for k in jpegs]
+            decoded = [_decode_one(payloads[k], sizes[k] if sizes else (0, 0), device, channels) for k in jpegs]
         for k, img in zip(jpegs, decoded):
             out[k] = img.to(device, non_blocking=True)
     for k, p in enumerate(payloads):
@@ -687,9 +725,10 @@ def decode_stream(device: torch.device) -> Optional[Any]:
 
 
 def decode_batch(payloads: Sequence[torch.Tensor], device: torch.device,
-                 sizes: Optional[Sequence[Tuple[int, int]]] = None) -> List[torch.Tensor]:
-    """(3, H, W) uint8 images on ``device``: JPEG bytes through one batched ``decode_jpeg`` there (nvJPEG on
-    CUDA), already-decoded pixels copied. A batch that fails is decoded image by image (``_decode_one``).
+                 sizes: Optional[Sequence[Tuple[int, int]]] = None, channels: int = 3) -> List[torch.Tensor]:
+    """(C, H, W) uint8 images on ``device``: JPEG bytes through one batched ``decode_jpeg`` there (nvJPEG on
+    CUDA; RGB, or grey for ``channels`` 1), already-decoded pixels copied. A batch that fails is decoded image by
+    image (``_decode_one``).
 
     On CUDA the images are made on a stream of their own (``decode_stream``) and handed to the current one with
     ``wait_stream`` and ``record_stream`` (pytorch/vision#9606, not fixed in torchvision 0.29): torchvision
@@ -699,10 +738,10 @@ def decode_batch(payloads: Sequence[torch.Tensor], device: torch.device,
     ``record_stream`` keeps each from being reused before the current stream's work on it has finished."""
     side = decode_stream(device)
     if side is None:
-        return _decode_on_current_stream(payloads, device, sizes)
+        return _decode_on_current_stream(payloads, device, sizes, channels)
     current = torch.cuda.current_stream(device)
     with torch.cuda.stream(side):
-        images = _decode_on_current_stream(payloads, device, sizes)
+        images = _decode_on_current_stream(payloads, device, sizes, channels)
     current.wait_stream(side)
     for img in images:
         img.record_stream(current)
@@ -716,12 +755,13 @@ class BatchPlan:
     (``compile_resize``; per sample on the CPU), the RandAugment layers (``compile_augment``) and ``extra``
     tensors (targets, normalisation, erasing fill), all in one ``PackedTensors``."""
 
-    def __init__(self, plans: Sequence[Dict[str, Any]], size: int,
-                 extra: Optional[Dict[str, torch.Tensor]] = None) -> None:
-        self.plans, self.size, self.count = list(plans), size, len(plans)
+    def __init__(self, plans: Sequence[Dict[str, Any]], size: Any,
+                 extra: Optional[Dict[str, torch.Tensor]] = None, channels: int = 3) -> None:
+        """``size``: the output's, an int (a square) or (H, W); ``channels`` the images' C."""
+        self.plans, self.size, self.count, self.channels = list(plans), pair(size), len(plans), channels
         self.sizes = [tuple(plan['size']) for plan in plans]
-        self.layers, tensors, self.order = compile_augment([plan.get('ops', []) for plan in plans], size, size)
-        self.chunks, resize = compile_resize(self.plans, self.order, size)
+        self.layers, tensors, self.order = compile_augment([plan.get('ops', []) for plan in plans], *self.size)
+        self.chunks, resize = compile_resize(self.plans, self.order, self.size, channels)
         self.packed = PackedTensors({**tensors, **resize, **(extra or {})})
 
     def pin_memory(self) -> 'BatchPlan':
@@ -730,21 +770,27 @@ class BatchPlan:
 
 
 class GpuFinish:
-    """Picklable ``DeviceBatch`` finish of DATA.LOADER gpu: decode, resize, RandAugment, normalise, erase."""
+    """Picklable ``DeviceBatch`` finish of DATA.LOADER gpu: decode, resize, RandAugment, normalise, erase.
 
-    def __init__(self, size: int, erase_mode: str) -> None:
-        self.size = size
-        self.device_finish = DeviceFinish(erase_mode)
+    ``size`` an int (a square) or (H, W); ``mean``/``std`` per channel (ImageNet's RGB ones by default), whose
+    length is the images' channel count."""
+
+    def __init__(self, size: Any, erase_mode: str, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD) -> None:
+        self.size = pair(size)
+        self.device_finish = DeviceFinish(erase_mode, mean, std)
+        self.channels = self.device_finish.channels
 
     def run(self, payloads: Sequence[torch.Tensor], plan: BatchPlan, t: Dict[str, torch.Tensor],
             device: torch.device) -> torch.Tensor:
-        """uint8 (B, 3, S, S) on ``device``: ``plan`` executed on the decoded payloads (``t``: its tensors there)."""
-        images = decode_batch(payloads, device, plan.sizes)
+        """uint8 (B, C, H, W) on ``device``: ``plan`` executed on the decoded payloads (``t``: its tensors there)."""
+        c = self.channels
+        images = decode_batch(payloads, device, plan.sizes, c)
         for k, (img, (w, h)) in enumerate(zip(images, plan.sizes)):
-            if tuple(img.shape[1:]) != (h, w):  # shapes are host values: no sync
+            if tuple(img.shape) != (c, h, w):  # shapes are host values: no sync
                 raise ValueError(f"DATA.LOADER gpu: image {k} of the batch decoded to {tuple(img.shape)}, its "
-                                 f"header said {w}x{h}")
-        x = torch.empty((plan.count, 3, self.size, self.size), dtype=torch.uint8, device=device)
+                                 f"header said {w}x{h} and the model takes {c} channels")
+        x = torch.empty((plan.count, c, *self.size), dtype=torch.uint8, device=device)
         if device.type == 'cpu':
             resize_per_sample(images, plan.plans, plan.order, x)
         else:
@@ -753,32 +799,38 @@ class GpuFinish:
 
     def images(self, payloads: Sequence[torch.Tensor], plans: Sequence[Dict[str, Any]],
                device: torch.device) -> torch.Tensor:
-        """uint8 (B, 3, S, S) on ``device``: the plans executed on the decoded images (the collate's batches come
+        """uint8 (B, C, H, W) on ``device``: the plans executed on the decoded images (the collate's batches come
         with their plan made; this makes it here)."""
-        plan = BatchPlan(plans, self.size)
+        plan = BatchPlan(plans, self.size, channels=self.channels)
         return self.run(payloads, plan, plan.packed.to(device), device)
 
     def __call__(self, batch: DeviceBatch, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         plan: BatchPlan = batch.extras
         t = plan.packed.to(device)
         if not plan.count:
-            return torch.empty((0, 3, self.size, self.size), device=device), t['targets']
-        images = self.run(batch.images.unpack(), plan, t, device)
+            return torch.empty((0, self.channels, *self.size), device=device), t['targets']
+        images = self.run(batch.images.unpack(device), plan, t, device)
         return self.device_finish.apply(images, t), t['targets']
 
 
 class PackedImages:
-    """A batch's encoded JPEGs as one uint8 tensor plus lengths, and the (rare) Pillow-decoded images by position.
+    """A batch's encoded JPEGs as one uint8 tensor plus lengths, and the images decoded in the worker (other
+    files; every image for 2, 4 or N channels) as another one plus shapes, by position.
 
     One tensor per batch instead of one per image: DataLoader workers pass every tensor through its own shared
-    memory file descriptor, and 128 per batch times the batches in flight can exceed the open-file limit."""
+    memory file descriptor, and 128 per batch times the batches in flight can exceed the open-file limit; and the
+    decoded pixels reach the device in one copy, not one per image."""
 
     def __init__(self, payloads: Sequence[torch.Tensor]) -> None:
         jpegs = [p for p in payloads if p.dim() == 1]
+        decoded = [(k, p) for k, p in enumerate(payloads) if p.dim() != 1]
         self.count = len(payloads)
         self.data = torch.cat(jpegs) if jpegs else torch.empty(0, dtype=torch.uint8)  # all the bytes, (N,)
         self.lengths = [int(p.numel()) for p in jpegs]
-        self.pixels = [(k, p) for k, p in enumerate(payloads) if p.dim() != 1]
+        self.pixel_positions = [k for k, _ in decoded]
+        self.pixel_shapes = [tuple(p.shape) for _, p in decoded]  # (C, H, W) each
+        self.pixel_data = (torch.cat([p.reshape(-1) for _, p in decoded]) if decoded else
+                           torch.empty(0, dtype=torch.uint8))  # all the pixels, (M,)
 
     def __len__(self) -> int:
         return self.count
@@ -786,13 +838,19 @@ class PackedImages:
     def pin_memory(self) -> 'PackedImages':
         """Pins the decoded pixels (copied to the device); the JPEG bytes stay where they are: the decoder reads
         them on the host."""
-        self.pixels = [(k, p.pin_memory()) for k, p in self.pixels]
+        self.pixel_data = self.pixel_data.pin_memory()
         return self
 
-    def unpack(self) -> List[torch.Tensor]:
-        """The payloads in batch order: 1-D byte views (contiguous) and (3, H, W) pixel tensors."""
+    def unpack(self, device: Optional[torch.device] = None) -> List[torch.Tensor]:
+        """The payloads in batch order: 1-D byte views (contiguous, on the host) and (C, H, W) pixel views, on
+        ``device`` when given (one non-blocking copy of them all)."""
         views = iter(torch.split(self.data, self.lengths)) if self.lengths else iter(())
-        pixels = dict(self.pixels)
+        flat = self.pixel_data
+        if device is not None and flat.numel():
+            flat = flat.to(device, non_blocking=True)
+        sizes = [int(np.prod(shape)) for shape in self.pixel_shapes]
+        pixels = {k: view.view(shape) for k, view, shape in
+                  zip(self.pixel_positions, torch.split(flat, sizes) if sizes else (), self.pixel_shapes)}
         return [pixels[k] if k in pixels else next(views) for k in range(self.count)]
 
 
@@ -810,10 +868,12 @@ class GpuCollate:
         plans = [dict(plan) for (_, plan), _ in kept]
         erase = [plan.pop('erase', torch.zeros(1, dtype=torch.int64)) for plan in plans]
         size = self.finish.size
-        prepared = self.finish.device_finish.prepare(torch.stack(erase) if erase else None, size, size)
-        plan = BatchPlan(plans, size, {'targets': targets, **prepared})
+        prepared = self.finish.device_finish.prepare(torch.stack(erase) if erase else None, *size)
+        plan = BatchPlan(plans, size, {'targets': targets, **prepared}, self.finish.channels)
         return DeviceBatch(PackedImages([payload for (payload, _), _ in kept]), targets, plan, self.finish)
 
 
 def gpu_collate(is_train: bool, config: Any) -> GpuCollate:
-    return GpuCollate(GpuFinish(config.DATA.IMG_SIZE, config.AUG.REMODE))
+    """Normalised with ``config.mean_std`` (``DATA.MEAN`` / ``DATA.STD``, or the channel count's default)."""
+    mean, std = mean_std(config)
+    return GpuCollate(GpuFinish(img_size_hw(config), config.AUG.REMODE, mean, std))

@@ -275,14 +275,23 @@ def size_only(width: int, height: int) -> torch.Tensor:
     return torch.empty((1, 1, 1), dtype=torch.uint8).expand(3, height, width)
 
 
-def eval_geometry(width: int, height: int, size: int, crop: bool) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """(resized (h, w), crop offset (top, left)) of the eval transform: torchvision's Resize(int(256/224 * size))
-    short side (the long side truncated as torchvision does) and CenterCrop(size); without ``crop`` (size, size)."""
+def eval_geometry(width: int, height: int, size: Any, crop: bool) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """(resized (h, w), crop offset (top, left)) of the eval transform (``eval_resize``) on an image of
+    ``width`` x ``height``, for ``size`` an int (a square) or (H, W). Square: torchvision's Resize(int(256/224 *
+    size)) short side (the long side truncated as torchvision does) and CenterCrop(size). [H, W]: timm's
+    ``ResizeKeepRatio`` to cover (int(256/224 * H), int(256/224 * W)) (the smaller ratio, sides rounded), then
+    torchvision's CenterCrop((H, W)). Without ``crop``: a resize straight to the size, no offset."""
+    out_h, out_w = (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
     if not crop:
-        return (size, size), (0, 0)
-    short = int((256 / 224) * size)
-    if width <= height:
-        rh, rw = int(short * height / width), short
+        return (out_h, out_w), (0, 0)
+    if out_h == out_w:
+        short = int((256 / 224) * out_h)
+        if width <= height:
+            rh, rw = int(short * height / width), short
+        else:
+            rh, rw = short, int(short * width / height)
     else:
-        rh, rw = short, int(short * width / height)
-    return (rh, rw), (int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0)))
+        cover_h, cover_w = eval_scale_size(out_h, out_w)
+        ratio = min(height / cover_h, width / cover_w)  # ResizeKeepRatio.get_params with longest=0
+        rh, rw = round(height / ratio), round(width / ratio)
+    return (rh, rw), (int(round((rh - out_h) / 2.0)), int(round((rw - out_w) / 2.0)))

@@ -209,7 +209,7 @@ def test_clip_grad_may_be_none():
     (['TRAIN.LAYER_DECAY', '0.0'], 'LAYER_DECAY'),
     (['DATA.BATCH_SIZE', '7', 'AUG.MIXUP_MODE', 'pair'], r'DATA\.BATCH_SIZE = 7 must be even'),
     (['DATA.BATCH_SIZE', '7', 'AUG.MIXUP_MODE', 'elem'], 'must be even'),
-    (['MODEL.TYPE', 'swin_mixer'], r"MODEL\.TYPE = 'swin_mixer' is not one of \['swin', 'swinv2', 'swin_moe'"),
+    (['MODEL.TYPE', 'swin_mixer'], r"MODEL\.TYPE = 'swin_mixer' is not one of \['swin', 'swinv2', 'swin_mlp', 'swin_moe'\]"),
     (['MODEL.TYPE', 'swin_moe', 'MODEL.SWIN_MOE.MOE_BLOCKS', '[[1], [1]]'], r'MOE_BLOCKS needs one list'),
     (['MODEL.TYPE', 'swin_moe', 'MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS', '0'], r'NUM_LOCAL_EXPERTS must not be 0'),
     (['MODEL.TYPE', 'swin_moe', 'MODEL.SWIN_MOE.TOP_VALUE', '0'], r'TOP_VALUE .* must be >= 1'),

@@ -7,6 +7,8 @@
   decides the file layout).
 - ``utils.logger``: per-rank log files, TensorBoard and the ``metrics.jsonl`` writer.
 - ``utils.misc``: seeding, memory and time formatting.
+- ``utils.trackers``: the experiment trackers (TensorBoard, wandb, MLflow) behind one ``Trackers`` object on
+  rank 0; their run ids travel in the checkpoint.
 
 Nothing is imported here so that ``import utils.checkpoint`` stays cheap (models/ uses it to read files).
 """

@@ -13,7 +13,8 @@ File layout in the output folder (official names kept):
 
 A checkpoint is a plain dict readable with ``torch.load(weights_only=True)``:
 ``model, optimizer, lr_scheduler, scaler, ema, epoch, step, max_accuracy, config, rng`` and, from a training
-run, ``data_order``; a mid-epoch one also ``running_sums`` (the epoch's loss sums, skip counts and time so far,
+run, ``data_order`` and, with experiment trackers on, ``tracker_runs`` (tracker name -> run id, so that a
+resume continues the same wandb / MLflow run); a mid-epoch one also ``running_sums`` (the epoch's loss sums, skip counts and time so far,
 which ``metrics.jsonl`` and TensorBoard report; a file without them resumes with fresh sums). ``epoch`` is the
 last *completed* epoch (-1 before the first), as the official code reads it, and ``step`` the optimizer updates
 already done in epoch ``epoch + 1`` (0 for an end-of-epoch checkpoint).
@@ -59,7 +60,7 @@ import random
 import re
 import shutil
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -402,6 +403,9 @@ class TrainState:
     # mid-epoch checkpoint so that a resumed epoch reports the same mean loss, skips and time as an uninterrupted
     # one; None: none (a fresh epoch, or a checkpoint from before they were saved).
     running_sums: Optional[Dict[str, Any]] = None
+    # The experiment trackers' run ids (``utils.trackers.Trackers.run_ids``: ``{'wandb': id, 'mlflow': run_id}``),
+    # saved with every checkpoint so that a resumed run continues the same tracker runs; empty: none.
+    tracker_runs: Dict[str, str] = field(default_factory=dict)
 
     @property
     def global_update(self) -> int:
@@ -435,6 +439,8 @@ def build_checkpoint(state: TrainState, config_dict: Dict[str, Any], rng: Option
     }
     if state.update and state.running_sums:  # mid-epoch: the epoch's log sums so far, as plain numbers
         checkpoint['running_sums'] = {k: float(v) for k, v in state.running_sums.items()}
+    if state.tracker_runs:
+        checkpoint['tracker_runs'] = {str(k): str(v) for k, v in state.tracker_runs.items()}
     if rng is not None:
         checkpoint['rng'] = rng
     if sampler is not None:
@@ -523,6 +529,56 @@ def _load_sharded_tensors(checkpoint: Mapping[str, Any], model: torch.nn.Module,
         raise CheckpointError(str(e)) from None
 
 
+_WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DDP / torch.compile, should a name carry them
+
+
+def _plain(name: str) -> str:
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.split('.', 1)[1]
+    return name
+
+
+def _saved_trained_names(checkpoint: Mapping[str, Any]) -> Optional[set]:
+    """The names of the parameters the checkpoint's optimizer trained: ``param_names`` of a file's optimizer
+    groups, or the FQNs of a sharded checkpoint's ``optimizer_groups``; None when it does not record them."""
+    if checkpoint.get('sharded_dir'):
+        groups = (checkpoint.get('optimizer_groups') or {}).get('param_groups') or []
+        key = 'params'
+    else:
+        groups = (checkpoint.get('optimizer') or {}).get('param_groups') or []
+        key = 'param_names'
+    if not groups or not all(isinstance(g, Mapping) and key in g for g in groups):
+        return None
+    return {_plain(str(n)) for g in groups for n in g[key]}
+
+
+def check_same_trainable(checkpoint: Mapping[str, Any], model: torch.nn.Module, path: str = '<checkpoint>') -> None:
+    """Refuse to resume optimizer state into a model whose trainable parameters (``requires_grad``) are not the
+    ones the checkpoint's optimizer trained, e.g. after changing ``TRAIN.FREEZE`` / ``TRAIN.LINEAR_PROBE``:
+    torch's ``Optimizer.load_state_dict`` matches parameters by position and group size only, so it would load
+    one tensor's moments into another without a word, or fail on a group size. Nothing to check when the
+    checkpoint does not record the names."""
+    saved = _saved_trained_names(checkpoint)
+    if saved is None:
+        return
+    now = {_plain(n) for n, p in unwrap_model(model).named_parameters() if p.requires_grad}
+    if saved == now:
+        return
+    frozen_now, trained_now = sorted(saved - now), sorted(now - saved)
+    parts = []
+    if frozen_now:
+        parts.append(f"{len(frozen_now)} tensor(s) it trained do not train now (e.g. {', '.join(frozen_now[:3])})")
+    if trained_now:
+        parts.append(f"{len(trained_now)} tensor(s) train now that it did not (e.g. {', '.join(trained_now[:3])})")
+    train_cfg = (checkpoint.get('config') or {}).get('TRAIN') or {}
+    then = (f" (it was saved with TRAIN.FREEZE {list(train_cfg.get('FREEZE') or [])}, TRAIN.LINEAR_PROBE "
+            f"{bool(train_cfg.get('LINEAR_PROBE'))})" if isinstance(train_cfg, Mapping) else '')
+    raise CheckpointError(f"{path}: its optimizer state is for other trainable parameters: {'; '.join(parts)}"
+                          f"{then}. Resume with the frozen parameters it was saved with, or, to change what "
+                          f"trains, start a new run (another --output or --tag) with --pretrained {path}: its "
+                          f"weights load and the optimizer starts fresh")
+
+
 def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, path: str = '<checkpoint>',
                            logger: Optional[logging.Logger] = None) -> None:
     """Restore ``state`` (model, optimizer, scheduler, scaler, EMA, epoch, update, best accuracy) in place.
@@ -531,7 +587,11 @@ def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, pat
     checkpoint (a directory) loads into any world size, sharded or not.
     """
     log = logger or _LOG
+    runs = checkpoint.get('tracker_runs')  # absent before trackers were saved: the trackers start new runs
+    state.tracker_runs = {str(k): str(v) for k, v in runs.items()} if isinstance(runs, Mapping) else {}
     sharded = bool(checkpoint.get('sharded_dir'))
+    if state.optimizer is not None:  # before any tensor loads: a sharded load takes model and optimizer together
+        check_same_trainable(checkpoint, state.model, path)
     if sharded:
         with_optimizer = state.optimizer is not None and bool(checkpoint.get('optimizer_groups'))
         ema_restored = _load_sharded_tensors(checkpoint, state.model, state.optimizer if with_optimizer else None,
