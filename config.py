@@ -56,7 +56,7 @@ _C.DATA.LABELS = 'source'                # (ours) source: the dataset's own sing
 
 # ----------------------------------------------------------------------------- model
 _C.MODEL = CN()
-_C.MODEL.TYPE = 'swin'                   # swin | swinv2
+_C.MODEL.TYPE = 'swin'                   # swin | swinv2 | swin_mlp | swin_moe
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'
 _C.MODEL.PRETRAINED = ''
 _C.MODEL.RESUME = ''
@@ -177,7 +177,7 @@ _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
 _C.TRAIN.LAYER_DECAY = 1.0
 
 _C.TRAIN.MOE = CN()
-_C.TRAIN.MOE.SAVE_MASTER = False         # legacy, ignored (LEGACY_KEYS)
+_C.TRAIN.MOE.SAVE_MASTER = False         # Swin-MoE: rank 0 saves <name>.pth.global, every rank resumes from it
 
 _C.TRAIN.EMA = CN()                      # (ours) model EMA through timm's ModelEmaV3
 _C.TRAIN.EMA.ENABLE = False
@@ -188,6 +188,14 @@ _C.TRAIN.SAVE_EVERY_STEPS = 0            # (ours) mid-epoch checkpoint every N o
 _C.TRAIN.KEEP_CHECKPOINTS = 3            # (ours) keep the last K epoch checkpoints (plus best and last)
 _C.TRAIN.LOSS = 'ce'                     # (ours) ce: softmax cross-entropy (official) | bce: timm's
                                          # BinaryCrossEntropy (timm's --bce-loss); DATA.LABELS csv needs bce
+
+# (ours) Parameters that do not train (README 'Freezing'): requires_grad False before the optimizer and DDP/FSDP
+# are built, so they get no gradient, no optimizer state and no all-reduce. TRAIN.FREEZE: fnmatch globs over the
+# parameter names of model.named_parameters() (no DDP 'module.' prefix); a pattern also covers everything under
+# it, i.e. P freezes the names matching P or P.*: 'patch_embed', 'layers.0' (not layers.10), 'layers.*.norm*'.
+# Each must match some parameter. TRAIN.LINEAR_PROBE: freeze all but the classification head ('head.*').
+_C.TRAIN.FREEZE = []
+_C.TRAIN.LINEAR_PROBE = False
 
 _C.TRAIN.FSDP = CN()                     # (ours) sharded data parallel (torch FSDP2) and sharded checkpoints
 _C.TRAIN.FSDP.ENABLE = False             # --fsdp; 1 process or torchrun with N
@@ -238,7 +246,7 @@ _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
 _C.LOCAL_RANK = 0                        # legacy, ignored (LEGACY_KEYS)
 _C.FUSED_WINDOW_PROCESS = False          # legacy, ignored (LEGACY_KEYS)
-_C.FUSED_LAYERNORM = False               # legacy, ignored (LEGACY_KEYS)
+_C.FUSED_LAYERNORM = False               # apex FusedLayerNorm when importable (models.build.layer_norm_class)
 
 # ----------------------------------------------------------------------------- experiment trackers (ours)
 # Rank 0 logs the same scalars as TensorBoard (TENSORBOARD) to each enabled tracker, plus the resolved config;
@@ -260,15 +268,11 @@ _C.LOGGER.MLFLOW.RUN_NAME = ''           # '' = <MODEL.NAME>/<TAG>
 
 # ----------------------------------------------------------------------------- legacy keys (accepted, ignored)
 # Official keys that nothing here reads, with the reason. Files and --opts that set them load as before; a value
-# other than the default gets one log line per key per load (legacy_key_notes). The MODEL.SWIN_MLP.* and
-# MODEL.SWIN_MOE.* keys are not listed: they are for the model families still to be built (build_model names
-# them unsupported). TRAIN.MOE.SAVE_MASTER and FUSED_LAYERNORM are to get their official meaning later.
+# other than the default gets one log line per key per load (legacy_key_notes).
 LEGACY_KEYS = {
     'ENABLE_AMP': 'deprecated in the official code too; AMP_ENABLE turns mixed precision on and off',
     'FUSED_WINDOW_PROCESS': "the official fused window CUDA kernel; the models' own window ops run",
     'LOCAL_RANK': 'the local rank comes from the LOCAL_RANK environment variable (torchrun) or --local_rank',
-    'TRAIN.MOE.SAVE_MASTER': 'Swin-MoE is not built yet',
-    'FUSED_LAYERNORM': "apex's fused LayerNorm is not used; torch's LayerNorm runs",
 }
 
 
@@ -287,7 +291,7 @@ CHOICES = {
     'MODEL.FAST_PATHS_SELECT': ('measure', 'all', 'none'),
     'DATA.LABELS': ('source', 'csv'),
     'TRAIN.LOSS': ('ce', 'bce'),
-    'MODEL.TYPE': ('swin', 'swinv2'),
+    'MODEL.TYPE': ('swin', 'swinv2', 'swin_mlp', 'swin_moe'),
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep'),
     'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd', 'fused_adam', 'fused_lamb'),
     'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
@@ -331,8 +335,11 @@ def _type_error(exc: ValueError, where: str) -> ConfigError:
         shown = msg.split(' with values (', 1)[-1].rsplit(') for config key', 1)[0]
         got = shown.split(' vs. ', 1)[-1] if ' vs. ' in shown else '?'
         got = got if got.isprintable() else repr(got)  # a newline in the value must not break the one-line message
+        hint = (f" (a list: [patch_embed, layers.0] in YAML, one quoted argument \"['patch_embed', 'layers.0']\" "
+                f"in --opts)"
+                if key in STRING_LISTS else '')
         return ConfigError(f"in {where}: {key} must be of type {type(default).__name__} like its default "
-                           f"{default!r}, got {got}")
+                           f"{default!r}, got {got}{hint}")
     return ConfigError(f"in {where}: {msg}")
 
 
@@ -419,13 +426,17 @@ def img_size_hw(config: CN) -> Tuple[int, int]:
     return int(size), int(size)
 
 
+# MODEL.TYPE -> its architecture section under MODEL (the official layout)
+MODEL_SECTIONS = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'swin_mlp': 'SWIN_MLP', 'swin_moe': 'SWIN_MOE'}
+
+
 def model_in_chans(config: CN) -> int:
-    """The image channels the model takes: ``MODEL.SWIN.IN_CHANS`` or ``MODEL.SWINV2.IN_CHANS`` (``MODEL.TYPE``)."""
-    return int(config.MODEL.SWINV2.IN_CHANS if config.MODEL.TYPE == 'swinv2' else config.MODEL.SWIN.IN_CHANS)
+    """The image channels the model takes: ``MODEL.<section>.IN_CHANS`` of ``MODEL.TYPE`` (``MODEL_SECTIONS``)."""
+    return int(config.MODEL[MODEL_SECTIONS.get(config.MODEL.TYPE, 'SWIN')].IN_CHANS)
 
 
 def in_chans_key(config: CN) -> str:
-    return 'MODEL.SWINV2.IN_CHANS' if config.MODEL.TYPE == 'swinv2' else 'MODEL.SWIN.IN_CHANS'
+    return f"MODEL.{MODEL_SECTIONS.get(config.MODEL.TYPE, 'SWIN')}.IN_CHANS"
 
 
 # ImageNet's RGB statistics (timm.data.constants; copied so that this module imports no torch).
@@ -464,6 +475,8 @@ def _get(config: CN, dotted: str) -> Any:
 
 # Keys whose value may be None although their default is not.
 NULLABLE = ('TRAIN.CLIP_GRAD',)
+# List keys with an empty default whose elements are strings (an empty default says nothing about its elements).
+STRING_LISTS = ('TRAIN.FREEZE',)
 
 
 def _is_number(v: Any) -> bool:
@@ -493,7 +506,7 @@ def _check_types(config: CN) -> None:
         if isinstance(value, float) and value != value:
             raise ConfigError(f"{key} is NaN")
         if isinstance(default, (list, tuple)):
-            elem = type(default[0]) if default else None
+            elem = str if key in STRING_LISTS else type(default[0]) if default else None
             for v in value:
                 ok = (_is_number(v) if elem in (float, None) and key != 'BASE' else
                       isinstance(v, elem) and not (elem is int and isinstance(v, bool)))
@@ -580,6 +593,7 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
             raise ConfigError(f"{key} must be >= 0, got {_get(config, key)!r}")
     _check_data_source(config)
     _check_labels(config, pretrain)
+    _check_freeze(config, pretrain)
     scale = list(config.AUG.RRC_SCALE)
     if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise ConfigError(f"AUG.RRC_SCALE must be [min, max] with 0 < min <= max <= 1, got {scale}")
@@ -605,9 +619,9 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
                           f"with AUG.MIXUP_MODE = {config.AUG.MIXUP_MODE!r}")
     if config.TRAIN.LR_SCHEDULER.NAME == 'step' and config.TRAIN.LR_SCHEDULER.DECAY_EPOCHS < 1:
         raise ConfigError("TRAIN.LR_SCHEDULER.DECAY_EPOCHS must be >= 1 for the step scheduler")
-    if config.MODEL.TYPE in ('swin', 'swinv2'):
-        m = config.MODEL.SWIN if config.MODEL.TYPE == 'swin' else config.MODEL.SWINV2
-        prefix = 'MODEL.SWIN' if config.MODEL.TYPE == 'swin' else 'MODEL.SWINV2'
+    if config.MODEL.TYPE in MODEL_SECTIONS:
+        m = config.MODEL[MODEL_SECTIONS[config.MODEL.TYPE]]
+        prefix = f'MODEL.{MODEL_SECTIONS[config.MODEL.TYPE]}'
         if len(m.DEPTHS) != len(m.NUM_HEADS):
             raise ConfigError(f"{prefix}.DEPTHS {list(m.DEPTHS)} and {prefix}.NUM_HEADS {list(m.NUM_HEADS)} "
                               f"must have the same length")
@@ -622,10 +636,12 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
             if dim % heads:
                 raise ConfigError(f"{prefix}.EMBED_DIM {m.EMBED_DIM}: stage {i} width {dim} is not divisible "
                                   f"by its {heads} heads ({prefix}.NUM_HEADS)")
-        if config.MODEL.TYPE == 'swinv2' and len(m.PRETRAINED_WINDOW_SIZES) != len(m.DEPTHS):
-            raise ConfigError(f"MODEL.SWINV2.PRETRAINED_WINDOW_SIZES needs {len(m.DEPTHS)} entries, got "
+        if config.MODEL.TYPE in ('swinv2', 'swin_moe') and len(m.PRETRAINED_WINDOW_SIZES) != len(m.DEPTHS):
+            raise ConfigError(f"{prefix}.PRETRAINED_WINDOW_SIZES needs {len(m.DEPTHS)} entries, got "
                               f"{list(m.PRETRAINED_WINDOW_SIZES)}")
-    if config.MODEL.TYPE in ('swin', 'swinv2') and model_in_chans(config) >= 1:
+        if config.MODEL.TYPE == 'swin_moe':
+            _check_moe(config)
+    if config.MODEL.TYPE in MODEL_SECTIONS and model_in_chans(config) >= 1:
         _check_channels(config, pretrain)
     _check_trackers(config)
     if device is not None and config.TRAIN.FSDP.ENABLE and config.TRAIN.FSDP.CPU_OFFLOAD and device != 'cuda':
@@ -633,6 +649,28 @@ def validate_config(config: CN, pretrain: bool = False, device: Optional[str] = 
                           "already (DEVICE / --device), so set TRAIN.FSDP.CPU_OFFLOAD False")
 
 
+def _check_moe(config: CN) -> None:
+    """The MODEL.SWIN_MOE keys that the model could only refuse later, or that would fail mid-run."""
+    m = config.MODEL.SWIN_MOE
+    if len(m.MOE_BLOCKS) != len(m.DEPTHS) or not all(isinstance(b, (list, tuple)) for b in m.MOE_BLOCKS):
+        raise ConfigError(f"MODEL.SWIN_MOE.MOE_BLOCKS needs one list of block indices per stage "
+                          f"({len(m.DEPTHS)}), got {m.MOE_BLOCKS!r}")
+    if m.NUM_LOCAL_EXPERTS == 0:
+        raise ConfigError("MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS must not be 0 (> 0: experts per process; < 0: that "
+                          "many processes share one expert)")
+    if m.TOP_VALUE < 1:
+        raise ConfigError(f"MODEL.SWIN_MOE.TOP_VALUE (the k of top-k routing) must be >= 1, got {m.TOP_VALUE}")
+    if m.COSINE_ROUTER and (m.COSINE_ROUTER_DIM < 1 or m.COSINE_ROUTER_INIT_T <= 0):
+        raise ConfigError(f"MODEL.SWIN_MOE.COSINE_ROUTER_DIM must be >= 1 and COSINE_ROUTER_INIT_T > 0, got "
+                          f"{m.COSINE_ROUTER_DIM} and {m.COSINE_ROUTER_INIT_T}")
+    if not m.IS_GSHARD_LOSS and m.GATE_NOISE <= 0:
+        raise ConfigError("MODEL.SWIN_MOE.GATE_NOISE must be > 0 with IS_GSHARD_LOSS False (the load loss "
+                          "normalises by it)")
+    if config.TRAIN.FSDP.ENABLE:
+        raise ConfigError("TRAIN.FSDP.ENABLE is not supported with MODEL.TYPE swin_moe: its experts are already "
+                          "sharded over the processes (DDP with per-rank checkpoints)")
+    if not 0 <= m.MOE_DROP < 1:
+        raise ConfigError(f"MODEL.SWIN_MOE.MOE_DROP must be in [0, 1), got {m.MOE_DROP}")
 def _check_trackers(config: CN) -> None:
     """A ``LOGGER`` value wandb would refuse only after the output folder exists (the trackers' packages are
     checked at start-up by ``utils.trackers.check_tracker_packages``)."""
@@ -666,6 +704,22 @@ def _check_labels(config: CN, pretrain: bool) -> None:
     if config.DATA.ZIP_MODE:
         raise ConfigError("DATA.LABELS csv reads image files under DATA.DATA_PATH; DATA.ZIP_MODE (--zip) reads "
                           "<split>.zip with a single-label map file: turn one of them off")
+
+
+def _check_freeze(config: CN, pretrain: bool) -> None:
+    """``TRAIN.FREEZE`` / ``TRAIN.LINEAR_PROBE`` combinations that cannot work (the patterns themselves are
+    matched against the model's parameter names when it is built: ``models.freeze_parameters``)."""
+    patterns = list(config.TRAIN.FREEZE)
+    for pattern in patterns:
+        if not pattern.strip() or pattern != pattern.strip():
+            raise ConfigError(f"TRAIN.FREEZE holds {pattern!r}: give parameter-name patterns without surrounding "
+                              f"spaces, e.g. ['patch_embed', 'layers.0']")
+    if config.TRAIN.LINEAR_PROBE and patterns:
+        raise ConfigError(f"TRAIN.LINEAR_PROBE freezes everything but the head already; leave TRAIN.FREEZE empty "
+                          f"(got {patterns})")
+    if config.TRAIN.LINEAR_PROBE and pretrain:
+        raise ConfigError("TRAIN.LINEAR_PROBE trains only the classification head; SimMIM pre-training has none: "
+                          "set TRAIN.LINEAR_PROBE False")
 
 
 def _check_data_source(config: CN) -> None:

@@ -28,7 +28,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -139,12 +139,15 @@ def build_criterion(config: Any, mixup_fn: Any) -> nn.Module:
 
 def classification_loss(criterion: nn.Module, mixup_fn: Optional[Callable], device: torch.device) -> LossFn:
     """``loss_fn(model, (images, targets))``: to the device (``batch_to_device``), Mixup/CutMix there, then the
-    criterion."""
+    criterion, plus the model's auxiliary loss of that forward when it has one (Swin-MoE's ``aux_loss()``, already
+    weighted by ``MODEL.SWIN_MOE.AUX_LOSS_WEIGHT``: the official ``loss = criterion(outputs, targets) + l_aux``)."""
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
         images, targets = batch_to_device(batch, device)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
-        return criterion(model(images).float(), targets)
+        loss = criterion(model(images).float(), targets)
+        aux_loss = getattr(unwrap_model(model), 'aux_loss', None)
+        return loss if aux_loss is None else loss + aux_loss().float()
     return loss_fn
 
 
@@ -199,6 +202,8 @@ class UpdateStep:
         self.ddp, self.fsdp = find_ddp(train_model), unwrap_model(train_model, FSDPModule)
         self.max_norm = float(clip_grad) if clip_grad else math.inf
         self.params = [p for p in state.model.parameters() if p.requires_grad]
+        # Swin-MoE: each rank's experts (their gradients are not all-reduced, so they differ between ranks)
+        self.expert_params = expert_parameters(unwrap_model(state.model)) if is_distributed() else []
 
     def __call__(self, micro_batches: Sequence[Batch]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         state, precision, n = self.state, self.precision, len(micro_batches)
@@ -216,7 +221,10 @@ class UpdateStep:
         if state.scaler is not None:
             state.scaler.unscale_(optimizer)
         params = list(precision.apex_amp.master_params(optimizer)) if precision.apex_amp else self.params
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        if self.expert_params and not precision.apex_amp:
+            grad_norm = clip_grad_norm_with_experts(params, self.expert_params, self.max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
         if hasattr(grad_norm, 'full_tensor'):  # FSDP: a replicated DTensor (the norm of the whole gradient)
             grad_norm = grad_norm.full_tensor()
         bad = ~torch.isfinite(grad_norm)  # the same on every rank: gradients are all-reduced (or the norm is)
@@ -244,6 +252,31 @@ class UpdateStep:
 
 
 # ----------------------------------------------------------------------------- train / validate / throughput
+
+def expert_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The parameters a model lists in ``_ddp_params_and_buffers_to_ignore`` (Swin-MoE's experts: DDP does not
+    all-reduce them, each rank owns its own)."""
+    ignored = set(getattr(model, '_ddp_params_and_buffers_to_ignore', ()))
+    return [p for n, p in model.named_parameters() if n in ignored]
+
+
+def clip_grad_norm_with_experts(params: Sequence[nn.Parameter], expert_params: Sequence[nn.Parameter],
+                                max_norm: float) -> torch.Tensor:
+    """Clip by the norm of the whole model's gradient: the shared parameters' (equal on every rank after DDP's
+    all-reduce) and every rank's experts' (their squares summed over the ranks). The official code clips each rank
+    by its local norm, which differs between ranks; this one is the same everywhere, so every rank skips a
+    non-finite step together."""
+    experts = {id(p) for p in expert_params}
+    shared = [p.grad for p in params if p.grad is not None and id(p) not in experts]
+    local = [p.grad for p in params if p.grad is not None and id(p) in experts]
+    device = (shared or local)[0].device
+    shared_sq = torch.nn.utils.get_total_norm(shared).float() ** 2 if shared else torch.zeros((), device=device)
+    expert_sq = torch.nn.utils.get_total_norm(local).float() ** 2 if local else torch.zeros((), device=device)
+    total = (shared_sq + all_reduce_sum(expert_sq)).sqrt()
+    if math.isfinite(max_norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
 
 def train_one_epoch(state: TrainState, update_step: UpdateStep, data_loader: DataLoader,
                     accumulation_steps: int = 1) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -596,6 +629,13 @@ def wrap_for_training(model: nn.Module, config: Any, dist_info: DistInfo) -> nn.
         # torch >= 2.12 names the per-forward broadcast `forward_sync_buffers` and deprecates the old keyword.
         no_broadcast = {'forward_sync_buffers' if 'forward_sync_buffers' in _DDP_PARAMETERS else
                         'broadcast_buffers': False}
+        # Swin-MoE's experts are in model._ddp_params_and_buffers_to_ignore (DDP reads it): not all-reduced. Their
+        # gradients sum every rank's tokens (the all-to-all's backward) while DDP averages the shared ones, so they
+        # are divided by the world size, as the official main_moe.py does (hook_scale_grad).
+        world = get_world_size()
+        for p in expert_parameters(model):
+            if p.requires_grad:
+                p.register_hook(lambda grad, world=world: grad / world)
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
                                               find_unused_parameters=False, **no_broadcast)
     return torch.compile(train_model) if config.COMPILE else train_model
@@ -634,7 +674,8 @@ def select_fast_paths(config: Any, model: nn.Module, precision: 'Precision', log
     ``MODEL.FAST_PATHS_SELECT``: ``all`` / ``none``,
     or ``measure``: the cache (``utils.fast_path_cache``) or, on a miss, a timing on rank 0 of the model's own
     blocks at the run's batch size, image size and autocast dtype (``models.fast_path_select``), broadcast so
-    that every rank takes the same paths. Nothing is timed off the CPU, for SimMIM pre-training, or with the
+    that every rank takes the same paths. Nothing is timed off the CPU, for SimMIM pre-training, for Swin-MoE
+    (its experts' all-to-all needs every rank in each forward; rank 0 times alone), sharded (FSDP), or with the
     fast paths switched off (``MODEL.FAST_PATHS False`` / ``SWIN_FAST_PATHS=0``: nothing runs either way).
     """
     how = os.environ.get(SELECT_ENV_VAR) or config.MODEL.FAST_PATHS_SELECT
@@ -646,7 +687,7 @@ def select_fast_paths(config: Any, model: nn.Module, precision: 'Precision', log
     elif how == 'none':
         choices, source = {m: dict.fromkeys(fast_paths.PATHS, False) for m in fast_paths.MODES}, \
             'MODEL.FAST_PATHS_SELECT none'
-    elif how == 'all' or not fast_paths.use_fast_paths() or is_sharded(model) or \
+    elif how == 'all' or not fast_paths.use_fast_paths() or is_sharded(model) or config.MODEL.TYPE == 'swin_moe' or \
             not any(fast_path_select.applicable_paths(m, precision.dtype, device) for m in modes) or \
             not any(isinstance(m, SwinBlock) for m in model.modules()):
         choices, source = fast_paths.all_on(), 'all (nothing to measure)' if how == 'measure' else \
@@ -753,6 +794,7 @@ def build_training(config: Any, dist_info: DistInfo, model: nn.Module, loaders: 
     checkpointer = Checkpointer(config, dist_info, sampler=type(loaders.train.sampler).__name__, logger=log)
     if checkpointer.find() is None and config.MODEL.PRETRAINED:  # into the plain model: before the EMA copies
         _load_pretrained(model, config.MODEL.PRETRAINED, log, bool(config.TRUST_CHECKPOINTS))  # it, and sharding
+    apply_freeze(model, config, log)  # before FSDP shards it and the optimizer and DDP take its parameters
     # The EMA copies the fp32 weights before apex O2 casts the model to fp16 (an fp16 EMA at decay 0.9998 would
     # round its updates away); ModelEmaV3 then adds the fp16 weights into its fp32 copy. Under FSDP the copy is
     # sharded like the model, so its update is a shard-by-shard lerp with no communication.
@@ -791,6 +833,22 @@ def build_training(config: Any, dist_info: DistInfo, model: nn.Module, loaders: 
     metrics = MetricsFile(f"{config.OUTPUT}/metrics.jsonl", state.epoch) if dist_info.is_main else None
     return Training(config, dist_info, state, update_step, eval_model, precision, loaders, checkpointer, log,
                     trackers, metrics)
+
+
+def apply_freeze(model: nn.Module, config: Any, log: logging.Logger) -> Optional[models.FreezeSummary]:
+    """Freeze the parameters ``TRAIN.FREEZE`` names, or all but the head for ``TRAIN.LINEAR_PROBE``
+    (``models.freeze_parameters``), and log how many train; None when neither is set. A pattern that matches no
+    parameter, or nothing left to train, is a ``ConfigError`` naming the key."""
+    patterns, probe = [str(p) for p in config.TRAIN.FREEZE], bool(config.TRAIN.LINEAR_PROBE)
+    if not (patterns or probe):
+        return None
+    reason = 'TRAIN.LINEAR_PROBE: all but the head' if probe else f"TRAIN.FREEZE {patterns}"
+    try:
+        summary = models.freeze_parameters(model, patterns, probe)
+    except models.FreezeError as e:
+        raise ConfigError(f"{'TRAIN.LINEAR_PROBE' if probe else 'TRAIN.FREEZE'}: {e}") from None
+    log.info(summary.describe(reason))
+    return summary
 
 
 def _load_pretrained(model: nn.Module, path: str, log: logging.Logger, trust: bool) -> None:

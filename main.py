@@ -77,7 +77,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         action='store_true',
                         help='official fused window kernel flag (accepted; windows use the built-in path)')
     parser.add_argument('--fused_layernorm', '--fused-layernorm', dest='fused_layernorm', action='store_true',
-                        help='official apex fused LayerNorm flag (accepted)')
+                        help="apex's FusedLayerNorm for every LayerNorm (FUSED_LAYERNORM); without apex, torch's "
+                             "LayerNorm and one log line")
     parser.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=None,
                         help='set by torch.distributed.launch; torchrun uses the LOCAL_RANK variable')
     parser.add_argument('--device', type=str, choices=['auto', 'cpu', 'cuda'],
@@ -127,7 +128,9 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
 
     try:  # before the process group and the output folder: a wrong path leaves nothing behind
         check_data_paths(config, pretrain)
-        if config.MODEL.RESUME and not os.path.exists(config.MODEL.RESUME):
+        resume = config.MODEL.RESUME
+        if resume and not (os.path.exists(resume) or (config.MODEL.TYPE == 'swin_moe' and os.path.exists(
+                resume + ('.global' if config.TRAIN.MOE.SAVE_MASTER else '.rank0')))):  # Swin-MoE: <name>.pth.rank<r>
             raise CheckpointError(f"checkpoint file not found: {config.MODEL.RESUME} (--resume / MODEL.RESUME)")
     except (DatasetLayoutError, CheckpointError) as e:
         return report_error(e, 2, first_rank)

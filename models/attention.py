@@ -24,14 +24,41 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     modules run :meth:`WindowAttentionBase.official_attention` instead of this function when they are off).
     """
     if fused and use_fast_path('sdpa') and not cpu_training(q):
-        windows, heads, n, _ = q.shape
-        if bias.shape[0] not in (1, windows):  # SDPA needs a mask broadcastable to (B*nW, nH, N, N)
-            bias = bias.unsqueeze(0).expand(windows // bias.shape[0], -1, -1, -1, -1).reshape(windows, heads, n, n)
+        if bias.shape[0] not in (1, q.shape[0]):  # SDPA needs a mask broadcastable to (B*nW, nH, N, N)
+            bias = windows_mask(bias, q.shape[0])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     attn = _biased_logits(q, k, bias, scale).softmax(dim=-1)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)
     return attn @ v
+
+
+# SDPA's memory-efficient CUDA kernel wants every stride of the mask but the last a multiple of this many
+# elements; torch pads (copies) a mask that is not (``preprocess_mask`` in aten's transformers/attention.cpp).
+MASK_ALIGNMENT = 8
+
+
+def windows_mask(bias: torch.Tensor, windows: int, aligned: Optional[bool] = None) -> torch.Tensor:
+    """The ``(nW, nH, N, N)`` bias repeated over the batch as the ``(B*nW, nH, N, N)`` mask SDPA takes.
+
+    It has to be a copy: window ``w`` of the batch needs entry ``w mod nW``, which no stride expresses. A
+    broadcast ``(1, nW*nH, N, N)`` mask would need q, k, v (views of the qkv projection, whose layout does not
+    merge ``nW`` with ``nH``) and the output copied to and from a ``(B, nW*nH, N, d)`` layout: ``4 d`` elements
+    per token and head against the mask's ``N``, 128 against 49 for Swin-T (docs/DEVICE.md, "The
+    shifted-window mask"). ``aligned`` (default: off the CPU) writes the copy straight into rows padded to
+    :data:`MASK_ALIGNMENT` elements, the layout SDPA's memory-efficient kernel takes as it is: a plain reshape's
+    copy (N = 49 is not a multiple of 8) was padded into a second full-size copy inside SDPA. The CPU kernels
+    take any strides, and there the plain reshape stays. Same values either way.
+    """
+    nw, heads, n, _ = bias.shape
+    batched = bias.unsqueeze(0).expand(windows // nw, -1, -1, -1, -1)  # (B, nW, nH, N, N), no copy
+    pad = -n % MASK_ALIGNMENT
+    if aligned is None:
+        aligned = bias.device.type != 'cpu'
+    if not aligned or pad == 0:
+        return batched.reshape(windows, heads, n, n)  # (B*nW, nH, N, N), one copy
+    padded = F.pad(batched, (0, pad))  # (B, nW, nH, N, N + pad), one copy, contiguous
+    return padded.view(windows, heads, n, n + pad)[..., :n]  # (B*nW, nH, N, N): aligned rows, no copy
 
 
 def cpu_training(t: torch.Tensor) -> bool:

@@ -146,11 +146,11 @@ class Mlp(nn.Module):
     computation (recomputed in backward instead of stored).
     """
 
-    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.):
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0., fc2_bias: bool = True):
         super().__init__()
         self.fc1 = Linear(in_features, hidden_features)
         self.act = nn.GELU()
-        self.fc2 = Linear(hidden_features, in_features)
+        self.fc2 = Linear(hidden_features, in_features, bias=fc2_bias)  # Swin-MoE's MLP_FC2_BIAS False: none
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ What ``load_pretrained`` does, and logs:
 - maps a 21841-class ImageNet-22K head to 1000 ImageNet-1K classes with the official index list
   (``map22kto1k.txt``), or re-initialises a head of any other size (zeros, as the official code does);
 - anything else that does not fit (another architecture, other widths/heads) is an error naming the key.
+  Swin-MLP's ``spatial_mlp`` of another window or head count is such an error (no resize exists for it).
 
 A SimMIM pre-training checkpoint (keys under ``encoder.``) is converted as the official SimMIM fine-tune
 (``utils_simmim.load_pretrained``) does: only ``encoder.*``, prefix stripped, ``mask_token`` and the decoder
@@ -229,6 +230,11 @@ def load_pretrained(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
                          f"Is it a checkpoint of another architecture or depth?")
     for key, value in state.items():
         if value.shape != own[key].shape:
+            if key.endswith(('spatial_mlp.weight', 'spatial_mlp.bias')):  # Swin-MLP: one matrix per window position
+                raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} does not fit the model's "
+                                 f"{tuple(own[key].shape)}: Swin-MLP's spatial MLP of another window size or head "
+                                 f"count cannot be resized; fine-tune with the checkpoint's "
+                                 f"MODEL.SWIN_MLP.WINDOW_SIZE and NUM_HEADS")
             raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} does not fit the model's "
                              f"{tuple(own[key].shape)} (another width, depth or head count?)")
     model.load_state_dict(state, strict=False)

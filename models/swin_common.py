@@ -32,13 +32,14 @@ Size = Tuple[int, int]
 class PatchEmbed(nn.Module):
     """Image to patch tokens: a strided conv, then LayerNorm. Pads the image to a patch multiple."""
 
-    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, patch_norm: bool = True):
+    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, patch_norm: bool = True,
+                 norm_layer: Type[nn.Module] = nn.LayerNorm):
         super().__init__()
         self.patch_size = window_to_tuple(patch_size, 'patch_size')
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
-        self.norm = nn.LayerNorm(embed_dim) if patch_norm else None
+        self.norm = norm_layer(embed_dim) if patch_norm else None
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Size]:
         if x.ndim != 4:
@@ -136,21 +137,28 @@ class SwinBlock(nn.Module):
     ``post_norm=False`` is V1 (``x + attn(norm1(x))``); ``post_norm=True`` is V2's res-post-norm
     (``x + norm1(attn(x))``). ``attn`` maps ``(B*nW, N, C)`` windows plus an optional ``(nW, N, N)`` mask to
     ``(B*nW, N, C)``.
+
+    Subclasses (Swin-MLP) set ``mixer_name`` (the attribute, hence the parameter names, of that token mixer) and
+    ``shift_by_padding`` (shifted windows by zero padding, no mask: ``window_ops.shift_padding``).
     """
+
+    mixer_name = 'attn'
+    shift_by_padding = False
 
     def __init__(self, dim: int, attn: nn.Module, window_size: Size, shift_size: Size, mlp_ratio: float = 4.,
                  drop: float = 0., drop_path: float = 0., norm_layer: Type[nn.Module] = nn.LayerNorm,
-                 post_norm: bool = False):
+                 post_norm: bool = False, mlp: Optional[nn.Module] = None):
         super().__init__()
         self.dim = dim
         self.window_size = window_size
         self.shift_size = shift_size
         self.post_norm = post_norm
         self.norm1 = norm_layer(dim)
-        self.attn = attn
+        setattr(self, self.mixer_name, attn)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        # ``mlp``: another feed-forward taking ``(x, norm)`` like Mlp (Swin-MoE's mixture of experts)
+        self.mlp = mlp if mlp is not None else Mlp(dim, int(dim * mlp_ratio), drop)
         self.mlp_ratio = mlp_ratio
         self._geometry = GeometryCache()
 
@@ -158,15 +166,16 @@ class SwinBlock(nn.Module):
         """``recompute_norm`` (V1, outside activation checkpointing, a fast path): the attention's input windows
         are not kept for backward but recomputed from ``x`` there; one activation of the block's width less."""
         shift = effective_shift(hw[0], hw[1], self.window_size, self.shift_size)
-        geometry = self._geometry.windows(hw[0], hw[1], self.window_size, shift, x.device)
+        geometry = self._geometry.windows(hw[0], hw[1], self.window_size, shift, x.device, self.shift_by_padding)
         batch = x.shape[0]
+        mixer = getattr(self, self.mixer_name)
         if self.post_norm:
-            y = geometry.reverse(self.attn(geometry.partition(x), geometry.mask), batch)
+            y = geometry.reverse(mixer(geometry.partition(x), geometry.mask), batch)
             x = x + self.drop_path(self.norm1(y))
             return x + self.drop_path(self.norm2(self.mlp(x)))
         if not use_fast_paths():  # the official V1 block
             windows = geometry.partition(self.norm1(x))  # (B*nW, N, C)
-            x = x + self.drop_path(geometry.reverse(self.attn(windows, geometry.mask), batch))
+            x = x + self.drop_path(geometry.reverse(mixer(windows, geometry.mask), batch))
             return x + self.drop_path(self.mlp(x, self.norm2))
         # the attention's input windows in the dtype its qkv linear computes in: under CUDA autocast the norm
         # outputs fp32 and the linear would save its own low-precision cast, which the recipe below (keyed
@@ -178,7 +187,7 @@ class SwinBlock(nn.Module):
             saving = recompute_when_saved(
                 windows, lambda block_input=x: geometry.partition(self.norm1(block_input).to(compute)))
         with saving:
-            y = self.attn(windows, geometry.mask)
+            y = mixer(windows, geometry.mask)
         x = x + self.drop_path(geometry.reverse(y, batch))
         return x + self.drop_path(self.mlp(x, self.norm2))
 
@@ -188,7 +197,8 @@ class SwinBlock(nn.Module):
         num_windows = math.ceil(h / wh) * math.ceil(w / ww)
         flops = 2 * self.dim * h * w  # norm1, norm2
         flops += num_windows * self.attn.flops(wh * ww)
-        flops += 2 * h * w * self.dim * self.dim * self.mlp_ratio
+        # a mixture of experts counts capacity_factor * k dense MLPs (its ``flops_scale``), as the official code
+        flops += 2 * h * w * self.dim * self.dim * self.mlp_ratio * getattr(self.mlp, 'flops_scale', 1.0)
         return flops
 
 
@@ -224,6 +234,8 @@ def stage_window(resolution: Size, window_size: Size) -> Tuple[Size, bool]:
 
 
 AttnFactory = Callable[[int, int, Size, int], nn.Module]  # (dim, heads, window, stage index) -> module
+# (dim, stage index, block index) -> a block's feed-forward, or None for the standard Mlp
+MlpFactory = Callable[[int, int, int], Optional[nn.Module]]
 
 
 class SwinBackbone(nn.Module):
@@ -235,11 +247,13 @@ class SwinBackbone(nn.Module):
     """
 
     post_norm = False  # V2 overrides
+    block_class: Type[SwinBlock] = SwinBlock  # Swin-MLP overrides
 
     def __init__(self, img_size, patch_size, in_chans: int, num_classes: int, embed_dim: int,
                  depths: Sequence[int], num_heads: Sequence[int], window_size, mlp_ratio: float,
                  drop_rate: float, drop_path_rate: float, ape: bool, patch_norm: bool, use_checkpoint: bool,
-                 attn_factory: AttnFactory, norm_layer: Type[nn.Module] = nn.LayerNorm):
+                 attn_factory: AttnFactory, norm_layer: Type[nn.Module] = nn.LayerNorm,
+                 mlp_factory: Optional[MlpFactory] = None):
         super().__init__()
         img_size = window_to_tuple(img_size, 'img_size')
         patch = window_to_tuple(patch_size, 'patch_size')
@@ -266,7 +280,7 @@ class SwinBackbone(nn.Module):
         self.mlp_ratio = mlp_ratio
         self.window_size = window[0] if window[0] == window[1] else window
 
-        self.patch_embed = PatchEmbed(patch, in_chans, embed_dim, patch_norm)
+        self.patch_embed = PatchEmbed(patch, in_chans, embed_dim, patch_norm, norm_layer)
         self.patches_resolution = (math.ceil(img_size[0] / patch[0]), math.ceil(img_size[1] / patch[1]))
         if ape:
             num_patches = self.patches_resolution[0] * self.patches_resolution[1]
@@ -282,9 +296,10 @@ class SwinBackbone(nn.Module):
             dim = embed_dim * 2 ** i
             stage_win, can_shift = stage_window(resolution, window)
             shift = (stage_win[0] // 2, stage_win[1] // 2) if can_shift else (0, 0)
-            blocks = [SwinBlock(dim, attn_factory(dim, heads, stage_win, i), stage_win,
+            blocks = [self.block_class(dim, attn_factory(dim, heads, stage_win, i), stage_win,
                                 shift if j % 2 else (0, 0), mlp_ratio, drop_rate,
-                                dpr[sum(depths[:i]) + j], norm_layer, self.post_norm)
+                                dpr[sum(depths[:i]) + j], norm_layer, self.post_norm,
+                                mlp_factory(dim, i, j) if mlp_factory is not None else None)
                       for j in range(depth)]
             last = i == self.num_layers - 1
             downsample = None if last else PatchMerging(dim, norm_layer, norm_after=self.post_norm)

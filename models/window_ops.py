@@ -37,17 +37,19 @@ class WindowGeometry:
     """
 
     def __init__(self, height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int],
-                 device: torch.device):
+                 device: torch.device, shift_by_padding: bool = False):
         wh, ww = window
         sh, sw = shift
-        hp, wp = -(-height // wh) * wh, -(-width // ww) * ww
+        top, left = shift_padding(window, shift) if shift_by_padding else (0, 0)
+        hp, wp = -(-(height + top) // wh) * wh, -(-(width + left) // ww) * ww
         self.padded = (hp, wp) != (height, width)
         self.num_windows = (hp // wh) * (wp // ww)
         # token id of every position of the padded map, padding -> height*width (the zero token)
         grid = torch.full((hp, wp), height * width, dtype=torch.long)
-        grid[:height, :width] = torch.arange(height * width).view(height, width)
-        # cyclic shift towards the top-left, as torch.roll(x, (-sh, -sw)) does in the official code
-        grid = torch.roll(grid, shifts=(-sh, -sw), dims=(0, 1))
+        grid[top:top + height, left:left + width] = torch.arange(height * width).view(height, width)
+        if not shift_by_padding:
+            # cyclic shift towards the top-left, as torch.roll(x, (-sh, -sw)) does in the official code
+            grid = torch.roll(grid, shifts=(-sh, -sw), dims=(0, 1))
         windows = grid.view(hp // wh, wh, wp // ww, ww).permute(0, 2, 1, 3).reshape(-1)
         self.gather_index = windows.to(device)
         # inverse permutation; padded slots all land on the extra entry height*width, which is dropped
@@ -55,7 +57,9 @@ class WindowGeometry:
         scatter = torch.zeros(height * width + 1, dtype=torch.long)
         scatter.scatter_(0, windows, torch.arange(windows.numel()))
         self.scatter_index = scatter[:height * width].to(device)
-        self.mask = shifted_window_mask(hp, wp, window, shift).to(device) if (sh or sw) else None
+        # shifting by padding glues no regions together: nothing to mask
+        self.mask = shifted_window_mask(hp, wp, window, shift).to(device) if (sh or sw) and not shift_by_padding \
+            else None
 
     def partition(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H*W, C)`` -> ``(B*nW, N, C)`` in window order (with shift and zero padding)."""
@@ -94,6 +98,13 @@ def permute_tokens(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) 
     return x.index_select(1, index)
 
 
+def shift_padding(window: Tuple[int, int], shift: Tuple[int, int]) -> Tuple[int, int]:
+    """Top and left zero padding of Swin-MLP's shifted windows: ``window - shift`` on each shifted side (the
+    official ``P_t``/``P_l``), so the window grid starts ``shift`` tokens before the map; the bottom/right
+    padding then fills up to a window multiple (the official ``P_b``/``P_r = shift`` at window-multiple sizes)."""
+    return (window[0] - shift[0] if shift[0] else 0, window[1] - shift[1] if shift[1] else 0)
+
+
 def shifted_window_mask(height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int],
                         value: float = MASK_VALUE) -> torch.Tensor:
     """Additive mask ``(nW, N, N)`` (0 or ``value``) that keeps attention inside the regions a cyclic shift glued
@@ -120,21 +131,26 @@ class ReferenceWindows:
     mask (``OFFICIAL_MASK_VALUE``) is built with every instance, as nothing is cached."""
 
     def __init__(self, height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int],
-                 device: torch.device):
+                 device: torch.device, shift_by_padding: bool = False):
         self.height, self.width, self.window, self.shift = height, width, window, shift
+        self.shift_by_padding = shift_by_padding
         wh, ww = window
-        self.padded_height, self.padded_width = -(-height // wh) * wh, -(-width // ww) * ww
+        self.top, self.left = shift_padding(window, shift) if shift_by_padding else (0, 0)
+        self.padded_height = -(-(height + self.top) // wh) * wh
+        self.padded_width = -(-(width + self.left) // ww) * ww
         self.num_windows = (self.padded_height // wh) * (self.padded_width // ww)
+        rolled = (shift[0] or shift[1]) and not shift_by_padding
         self.mask = (shifted_window_mask(self.padded_height, self.padded_width, window, shift, OFFICIAL_MASK_VALUE)
-                     .to(device) if (shift[0] or shift[1]) else None)
+                     .to(device) if rolled else None)
 
     def partition(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H*W, C)`` -> ``(B*nW, N, C)``: pad, roll by ``-shift``, split into windows."""
         b, _, c = x.shape
         (wh, ww), (sh, sw) = self.window, self.shift
         hp, wp = self.padded_height, self.padded_width
-        x = F.pad(x.reshape(b, self.height, self.width, c), (0, 0, 0, wp - self.width, 0, hp - self.height))
-        if sh or sw:
+        x = F.pad(x.reshape(b, self.height, self.width, c),
+                  (0, 0, self.left, wp - self.width - self.left, self.top, hp - self.height - self.top))
+        if (sh or sw) and not self.shift_by_padding:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
         x = x.view(b, hp // wh, wh, wp // ww, ww, c).permute(0, 1, 3, 2, 4, 5)  # (B, nWh, nWw, wh, ww, C)
         return x.reshape(-1, wh * ww, c)
@@ -144,9 +160,10 @@ class ReferenceWindows:
         (wh, ww), (sh, sw) = self.window, self.shift
         hp, wp, c = self.padded_height, self.padded_width, windows.shape[-1]
         x = windows.view(batch, hp // wh, wp // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(batch, hp, wp, c)
-        if sh or sw:
+        if (sh or sw) and not self.shift_by_padding:
             x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
-        return x[:, :self.height, :self.width].reshape(batch, self.height * self.width, c)
+        x = x[:, self.top:self.top + self.height, self.left:self.left + self.width]
+        return x.reshape(batch, self.height * self.width, c)
 
 
 def relative_position_index(window: Tuple[int, int]) -> torch.Tensor:
@@ -166,25 +183,28 @@ class GeometryCache:
         self._cache: Dict[tuple, WindowGeometry] = {}
 
     def get(self, height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int],
-            device: torch.device) -> WindowGeometry:
-        key = (height, width, window, shift, str(device))
+            device: torch.device, shift_by_padding: bool = False) -> WindowGeometry:
+        key = (height, width, window, shift, str(device), shift_by_padding)
         geometry = self._cache.get(key)
         if geometry is None:
-            geometry = WindowGeometry(height, width, window, shift, device)
+            geometry = WindowGeometry(height, width, window, shift, device, shift_by_padding)
             self._cache[key] = geometry
         return geometry
 
     def windows(self, height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int],
-                device: torch.device) -> Union[WindowGeometry, ReferenceWindows]:
-        """The window split of an ``H x W`` map: :meth:`get`, or with the fast paths off the official one."""
+                device: torch.device, shift_by_padding: bool = False) -> Union[WindowGeometry, ReferenceWindows]:
+        """The window split of an ``H x W`` map: :meth:`get`, or with the fast paths off the official one.
+
+        ``shift_by_padding`` (Swin-MLP): shifted windows come from zero padding (:func:`shift_padding`) instead
+        of a cyclic roll, and there is no mask."""
         # Under torch.jit.trace (the ONNX export) sizes read from shapes are 0-d tensors: a geometry built from
         # them is recorded as ops on the input's shape (the padded grid's index fill became an Expand that ONNX
         # Runtime rejects, "invalid expand shape") and keyed by tensors the cache never finds again. The export
         # fixes the image size, so the sizes are constants of the graph: take them as ints.
         height, width = static_size(height), static_size(width)
         if use_fast_paths():
-            return self.get(height, width, window, shift, device)
-        return ReferenceWindows(height, width, window, shift, device)
+            return self.get(height, width, window, shift, device, shift_by_padding)
+        return ReferenceWindows(height, width, window, shift, device, shift_by_padding)
 
 
 def static_size(value: Union[int, torch.Tensor]) -> int:

@@ -20,6 +20,8 @@ workers, for the training and the eval transforms. Every figure is printed with 
 Hugging Face ``save_to_disk`` copy, each read by its own training dataset + sampler through a DataLoader with
 ``DATA.LOADER`` torch and fast; images/s per worker (loader rate / workers; 0 workers counts as one).
 
+    python scripts/benchmark_data.py --paired --rounds 7     # folder vs wds: the readers alone (see paired_rounds)
+
 The default images: the 16 photographs bundled with scikit-image (``pip install scikit-image``), each resized to
 cover 540x405 and cut to 500x375 at 15 offsets (every other one mirrored) plus one 1600x1200 version, JPEG quality
 90: 240 ImageNet-sized files and 16 large ones.
@@ -318,12 +320,13 @@ def pack_sources(files: Sequence[str], out: str, sources: Sequence[str]) -> Dict
 
 
 def time_source(path: str, opts: Sequence[str], loader: str, size: int, workers: int, batch: int,
-                epochs: int) -> float:
-    """Images/s of one source's training dataset + sampler + collate through a DataLoader (first epoch warm-up)."""
+                epochs: int, seed: int = 0) -> float:
+    """Images/s of one source's training dataset + sampler + collate through a DataLoader (first epoch warm-up).
+    ``seed`` (SEED) draws the order and the augmentations: which image gets which crop and RandAugment ops."""
     from data.build import build_dataset, loader_collate, train_sampler
     config = load_config(opts=['DATA.DATA_PATH', path, 'DATA.IMG_SIZE', str(size), 'DATA.BATCH_SIZE', str(batch),
                                'DATA.NUM_WORKERS', str(workers), 'DATA.LOADER', loader, 'MODEL.NUM_CLASSES',
-                               '1000', *opts])
+                               '1000', 'SEED', str(seed), *opts])
     dataset, _ = build_dataset(True, config)
     sampler = train_sampler(dataset, config, 0, 1)
     data = DataLoader(dataset, sampler=sampler, batch_size=batch, drop_last=True, num_workers=workers,
@@ -339,23 +342,119 @@ def time_source(path: str, opts: Sequence[str], loader: str, size: int, workers:
     return images / (time.perf_counter() - start)
 
 
+def source_datasets(path: str, opts: Sequence[str], loader: str, size: int, batch: int, seed: int) -> Any:
+    """(training dataset, sampler) of one source as one DataLoader worker of one rank sees it."""
+    from data.build import build_dataset, train_sampler
+    config = load_config(opts=['DATA.DATA_PATH', path, 'DATA.IMG_SIZE', str(size), 'DATA.BATCH_SIZE', str(batch),
+                               'DATA.NUM_WORKERS', '1', 'DATA.LOADER', loader, 'MODEL.NUM_CLASSES', '1000',
+                               'SEED', str(seed), *opts])
+    dataset, _ = build_dataset(True, config)
+    return dataset, train_sampler(dataset, config, 0, 1)
+
+
+def paired_rounds(layouts: Dict[str, Tuple[str, List[str]]], loaders: Sequence[str], size: int, batch: int,
+                  rounds: int) -> Dict[Tuple[str, str], List[float]]:
+    """ms per sample of the folder and the wds training datasets on the same (image, augmentation seed) pairs.
+
+    The shard reader serves position p of an epoch with some image X (shard order + shuffle buffer); the folder
+    dataset's sample list is re-ordered so that its position p is X's file too. Both then decode and augment the
+    same images under the same keys, and what differs is the reading alone (the folder: open + read + close of
+    a file; wds: the tar stream, the shuffle buffer). The two are called alternately, sample by sample, so load
+    from other processes falls on both alike. Each round draws another SEED."""
+    import copy
+    import pack_wds
+    times: Dict[Tuple[str, str], List[float]] = {}
+    for r in range(rounds):
+        for loader in loaders:
+            wds, sampler = source_datasets(*layouts['wds'], loader, size, batch, seed=r)
+            keys = list(sampler)
+            layout = wds.layout(0)
+            raws = [wds.reader(0, 0).get(layout.locate(int(k))[1]) for k in keys]  # read, not decoded
+            wds._readers = {}  # timed from a fresh reader: the shuffle buffer fills inside the timing
+            folder, _ = source_datasets(*layouts['folder'], loader, size, batch, seed=r)
+            by_key = {pack_wds.sample_key(0, path).split('_', 1)[1]: (path, label) for path, label in folder.samples}
+            paired = copy.copy(folder)
+            paired.samples = list(folder.samples)
+            for k, (name, parts) in zip(keys, raws):
+                paired.samples[int(k)] = by_key[name.split('_', 1)[1]]
+                if int(parts['cls']) != paired.samples[int(k)][1]:  # the pairing is the same image, same label
+                    raise RuntimeError(f"wds sample {name} paired with {paired.samples[int(k)]}: another label")
+            del raws
+            paired.targets = [label for _, label in paired.samples]
+            spent = {'folder': 0.0, 'wds': 0.0}
+            for n, key in enumerate(keys):
+                for source in (('folder', 'wds') if n % 2 else ('wds', 'folder')):
+                    dataset = paired if source == 'folder' else wds
+                    t0 = time.perf_counter()
+                    dataset[key]
+                    spent[source] += time.perf_counter() - t0
+            for source, seconds in spent.items():
+                times.setdefault((source, loader), []).append(seconds / len(keys) * 1e3)
+    return times
+
+
+class PairedInWorker(Dataset):
+    """One item: ``paired_rounds`` run inside a DataLoader worker (its per-sample seeding is a worker's)."""
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> Any:
+        torch.set_num_threads(1)
+        return paired_rounds(*self.args)
+
+
+def benchmark_paired(files: Sequence[str], args: Any) -> None:
+    with tempfile.TemporaryDirectory(prefix='swin_sources_') as out:
+        layouts = pack_sources(files, out, ['folder', 'wds'])
+        loader = DataLoader(PairedInWorker(layouts, ('torch', 'fast'), args.img_size, args.batch_size, args.rounds),
+                            batch_size=None, num_workers=1)
+        times = next(iter(loader))
+    print(f"## reading alone: folder vs wds on the same images and augmentations, one DataLoader worker, "
+          f"alternating sample by sample (ms per sample, medians of {args.rounds} rounds; speed ratio wds / folder: "
+          f"median of per-round ratios, and each round's)\n")
+    print("| loader | folder | wds | wds / folder | rounds |\n| --- | --- | --- | --- | --- |")
+    for loader in ('torch', 'fast'):
+        f, w = times[('folder', loader)], times[('wds', loader)]
+        ratios = [a / b for a, b in zip(f, w)]
+        print(f"| {loader} | {statistics.median(f):.3f} | {statistics.median(w):.3f} | "
+              f"{statistics.median(ratios):.3f}x | {' '.join(f'{x:.3f}' for x in ratios)} |")
+    print()
+
+
 def benchmark_sources(files: Sequence[str], args: Any) -> None:
+    """Each source per round, interleaved. Every round uses another SEED (the same for all sources): a source's
+    samples meet other augmentations than the folder's at the same step (the order differs), and the cost of
+    an epoch depends on which large image drew a large crop or a costly RandAugment op; fresh draws each round
+    keep that from biasing one source in every round. Ratios are medians of the per-round ratios to the folder."""
     with tempfile.TemporaryDirectory(prefix='swin_sources_') as out:
         layouts = pack_sources(files, out, args.sources)
         rates: Dict[Tuple[str, str, int], List[float]] = {}
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             for workers in args.workers:
                 for loader in ('torch', 'fast'):
                     for source, (path, opts) in layouts.items():
-                        rate = time_source(path, opts, loader, args.img_size, workers, args.batch_size, args.epochs)
+                        rate = time_source(path, opts, loader, args.img_size, workers, args.batch_size, args.epochs,
+                                           seed=r)
                         rates.setdefault((source, loader, workers), []).append(rate / max(1, workers))
-    print(f"## train sources: images/s per worker (median of {args.rounds} rounds)\n")
+    print(f"## train sources: images/s per worker (median of {args.rounds} rounds; ratio: median of per-round "
+          f"ratios to folder)\n")
     columns = [(loader, w) for w in args.workers for loader in ('torch', 'fast')]
     print("| source | " + " | ".join(f"{loader}, {w} worker{'s' if w != 1 else ''}" for loader, w in columns) + " |")
     print("| --- |" + " --- |" * len(columns))
     for source in layouts:
-        print(f"| {source} | " + " | ".join(f"{statistics.median(rates[(source, loader, w)]):.0f}"
-                                           for loader, w in columns) + " |")
+        cells = []
+        for loader, w in columns:
+            cell = f"{statistics.median(rates[(source, loader, w)]):.0f}"
+            if 'folder' in layouts and source != 'folder':
+                ratio = statistics.median(x / f for x, f in zip(rates[(source, loader, w)],
+                                                                rates[('folder', loader, w)]))
+                cell += f" ({ratio:.2f}x)"
+            cells.append(cell)
+        print(f"| {source} | " + " | ".join(cells) + " |")
     print()
 
 
@@ -372,6 +471,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('--skip-stages', action='store_true', help='only the loader figures')
     parser.add_argument('--sources', nargs='+', choices=SOURCES,
                         help='time these sources (DATA.DATASET) on the same files instead of the loaders')
+    parser.add_argument('--paired', action='store_true',
+                        help='folder vs wds on the same (image, augmentation) pairs in one worker: the readers alone')
     parser.add_argument('--device', default='cpu',
                         help="where the device-side finish runs (default cpu); with 'cuda' the loader rows also "
                              "include the copy and the finish on the GPU (end to end, as the training loop sees it)")
@@ -392,6 +493,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"{len(files)} images, {sum(os.path.getsize(f) for f in files) / len(files) / 1024:.0f} KiB average, "
           f"{sum(1 for w, h in sizes if w * h > 1e6)} over 1 MP; size {args.img_size}, batch {args.batch_size}, "
           f"{args.rounds} rounds\n")
+    if args.paired:
+        benchmark_paired(files, args)
+        print(machine())
+        if tmp is not None:
+            tmp.cleanup()
+        return
     if args.sources:
         benchmark_sources(files, args)
         print(machine())

@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     img_size = image_hw(config.DATA.IMG_SIZE)
-    in_chans = config.MODEL.SWIN.IN_CHANS if config.MODEL.TYPE == 'swin' else config.MODEL.SWINV2.IN_CHANS
+    from config import model_in_chans
+    in_chans = model_in_chans(config)
     if args.safetensors:
         export_safetensors(model.state_dict(), args.safetensors,
                            metadata={'model_type': config.MODEL.TYPE, 'model_name': config.MODEL.NAME})

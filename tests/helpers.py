@@ -202,7 +202,11 @@ def swin_block_parameter_count(model_type: str, d: int, heads: int, window: int,
 
     Two LayerNorms (4d), qkv (3d^2; V1 with a 3d bias, V2 with q and v biases, 2d), proj (d^2 + d), the MLP
     (2 r d^2 + r d + d); V1 adds its relative position bias table ((2w - 1)^2 h), V2 its logit scales (h) and
-    the continuous position-bias MLP (2 -> 512 with bias -> h, no bias)."""
+    the continuous position-bias MLP (2 -> 512 with bias -> h, no bias). Swin-MLP (``swin_mlp``) has no attention:
+    its spatial MLP is a grouped kernel-1 conv over ``h * w^2`` channels (``h`` matrices of ``w^2 x w^2``, bias)."""
+    if model_type == 'swin_mlp':
+        n = window * window
+        return 4 * d + 2 * mlp_ratio * d * d + mlp_ratio * d + d + heads * n * n + heads * n
     block = 4 * d + 4 * d * d + d + 2 * mlp_ratio * d * d + mlp_ratio * d + d
     if model_type == 'swinv2':
         return block + 2 * d + heads + (2 * cpb_hidden + cpb_hidden + cpb_hidden * heads)

@@ -2,15 +2,18 @@
 import glob
 import os
 
+import json
+
 import pytest
 import torch
 
-from config import load_config
+from config import MODEL_SECTIONS, load_config
 from helpers import swin_parameter_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'configs', '**', '*.yaml'),
-                                                             recursive=True))
+# configs/swinmoe/ (experts spread over 8-64 processes) is checked in test_swin_moe.py
+CONFIGS = sorted(rel for rel in (os.path.relpath(p, ROOT) for p in glob.glob(
+    os.path.join(ROOT, 'configs', '**', '*.yaml'), recursive=True)) if not rel.startswith('configs/swinmoe/'))
 
 # Official parameter counts (millions) of the 1K-class models, from the official model zoo.
 PARAMS_M = {
@@ -24,6 +27,9 @@ PARAMS_M = {
     'configs/swin/swin_base_patch4_window12_384_22kto1k_finetune.yaml': 87.90,
     'configs/swin/swin_large_patch4_window12_384_22kto1k_finetune.yaml': 196.74,
 }
+# Swin-MLP: the official model's exact counts, computed by running the official code (tests/fixtures/swin_mlp)
+with open(os.path.join(ROOT, 'tests', 'fixtures', 'swin_mlp', 'official.json')) as _f:
+    SWIN_MLP_PARAMS = {f'configs/swinmlp/{name}.yaml': z['params'] for name, z in json.load(_f)['zoo'].items()}
 
 # Architecture fields per file, written out here from the official YAML files (microsoft/Swin-Transformer
 # configs/), the official model zoo (the 384 px evaluation-only V1 files), the SwinV2 paper (H, G) and our demo
@@ -56,6 +62,10 @@ ARCH = {
         ('swinv2', 352, (2, 2, 18, 2), (11, 22, 44, 88), 12, 192, 21841, NO_PRE),
     'configs/swinv2/swinv2_giant_patch4_window12_192_22k.yaml':
         ('swinv2', 512, (2, 2, 42, 4), (16, 32, 64, 128), 12, 192, 21841, NO_PRE),
+    'configs/swinmlp/swin_mlp_base_patch4_window7_224.yaml': ('swin_mlp', *B[1:], 7, 224, 1000, None),
+    **{f'configs/swinmlp/swin_mlp_tiny_c{c}_patch4_window8_256.yaml':
+       ('swin_mlp', 96, (2, 2, 6, 2), tuple(96 // c * 2 ** i for i in range(4)), 8, 256, 1000, None)
+       for c in (6, 12, 24)},  # C{c}: {c} channels per head
     'configs/simmim/simmim_pretrain__swin_base__img192_window6__800ep.yaml': (*B, 6, 192, 1000, None),
     'configs/simmim/simmim_finetune__swin_base__img224_window7__800ep.yaml': (*B, 7, 224, 1000, None),
     'configs/simmim/simmim_pretrain__swinv2_base__img192_window12__800ep.yaml': (*_v2(B), 12, 192, 1000, NO_PRE),
@@ -96,6 +106,8 @@ OFFICIAL_VARIANTS = [
       for x in ('', '_22k', '_22kto1k_finetune')),
     *(f'swin/swin_{s}_patch4_window12_384{x}.yaml' for s in ('base', 'large') for x in ('', '_22kto1k_finetune')),
     'swin/swin_base_patch4_window12_384_finetune.yaml',
+    *(f'swinmlp/swin_mlp_{s}.yaml' for s in ('base_patch4_window7_224', 'tiny_c6_patch4_window8_256',
+                                             'tiny_c12_patch4_window8_256', 'tiny_c24_patch4_window8_256')),
     *(f'swinv2/swinv2_{s}_patch4_window{w}_256.yaml' for s in ('tiny', 'small', 'base') for w in (8, 16)),
     *(f'swinv2/swinv2_{s}_patch4_window12_192_22k.yaml' for s in ('base', 'large')),
     *(f'swinv2/swinv2_{s}_patch4_window12to{w}_192to{i}_22kto1k_ft.yaml' for s in ('base', 'large')
@@ -116,7 +128,7 @@ def test_config_loads_and_model_builds(cfg_file):
     if cfg_file.startswith('configs/swin'):  # official files: the run name is the file name
         assert config.MODEL.NAME == stem
     if not cfg_file.startswith(('configs/demo/', 'configs/simmim/')):  # the official zoo (SimMIM's: test_simmim.py)
-        arch = config.MODEL.SWIN if config.MODEL.TYPE == 'swin' else config.MODEL.SWINV2
+        arch = config.MODEL[MODEL_SECTIONS[config.MODEL.TYPE]]
         assert f'window{arch.WINDOW_SIZE}' in stem or f'to{arch.WINDOW_SIZE}_' in stem
         assert str(config.DATA.IMG_SIZE) in stem
         if '22k' in stem and 'kto1k' not in stem:
@@ -129,7 +141,7 @@ def test_config_loads_and_model_builds(cfg_file):
             assert config.TRAIN.WEIGHT_DECAY == 1e-8
 
     model_type, embed_dim, depths, heads, window, img_size, classes, pretrained_windows = ARCH[cfg_file]
-    arch = config.MODEL.SWIN if config.MODEL.TYPE == 'swin' else config.MODEL.SWINV2
+    arch = config.MODEL[MODEL_SECTIONS[config.MODEL.TYPE]]
     assert (config.MODEL.TYPE, arch.EMBED_DIM, tuple(arch.DEPTHS), tuple(arch.NUM_HEADS), arch.WINDOW_SIZE,
             config.DATA.IMG_SIZE, config.MODEL.NUM_CLASSES) == ARCH[cfg_file][:7]
     assert (arch.PATCH_SIZE, arch.IN_CHANS, arch.MLP_RATIO, arch.APE) == (4, 3, 4.0, False)
@@ -142,3 +154,5 @@ def test_config_loads_and_model_builds(cfg_file):
     assert n_params == swin_parameter_count(model_type, embed_dim, depths, heads, window, img_size, classes)
     if cfg_file in PARAMS_M:
         assert abs(n_params / 1e6 - PARAMS_M[cfg_file]) < 0.01, n_params
+    if cfg_file in SWIN_MLP_PARAMS:
+        assert n_params == SWIN_MLP_PARAMS[cfg_file]

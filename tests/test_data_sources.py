@@ -416,6 +416,132 @@ def test_wds_missing_or_truncated_shard_is_a_clear_error(shards, tmp_path):
         build_dataset(False, _config(str(tmp_path), 'wds'))
 
 
+# ----------------------------------------------------------------------------- the tar reader (data.wds.iter_tar)
+
+def _tar_bytes(fmt, members, pax_headers=None):
+    """A tar archive in ``fmt`` written by ``tarfile``: members (name, data or None for a directory, or
+    ('->', target) for a symlink)."""
+    import io
+    import tarfile
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode='w', format=fmt, pax_headers=pax_headers) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.mtime = 1700000000.5  # a float: pax writes it as a record
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif isinstance(data, tuple):
+                info.type, info.linkname = tarfile.SYMTYPE, data[1]
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def _tarfile_reads(data):
+    import io
+    import tarfile
+    with tarfile.open(fileobj=io.BytesIO(data), mode='r|') as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+class _Trickle:
+    """A non-seekable stream whose reads return at most ``n`` bytes (as a pipe may)."""
+
+    def __init__(self, data, n):
+        self.data, self.pos, self.n = data, 0, n
+
+    def read(self, size):
+        out = self.data[self.pos:self.pos + min(size, self.n)]
+        self.pos += len(out)
+        return out
+
+
+TAR_MEMBERS = [
+    ('dir', None),
+    ('dir/a.jpg', b'\xff\xd8' + bytes(range(256)) * 7),
+    ('dir/a.cls', b'3'),
+    ('dir/empty.txt', b''),
+    ('dir/block.bin', b'x' * 1024),  # a size that is a multiple of the block: no padding
+    ('link', ('->', 'dir/a.jpg')),
+    ('deep/' + 'p' * 90 + '/' + 'n' * 60 + '.jpg', b'long name'),  # > 100 characters: ustar prefix, GNU or pax
+    ('caf\u00e9/\u00e9t\u00e9.cls', b'1'),  # not ASCII: a pax path record (GNU and ustar keep the raw UTF-8)
+]
+
+
+@pytest.mark.parametrize('fmt', ['USTAR_FORMAT', 'GNU_FORMAT', 'PAX_FORMAT'])
+def test_tar_reader_reads_what_tarfile_reads(fmt):
+    import tarfile
+    from data.wds import iter_tar
+    members = TAR_MEMBERS
+    data = _tar_bytes(getattr(tarfile, fmt), members, pax_headers={'comment': 'global'})
+    expected = _tarfile_reads(data)
+    assert [n for n, _ in expected] == [n for n, d in members if isinstance(d, bytes)]
+    import io
+    assert list(iter_tar(io.BytesIO(data))) == expected
+    assert list(iter_tar(_Trickle(data, 700))) == expected  # short reads (pipes) are completed
+    # keep(name) False: the member is skipped, its name still given (the sample grouping needs it)
+    assert list(iter_tar(io.BytesIO(data), keep=lambda n: n.endswith('.cls'))) == [
+        (n, d if n.endswith('.cls') else None) for n, d in expected]
+
+
+def test_tar_reader_numbers_and_damage():
+    import io
+    import tarfile
+    from data.wds import TarFormatError, iter_tar, tar_number
+    assert tar_number(b'0000017\x00') == 15 and tar_number(b'       \x00') == 0
+    assert tar_number(b'\x80' + (2 ** 40).to_bytes(11, 'big')) == 2 ** 40  # GNU base-256 (> 8 GiB members)
+    assert tar_number(b'\xff' * 12) == -1
+    with pytest.raises(TarFormatError, match='invalid number'):
+        tar_number(b'12x4\x00')
+    members = [(f'k{i}.jpg', bytes([i]) * (300 + i)) for i in range(3)]
+    data = _tar_bytes(tarfile.USTAR_FORMAT, members)
+    # ends at a member boundary, no end-of-archive blocks: the members so far (the index count catches a short shard)
+    cut = 3 * 512 * 2  # three (header + one data block) members
+    assert [n for n, _ in iter_tar(io.BytesIO(data[:cut]))] == ['k0.jpg', 'k1.jpg', 'k2.jpg']
+    with pytest.raises(TarFormatError, match='cut short'):
+        list(iter_tar(io.BytesIO(data[:512 * 3 + 100])))  # the second member's data cut
+    with pytest.raises(TarFormatError, match='truncated header'):
+        list(iter_tar(io.BytesIO(data[:512 * 2 + 200])))
+    with pytest.raises(TarFormatError, match='empty file'):
+        list(iter_tar(io.BytesIO(b'')))
+    bad = bytearray(data)
+    bad[1024 + 10] ^= 0x41  # the second header's name: its checksum no longer matches
+    assert [n for n, _ in _tarfile_reads(bytes(bad))] == ['k0.jpg']  # tarfile's stream mode stops quietly there
+    with pytest.raises(TarFormatError, match='bad header checksum at byte 1024'):
+        list(iter_tar(io.BytesIO(bytes(bad))))  # ours: a damaged shard
+
+
+def test_iter_shard_skips_samples_and_parts_without_reading_them(shards):
+    """Reading from sample ``skip`` with only some extensions: the same samples and bytes as reading it all,
+    from a local file (seeks past the rest) and through a pipe (reads and drops it)."""
+    from data.wds import iter_shard
+    for entry in pack_wds.read_index(shards, 'train')[:2]:
+        full = list(iter_shard(entry['url']))
+        assert len(full) == entry['samples'] and all(set(p) == {'jpg', 'cls'} for _, p in full)
+        for url in (entry['url'], f"pipe:cat {entry['url']}"):
+            for skip in (0, 2, entry['samples']):
+                assert list(iter_shard(url, ('cls',), skip)) == [(k, {'cls': p['cls']}) for k, p in full[skip:]]
+                assert list(iter_shard(url, None, skip)) == full[skip:]
+
+
+def test_wds_shard_with_a_bad_header_is_an_error_naming_it(shards, tmp_path):
+    root = _copy_shards(shards, tmp_path / 'badheader')
+    url = pack_wds.read_index(root, 'val')[0]['url']
+    with open(url, 'rb') as f:
+        data = bytearray(f.read())
+    second = 512 + -(-int(data[124:136].split(b'\0')[0].strip(), 8) // 512) * 512  # the second member's header
+    data[second + 3] ^= 0x20
+    with open(url, 'wb') as f:
+        f.write(bytes(data))
+    dataset, _ = build_dataset(False, _config(root, 'wds'))  # the size is right: found when reached
+    with pytest.raises(WdsShardError, match=f"shard {url} cannot be read to its end .*bad header checksum"):
+        for i in range(len(dataset)):
+            dataset[i]
+
+
 def test_wds_brace_pattern_and_config_checks(shards):
     dataset, _ = build_dataset(False, _config(shards, 'wds', 'DATA.VAL_SPLIT', 'val-{000000..000001}.tar'))
     assert len(dataset) == 10 and len(dataset.urls) == 2
@@ -543,7 +669,21 @@ def test_benchmark_data_times_every_source(folder):
     rows = [line for line in result.stdout.splitlines()
             if line.startswith('| ') and 'source' not in line and '---' not in line]
     assert [r.split('|')[1].strip() for r in rows] == ['folder', 'zip', 'wds', 'hf'], result.stdout
-    assert all(float(cell) > 0 for r in rows for cell in r.strip('| ').split('|')[1:]), result.stdout
+    cells = [cell.split() for r in rows for cell in r.strip('| ').split('|')[1:]]
+    assert all(float(c[0]) > 0 for c in cells), result.stdout  # images/s per worker
+    ratios = [c[1] for c in cells if len(c) > 1]  # '(1.02x)': zip, wds, hf over the folder, 2 loaders
+    assert len(ratios) == 3 * 2 and all(float(x.strip('()x')) > 0 for x in ratios), result.stdout
+
+
+def test_benchmark_data_paired_times_folder_and_wds_on_the_same_samples(folder):
+    result = _run([sys.executable, 'scripts/benchmark_data.py', '--data-path', os.path.join(folder, 'train'),
+                   '--paired', '--rounds', '2', '--batch-size', '8', '--img-size', '64'])
+    rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]]
+            for line in result.stdout.splitlines() if line.startswith(('| torch', '| fast'))}
+    assert set(rows) == {'torch', 'fast'}, result.stdout
+    for folder_ms, wds_ms, ratio, rounds in rows.values():
+        assert float(folder_ms) > 0 and float(wds_ms) > 0 and float(ratio.rstrip('x')) > 0, result.stdout
+        assert len(rounds.split()) == 2, result.stdout
 
 
 @pytest.mark.slow

@@ -369,3 +369,23 @@ def test_shard_model_refuses_cpu_offload_from_cuda_in_a_group_without_a_cpu_back
             shard_model(torch.nn.Linear(3, 3), (torch.nn.Linear,), cpu_offload=True, device=torch.device('cuda'))
     finally:
         cleanup_distributed()
+
+
+def test_swin_moe_forward_and_aux_loss_without_host_reads():
+    """Swin-MoE on one process: routing, capacity, dispatch and combine run on the device under autocast with no
+    host read (dropped tokens go to a spare row, not through a boolean mask)."""
+    from models.swin_moe import SwinTransformerMoE
+    with fake_cuda():
+        model = on_fake_cuda(lambda: SwinTransformerMoE(
+            img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4, mlp_ratio=2.0,
+            pretrained_window_sizes=(0, 0), moe_blocks=((1,), (0, 1)), num_local_experts=4, top_value=2,
+            capacity_factor=0.75, cosine_router=True, cosine_router_dim=8, is_gshard_loss=False,
+            num_classes=10))
+        x = torch.empty(4, 3, 32, 32, device=DEVICE)
+        for _ in range(2):  # the second forward: window geometry cached
+            with DeviceOps() as ops, torch.autocast('cuda', dtype=torch.bfloat16):
+                logits = model(x)
+                aux = model.aux_loss()
+        assert logits.shape == (4, 10) and logits.device == DEVICE and aux.device == DEVICE
+        assert_no_host_reads(ops)
+        assert_no_blocking_copies(ops)

@@ -536,6 +536,56 @@ def _load_sharded_tensors(checkpoint: Mapping[str, Any], model: torch.nn.Module,
         raise CheckpointError(str(e)) from None
 
 
+_WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DDP / torch.compile, should a name carry them
+
+
+def _plain(name: str) -> str:
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.split('.', 1)[1]
+    return name
+
+
+def _saved_trained_names(checkpoint: Mapping[str, Any]) -> Optional[set]:
+    """The names of the parameters the checkpoint's optimizer trained: ``param_names`` of a file's optimizer
+    groups, or the FQNs of a sharded checkpoint's ``optimizer_groups``; None when it does not record them."""
+    if checkpoint.get('sharded_dir'):
+        groups = (checkpoint.get('optimizer_groups') or {}).get('param_groups') or []
+        key = 'params'
+    else:
+        groups = (checkpoint.get('optimizer') or {}).get('param_groups') or []
+        key = 'param_names'
+    if not groups or not all(isinstance(g, Mapping) and key in g for g in groups):
+        return None
+    return {_plain(str(n)) for g in groups for n in g[key]}
+
+
+def check_same_trainable(checkpoint: Mapping[str, Any], model: torch.nn.Module, path: str = '<checkpoint>') -> None:
+    """Refuse to resume optimizer state into a model whose trainable parameters (``requires_grad``) are not the
+    ones the checkpoint's optimizer trained, e.g. after changing ``TRAIN.FREEZE`` / ``TRAIN.LINEAR_PROBE``:
+    torch's ``Optimizer.load_state_dict`` matches parameters by position and group size only, so it would load
+    one tensor's moments into another without a word, or fail on a group size. Nothing to check when the
+    checkpoint does not record the names."""
+    saved = _saved_trained_names(checkpoint)
+    if saved is None:
+        return
+    now = {_plain(n) for n, p in unwrap_model(model).named_parameters() if p.requires_grad}
+    if saved == now:
+        return
+    frozen_now, trained_now = sorted(saved - now), sorted(now - saved)
+    parts = []
+    if frozen_now:
+        parts.append(f"{len(frozen_now)} tensor(s) it trained do not train now (e.g. {', '.join(frozen_now[:3])})")
+    if trained_now:
+        parts.append(f"{len(trained_now)} tensor(s) train now that it did not (e.g. {', '.join(trained_now[:3])})")
+    train_cfg = (checkpoint.get('config') or {}).get('TRAIN') or {}
+    then = (f" (it was saved with TRAIN.FREEZE {list(train_cfg.get('FREEZE') or [])}, TRAIN.LINEAR_PROBE "
+            f"{bool(train_cfg.get('LINEAR_PROBE'))})" if isinstance(train_cfg, Mapping) else '')
+    raise CheckpointError(f"{path}: its optimizer state is for other trainable parameters: {'; '.join(parts)}"
+                          f"{then}. Resume with the frozen parameters it was saved with, or, to change what "
+                          f"trains, start a new run (another --output or --tag) with --pretrained {path}: its "
+                          f"weights load and the optimizer starts fresh")
+
+
 def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, path: str = '<checkpoint>',
                            logger: Optional[logging.Logger] = None) -> None:
     """Restore ``state`` (model, optimizer, scheduler, scaler, EMA, epoch, update, best accuracy) in place.
@@ -550,6 +600,8 @@ def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, pat
     state.fast_paths = {str(m): {str(k): bool(v) for k, v in paths.items()} for m, paths in recorded.items()
                         if isinstance(paths, Mapping)} if isinstance(recorded, Mapping) else None
     sharded = bool(checkpoint.get('sharded_dir'))
+    if state.optimizer is not None:  # before any tensor loads: a sharded load takes model and optimizer together
+        check_same_trainable(checkpoint, state.model, path)
     if sharded:
         with_optimizer = state.optimizer is not None and bool(checkpoint.get('optimizer_groups'))
         ema_restored = _load_sharded_tensors(checkpoint, state.model, state.optimizer if with_optimizer else None,
@@ -617,13 +669,14 @@ def _copy_into_ema(state: TrainState) -> None:
 
 # ----------------------------------------------------------------------------- the output folder
 
-def epoch_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
-    """``(epoch, path)`` of the ``ckpt_epoch_{e}.pth`` files, by epoch number ascending."""
+def epoch_checkpoints(output_dir: str, suffix: str = '') -> List[Tuple[int, str]]:
+    """``(epoch, path)`` of the ``ckpt_epoch_{e}.pth{suffix}`` files, by epoch number ascending."""
     if not os.path.isdir(output_dir):
         return []
     found = []
+    pattern = re.compile(r'^ckpt_epoch_(\d+)\.pth' + re.escape(suffix) + '$') if suffix else EPOCH_FILE
     for name in os.listdir(output_dir):
-        match = EPOCH_FILE.match(name)
+        match = pattern.match(name)
         if match:
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
     return sorted(found)
@@ -648,7 +701,7 @@ def sharded_checkpoints(output_dir: str) -> List[Tuple[Tuple[int, int], str]]:
     return found
 
 
-def auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.Logger] = None
+def auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.Logger] = None, suffix: str = ''
                 ) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
     """The furthest readable checkpoint in ``output_dir`` and its contents, or ``(None, None)``.
 
@@ -658,10 +711,11 @@ def auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.L
     file (needs unpickling) is an error rather than a skip.
     """
     log = logger or _LOG
-    candidates: List[Tuple[Tuple[int, int], str]] = [((e, 0), p) for e, p in epoch_checkpoints(output_dir)]
-    candidates += sharded_checkpoints(output_dir)
+    candidates: List[Tuple[Tuple[int, int], str]] = [((e, 0), p) for e, p in epoch_checkpoints(output_dir, suffix)]
+    if not suffix:
+        candidates += sharded_checkpoints(output_dir)
     candidates.sort(reverse=True)
-    last = os.path.join(output_dir, LAST_NAME)
+    last = os.path.join(output_dir, LAST_NAME + suffix)
     if os.path.isfile(last) and not any(_same_file(last, p) for _, p in candidates):
         try:
             checkpoint = load_checkpoint_file(last, trust=trust)
@@ -693,6 +747,14 @@ def auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.L
     return None, None
 
 
+def _rank_files(path: str) -> int:
+    """How many consecutive ``<path>.rank<r>`` files exist, from rank 0."""
+    count = 0
+    while os.path.exists(f'{path}.rank{count}'):
+        count += 1
+    return count
+
+
 def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -703,32 +765,33 @@ def _same_file(a: str, b: str) -> bool:
 class CheckpointManager:
     """Writes checkpoints into ``output_dir`` with the naming, best/last links and pruning described above."""
 
-    def __init__(self, output_dir: str, keep: int = 0, logger: Optional[logging.Logger] = None):
+    def __init__(self, output_dir: str, keep: int = 0, logger: Optional[logging.Logger] = None, suffix: str = ''):
         self.output_dir = output_dir
         self.keep = int(keep)
         self.log = logger or _LOG
+        self.suffix = suffix  # '.rank<r>' / '.global': the official Swin-MoE layout
 
     def save_epoch(self, checkpoint: Mapping[str, Any], epoch: int, is_best: bool = False) -> str:
         """Write ``ckpt_epoch_{epoch}.pth``, point ``ckpt_last.pth`` (and ``ckpt_best.pth`` if best) at it, prune."""
-        path = os.path.join(self.output_dir, f'ckpt_epoch_{epoch}.pth')
+        path = os.path.join(self.output_dir, f'ckpt_epoch_{epoch}.pth{self.suffix}')
         save_checkpoint_file(checkpoint, path)
-        _link_or_copy(path, os.path.join(self.output_dir, LAST_NAME))
+        _link_or_copy(path, os.path.join(self.output_dir, LAST_NAME + self.suffix))
         if is_best:
-            _link_or_copy(path, os.path.join(self.output_dir, BEST_NAME))
+            _link_or_copy(path, os.path.join(self.output_dir, BEST_NAME + self.suffix))
         self.log.info("saved %s%s", path, " (best so far)" if is_best else "")
         self.prune()
         return path
 
     def save_best(self, checkpoint: Mapping[str, Any]) -> str:
         """Write ``ckpt_best.pth`` on its own (an epoch that is best but not on the SAVE_FREQ schedule)."""
-        path = os.path.join(self.output_dir, BEST_NAME)
+        path = os.path.join(self.output_dir, BEST_NAME + self.suffix)
         save_checkpoint_file(checkpoint, path)
         self.log.info("saved %s", path)
         return path
 
     def save_last(self, checkpoint: Mapping[str, Any]) -> str:
         """Write a mid-epoch ``ckpt_last.pth``."""
-        path = os.path.join(self.output_dir, LAST_NAME)
+        path = os.path.join(self.output_dir, LAST_NAME + self.suffix)
         save_checkpoint_file(checkpoint, path)
         self.log.info("saved %s (epoch %d done, %d updates into the next)", path, checkpoint['epoch'],
                       checkpoint['step'])
@@ -739,7 +802,7 @@ class CheckpointManager:
         if self.keep <= 0:
             return []
         removed = []
-        for _, path in epoch_checkpoints(self.output_dir)[:-self.keep]:
+        for _, path in epoch_checkpoints(self.output_dir, self.suffix)[:-self.keep]:
             try:
                 os.remove(path)
                 removed.append(path)
@@ -893,7 +956,13 @@ class Checkpointer:
         self.config_dict = config_to_dict(config)
         self.trust = bool(config.TRUST_CHECKPOINTS)
         self.sharded = bool(config.TRAIN.FSDP.ENABLE)
-        self.files = CheckpointManager(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS, self.log)
+        # Swin-MoE: each rank owns its experts, so every rank writes its own file <name>.pth.rank<r> (the official
+        # layout), or, with TRAIN.MOE.SAVE_MASTER, rank 0 writes <name>.pth.global and every rank reads it
+        self.per_rank = config.MODEL.TYPE == 'swin_moe' and not self.sharded and not config.TRAIN.MOE.SAVE_MASTER
+        self.suffix = ''
+        if config.MODEL.TYPE == 'swin_moe' and not self.sharded:
+            self.suffix = f'.rank{dist_info.rank}' if self.per_rank else '.global'
+        self.files = CheckpointManager(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS, self.log, self.suffix)
         self._write = self._write_sharded if self.sharded else self._write_file
         self._found: Optional[Tuple[Optional[str], Optional[Dict[str, Any]]]] = None  # (path, contents)
         self._saved_rng: Optional[Mapping[str, Any]] = None  # set by restore
@@ -908,13 +977,39 @@ class Checkpointer:
         call, so that the caller can decide before building the rest (e.g. whether ``--pretrained`` applies)."""
         if self._found is None:
             if self.config.MODEL.RESUME:
-                path = self.config.MODEL.RESUME
+                path = self.rank_file(self.config.MODEL.RESUME)
                 self._found = path, load_checkpoint_file(path, trust=self.trust)
             elif self.config.TRAIN.AUTO_RESUME:
-                self._found = auto_resume(self.config.OUTPUT, trust=self.trust, logger=self.log)
+                self._found = auto_resume(self.config.OUTPUT, trust=self.trust, logger=self.log, suffix=self.suffix)
+            if self.suffix and self._found[1] is not None:
+                self._check_world_size(*self._found)
             else:
                 self._found = None, None
         return self._found[0]
+
+    def rank_file(self, path: str) -> str:
+        """``--resume <name>.pth`` names this rank's ``<name>.pth.rank<r>`` (or ``.global``) for Swin-MoE, as the
+        official main_moe.py reads it; another name is used as it is."""
+        if not self.suffix or not path.endswith('.pth'):
+            return path
+        mine = path + self.suffix
+        if self.per_rank and not os.path.exists(mine):
+            ranks = _rank_files(path)
+            if ranks:
+                raise CheckpointError(
+                    f"{path} was saved per rank by {ranks} processes ({path}.rank0 .. .rank{ranks - 1}), and "
+                    f"{mine} is not there: each rank's experts live in its own file, so resume with {ranks} "
+                    f"processes (this run has {self.dist_info.world_size})")
+        return mine
+
+    def _check_world_size(self, path: Optional[str], checkpoint: Mapping[str, Any]) -> None:
+        saved = (checkpoint.get('rng') or {}).get('world_size')
+        world = self.dist_info.world_size
+        if self.per_rank and saved is not None and saved != world:
+            raise CheckpointError(
+                f"{path} is one of {saved} per-rank Swin-MoE checkpoint files (one per process, each with its own "
+                f"experts); this run has {world} processes: resume it with {saved} processes "
+                f"(torchrun --nproc_per_node {saved}, or that many over the nodes)")
 
     def restore(self, state: TrainState) -> Optional[str]:
         """Restore ``state`` in place from the checkpoint ``find`` names (model, optimizer, scheduler, scaler,
@@ -965,7 +1060,7 @@ class Checkpointer:
         if kind not in ('epoch', 'best', 'last'):
             raise ValueError(f"checkpoint kind {kind!r} is not one of 'epoch', 'best', 'last'")
         rng = gather_rng_states()  # a collective: every rank takes part
-        if not (self.dist_info.is_main or self.sharded):
+        if not (self.dist_info.is_main or self.sharded or self.per_rank):
             return
         checkpoint = build_checkpoint(state, self.config_dict, rng, weights=not self.sharded, sampler=self.sampler)
         try:

@@ -1,0 +1,233 @@
+"""Swin-MoE (``models.swin_moe``, ``models.moe``): logits and auxiliary loss equal the official
+``SwinTransformerMoE`` over Tutel (fixtures in tests/fixtures/swin_moe, made by running the official code on
+1 and 2 gloo processes), the routing rules, and the training rules."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from config import load_config
+from models.moe import CosineTopKGate
+from models.swin_moe import SwinTransformerMoE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'swin_moe')
+ONE_PROCESS = ['top1_1p', 'cosine_top2_1p']
+TWO_PROCESSES = ['top1_2p', 'cosine_top2_2p', 'top2_4e_2p', 'shared_2p']
+
+
+def load_fixture(run: str, rank: int) -> dict:
+    return torch.load(os.path.join(FIXTURES, f'{run}.rank{rank}.pt'), weights_only=True)
+
+
+def official_model(fixture: dict) -> SwinTransformerMoE:
+    """Our model with the fixture's constructor arguments and its official state dict (float16 -> float32)."""
+    model = SwinTransformerMoE(**fixture['kwargs']).eval()
+    state = {k: v.float() if v.is_floating_point() else v for k, v in fixture['state_dict'].items()}
+    model.load_state_dict(state)
+    return model
+
+
+def check_against_official(run: str, rank: int) -> None:
+    fixture = load_fixture(run, rank)
+    model = official_model(fixture)
+    with torch.no_grad():
+        logits = model(fixture['x'].float())
+        l_aux = model.aux_loss()
+    torch.testing.assert_close(logits, fixture['logits'], rtol=0, atol=1e-5)
+    torch.testing.assert_close(l_aux.float(), fixture['l_aux'], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('run', ONE_PROCESS)
+def test_logits_and_aux_loss_equal_official_on_one_process(run):
+    check_against_official(run, 0)
+
+
+def _two_process_worker(rank: int, world: int, init_file: str, runs: list, failures) -> None:
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    try:
+        for run in runs:
+            try:
+                check_against_official(run, rank)
+            except AssertionError as e:
+                failures.append(f'{run} rank {rank}: {e}')
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_logits_and_aux_loss_equal_official_on_two_processes(tmp_path):
+    failures = mp.Manager().list()
+    mp.spawn(_two_process_worker, args=(2, str(tmp_path / 'pg'), TWO_PROCESSES, failures), nprocs=2)
+    assert not list(failures), '\n'.join(failures)
+
+
+SWINMOE_CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', 'swinmoe', '*.yaml')))
+
+
+def test_the_eleven_official_swinmoe_configs_are_here():
+    assert len(SWINMOE_CONFIGS) == 11
+
+
+@pytest.mark.parametrize('cfg_file', SWINMOE_CONFIGS, ids=os.path.basename)
+def test_swinmoe_config_loads_and_builds(cfg_file, monkeypatch):
+    """Each official file loads unchanged and builds (meta device) with the world size its name gives, with
+    that many experts in all; the dense baselines build without MoE blocks."""
+    import models
+    import models.moe
+    config = load_config(cfg_file)
+    stem = os.path.splitext(os.path.basename(cfg_file))[0]
+    assert config.MODEL.TYPE == 'swin_moe' and config.MODEL.NAME == stem
+    found = re.search(r'(\d+)expert_(\d+)gpu', stem)
+    experts, world = (int(found.group(1)), int(found.group(2))) if found else (None, 1)
+    monkeypatch.setattr(models.moe, 'world_info', lambda group=None: (0, world))
+    with torch.device('meta'):
+        model = models.build_model(config)
+    moe = model.moe_layers()
+    m = config.MODEL.SWIN_MOE
+    assert len(moe) == sum(len([b for b in blocks if b >= 0]) for blocks in m.MOE_BLOCKS)
+    if experts is None:
+        assert not moe
+        return
+    assert all(layer._moe_layer.num_experts == experts for layer in moe)
+    assert model._ddp_params_and_buffers_to_ignore and all(
+        '_moe_layer.experts.' in n for n in model._ddp_params_and_buffers_to_ignore)
+    assert isinstance(moe[0]._moe_layer.gates[0], CosineTopKGate) == ('cosine' in stem)
+
+
+# ----------------------------------------------------------------------------- training with torchrun
+
+TINY_MOE = ['MODEL.TYPE', 'swin_moe', 'MODEL.NAME', 'moe_tiny', 'MODEL.NUM_CLASSES', '4',
+            'MODEL.SWIN_MOE.EMBED_DIM', '16', 'MODEL.SWIN_MOE.DEPTHS', '[2, 2]', 'MODEL.SWIN_MOE.NUM_HEADS', '[2, 4]',
+            'MODEL.SWIN_MOE.WINDOW_SIZE', '4', 'MODEL.SWIN_MOE.MLP_RATIO', '2.0',
+            'MODEL.SWIN_MOE.MOE_BLOCKS', '[[1], [1]]', 'MODEL.SWIN_MOE.PRETRAINED_WINDOW_SIZES', '[0, 0]',
+            'TRAIN.EPOCHS', '3', 'TRAIN.WARMUP_EPOCHS', '0', 'TRAIN.KEEP_CHECKPOINTS', '0', 'TRAIN.CLIP_GRAD', '5.0',
+            'DATA.NUM_WORKERS', '0', 'SEED', '3']
+
+
+def _train(data: str, out: str, nproc: int, *extra: str):
+    import socket
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    launcher = ['-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port', str(port)] \
+        if nproc > 1 else []
+    cmd = [sys.executable, *launcher, os.path.join(ROOT, 'main.py'), '--cfg',
+           os.path.join(ROOT, 'configs', 'demo', 'swin_demo_digits_32.yaml'), '--data-path', data, '--output', out,
+           '--device', 'cpu', '--batch-size', '8', *extra, '--opts', *TINY_MOE]
+    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_trains_experts_per_rank_and_resumes_exactly(tmp_path):
+    """2 CPU processes, one expert each: per-rank files <name>.pth.rank<r>; after training the experts differ
+    between the ranks and everything else is equal; a run stopped after epoch 1 and resumed with --resume
+    <name>.pth ends with the straight run's weights on both ranks; one process cannot resume it."""
+    from helpers import write_digits_folder
+    data = write_digits_folder(tmp_path / 'digits')
+    straight = str(tmp_path / 'straight')
+    result = _train(data, straight, 2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = os.path.join(straight, 'moe_tiny', 'default')
+    names = sorted(os.listdir(run_dir))
+    assert {f'ckpt_epoch_{e}.pth.rank{r}' for e in range(3) for r in (0, 1)} <= set(names)
+    assert not [n for n in names if n.endswith('.pth')]
+    final = [torch.load(os.path.join(run_dir, f'ckpt_epoch_2.pth.rank{r}'), weights_only=True)['model'] for r in (0, 1)]
+    experts = [k for k in final[0] if '_moe_layer.experts.' in k]
+    assert len(experts) == 8  # 2 MoE blocks x fc1/fc2 weights and biases
+    assert not [k for k in experts if torch.equal(final[0][k], final[1][k])]
+    assert not [k for k in final[0] if k not in experts and not torch.equal(final[0][k], final[1][k])]
+
+    # the "interrupted" run: the straight run's epoch-1 files, resumed to epoch 3
+    resumed = str(tmp_path / 'resumed')
+    result = _train(data, resumed, 2, '--resume', os.path.join(run_dir, 'ckpt_epoch_1.pth'))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert 'starting at epoch 2' in result.stdout + result.stderr
+    for r in (0, 1):
+        again = torch.load(os.path.join(resumed, 'moe_tiny', 'default', f'ckpt_epoch_2.pth.rank{r}'),
+                           weights_only=True)['model']
+        assert not [k for k in final[r] if not torch.equal(final[r][k], again[k])]
+
+    result = _train(data, str(tmp_path / 'one'), 1, '--resume', os.path.join(run_dir, 'ckpt_epoch_1.pth'))
+    assert result.returncode != 0
+    assert 'resume it with 2 processes' in result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------- training rules (one process)
+
+def test_weight_decay_follows_the_official_moe_rules():
+    """Official set_weight_decay with the MoE model's keywords: expert weights decay; expert biases, the cosine
+    router (projector, similarity matrix, temperature) and cpb_mlp do not; the frozen fc2 bias (MLP_FC2_BIAS
+    False) is in no group."""
+    import models
+    from optimizer import build_optimizer
+    config = load_config(os.path.join(ROOT, 'configs', 'swinmoe',
+                                      'swin_moe_small_patch4_window12_192_cosine_router_32expert_32gpu_22k.yaml'),
+                         ['MODEL.SWIN_MOE.DEPTHS', '[2, 2, 2, 2]', 'MODEL.SWIN_MOE.MOE_BLOCKS', '[[-1], [-1], [1], [1]]',
+                          'MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS', '1'])
+    model = models.build_model(config)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g['weight_decay']: {names[id(p)] for p in g['params']} for g in build_optimizer(config, model).param_groups}
+    prefix = 'layers.2.blocks.1.mlp._moe_layer.'
+    assert {prefix + 'experts.batched_fc1_w', prefix + 'experts.batched_fc2_w'} <= groups[config.TRAIN.WEIGHT_DECAY]
+    assert {prefix + n for n in ('experts.batched_fc1_bias', 'gates.0.cosine_projector.weight',
+                                 'gates.0.cosine_projector.bias', 'gates.0.sim_matrix', 'gates.0.temperature')} \
+        <= groups[0.0]
+    assert prefix + 'experts.batched_fc2_bias' not in set().union(*groups.values())
+    assert not model.layers[2].blocks[1].mlp._moe_layer.experts.batched_fc2_bias.requires_grad
+
+
+def test_training_forward_adds_gate_noise_and_the_aux_loss_has_gradients():
+    """Training mode: gate noise changes the routing between calls (eval is deterministic); the weighted
+    auxiliary loss reaches the router's weights."""
+    torch.manual_seed(0)
+    model = SwinTransformerMoE(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4,
+                               mlp_ratio=2.0, pretrained_window_sizes=(0, 0), moe_blocks=((1,), (0, 1)),
+                               num_local_experts=4, gate_noise=5.0, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    model.train()
+    first = model(x)
+    assert not torch.equal(first, model(x))
+    model.aux_loss().backward()
+    gate = model.layers[0].blocks[1].mlp._moe_layer.gates[0].wg.weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+
+
+def test_a_checkpoint_with_another_expert_count_is_refused():
+    fixture = load_fixture('top1_1p', 0)
+    model = SwinTransformerMoE(**dict(fixture['kwargs'], num_local_experts=4))
+    with pytest.raises((ValueError, RuntimeError), match='experts in all'):
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                               for k, v in fixture['state_dict'].items()})
+
+
+def test_checkpoint_names_follow_the_official_per_rank_layout(tmp_path):
+    import torch as _torch
+
+    from utils.checkpoint import CheckpointError, Checkpointer
+    from utils.distributed import DistInfo
+
+    def checkpointer(rank, world, *opts):
+        config = load_config(None, ['MODEL.TYPE', 'swin_moe', 'OUTPUT', str(tmp_path), *opts])
+        return Checkpointer(config, DistInfo(rank, world, rank, _torch.device('cpu')))
+    assert checkpointer(1, 2).rank_file('/x/ckpt_epoch_3.pth') == '/x/ckpt_epoch_3.pth.rank1'
+    assert checkpointer(1, 2, 'TRAIN.MOE.SAVE_MASTER', 'True').rank_file('/x/a.pth') == '/x/a.pth.global'
+    assert checkpointer(0, 1).rank_file('/x/other.bin') == '/x/other.bin'  # not <name>.pth: as given
+    for r in (0, 1):
+        (tmp_path / f'ckpt_epoch_0.pth.rank{r}').write_bytes(b'')
+    with pytest.raises(CheckpointError, match=r'saved per rank by 2 processes.*resume with 2 processes'):
+        checkpointer(2, 3).rank_file(str(tmp_path / 'ckpt_epoch_0.pth'))
