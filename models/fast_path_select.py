@@ -5,11 +5,11 @@ backward) and in evaluation (forward, no grad), and kept only where it does not 
 
 Cost: one forward of the model on a sample batch (to catch every block's input), then, per mode, each
 applicable path off in turn and the baseline (all on), interleaved over up to ``rounds`` rounds (within
-``BUDGET_S``) after a warm-up, on one
-block per stage (the shifted one where a stage has it), weighted by the stage's depth. The fastest round of each
-counts (as ``timeit`` advises): on a shared machine other processes only ever add time, and a median of a few
-rounds still swings by factors there (measured on 2 shared cores: the same tiny block took 1 ms to 400 ms). Patch embedding, merging
-and the head run the same computation either way and are not timed.
+``BUDGET_S``) after a warm-up, on one block per stage (the shifted one where a stage has it), weighted by the
+stage's depth. The fastest round of each counts (as ``timeit`` advises): on a shared machine other processes only
+ever add time, and a median of a few rounds still swings by factors there (measured on 2 shared cores: the same
+tiny block took 1 ms to 400 ms). Patch embedding, merging and the head run the same computation either way and
+are not timed.
 
 No I/O here (models never do I/O): the caller (``engine.select_fast_paths``) caches the result per machine,
 torch version, dtype and the signature this module returns, broadcasts it and records it in checkpoints.
@@ -31,9 +31,9 @@ from .swin_common import SwinBlock
 Timer = Callable[[], float]
 # Timed rounds after the warm-up stop once this many seconds were spent on them (at least MIN_ROUNDS rounds, at
 # most ``rounds``): one round decided on noise there (Swin-T bf16, two runs: V1's recomputed attention input 0.58x
-# then 1.23x of all on), and a choice is cached for good. Measured on 2 shared cores (load ~6): Swin-T batch 8 bf16 took 130 s for a warm-up and 3 rounds
-# (one model-equivalent train step ~5.6 s there), a tiny demo model 12 s; the choice is cached per machine and
-# shape and never remeasured on resume, so this is paid once.
+# then 1.23x of all on), and a choice is cached for good. Measured on 2 shared cores (load ~6): Swin-T batch 8
+# bf16 took 130 s for a warm-up and 3 rounds (one model-equivalent train step ~5.6 s there), a tiny demo model
+# 12 s; the choice is cached per machine and shape and never remeasured on resume, so this is paid once.
 BUDGET_S = 5.0
 MIN_ROUNDS = 2
 # A path is switched off only when its plain computation is faster by more than this fraction: the fast paths
@@ -127,7 +127,8 @@ def _weighted_time(samples: Sequence[_Sample], mode: str, autocast_fn, timer: Ti
 
 def measure_choices(model: nn.Module, samples: Sequence[_Sample], dtype: Optional[torch.dtype],
                     device: torch.device, modes: Sequence[str] = MODES, rounds: int = 5,
-                    timer: Timer = time.perf_counter, budget_s: float = BUDGET_S) -> Tuple[Choices, Dict[str, Dict[str, float]]]:
+                    timer: Timer = time.perf_counter,
+                    budget_s: float = BUDGET_S) -> Tuple[Choices, Dict[str, Dict[str, float]]]:
     """Time each applicable path against its plain computation; returns the choices (all on but the paths
     whose plain computation was faster by more than ``MARGIN``) and the fastest round's times ``{mode: {'all on':
     s, 'no <path>': s}}`` (seconds per model-equivalent of the sampled blocks).
