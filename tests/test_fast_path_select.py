@@ -225,7 +225,7 @@ def test_run_records_its_choice_and_a_resume_takes_it_whatever_the_measurement(d
     monkeypatch.setattr(fast_path_select, 'measure_choices', measure_with(FakeTimer('sdpa', 'eval', 2.0)))
     code, _ = _run_main(_train_args(digits, str(out), 2), capsys)
     assert code == 0 and measured == ['chunked_mlp']  # not measured again
-    assert seen[1] == expected
+    assert seen[1] == expected, _log(run_dir)
     assert torch.load(run_dir / 'ckpt_epoch_1.pth', weights_only=True)['fast_paths'] == expected
     assert 'recorded in the checkpoint resumed from' in _log(run_dir)[-1]
 

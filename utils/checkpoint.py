@@ -981,10 +981,10 @@ class Checkpointer:
                 self._found = path, load_checkpoint_file(path, trust=self.trust)
             elif self.config.TRAIN.AUTO_RESUME:
                 self._found = auto_resume(self.config.OUTPUT, trust=self.trust, logger=self.log, suffix=self.suffix)
-            if self.suffix and self._found[1] is not None:
-                self._check_world_size(*self._found)
             else:
                 self._found = None, None
+            if self.suffix and self._found[1] is not None:
+                self._check_world_size(*self._found)
         return self._found[0]
 
     def rank_file(self, path: str) -> str:
