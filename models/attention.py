@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fast_paths import use_eager_fast_path, use_eager_fast_paths, use_fast_path
+from .fast_paths import use_eager_fast_path, use_eager_fast_paths, use_fast_path, use_fast_paths
 from .lowp import Linear
 
 
@@ -207,3 +207,18 @@ class WindowAttentionBase(nn.Module):
     def extra_repr(self) -> str:
         return f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, ' \
                f'fused_attn={self.fused_attn}'
+
+
+class ScaledWindowAttention(WindowAttentionBase):
+    """Window attention as ``softmax(q * scale @ k^T + bias + mask) @ v`` (V1 and Swin-MoE; V2 is cosine
+    attention). Subclasses set ``qkv`` and ``scale`` and give the position bias."""
+
+    scale: float
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        q, k, v, scale = self.split_heads(self.qkv(x), self.scale)  # (B_, nH, N, d) each
+        if not use_fast_paths():
+            return self.official_attention((q * scale) @ k.transpose(-2, -1), v, mask)
+        bias = self.attention_bias(mask, q.dtype)
+        drop = self.attn_drop.p if self.training else 0.0
+        return self.merge_heads(window_attention(q, k, v, bias, scale, self.fused_attn, drop))

@@ -16,8 +16,7 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from .attention import WindowAttentionBase, window_attention
-from .fast_paths import use_fast_paths
+from .attention import ScaledWindowAttention
 from .lowp import Linear
 from .mlp import Mlp
 from .moe import MoEMlp
@@ -26,7 +25,7 @@ from .swin_transformer_v2 import log_spaced_coords
 from .window_ops import relative_position_index, window_to_tuple
 
 
-class WindowAttentionMoE(WindowAttentionBase):
+class WindowAttentionMoE(ScaledWindowAttention):
     """Scaled dot-product window attention with V2's continuous position bias used as it is (no sigmoid)."""
 
     def __init__(self, dim: int, window_size, num_heads: int, qkv_bias: bool = True,
@@ -50,14 +49,6 @@ class WindowAttentionMoE(WindowAttentionBase):
         n = self.window_size[0] * self.window_size[1]
         table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
         return table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)  # (nH, N, N)
-
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        q, k, v, scale = self.split_heads(self.qkv(x), self.scale)  # (B_, nH, N, d) each
-        if not use_fast_paths():
-            return self.official_attention((q * scale) @ k.transpose(-2, -1), v, mask)
-        bias = self.attention_bias(mask, q.dtype)
-        drop = self.attn_drop.p if self.training else 0.0
-        return self.merge_heads(window_attention(q, k, v, bias, scale, self.fused_attn, drop))
 
 
 class SwinTransformerMoE(SwinBackbone):

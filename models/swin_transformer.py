@@ -12,14 +12,13 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from .attention import WindowAttentionBase, window_attention
-from .fast_paths import use_fast_paths
+from .attention import ScaledWindowAttention
 from .lowp import Linear
 from .swin_common import SwinBackbone
 from .window_ops import relative_position_index
 
 
-class WindowAttention(WindowAttentionBase):
+class WindowAttention(ScaledWindowAttention):
     """Window multi-head self-attention with a learned relative position bias table."""
 
     def __init__(self, dim: int, window_size, num_heads: int, qkv_bias: bool = True,
@@ -41,14 +40,6 @@ class WindowAttention(WindowAttentionBase):
         n = self.window_size[0] * self.window_size[1]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, -1).permute(2, 0, 1)
-
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        q, k, v, scale = self.split_heads(self.qkv(x), self.scale)  # (B_, nH, N, d) each
-        if not use_fast_paths():
-            return self.official_attention((q * scale) @ k.transpose(-2, -1), v, mask)
-        bias = self.attention_bias(mask, q.dtype)
-        drop = self.attn_drop.p if self.training else 0.0
-        return self.merge_heads(window_attention(q, k, v, bias, scale, self.fused_attn, drop))
 
 
 class SwinTransformer(SwinBackbone):

@@ -69,7 +69,7 @@ def spy_on_fast_paths(monkeypatch) -> dict:
     spy(mlp._ChunkedMlp, 'apply', 'chunked MLP (grad)')
     spy(mlp, '_mlp_forward', 'chunked MLP forward')
     spy(attention._SplitHeads, 'apply', 'contiguous heads')
-    spy(swin_v1, 'window_attention', 'fast attention V1')
+    spy(attention, 'window_attention', 'fast attention V1')  # V1's forward is attention.ScaledWindowAttention's
     spy(swin_v2, 'window_attention', 'fast attention V2')
     spy(attention.F, 'scaled_dot_product_attention', 'SDPA')
     spy(attention, '_biased_logits', 'fused scale-add')
