@@ -9,7 +9,6 @@ import models.fast_paths as fast_paths
 import models.lowp as lowp
 import models.mlp as mlp
 import models.swin_common as swin_common
-import models.swin_transformer as swin_v1
 import models.swin_transformer_v2 as swin_v2
 import models.window_ops as window_ops
 import test_models
