@@ -229,3 +229,26 @@ def swin_parameter_count(model_type, embed_dim, depths, num_heads, window, img_s
             resolution //= 2
     d = embed_dim * 2 ** (len(depths) - 1)
     return n + 2 * d + d * num_classes + num_classes
+
+
+def float_resize_of_each_image(images, plan, height: int, width: int):
+    """The reference for the gpu loader's batched resize: torchvision's float32 resize of each image of ``plan``
+    (``data.gpu.BatchPlan``) to ``height x width``, its crop or eval box and flip, in the plan's order (uint8)."""
+    import torch
+    from torchvision.transforms.v2 import functional as F2
+
+    import data.gpu
+    want = torch.empty((len(plan.order), images[0].shape[0], height, width), dtype=torch.uint8)
+    for k, b in enumerate(plan.order):
+        p = plan.plans[b]
+        mode = data.gpu._INTERPOLATIONS[p['interpolation']]
+        if 'eval' in p:
+            (rh, rw), (top, left) = p['eval']
+            img, size, box = images[b], [rh, rw], (top, left)
+        else:
+            i, j, h, w = p['crop']
+            img, size, box = images[b][:, i:i + h, j:j + w], [height, width], (0, 0)
+        x = F2.resize(img.float(), size, interpolation=mode, antialias=True).clamp_(0, 255).round_()
+        x = x[:, box[0]:box[0] + height, box[1]:box[1] + width].to(torch.uint8)
+        want[k] = x.flip(-1) if p.get('flip') else x
+    return want

@@ -27,6 +27,7 @@ from data.device_batch import DeviceFinish, erase_params
 from data.gpu import TENSOR_OPS, apply_op, resize_batched, resize_per_sample
 from data.seeding import SampleKey
 from fake_cuda import DeviceOps, fake_cuda
+from helpers import float_resize_of_each_image
 from timm.data.random_erasing import RandomErasing
 
 SIZES = [(500, 375), (375, 500), (500, 333), (640, 427), (333, 500), (800, 600), (500, 400), (300, 200)]
@@ -185,19 +186,7 @@ def test_batched_resize_is_the_float_resize_of_each_image(folder, monkeypatch, i
     batch = batch_of(folder, 'gpu', is_train, 32, 64, 'DATA.INTERPOLATION', interpolation, 'TEST.CROP', str(crop))
     plan = batch.extras
     images = data.gpu.decode_batch(batch.images.unpack(), torch.device('cpu'))
-    want = torch.empty((32, 3, 64, 64), dtype=torch.uint8)
-    for k, b in enumerate(plan.order):
-        p = plan.plans[b]
-        mode = data.gpu._INTERPOLATIONS[p['interpolation']]
-        if 'eval' in p:
-            (rh, rw), (top, left) = p['eval']
-            img, size, box = images[b], [rh, rw], (top, left)
-        else:
-            i, j, h, w = p['crop']
-            img, size, box = images[b][:, i:i + h, j:j + w], [64, 64], (0, 0)
-        x = F2.resize(img.float(), size, interpolation=mode, antialias=True).clamp_(0, 255).round_()
-        x = x[:, box[0]:box[0] + 64, box[1]:box[1] + 64].to(torch.uint8)
-        want[k] = x.flip(-1) if p.get('flip') else x
+    want = float_resize_of_each_image(images, plan, 64, 64)
     got = torch.empty_like(want)
     resize_batched(images, plan.chunks, plan.packed.to('cpu'), got)
     diff = (got.int() - want.int()).abs()

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import parse_eval_line, subprocess_env
+from helpers import float_resize_of_each_image, parse_eval_line, subprocess_env
 from PIL import Image
 
 from config import ConfigError, default_mean_std, img_size_hw, load_config, mean_std
@@ -265,7 +265,6 @@ def test_gpu_batched_resize_any_channels_non_square(kind, chans, is_train, tmp_p
     channels at [48, 32] against torchvision's float32 resize of each image: the same but for rounding ties,
     also split into chunks. (The CPU's per-image uint8 kernels, ``resize_per_sample``, round between their two
     passes: up to a few levels off on these small crops, a fraction of a level on average.)"""
-    from torchvision.transforms.v2 import functional as F2
 
     import data.gpu
     from data.build import build_dataset, loader_collate
@@ -279,19 +278,7 @@ def test_gpu_batched_resize_any_channels_non_square(kind, chans, is_train, tmp_p
     plan = batch.extras
     images = data.gpu.decode_batch(batch.images.unpack(), torch.device('cpu'), plan.sizes, chans)
     assert all(img.shape[0] == chans for img in images)
-    want = torch.empty((len(images), chans, 48, 32), dtype=torch.uint8)
-    for k, b in enumerate(plan.order):
-        p = plan.plans[b]
-        mode = data.gpu._INTERPOLATIONS[p['interpolation']]
-        if 'eval' in p:
-            (rh, rw), (top, left) = p['eval']
-            img, size, box = images[b], [rh, rw], (top, left)
-        else:
-            i, j, h, w = p['crop']
-            img, size, box = images[b][:, i:i + h, j:j + w], [48, 32], (0, 0)
-        x = F2.resize(img.float(), size, interpolation=mode, antialias=True).clamp_(0, 255).round_()
-        x = x[:, box[0]:box[0] + 48, box[1]:box[1] + 32].to(torch.uint8)
-        want[k] = x.flip(-1) if p.get('flip') else x
+    want = float_resize_of_each_image(images, plan, 48, 32)
     got = torch.empty_like(want)
     data.gpu.resize_batched(images, plan.chunks, plan.packed.to('cpu'), got)
     diff = (got.int() - want.int()).abs()
