@@ -40,7 +40,7 @@ import math
 import os
 import struct
 import zlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -60,8 +60,21 @@ INDEX_FORMAT = 'swin-wds-index/1'
 # Recent samples a stream reader keeps, so that a substitute (the next sample) and the batch after it need no
 # re-read; older places re-open the stream.
 READER_WINDOW = 256
+# Shard files a stream reader keeps open for the deferred image reads (``ShardFiles``): a shuffle buffer spans a
+# few consecutive shards of its stream; one that falls out is re-opened if a later read needs it.
+OPEN_SHARD_FILES = 8
+
+
+class MemberSpan(NamedTuple):
+    """Where a tar member's data lies in a local shard file (``url``: which file; ``iter_shard`` sets it)."""
+    offset: int
+    size: int
+    url: str = ''
+
 
 Raw = Tuple[str, Dict[str, bytes]]  # (sample key, {extension: bytes})
+# As read from a shard: a local shard's images are spans (read when the sample is served), the rest bytes.
+LazyRaw = Tuple[str, Dict[str, Union[bytes, MemberSpan]]]
 
 
 class WdsShardError(DatasetLayoutError):
@@ -147,9 +160,9 @@ def check_local_shards(shards: Sequence[Dict[str, Any]]) -> None:
 def split_member_name(name: str) -> Tuple[str, str]:
     """``dir/abc.def.jpg`` -> (``dir/abc``, ``def.jpg``): webdataset's rule (the key ends at the base name's
     first dot)."""
-    directory, base = os.path.split(name)
+    directory, slash, base = name.rpartition('/')  # tar names use '/' on every system
     stem, _, ext = base.partition('.')
-    return (os.path.join(directory, stem) if directory else stem), ext.lower()
+    return directory + slash + stem, ext.lower()
 
 
 def open_shard(url: str) -> Any:
@@ -172,6 +185,7 @@ TAR_NO_DATA = (b'1', b'2', b'3', b'4', b'5', b'6')  # links, devices, directorie
 TAR_PAX, TAR_PAX_GLOBAL, TAR_GNU_LONGNAME, TAR_GNU_LONGLINK, TAR_GNU_SPARSE = b'xX', b'g', b'L', b'K', b'S'
 TAR_POSIX_MAGIC = b'ustar\x0000'
 TAR_CHECKSUM = struct.Struct('148b8x356b')  # signed bytes, for the old tars that summed signed chars
+TAR_SUM_PARTS = ((0, 148), (156, 412), (412, 512))  # a header less its checksum field, in runs of <= 256 bytes
 
 
 class TarFormatError(ValueError):
@@ -188,6 +202,15 @@ def tar_number(field: bytes) -> int:
         return int(text or b'0', 8)
     except ValueError:
         raise TarFormatError(f"invalid number field {field!r} in a tar header") from None
+
+
+def unsigned_checksum(header: bytes) -> int:
+    """A tar header's checksum: the sum of its bytes, the checksum field (bytes 148-155) counted as spaces.
+
+    Summed with zlib's Adler-32 in C instead of Python's ``sum`` (4 us a header, two headers a sample): Adler-32's
+    low half is 1 + the sum of the bytes modulo 65521, exact for up to 256 bytes (at most 256 * 255 = 65280)."""
+    view = memoryview(header)
+    return 256 + sum((zlib.adler32(view[a:b]) & 0xffff) - 1 for a, b in TAR_SUM_PARTS)
 
 
 def tar_string(field: bytes) -> str:
@@ -230,10 +253,13 @@ def read_exact(stream: Any, n: int) -> bytes:
     return b''.join(parts)
 
 
-def iter_tar(stream: Any, keep: Optional[Callable[[str], bool]] = None) -> Iterator[Tuple[str, Optional[bytes]]]:
+def iter_tar(stream: Any, keep: Optional[Callable[[str], bool]] = None,
+             defer: Optional[Callable[[str], bool]] = None
+             ) -> Iterator[Tuple[str, Union[bytes, MemberSpan, None]]]:
     """(name, data) of the regular files of a tar stream in order. ``keep`` is called once for each regular
     member, just before it is yielded: False gives data None and the bytes are not read (a seekable stream
-    seeks past them).
+    seeks past them). ``defer`` is called for each kept member when the stream is a seekable file: True gives
+    data as a ``MemberSpan`` (where the bytes are; checked to lie within the file) and seeks past them.
 
     Raises ``TarFormatError`` for a bad header, an unsupported member (sparse files), or data cut short.
     """
@@ -257,8 +283,7 @@ def iter_tar(stream: Any, keep: Optional[Callable[[str], bool]] = None) -> Itera
         if header.count(0) == TAR_BLOCK:
             return  # end-of-archive block
         checksum = tar_number(header[148:156])
-        unsigned = 256 + sum(header[:148]) + sum(header[156:])
-        if checksum != unsigned and checksum != 256 + sum(TAR_CHECKSUM.unpack_from(header)):
+        if checksum != unsigned_checksum(header) and checksum != 256 + sum(TAR_CHECKSUM.unpack_from(header)):
             raise TarFormatError(f"bad header checksum at byte {offset}")
         kind = header[156:157]
         extension = kind in TAR_PAX or kind in TAR_PAX_GLOBAL or kind in TAR_GNU_LONGNAME or kind in TAR_GNU_LONGLINK
@@ -285,7 +310,7 @@ def iter_tar(stream: Any, keep: Optional[Callable[[str], bool]] = None) -> Itera
                 global_pax.update(pax_records(data[:size]))
                 pax = dict(global_pax)
             continue  # GNU long link names: nothing a reader of files needs
-        if kind == TAR_GNU_SPARSE or any(k.startswith('GNU.sparse.') for k in pax):
+        if kind == TAR_GNU_SPARSE or (pax and any(k.startswith('GNU.sparse.') for k in pax)):
             raise TarFormatError(f"sparse member at byte {offset - TAR_BLOCK}: not supported in a shard")
         name = tar_string(header[:100])
         if long_name is not None:
@@ -296,7 +321,8 @@ def iter_tar(stream: Any, keep: Optional[Callable[[str], bool]] = None) -> Itera
         pax, long_name = dict(global_pax), None
         if kind in TAR_NO_DATA or (kind == b'\0' and name.endswith('/')):
             continue  # tar's rule: these carry no data blocks (a V7 directory is a regular file ending in '/')
-        if kind in TAR_REGULAR and (keep is None or keep(name)):
+        kept = kind in TAR_REGULAR and (keep is None or keep(name))
+        if kept and not (seekable and defer is not None and defer(name)):
             data = read_exact(stream, size)
             pad = read_exact(stream, padded - size) if padded > size else b''
             if len(data) != size or len(pad) != padded - size:
@@ -304,22 +330,27 @@ def iter_tar(stream: Any, keep: Optional[Callable[[str], bool]] = None) -> Itera
             offset += padded
             yield name, data
             continue
-        if seekable:  # a skipped or unknown-type member: past it without reading (a file: its size says if
-            if offset + padded > size_on_disk:  # it is all there)
+        if seekable:  # a skipped, deferred or unknown-type member: past it without reading (a file: its size
+            if offset + padded > size_on_disk:  # says if it is all there)
                 raise TarFormatError(f"member {name} cut short ({size_on_disk - offset} of its {size} bytes)")
             stream.seek(padded, os.SEEK_CUR)
         elif padded and len(read_exact(stream, padded)) != padded:
             raise TarFormatError(f"member {name} cut short")
-        offset += padded
-        if kind in TAR_REGULAR:
+        if kept:
+            yield name, MemberSpan(offset, size)
+        elif kind in TAR_REGULAR:
             yield name, None
+        offset += padded
 
 
-def iter_shard(url: str, keep: Optional[Sequence[str]] = None, skip: int = 0) -> Iterator[Raw]:
+def iter_shard(url: str, keep: Optional[Sequence[str]] = None, skip: int = 0,
+               defer: Sequence[str] = ()) -> Iterator[LazyRaw]:
     """The samples of one tar shard in order from sample ``skip``: members grouped by key; with ``keep``, only
-    those extensions are read. Skipped samples and parts are not read (seeked past in a local file). A damaged
-    tar is a ``WdsShardError`` naming the shard."""
+    those extensions are read. Skipped samples and parts are not read (seeked past in a local file). In a local
+    file the parts with a ``defer`` extension are not read either but given as ``MemberSpan``s (``ShardFiles``
+    reads them). A damaged tar is a ``WdsShardError`` naming the shard."""
     wanted = None if keep is None else frozenset(keep)
+    deferred = frozenset(defer)
     current: List[Any] = [None, '', -1]  # the last member's (key, extension, sample number): set by keep(), used below
 
     def keep_member(name: str) -> bool:
@@ -328,10 +359,13 @@ def iter_shard(url: str, keep: Optional[Sequence[str]] = None, skip: int = 0) ->
         current[0], current[1] = k, ext
         return current[2] >= skip and (wanted is None or ext in wanted)
 
+    def defer_member(name: str) -> bool:
+        return current[1] in deferred  # keep_member has just split this name
+
     try:
         with open_shard(url) as stream:
             key, parts = None, {}
-            for _, data in iter_tar(stream, keep_member):
+            for _, data in iter_tar(stream, keep_member, defer_member if deferred else None):
                 k, ext, n = current
                 if n < skip:
                     continue
@@ -339,7 +373,9 @@ def iter_shard(url: str, keep: Optional[Sequence[str]] = None, skip: int = 0) ->
                     if key is not None:
                         yield key, parts
                     key, parts = k, {}
-                if data is not None:
+                if isinstance(data, MemberSpan):
+                    parts[ext] = MemberSpan(data.offset, data.size, url)
+                elif data is not None:
                     parts[ext] = data
             if key is not None:
                 yield key, parts
@@ -348,11 +384,57 @@ def iter_shard(url: str, keep: Optional[Sequence[str]] = None, skip: int = 0) ->
                             f"truncated; re-pack it (scripts/pack_wds.py --verify checks every shard)") from None
 
 
-def shard_samples(url: str, skip: int, take: int, keep: Optional[Sequence[str]] = None) -> Iterator[Raw]:
-    """Samples ``skip .. skip + take - 1`` of one shard (``keep``: the extensions to read); a shard that ends
-    before them is an error naming it."""
+class ShardFiles:
+    """Reads ``MemberSpan``s: the bytes of a deferred part, from a shard file it keeps open (the last
+    ``OPEN_SHARD_FILES``; an older one is re-opened when needed).
+
+    Why deferred: a shuffle buffer of ``DATA.WDS_SHUFFLE`` samples would otherwise hold every buffered sample's
+    image (1000 ImageNet JPEGs: ~110 MB a worker, as much again in the reader's window), read up to that many
+    samples before it is decoded, into memory that the decode then finds out of the caches; a span is read
+    just before its decode, into memory just freed, as the folder reader does (docs/DATA.md "Speed per worker")."""
+
+    def __init__(self) -> None:
+        self.files: Dict[str, Any] = {}  # url -> unbuffered file, least recently used first
+
+    def read(self, span: MemberSpan) -> bytes:
+        try:
+            file = self.files.pop(span.url, None)
+            if file is None:
+                file = open(span.url, 'rb', buffering=0)
+            self.files[span.url] = file  # now the most recently used
+            if len(self.files) > OPEN_SHARD_FILES:
+                self.files.pop(next(iter(self.files))).close()
+            data = os.pread(file.fileno(), span.size, span.offset)  # one system call; no shared file position
+        except OSError as e:
+            raise WdsShardError(f"shard {span.url} cannot be read ({type(e).__name__}: {e}): missing or "
+                                f"re-written since its samples were listed") from None
+        if len(data) != span.size:
+            raise WdsShardError(f"shard {span.url} ends inside a member ({len(data)} of its {span.size} bytes at "
+                                f"byte {span.offset}): truncated since its samples were listed")
+        return data
+
+    def resolve(self, raw: LazyRaw) -> Raw:
+        """The sample with its spans read."""
+        key, parts = raw
+        if not any(isinstance(v, MemberSpan) for v in parts.values()):
+            return raw  # type: ignore[return-value]  # no spans: bytes only
+        return key, {e: self.read(v) if isinstance(v, MemberSpan) else v for e, v in parts.items()}
+
+    def close(self) -> None:
+        for file in self.files.values():
+            file.close()
+        self.files = {}
+
+    def __del__(self) -> None:  # a dropped reader (another epoch, a restart) closes its files now
+        self.close()
+
+
+def shard_samples(url: str, skip: int, take: int, keep: Optional[Sequence[str]] = None,
+                  defer: Sequence[str] = ()) -> Iterator[LazyRaw]:
+    """Samples ``skip .. skip + take - 1`` of one shard (``keep``: the extensions to read; ``defer``: those
+    given as spans, see ``iter_shard``); a shard that ends before them is an error naming it."""
     got = 0
-    for raw in iter_shard(url, keep, skip):
+    for raw in iter_shard(url, keep, skip, defer):
         yield raw
         got += 1
         if got == take:
@@ -361,9 +443,9 @@ def shard_samples(url: str, skip: int, take: int, keep: Optional[Sequence[str]] 
                         f"truncated or rewritten (scripts/pack_wds.py --verify)")
 
 
-def shuffled(items: Iterator[Raw], size: int, rng: np.random.Generator) -> Iterator[Raw]:
+def shuffled(items: Iterator[LazyRaw], size: int, rng: np.random.Generator) -> Iterator[LazyRaw]:
     """A shuffle buffer of ``size``: fill it, then emit a random element and put the next item in its place."""
-    buffer: List[Raw] = []
+    buffer: List[LazyRaw] = []
     for item in items:
         if len(buffer) < size:
             buffer.append(item)
@@ -433,35 +515,37 @@ class EpochLayout:
 
 
 class StreamReader:
-    """Reads one stream forward and remembers its last ``READER_WINDOW`` samples; going further back re-opens."""
+    """Reads one stream forward and remembers its last ``READER_WINDOW`` samples; going further back re-opens.
+    The images of local shards are read only when a sample is served (``ShardFiles``); what the shuffle buffer
+    and the window hold of them is where they are."""
 
     def __init__(self, urls: Sequence[str], pieces: List[Tuple[int, int, int]], shuffle: int,
                  seed: Optional[int]) -> None:
         self.urls, self.pieces, self.shuffle, self.seed = urls, pieces, shuffle, seed
         self.length = sum(take for _, _, take in pieces)
+        self.files = ShardFiles()
         self._restart()
 
     def _restart(self) -> None:
         raw = (s for shard, skip, take in self.pieces
-               for s in shard_samples(self.urls[shard], skip, take, READ_EXTENSIONS))
+               for s in shard_samples(self.urls[shard], skip, take, READ_EXTENSIONS, IMAGE_EXTENSIONS))
         if self.seed is not None and self.shuffle > 1:
             raw = shuffled(raw, self.shuffle, np.random.default_rng(self.seed))
         self._items = raw
         self._next = 0
-        self._window: Dict[int, Raw] = {}
+        self._window: Dict[int, LazyRaw] = {}
 
     def get(self, place: int) -> Raw:
         if not 0 <= place < self.length:
             raise IndexError(f"place {place} is outside the stream (length {self.length})")
-        if place in self._window:
-            return self._window[place]
-        if place < self._next:
-            self._restart()
-        while self._next <= place:
-            self._window[self._next] = next(self._items)
-            self._window.pop(self._next - READER_WINDOW, None)
-            self._next += 1
-        return self._window[place]
+        if place not in self._window:
+            if place < self._next:
+                self._restart()
+            while self._next <= place:
+                self._window[self._next] = next(self._items)
+                self._window.pop(self._next - READER_WINDOW, None)
+                self._next += 1
+        return self.files.resolve(self._window[place])
 
 
 # ----------------------------------------------------------------------------- dataset and sampler
