@@ -517,7 +517,7 @@ def test_tar_reader_numbers_and_damage():
 def test_iter_shard_skips_samples_and_parts_without_reading_them(shards):
     """Reading from sample ``skip`` with only some extensions: the same samples and bytes as reading it all,
     from a local file (seeks past the rest) and through a pipe (reads and drops it)."""
-    from data.wds import iter_shard
+    from data.wds import MemberSpan, ShardFiles, iter_shard
     for entry in pack_wds.read_index(shards, 'train')[:2]:
         full = list(iter_shard(entry['url']))
         assert len(full) == entry['samples'] and all(set(p) == {'jpg', 'cls'} for _, p in full)
@@ -525,6 +525,29 @@ def test_iter_shard_skips_samples_and_parts_without_reading_them(shards):
             for skip in (0, 2, entry['samples']):
                 assert list(iter_shard(url, ('cls',), skip)) == [(k, {'cls': p['cls']}) for k, p in full[skip:]]
                 assert list(iter_shard(url, None, skip)) == full[skip:]
+                # Deferred images: spans in a local file (read when served), bytes through a pipe; the same samples.
+                lazy = list(iter_shard(url, None, skip, defer=('jpg',)))
+                spans = [p['jpg'] for _, p in lazy if isinstance(p['jpg'], MemberSpan)]
+                assert len(spans) == (0 if url.startswith('pipe:') else len(lazy))
+                assert all(isinstance(p['cls'], bytes) for _, p in lazy)
+                assert [ShardFiles().resolve(raw) for raw in lazy] == full[skip:]
+
+
+def test_deferred_image_of_a_shard_cut_after_listing_is_an_error_naming_it(shards, tmp_path):
+    from data.wds import ShardFiles, iter_shard
+    root = _copy_shards(shards, tmp_path / 'cut')
+    url = pack_wds.read_index(root, 'train')[0]['url']
+    lazy = list(iter_shard(url, None, 0, defer=('jpg',)))
+    files = ShardFiles()
+    assert files.resolve(lazy[-1])[1]['jpg'][:2] == b'\xff\xd8'
+    last = lazy[-1][1]['jpg']
+    with open(url, 'r+b') as f:
+        f.truncate(last.offset + last.size // 2)
+    with pytest.raises(WdsShardError, match=f"shard {url} ends inside a member"):
+        files.resolve(lazy[-1])
+    os.remove(url)
+    with pytest.raises(WdsShardError, match=f"shard {url} cannot be read"):
+        ShardFiles().resolve(lazy[0])
 
 
 def test_wds_shard_with_a_bad_header_is_an_error_naming_it(shards, tmp_path):
