@@ -319,10 +319,33 @@ def pack_sources(files: Sequence[str], out: str, sources: Sequence[str]) -> Dict
     return {k: layouts[k] for k in sources}
 
 
+def cpu_seconds_of_children() -> Optional[Dict[int, float]]:
+    """{pid: seconds spent on a CPU} of this process's child processes (the DataLoader's workers), from Linux's
+    /proc (``schedstat``: nanoseconds); None where /proc does not give them."""
+    me = os.getpid()
+    try:
+        with open(f'/proc/{me}/task/{me}/children') as f:
+            pids = [int(p) for p in f.read().split()]
+    except OSError:
+        return None
+    out = {}
+    for pid in pids:
+        try:
+            with open(f'/proc/{pid}/schedstat') as f:
+                out[pid] = int(f.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+    return out
+
+
 def time_source(path: str, opts: Sequence[str], loader: str, size: int, workers: int, batch: int,
-                epochs: int, seed: int = 0) -> float:
-    """Images/s of one source's training dataset + sampler + collate through a DataLoader (first epoch warm-up).
-    ``seed`` (SEED) draws the order and the augmentations: which image gets which crop and RandAugment ops."""
+                epochs: int, seed: int = 0) -> Tuple[float, Optional[float]]:
+    """(images/s, images per CPU-second of the workers) of one source's training dataset + sampler + collate
+    through a DataLoader (first epoch warm-up). With 0 workers the CPU time is the main process's. The CPU
+    figure counts only the time a worker ran on a core, so it is what a worker costs, whoever else shares the
+    machine (waiting for a core is left out; caches and clocks shared with other jobs still count); the wall
+    rate is what the training loop sees. ``seed`` (SEED) draws the order and the augmentations: which image
+    gets which crop and RandAugment ops."""
     from data.build import build_dataset, loader_collate, train_sampler
     config = load_config(opts=['DATA.DATA_PATH', path, 'DATA.IMG_SIZE', str(size), 'DATA.BATCH_SIZE', str(batch),
                                'DATA.NUM_WORKERS', str(workers), 'DATA.LOADER', loader, 'MODEL.NUM_CLASSES',
@@ -331,15 +354,22 @@ def time_source(path: str, opts: Sequence[str], loader: str, size: int, workers:
     sampler = train_sampler(dataset, config, 0, 1)
     data = DataLoader(dataset, sampler=sampler, batch_size=batch, drop_last=True, num_workers=workers,
                       persistent_workers=workers > 0, collate_fn=loader_collate(True, config))
-    images, start = 0, 0.0
+    images, start, cpu_start, cpu = 0, 0.0, 0.0, None
     for epoch in range(epochs + 1):
         if epoch == 1:
             start = time.perf_counter()
+            cpu, cpu_start = cpu_seconds_of_children() if workers else None, time.process_time()
         sampler.set_epoch(epoch)
         for b in data:
             if epoch >= 1:
                 images += len(b[1])
-    return images / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    if not workers:
+        return images / seconds, images / (time.process_time() - cpu_start)
+    now = cpu_seconds_of_children()  # the persistent workers, still running
+    if cpu is None or now is None or not set(cpu) & set(now):
+        return images / seconds, None
+    return images / seconds, images / sum(now[p] - cpu[p] for p in set(cpu) & set(now))
 
 
 def source_datasets(path: str, opts: Sequence[str], loader: str, size: int, batch: int, seed: int) -> Any:
@@ -429,33 +459,46 @@ def benchmark_sources(files: Sequence[str], args: Any) -> None:
     """Each source per round, interleaved. Every round uses another SEED (the same for all sources): a source's
     samples meet other augmentations than the folder's at the same step (the order differs), and the cost of
     an epoch depends on which large image drew a large crop or a costly RandAugment op; fresh draws each round
-    keep that from biasing one source in every round. Ratios are medians of the per-round ratios to the folder."""
+    keep that from biasing one source in every round. Ratios are medians of the per-round ratios to the folder.
+    Within a round the sources run in turn, the order reversed every other round (load that drifts during a
+    round then falls on each source alike)."""
     with tempfile.TemporaryDirectory(prefix='swin_sources_') as out:
         layouts = pack_sources(files, out, args.sources)
         rates: Dict[Tuple[str, str, int], List[float]] = {}
+        per_cpu: Dict[Tuple[str, str, int], List[Optional[float]]] = {}
         for r in range(args.rounds):
             for workers in args.workers:
                 for loader in ('torch', 'fast'):
-                    for source, (path, opts) in layouts.items():
-                        rate = time_source(path, opts, loader, args.img_size, workers, args.batch_size, args.epochs,
-                                           seed=r)
+                    for source in (list(layouts) if r % 2 == 0 else list(layouts)[::-1]):
+                        path, opts = layouts[source]
+                        rate, cpu_rate = time_source(path, opts, loader, args.img_size, workers, args.batch_size,
+                                                     args.epochs, seed=r)
                         rates.setdefault((source, loader, workers), []).append(rate / max(1, workers))
-    print(f"## train sources: images/s per worker (median of {args.rounds} rounds; ratio: median of per-round "
-          f"ratios to folder)\n")
+                        per_cpu.setdefault((source, loader, workers), []).append(cpu_rate)
     columns = [(loader, w) for w in args.workers for loader in ('torch', 'fast')]
-    print("| source | " + " | ".join(f"{loader}, {w} worker{'s' if w != 1 else ''}" for loader, w in columns) + " |")
-    print("| --- |" + " --- |" * len(columns))
-    for source in layouts:
-        cells = []
-        for loader, w in columns:
-            cell = f"{statistics.median(rates[(source, loader, w)]):.0f}"
-            if 'folder' in layouts and source != 'folder':
-                ratio = statistics.median(x / f for x, f in zip(rates[(source, loader, w)],
-                                                                rates[('folder', loader, w)]))
-                cell += f" ({ratio:.2f}x)"
-            cells.append(cell)
-        print(f"| {source} | " + " | ".join(cells) + " |")
-    print()
+
+    def table(title: str, values: Dict[Tuple[str, str, int], List[Any]]) -> None:
+        print(f"## {title} (median of {args.rounds} rounds; ratio: median of per-round ratios to folder)\n")
+        print("| source | " + " | ".join(f"{loader}, {w} worker{'s' if w != 1 else ''}" for loader, w in columns)
+              + " |")
+        print("| --- |" + " --- |" * len(columns))
+        for source in layouts:
+            cells = []
+            for loader, w in columns:
+                mine = values[(source, loader, w)]
+                if any(x is None for x in mine):
+                    cells.append('n/a')
+                    continue
+                cell = f"{statistics.median(mine):.0f}"
+                if 'folder' in layouts and source != 'folder':
+                    ratio = statistics.median(x / f for x, f in zip(mine, values[('folder', loader, w)]))
+                    cell += f" ({ratio:.3f}x)"
+                cells.append(cell)
+            print(f"| {source} | " + " | ".join(cells) + " |")
+        print()
+
+    table("train sources: images/s per worker", rates)
+    table("train sources: images per CPU-second of a worker (its time on a core, from /proc)", per_cpu)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -689,13 +689,17 @@ def test_benchmark_data_times_every_source(folder):
     result = _run([sys.executable, 'scripts/benchmark_data.py', '--data-path', os.path.join(folder, 'train'),
                    '--sources', 'folder', 'zip', 'wds', 'hf', '--workers', '0', '--rounds', '1', '--epochs', '1',
                    '--batch-size', '8', '--img-size', '64'])
-    rows = [line for line in result.stdout.splitlines()
-            if line.startswith('| ') and 'source' not in line and '---' not in line]
-    assert [r.split('|')[1].strip() for r in rows] == ['folder', 'zip', 'wds', 'hf'], result.stdout
-    cells = [cell.split() for r in rows for cell in r.strip('| ').split('|')[1:]]
-    assert all(float(c[0]) > 0 for c in cells), result.stdout  # images/s per worker
-    ratios = [c[1] for c in cells if len(c) > 1]  # '(1.02x)': zip, wds, hf over the folder, 2 loaders
-    assert len(ratios) == 3 * 2 and all(float(x.strip('()x')) > 0 for x in ratios), result.stdout
+    tables = result.stdout.split('## train sources: ')[1:]
+    assert [t.split(' (')[0] for t in tables] == ['images/s per worker',
+                                                 'images per CPU-second of a worker'], result.stdout
+    for table in tables:  # wall rate, then the CPU time of the worker (here the main process: 0 workers)
+        rows = [line for line in table.splitlines()
+                if line.startswith('| ') and 'source' not in line and '---' not in line]
+        assert [r.split('|')[1].strip() for r in rows] == ['folder', 'zip', 'wds', 'hf'], result.stdout
+        cells = [cell.split() for r in rows for cell in r.strip('| ').split('|')[1:]]
+        assert all(float(c[0]) > 0 for c in cells), result.stdout
+        ratios = [c[1] for c in cells if len(c) > 1]  # '(1.02x)': zip, wds, hf over the folder, 2 loaders
+        assert len(ratios) == 3 * 2 and all(float(x.strip('()x')) > 0 for x in ratios), result.stdout
 
 
 def test_benchmark_data_paired_times_folder_and_wds_on_the_same_samples(folder):
