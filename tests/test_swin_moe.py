@@ -231,3 +231,70 @@ def test_checkpoint_names_follow_the_official_per_rank_layout(tmp_path):
         (tmp_path / f'ckpt_epoch_0.pth.rank{r}').write_bytes(b'')
     with pytest.raises(CheckpointError, match=r'saved per rank by 2 processes.*resume with 2 processes'):
         checkpointer(2, 3).rank_file(str(tmp_path / 'ckpt_epoch_0.pth'))
+
+
+def _per_rank_find(tmp_path, world, monkeypatch, *opts):
+    """``Checkpointer.find()`` of ``world`` Swin-MoE ranks over ``tmp_path``, each in its own thread; the
+    checkpoint module's all-gather is a barrier between the threads (the collective's semantics, no process
+    group). Returns each rank's (path, epoch, step) or None."""
+    import threading
+
+    import utils.checkpoint
+    from utils.checkpoint import Checkpointer
+    from utils.distributed import DistInfo
+    slots, here = [None] * world, threading.local()
+    barrier = threading.Barrier(world, timeout=30)
+
+    def gather(obj):
+        slots[here.rank] = obj
+        barrier.wait()
+        out = list(slots)
+        barrier.wait()
+        return out
+    monkeypatch.setattr(utils.checkpoint, 'all_gather_objects', gather)
+    config = load_config(None, ['MODEL.TYPE', 'swin_moe', 'OUTPUT', str(tmp_path), *opts])
+    checkpointers = [Checkpointer(config, DistInfo(r, world, r, torch.device('cpu'))) for r in range(world)]
+    found, errors = [None] * world, []
+
+    def rank_main(rank):
+        here.rank = rank
+        try:
+            path = checkpointers[rank].find()
+            checkpoint = checkpointers[rank]._found[1]
+            found[rank] = None if path is None else (os.path.basename(path), checkpoint['epoch'], checkpoint['step'])
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+            barrier.abort()
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    return found
+
+
+def _rank_checkpoint(path, epoch, step):
+    torch.save({'model': {}, 'epoch': epoch, 'step': step, 'rng': {'world_size': 2, 'per_rank': []}}, path)
+
+
+def test_auto_resume_ranks_agree_on_the_newest_position_every_rank_can_load(tmp_path, monkeypatch):
+    """Rank 0 wrote epoch 1 and a mid-epoch ckpt_last after it; rank 1 was killed before its ckpt_last and its
+    epoch-1 file is damaged: both ranks resume from epoch 0, the newest position both can load."""
+    for r in (0, 1):
+        _rank_checkpoint(tmp_path / f'ckpt_epoch_0.pth.rank{r}', 0, 0)
+        _rank_checkpoint(tmp_path / f'ckpt_epoch_1.pth.rank{r}', 1, 0)
+    _rank_checkpoint(tmp_path / 'ckpt_last.pth.rank0', 1, 2)
+    (tmp_path / 'ckpt_epoch_1.pth.rank1').write_bytes(b'truncated')
+    assert _per_rank_find(tmp_path, 2, monkeypatch) == [('ckpt_epoch_0.pth.rank0', 0, 0),
+                                                        ('ckpt_epoch_0.pth.rank1', 0, 0)]
+    # both intact: the mid-epoch file that only rank 0 has is still not taken
+    _rank_checkpoint(tmp_path / 'ckpt_epoch_1.pth.rank1', 1, 0)
+    assert _per_rank_find(tmp_path, 2, monkeypatch) == [('ckpt_epoch_1.pth.rank0', 1, 0),
+                                                        ('ckpt_epoch_1.pth.rank1', 1, 0)]
+    _rank_checkpoint(tmp_path / 'ckpt_last.pth.rank1', 1, 2)
+    assert _per_rank_find(tmp_path, 2, monkeypatch) == [('ckpt_last.pth.rank0', 1, 2), ('ckpt_last.pth.rank1', 1, 2)]
+    # a rank with nothing readable: every rank starts fresh
+    for name in ('ckpt_epoch_0.pth.rank1', 'ckpt_epoch_1.pth.rank1', 'ckpt_last.pth.rank1'):
+        os.remove(tmp_path / name)
+    assert _per_rank_find(tmp_path, 2, monkeypatch) == [None, None]

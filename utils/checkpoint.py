@@ -701,26 +701,27 @@ def sharded_checkpoints(output_dir: str) -> List[Tuple[Tuple[int, int], str]]:
     return found
 
 
-def auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.Logger] = None, suffix: str = ''
-                ) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+def auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.Logger] = None, suffix: str = '',
+                at_most: Optional[Tuple[int, int]] = None) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
     """The furthest readable checkpoint in ``output_dir`` and its contents, or ``(None, None)``.
 
     Epoch files and sharded directories are ranked by the numbers in their names (never by mtime);
     ``ckpt_last.pth`` is used when it is further along (a mid-epoch save). A checkpoint that does not load (or a
     sharded directory without its metadata) is skipped with a logged reason and the next one tried. An unsafe
-    file (needs unpickling) is an error rather than a skip.
+    file (needs unpickling) is an error rather than a skip. ``at_most``: only checkpoints at or before that
+    position ``(epoch completed, updates into the next)`` (``agreed_auto_resume``'s later rounds).
     """
     log = logger or _LOG
     candidates: List[Tuple[Tuple[int, int], str]] = [((e, 0), p) for e, p in epoch_checkpoints(output_dir, suffix)]
     if not suffix:
         candidates += sharded_checkpoints(output_dir)
-    candidates.sort(reverse=True)
+    candidates = sorted((c for c in candidates if at_most is None or c[0] <= at_most), reverse=True)
     last = os.path.join(output_dir, LAST_NAME + suffix)
     if os.path.isfile(last) and not any(_same_file(last, p) for _, p in candidates):
         try:
             checkpoint = load_checkpoint_file(last, trust=trust)
             progress = (int(checkpoint.get('epoch', -1)), int(checkpoint.get('step', 0) or 0))
-            if not candidates or progress > candidates[0][0]:
+            if (not candidates or progress > candidates[0][0]) and (at_most is None or progress <= at_most):
                 log.info("auto-resume: %s (epoch %d done, %d updates into the next)", last, *progress)
                 return last, checkpoint
         except UnsafeCheckpointError:
@@ -745,6 +746,44 @@ def auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.L
     if candidates:
         log.warning("auto-resume: no readable checkpoint in %s; training starts from scratch", output_dir)
     return None, None
+
+
+def checkpoint_position(checkpoint: Mapping[str, Any]) -> Tuple[int, int]:
+    """``(epoch completed, updates into the next)``: where training stands in a checkpoint."""
+    return int(checkpoint.get('epoch', -1)), int(checkpoint.get('step', 0) or 0)
+
+
+def agreed_auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.Logger] = None,
+                       suffix: str = '') -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """``auto_resume`` for per-rank files (Swin-MoE's ``<name>.pth.rank<r>``), the same position on every rank: a
+    collective. Each rank finds the furthest checkpoint it can read; the ranks all-gather those positions and,
+    while they differ, every rank looks again at or before the earliest of them. A rank killed after another
+    had written its file (or whose newest file is damaged) so makes every rank go back to the newest position
+    all of them hold, instead of the ranks resuming from different points; a rank with none makes every rank
+    start fresh. Each round only lowers the bound, so it ends after at most one round per distinct position."""
+    log = logger or _LOG
+    bound: Optional[Tuple[int, int]] = None
+    path, checkpoint = auto_resume(output_dir, trust, log, suffix)
+    while True:
+        mine = checkpoint_position(checkpoint) if checkpoint is not None else None
+        positions = all_gather_objects(mine)
+        if any(p is None for p in positions):
+            if mine is not None:
+                log.warning("auto-resume: rank(s) %s have no readable checkpoint in %s: every rank starts from "
+                            "scratch (this rank's %s is not used)", [r for r, p in enumerate(positions) if p is None],
+                            output_dir, path)
+            return None, None
+        agreed = min(positions)
+        if all(p == agreed for p in positions):
+            if bound is not None:
+                log.warning("auto-resume: every rank resumes from epoch %d done, %d updates into the next (%s here): "
+                            "the newest position all ranks can read", agreed[0], agreed[1], path)
+            return path, checkpoint
+        log.warning("auto-resume: the ranks' newest readable checkpoints stand at %s (epoch done, updates into the "
+                    "next); looking at or before %s on every rank", positions, agreed)
+        bound = tuple(agreed)
+        if mine != bound:
+            path, checkpoint = auto_resume(output_dir, trust, log, suffix, at_most=bound)
 
 
 def _rank_files(path: str) -> int:
@@ -973,12 +1012,15 @@ class Checkpointer:
 
     def find(self) -> Optional[str]:
         """The checkpoint ``restore`` resumes from: ``MODEL.RESUME`` (``--resume``), else (``TRAIN.AUTO_RESUME``)
-        the furthest readable one in the output folder (``auto_resume``), else None. Read once, on the first
+        the furthest readable one in the output folder (``auto_resume``; per-rank Swin-MoE files: the furthest
+        position every rank can read, ``agreed_auto_resume``, a collective), else None. Read once, on the first
         call, so that the caller can decide before building the rest (e.g. whether ``--pretrained`` applies)."""
         if self._found is None:
             if self.config.MODEL.RESUME:
                 path = self.rank_file(self.config.MODEL.RESUME)
                 self._found = path, load_checkpoint_file(path, trust=self.trust)
+            elif self.config.TRAIN.AUTO_RESUME and self.per_rank:  # every rank the same position: a collective
+                self._found = agreed_auto_resume(self.config.OUTPUT, self.trust, self.log, self.suffix)
             elif self.config.TRAIN.AUTO_RESUME:
                 self._found = auto_resume(self.config.OUTPUT, trust=self.trust, logger=self.log, suffix=self.suffix)
             else:
