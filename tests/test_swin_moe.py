@@ -298,3 +298,35 @@ def test_auto_resume_ranks_agree_on_the_newest_position_every_rank_can_load(tmp_
     for name in ('ckpt_epoch_0.pth.rank1', 'ckpt_epoch_1.pth.rank1', 'ckpt_last.pth.rank1'):
         os.remove(tmp_path / name)
     assert _per_rank_find(tmp_path, 2, monkeypatch) == [None, None]
+
+
+def test_pretrained_reads_this_ranks_file_as_the_official_load_pretrained(tmp_path):
+    """``--pretrained <name>.pth`` for Swin-MoE (one process, one expert world): rank 0 reads
+    ``<name>.pth.rank0``, merged with ``<name>.pth.master`` when present (the official zero-redundancy layout:
+    experts in the rank file, the shared weights in the master), or ``<name>.pth.global`` with SAVE_MASTER;
+    the V1 fine-tune rules apply (another class count: head re-initialised); missing files are named."""
+    import models
+    from utils.checkpoint import CheckpointError, read_pretrained
+    opts = ['MODEL.TYPE', 'swin_moe', 'DATA.IMG_SIZE', '32', *TINY_MOE[2:TINY_MOE.index('TRAIN.EPOCHS')]]
+    torch.manual_seed(0)
+    source = models.build_model(load_config(None, opts))
+    weights = source.state_dict()
+    torch.save({'model': weights, 'rng': {'world_size': 1, 'per_rank': []}}, tmp_path / 'pre.pth.rank0')
+    experts = set(source.expert_parameter_names())
+    torch.save({'model': {k: v for k, v in weights.items() if k in experts}}, tmp_path / 'split.pth.rank0')
+    torch.save({'model': {k: v for k, v in weights.items() if k not in experts}}, tmp_path / 'split.pth.master')
+    torch.save({'model': weights}, tmp_path / 'one.pth.global')
+    for name, extra in (('pre', []), ('split', []), ('one', ['TRAIN.MOE.SAVE_MASTER', 'True'])):
+        config = load_config(None, [*opts, 'MODEL.NUM_CLASSES', '3', *extra])
+        target = models.build_model(config)
+        checkpoint, read = read_pretrained(config, str(tmp_path / f'{name}.pth'), 0)
+        assert read.startswith(str(tmp_path / f'{name}.pth.'))
+        assert models.load_pretrained(target, checkpoint)['reinitialized'] == ['head.weight', 'head.bias']
+        loaded = target.state_dict()
+        assert not [k for k in weights if not k.startswith('head.') and not torch.equal(weights[k], loaded[k])]
+        assert not loaded['head.weight'].any()
+    config = load_config(None, opts)
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / 'none.pth.rank0'))):
+        read_pretrained(config, str(tmp_path / 'none.pth'), 0)
+    with pytest.raises(CheckpointError, match=r'pre.pth.rank1.*there are .*pre.pth.rank0 .. .rank0, saved by 1'):
+        read_pretrained(config, str(tmp_path / 'pre.pth'), 1)

@@ -971,6 +971,84 @@ def load_weights(model: torch.nn.Module, path: str, trust: bool = False) -> None
     load_model_state(model, load_checkpoint_file(path, trust=trust), path)
 
 
+def checkpoint_suffix(config: Any, rank: int) -> str:
+    """What rank ``rank`` appends to a checkpoint's ``<name>.pth``: ``.rank<r>`` for Swin-MoE (each rank owns its
+    experts and writes its own file, the official layout), ``.global`` with ``TRAIN.MOE.SAVE_MASTER`` (rank 0
+    writes it, every rank reads it), nothing for the other models and for sharded (FSDP) checkpoints."""
+    if config.MODEL.TYPE != 'swin_moe' or config.TRAIN.FSDP.ENABLE:
+        return ''
+    return '.global' if config.TRAIN.MOE.SAVE_MASTER else f'.rank{rank}'
+
+
+def rank_checkpoint_file(config: Any, path: str, rank: int, world_size: int) -> str:
+    """The file rank ``rank`` reads for ``--resume path``: for Swin-MoE ``<name>.pth`` -> ``<name>.pth.rank<r>``
+    (or ``.global``), as the official main_moe.py reads it; another name as it is. Raises ``CheckpointError``
+    when the per-rank files are there but not this rank's (saved by fewer processes)."""
+    suffix = checkpoint_suffix(config, rank)
+    if not suffix or not path.endswith('.pth'):
+        return path
+    mine = path + suffix
+    if suffix != '.global' and not os.path.exists(mine):
+        ranks = _rank_files(path)
+        if ranks:
+            raise CheckpointError(
+                f"{path} was saved per rank by {ranks} processes ({path}.rank0 .. .rank{ranks - 1}), and "
+                f"{mine} is not there: each rank's experts live in its own file, so resume with {ranks} "
+                f"processes (this run has {world_size})")
+    return mine
+
+
+def saved_files_description(config: Any, path: str, world_size: int) -> str:
+    """The file(s) a save to ``path`` (``<name>.pth``) writes, for messages: ``path`` itself, or for Swin-MoE
+    ``<path>.rank0 .. .rank<W-1>`` / ``<path>.global``."""
+    suffix = checkpoint_suffix(config, 0)
+    if suffix == '.rank0' and world_size > 1:
+        return f"{path}.rank0 .. .rank{world_size - 1} (one per rank)"
+    return path + suffix
+
+
+def read_pretrained(config: Any, path: str, rank: int) -> Tuple[Dict[str, Any], str]:
+    """The checkpoint ``--pretrained path`` names for rank ``rank``, read with ``weights_only``: ``path`` itself,
+    or for Swin-MoE as the official ``utils_moe.load_pretrained``: ``<name>.pth`` -> this rank's
+    ``<name>.pth.rank<r>`` (its experts), merged with ``<name>.pth.master`` when that exists (the official
+    zero-redundancy layout keeps the shared weights there, the rank files only the experts), or
+    ``<name>.pth.global`` with ``TRAIN.MOE.SAVE_MASTER``. A name not ending ``.pth`` is read as it is. The
+    fine-tune adaptation (dropped buffers, resized tables, head) is ``models.load_pretrained``'s, on the result.
+
+    Returns the checkpoint and the file(s) read (for the log). Raises ``CheckpointError`` naming the files it
+    expected when they are not there, or when the rank files were saved by another number of processes (each
+    holds its rank's experts).
+    """
+    trust = bool(config.TRUST_CHECKPOINTS)
+    suffix = checkpoint_suffix(config, rank)
+    if not suffix or not path.endswith('.pth'):
+        return load_checkpoint_file(path, trust=trust), path
+    mine = path + suffix
+    if not os.path.isfile(mine):
+        ranks = _rank_files(path)
+        found = (f"; there are {path}.rank0 .. .rank{ranks - 1}, saved by {ranks} processes" if ranks else
+                 f"; {path} itself is there (fine-tune from it under another name than <name>.pth, e.g. a link)"
+                 if os.path.isfile(path) else '')
+        expected = (f"{path}.global (TRAIN.MOE.SAVE_MASTER)" if suffix == '.global' else
+                    f"one file per rank, {path}.rank<r>, and this is rank {rank}")
+        raise CheckpointError(f"--pretrained {path}: Swin-MoE reads {mine}, which is not there (it expects "
+                              f"{expected}){found}")
+    checkpoint = load_checkpoint_file(mine, trust=trust)
+    saved = (checkpoint.get('rng') or {}).get('world_size')
+    world = get_world_size()
+    if suffix != '.global' and saved is not None and saved != world:
+        raise CheckpointError(f"--pretrained {path}: {mine} is one of {saved} per-rank Swin-MoE files (each with "
+                              f"its rank's experts); this run has {world} processes: fine-tune from it with "
+                              f"{saved} processes")
+    master = path + '.master'
+    if suffix != '.global' and os.path.isfile(master):
+        shared = load_checkpoint_file(master, trust=trust)
+        # official merge_moe_model_state_dict: the experts from the rank file, then the shared weights over them
+        checkpoint = dict(checkpoint, model={**dict(checkpoint.get('model') or {}), **dict(shared.get('model') or {})})
+        return checkpoint, f"{mine} with the shared weights of {master}"
+    return checkpoint, mine
+
+
 def last_checkpoint_name(sharded: bool) -> str:
     """The output folder's newest checkpoint: ``ckpt_last`` (a link to a directory) when sharded, else
     ``ckpt_last.pth``."""
@@ -997,10 +1075,8 @@ class Checkpointer:
         self.sharded = bool(config.TRAIN.FSDP.ENABLE)
         # Swin-MoE: each rank owns its experts, so every rank writes its own file <name>.pth.rank<r> (the official
         # layout), or, with TRAIN.MOE.SAVE_MASTER, rank 0 writes <name>.pth.global and every rank reads it
-        self.per_rank = config.MODEL.TYPE == 'swin_moe' and not self.sharded and not config.TRAIN.MOE.SAVE_MASTER
-        self.suffix = ''
-        if config.MODEL.TYPE == 'swin_moe' and not self.sharded:
-            self.suffix = f'.rank{dist_info.rank}' if self.per_rank else '.global'
+        self.suffix = checkpoint_suffix(config, dist_info.rank)
+        self.per_rank = self.suffix.startswith('.rank')
         self.files = CheckpointManager(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS, self.log, self.suffix)
         self._write = self._write_sharded if self.sharded else self._write_file
         self._found: Optional[Tuple[Optional[str], Optional[Dict[str, Any]]]] = None  # (path, contents)
@@ -1031,18 +1107,8 @@ class Checkpointer:
 
     def rank_file(self, path: str) -> str:
         """``--resume <name>.pth`` names this rank's ``<name>.pth.rank<r>`` (or ``.global``) for Swin-MoE, as the
-        official main_moe.py reads it; another name is used as it is."""
-        if not self.suffix or not path.endswith('.pth'):
-            return path
-        mine = path + self.suffix
-        if self.per_rank and not os.path.exists(mine):
-            ranks = _rank_files(path)
-            if ranks:
-                raise CheckpointError(
-                    f"{path} was saved per rank by {ranks} processes ({path}.rank0 .. .rank{ranks - 1}), and "
-                    f"{mine} is not there: each rank's experts live in its own file, so resume with {ranks} "
-                    f"processes (this run has {self.dist_info.world_size})")
-        return mine
+        official main_moe.py reads it; another name is used as it is (``rank_checkpoint_file``)."""
+        return rank_checkpoint_file(self.config, path, self.dist_info.rank, self.dist_info.world_size)
 
     def _check_world_size(self, path: Optional[str], checkpoint: Mapping[str, Any]) -> None:
         saved = (checkpoint.get('rng') or {}).get('world_size')
