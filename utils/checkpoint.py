@@ -1003,7 +1003,7 @@ def saved_files_description(config: Any, path: str, world_size: int) -> str:
     ``<path>.rank0 .. .rank<W-1>`` / ``<path>.global``."""
     suffix = checkpoint_suffix(config, 0)
     if suffix == '.rank0' and world_size > 1:
-        return f"{path}.rank0 .. .rank{world_size - 1} (one per rank)"
+        return f"{path}.rank0 .. .rank{world_size - 1}, one per rank"
     return path + suffix
 
 
