@@ -11,6 +11,11 @@ File layout in the output folder (official names kept):
 - ``ckpt_best.pth``: the epoch with the best validation top-1 (a hard link to the epoch file when possible);
 - ``ckpt_last.pth``: the newest state, an epoch file or a mid-epoch save (``TRAIN.SAVE_EVERY_STEPS``).
 
+Swin-MoE (the official layout): every rank writes each of these as ``<name>.pth.rank<r>`` (its experts differ),
+or rank 0 alone ``<name>.pth.global`` with ``TRAIN.MOE.SAVE_MASTER`` (``checkpoint_suffix``); ``--resume`` and
+``--pretrained <name>.pth`` read this rank's file, and auto-resume takes the newest position every rank can read
+(``agreed_auto_resume``).
+
 A checkpoint is a plain dict readable with ``torch.load(weights_only=True)``:
 ``model, optimizer, lr_scheduler, scaler, ema, epoch, step, max_accuracy, config, rng`` and, from a training
 run, ``data_order`` and, with experiment trackers on, ``tracker_runs`` (tracker name -> run id, so that a
