@@ -1032,7 +1032,8 @@ def read_pretrained(config: Any, path: str, rank: int) -> Tuple[Dict[str, Any], 
     if not os.path.isfile(mine):
         ranks = _rank_files(path)
         found = (f"; there are {path}.rank0 .. .rank{ranks - 1}, saved by {ranks} processes" if ranks else
-                 f"; {path} itself is there (fine-tune from it under another name than <name>.pth, e.g. a link)"
+                 f"; {path} itself is there: a name ending in .pth means per-rank files, so to fine-tune from that "
+                 f"one file give it under a name without that ending (e.g. a link)"
                  if os.path.isfile(path) else '')
         expected = (f"{path}.global (TRAIN.MOE.SAVE_MASTER)" if suffix == '.global' else
                     f"one file per rank, {path}.rank<r>, and this is rank {rank}")
