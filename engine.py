@@ -48,7 +48,8 @@ from models import fast_path_select, fast_paths
 from models.swin_common import SwinBlock
 from optimizer import build_optimizer
 from utils import fast_path_cache
-from utils.checkpoint import CheckpointError, Checkpointer, TrainState, load_weights
+from utils.checkpoint import (CheckpointError, Checkpointer, TrainState, load_weights, rank_checkpoint_file,
+                              read_pretrained)
 from utils.distributed import (DistInfo, all_reduce_sum, broadcast_object, get_world_size, is_distributed, is_sharded,
                                unwrap_model)
 from utils.fsdp import shard_model
@@ -793,7 +794,7 @@ def build_training(config: Any, dist_info: DistInfo, model: nn.Module, loaders: 
                           f"per epoch; lower it or DATA.BATCH_SIZE")
     checkpointer = Checkpointer(config, dist_info, sampler=type(loaders.train.sampler).__name__, logger=log)
     if checkpointer.find() is None and config.MODEL.PRETRAINED:  # into the plain model: before the EMA copies
-        _load_pretrained(model, config.MODEL.PRETRAINED, log, bool(config.TRUST_CHECKPOINTS))  # it, and sharding
+        _load_pretrained(model, config, dist_info.rank, log)  # it, and sharding
     apply_freeze(model, config, log)  # before FSDP shards it and the optimizer and DDP take its parameters
     # The EMA copies the fp32 weights before apex O2 casts the model to fp16 (an fp16 EMA at decay 0.9998 would
     # round its updates away); ModelEmaV3 then adds the fp16 weights into its fp32 copy. Under FSDP the copy is
@@ -851,12 +852,16 @@ def apply_freeze(model: nn.Module, config: Any, log: logging.Logger) -> Optional
     return summary
 
 
-def _load_pretrained(model: nn.Module, path: str, log: logging.Logger, trust: bool) -> None:
+def _load_pretrained(model: nn.Module, config: Any, rank: int, log: logging.Logger) -> None:
+    """``MODEL.PRETRAINED`` into ``model`` for fine-tuning: the file(s) as ``read_pretrained`` names them (Swin-MoE:
+    this rank's ``<name>.pth.rank<r>``), adapted by ``models.load_pretrained``."""
+    path = config.MODEL.PRETRAINED
+    checkpoint, read = read_pretrained(config, path, rank)
     try:
-        models.load_pretrained(model, path, logger=log, trust=trust)
+        models.load_pretrained(model, checkpoint, logger=log)
     except ValueError as e:
         raise CheckpointError(f"--pretrained {path}: {e}") from None
-    log.info(f"loaded pretrained weights from {path}")
+    log.info(f"loaded pretrained weights from {path}" + (f" ({read})" if read != path else ''))
 
 
 # ----------------------------------------------------------------------------- the epochs
@@ -966,16 +971,17 @@ def _metrics_record(epoch: int, train: Dict[str, Any], val: Optional[ValMetrics]
     return record
 
 
-def _evaluate_only(config: Any, model: nn.Module, loaders: Loaders, device: torch.device,
+def _evaluate_only(config: Any, model: nn.Module, loaders: Loaders, dist_info: DistInfo,
                    log: logging.Logger) -> Dict[str, Any]:
     """``--eval`` / ``--throughput``: load the weights, then validate or time."""
-    precision = resolve_precision(config, device)
+    precision = resolve_precision(config, dist_info.device)
     trust = bool(config.TRUST_CHECKPOINTS)
-    if config.MODEL.RESUME:
-        load_weights(model, config.MODEL.RESUME, trust=trust)
-        log.info(f"loaded weights from {config.MODEL.RESUME}")
+    if config.MODEL.RESUME:  # Swin-MoE: <name>.pth -> this rank's <name>.pth.rank<r>, as a training resume
+        path = rank_checkpoint_file(config, config.MODEL.RESUME, dist_info.rank, dist_info.world_size)
+        load_weights(model, path, trust=trust)
+        log.info(f"loaded weights from {path}")
     elif config.MODEL.PRETRAINED:
-        _load_pretrained(model, config.MODEL.PRETRAINED, log, trust)
+        _load_pretrained(model, config, dist_info.rank, log)
     elif config.EVAL_MODE:
         log.warning("--eval without --resume or --pretrained: evaluating randomly initialised weights")
     select_fast_paths(config, model, precision, log, modes=('eval',))
@@ -1004,7 +1010,7 @@ def run(config: Any, dist_info: DistInfo, logger: Optional[logging.Logger] = Non
     loaders = build_loaders(config, pretrain)
     model = create_model(config, dist_info.device, pretrain, training and bool(config.TRAIN.FSDP.ENABLE), log)
     if not training:
-        return _evaluate_only(config, model, loaders, dist_info.device, log)
+        return _evaluate_only(config, model, loaders, dist_info, log)
     t = build_training(config, dist_info, model, loaders, pretrain, log)
     if t.state.epoch >= config.TRAIN.EPOCHS:  # a finished run started again: say so rather than train 0 epochs
         log.info(f"training is already finished: {t.checkpointer.find()} holds epoch {t.state.epoch - 1}, the last "

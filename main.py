@@ -120,7 +120,7 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
     from config import apply_linear_scaling, save_config
     from data import DatasetLayoutError
     from data.build import check_data_paths
-    from utils.checkpoint import CheckpointError, last_checkpoint_name
+    from utils.checkpoint import CheckpointError, last_checkpoint_name, saved_files_description
     from utils.distributed import cleanup_distributed, init_distributed
     from utils.logger import create_logger
     from utils.misc import seed_everything
@@ -172,9 +172,10 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
         return report_error(e, 1, dist_info.is_main)
     except Preempted as e:
         if dist_info.is_main:
-            last = last_checkpoint_name(sharded=bool(config.TRAIN.FSDP.ENABLE))
-            print(f"{e}: checkpoint saved; the same command resumes from it (auto-resume reads {config.OUTPUT}; or "
-                  f"add --resume {os.path.join(config.OUTPUT, last)}) (exit code {e.exit_code})",
+            last = os.path.join(config.OUTPUT, last_checkpoint_name(sharded=bool(config.TRAIN.FSDP.ENABLE)))
+            written = saved_files_description(config, last, dist_info.world_size)  # Swin-MoE: <last>.rank<r>
+            print(f"{e}: checkpoint saved{f' ({written})' if written != last else ''}; the same command resumes "
+                  f"from it (auto-resume reads {config.OUTPUT}; or add --resume {last}) (exit code {e.exit_code})",
                   file=sys.stderr)
         return e.exit_code
     finally:

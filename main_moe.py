@@ -10,7 +10,8 @@ subset of ``main.py``'s, and every flag of ``main.py`` works here too. What make
 (``MODEL.TYPE swin_moe``): the experts are spread over the processes (``MODEL.SWIN_MOE.NUM_LOCAL_EXPERTS``), DDP
 leaves them out of its all-reduce, the auxiliary loss joins the criterion, and each rank writes its own
 checkpoint ``<name>.pth.rank<r>`` (``--resume <name>.pth`` reads it; ``TRAIN.MOE.SAVE_MASTER``: rank 0 writes
-``<name>.pth.global``, which every rank resumes from). The official script is a copy of ``main.py`` with those
+``<name>.pth.global``, which every rank resumes from; ``--pretrained <name>.pth`` reads the same files, merged with
+``<name>.pth.master`` when present, as the official ``utils_moe.load_pretrained``). The official script is a copy of ``main.py`` with those
 changes; here they live in the model, the engine and the checkpoint module, so this file only hands over.
 """
 from __future__ import annotations

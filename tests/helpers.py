@@ -36,6 +36,25 @@ def write_digits_folder(root, classes: int = 4, train_per_class: int = 16, val_p
     return str(root)
 
 
+def torchrun_worker_pids(parent: int) -> dict:
+    """{RANK: pid} of the processes started by the torchrun process ``parent`` (read from /proc: Linux only)."""
+    found = {}
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+            if ppid != parent:
+                continue
+            with open(f'/proc/{entry}/environ', 'rb') as f:
+                env = dict(item.split(b'=', 1) for item in f.read().split(b'\0') if b'=' in item)
+            found[int(env[b'RANK'])] = int(entry)
+        except (OSError, ValueError, KeyError, IndexError):
+            continue
+    return found
+
+
 def subprocess_env() -> dict:
     """One compute thread per process, and no torchrun variables leaking in from the test runner."""
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONHASHSEED='0')

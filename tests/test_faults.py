@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from helpers import subprocess_env, write_digits_folder
+from helpers import subprocess_env, torchrun_worker_pids, write_digits_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_DIR = os.path.join('swin_tiny_patch4_window7_224', 'default')  # <OUTPUT>/<MODEL.NAME>/<TAG>
@@ -667,25 +667,6 @@ def test_bad_opts_through_the_command_line(tmp_path, request):
     assert not os.path.exists(tmp_path / 'o')
 
 
-def _worker_pids(parent):
-    """{RANK: pid} of the main.py processes started by the torchrun process ``parent``."""
-    found = {}
-    for entry in os.listdir('/proc'):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f'/proc/{entry}/stat') as f:
-                ppid = int(f.read().rsplit(')', 1)[1].split()[1])
-            if ppid != parent:
-                continue
-            with open(f'/proc/{entry}/environ', 'rb') as f:
-                env = dict(item.split(b'=', 1) for item in f.read().split(b'\0') if b'=' in item)
-            found[int(env[b'RANK'])] = int(entry)
-        except (OSError, ValueError, KeyError, IndexError):
-            continue
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc to find the rank-1 worker')
 def test_torchrun_sigterm_to_one_rank_stops_both_with_a_checkpoint(digits, tmp_path, request):
@@ -700,7 +681,7 @@ def test_torchrun_sigterm_to_one_rank_stops_both_with_a_checkpoint(digits, tmp_p
             lines.append(line)
             seen += TRAIN_LINE in line
             if seen == 1:
-                os.kill(_worker_pids(proc.pid)[1], signal.SIGTERM)
+                os.kill(torchrun_worker_pids(proc.pid)[1], signal.SIGTERM)
                 break
         rest, _ = proc.communicate(timeout=120)
         lines.append(rest)

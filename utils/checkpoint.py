@@ -11,6 +11,11 @@ File layout in the output folder (official names kept):
 - ``ckpt_best.pth``: the epoch with the best validation top-1 (a hard link to the epoch file when possible);
 - ``ckpt_last.pth``: the newest state, an epoch file or a mid-epoch save (``TRAIN.SAVE_EVERY_STEPS``).
 
+Swin-MoE (the official layout): every rank writes each of these as ``<name>.pth.rank<r>`` (its experts differ),
+or rank 0 alone ``<name>.pth.global`` with ``TRAIN.MOE.SAVE_MASTER`` (``checkpoint_suffix``); ``--resume`` and
+``--pretrained <name>.pth`` read this rank's file, and auto-resume takes the newest position every rank can read
+(``agreed_auto_resume``).
+
 A checkpoint is a plain dict readable with ``torch.load(weights_only=True)``:
 ``model, optimizer, lr_scheduler, scaler, ema, epoch, step, max_accuracy, config, rng`` and, from a training
 run, ``data_order`` and, with experiment trackers on, ``tracker_runs`` (tracker name -> run id, so that a
@@ -701,26 +706,27 @@ def sharded_checkpoints(output_dir: str) -> List[Tuple[Tuple[int, int], str]]:
     return found
 
 
-def auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.Logger] = None, suffix: str = ''
-                ) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+def auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.Logger] = None, suffix: str = '',
+                at_most: Optional[Tuple[int, int]] = None) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
     """The furthest readable checkpoint in ``output_dir`` and its contents, or ``(None, None)``.
 
     Epoch files and sharded directories are ranked by the numbers in their names (never by mtime);
     ``ckpt_last.pth`` is used when it is further along (a mid-epoch save). A checkpoint that does not load (or a
     sharded directory without its metadata) is skipped with a logged reason and the next one tried. An unsafe
-    file (needs unpickling) is an error rather than a skip.
+    file (needs unpickling) is an error rather than a skip. ``at_most``: only checkpoints at or before that
+    position ``(epoch completed, updates into the next)`` (``agreed_auto_resume``'s later rounds).
     """
     log = logger or _LOG
     candidates: List[Tuple[Tuple[int, int], str]] = [((e, 0), p) for e, p in epoch_checkpoints(output_dir, suffix)]
     if not suffix:
         candidates += sharded_checkpoints(output_dir)
-    candidates.sort(reverse=True)
+    candidates = sorted((c for c in candidates if at_most is None or c[0] <= at_most), reverse=True)
     last = os.path.join(output_dir, LAST_NAME + suffix)
     if os.path.isfile(last) and not any(_same_file(last, p) for _, p in candidates):
         try:
             checkpoint = load_checkpoint_file(last, trust=trust)
             progress = (int(checkpoint.get('epoch', -1)), int(checkpoint.get('step', 0) or 0))
-            if not candidates or progress > candidates[0][0]:
+            if (not candidates or progress > candidates[0][0]) and (at_most is None or progress <= at_most):
                 log.info("auto-resume: %s (epoch %d done, %d updates into the next)", last, *progress)
                 return last, checkpoint
         except UnsafeCheckpointError:
@@ -745,6 +751,44 @@ def auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.L
     if candidates:
         log.warning("auto-resume: no readable checkpoint in %s; training starts from scratch", output_dir)
     return None, None
+
+
+def checkpoint_position(checkpoint: Mapping[str, Any]) -> Tuple[int, int]:
+    """``(epoch completed, updates into the next)``: where training stands in a checkpoint."""
+    return int(checkpoint.get('epoch', -1)), int(checkpoint.get('step', 0) or 0)
+
+
+def agreed_auto_resume(output_dir: str, trust: bool = False, logger: Optional[logging.Logger] = None,
+                       suffix: str = '') -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """``auto_resume`` for per-rank files (Swin-MoE's ``<name>.pth.rank<r>``), the same position on every rank: a
+    collective. Each rank finds the furthest checkpoint it can read; the ranks all-gather those positions and,
+    while they differ, every rank looks again at or before the earliest of them. A rank killed after another
+    had written its file (or whose newest file is damaged) so makes every rank go back to the newest position
+    all of them hold, instead of the ranks resuming from different points; a rank with none makes every rank
+    start fresh. Each round only lowers the bound, so it ends after at most one round per distinct position."""
+    log = logger or _LOG
+    bound: Optional[Tuple[int, int]] = None
+    path, checkpoint = auto_resume(output_dir, trust, log, suffix)
+    while True:
+        mine = checkpoint_position(checkpoint) if checkpoint is not None else None
+        positions = all_gather_objects(mine)
+        if any(p is None for p in positions):
+            if mine is not None:
+                log.warning("auto-resume: rank(s) %s have no readable checkpoint in %s: every rank starts from "
+                            "scratch (this rank's %s is not used)", [r for r, p in enumerate(positions) if p is None],
+                            output_dir, path)
+            return None, None
+        agreed = min(positions)
+        if all(p == agreed for p in positions):
+            if bound is not None:
+                log.warning("auto-resume: every rank resumes from epoch %d done, %d updates into the next (%s here): "
+                            "the newest position all ranks can read", agreed[0], agreed[1], path)
+            return path, checkpoint
+        log.warning("auto-resume: the ranks' newest readable checkpoints stand at %s (epoch done, updates into the "
+                    "next); looking at or before %s on every rank", positions, agreed)
+        bound = tuple(agreed)
+        if mine != bound:
+            path, checkpoint = auto_resume(output_dir, trust, log, suffix, at_most=bound)
 
 
 def _rank_files(path: str) -> int:
@@ -932,6 +976,85 @@ def load_weights(model: torch.nn.Module, path: str, trust: bool = False) -> None
     load_model_state(model, load_checkpoint_file(path, trust=trust), path)
 
 
+def checkpoint_suffix(config: Any, rank: int) -> str:
+    """What rank ``rank`` appends to a checkpoint's ``<name>.pth``: ``.rank<r>`` for Swin-MoE (each rank owns its
+    experts and writes its own file, the official layout), ``.global`` with ``TRAIN.MOE.SAVE_MASTER`` (rank 0
+    writes it, every rank reads it), nothing for the other models and for sharded (FSDP) checkpoints."""
+    if config.MODEL.TYPE != 'swin_moe' or config.TRAIN.FSDP.ENABLE:
+        return ''
+    return '.global' if config.TRAIN.MOE.SAVE_MASTER else f'.rank{rank}'
+
+
+def rank_checkpoint_file(config: Any, path: str, rank: int, world_size: int) -> str:
+    """The file rank ``rank`` reads for ``--resume path``: for Swin-MoE ``<name>.pth`` -> ``<name>.pth.rank<r>``
+    (or ``.global``), as the official main_moe.py reads it; another name as it is. Raises ``CheckpointError``
+    when the per-rank files are there but not this rank's (saved by fewer processes)."""
+    suffix = checkpoint_suffix(config, rank)
+    if not suffix or not path.endswith('.pth'):
+        return path
+    mine = path + suffix
+    if suffix != '.global' and not os.path.exists(mine):
+        ranks = _rank_files(path)
+        if ranks:
+            raise CheckpointError(
+                f"{path} was saved per rank by {ranks} processes ({path}.rank0 .. .rank{ranks - 1}), and "
+                f"{mine} is not there: each rank's experts live in its own file, so resume with {ranks} "
+                f"processes (this run has {world_size})")
+    return mine
+
+
+def saved_files_description(config: Any, path: str, world_size: int) -> str:
+    """The file(s) a save to ``path`` (``<name>.pth``) writes, for messages: ``path`` itself, or for Swin-MoE
+    ``<path>.rank0 .. .rank<W-1>`` / ``<path>.global``."""
+    suffix = checkpoint_suffix(config, 0)
+    if suffix == '.rank0' and world_size > 1:
+        return f"{path}.rank0 .. .rank{world_size - 1}, one per rank"
+    return path + suffix
+
+
+def read_pretrained(config: Any, path: str, rank: int) -> Tuple[Dict[str, Any], str]:
+    """The checkpoint ``--pretrained path`` names for rank ``rank``, read with ``weights_only``: ``path`` itself,
+    or for Swin-MoE as the official ``utils_moe.load_pretrained``: ``<name>.pth`` -> this rank's
+    ``<name>.pth.rank<r>`` (its experts), merged with ``<name>.pth.master`` when that exists (the official
+    zero-redundancy layout keeps the shared weights there, the rank files only the experts), or
+    ``<name>.pth.global`` with ``TRAIN.MOE.SAVE_MASTER``. A name not ending ``.pth`` is read as it is. The
+    fine-tune adaptation (dropped buffers, resized tables, head) is ``models.load_pretrained``'s, on the result.
+
+    Returns the checkpoint and the file(s) read (for the log). Raises ``CheckpointError`` naming the files it
+    expected when they are not there, or when the rank files were saved by another number of processes (each
+    holds its rank's experts).
+    """
+    trust = bool(config.TRUST_CHECKPOINTS)
+    suffix = checkpoint_suffix(config, rank)
+    if not suffix or not path.endswith('.pth'):
+        return load_checkpoint_file(path, trust=trust), path
+    mine = path + suffix
+    if not os.path.isfile(mine):
+        ranks = _rank_files(path)
+        found = (f"; there are {path}.rank0 .. .rank{ranks - 1}, saved by {ranks} processes" if ranks else
+                 f"; {path} itself is there: a name ending in .pth means per-rank files, so to fine-tune from that "
+                 f"one file give it under a name without that ending (e.g. a link)"
+                 if os.path.isfile(path) else '')
+        expected = (f"{path}.global (TRAIN.MOE.SAVE_MASTER)" if suffix == '.global' else
+                    f"one file per rank, {path}.rank<r>, and this is rank {rank}")
+        raise CheckpointError(f"--pretrained {path}: Swin-MoE reads {mine}, which is not there (it expects "
+                              f"{expected}){found}")
+    checkpoint = load_checkpoint_file(mine, trust=trust)
+    saved = (checkpoint.get('rng') or {}).get('world_size')
+    world = get_world_size()
+    if suffix != '.global' and saved is not None and saved != world:
+        raise CheckpointError(f"--pretrained {path}: {mine} is one of {saved} per-rank Swin-MoE files (each with "
+                              f"its rank's experts); this run has {world} processes: fine-tune from it with "
+                              f"{saved} processes")
+    master = path + '.master'
+    if suffix != '.global' and os.path.isfile(master):
+        shared = load_checkpoint_file(master, trust=trust)
+        # official merge_moe_model_state_dict: the experts from the rank file, then the shared weights over them
+        checkpoint = dict(checkpoint, model={**dict(checkpoint.get('model') or {}), **dict(shared.get('model') or {})})
+        return checkpoint, f"{mine} with the shared weights of {master}"
+    return checkpoint, mine
+
+
 def last_checkpoint_name(sharded: bool) -> str:
     """The output folder's newest checkpoint: ``ckpt_last`` (a link to a directory) when sharded, else
     ``ckpt_last.pth``."""
@@ -958,10 +1081,8 @@ class Checkpointer:
         self.sharded = bool(config.TRAIN.FSDP.ENABLE)
         # Swin-MoE: each rank owns its experts, so every rank writes its own file <name>.pth.rank<r> (the official
         # layout), or, with TRAIN.MOE.SAVE_MASTER, rank 0 writes <name>.pth.global and every rank reads it
-        self.per_rank = config.MODEL.TYPE == 'swin_moe' and not self.sharded and not config.TRAIN.MOE.SAVE_MASTER
-        self.suffix = ''
-        if config.MODEL.TYPE == 'swin_moe' and not self.sharded:
-            self.suffix = f'.rank{dist_info.rank}' if self.per_rank else '.global'
+        self.suffix = checkpoint_suffix(config, dist_info.rank)
+        self.per_rank = self.suffix.startswith('.rank')
         self.files = CheckpointManager(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS, self.log, self.suffix)
         self._write = self._write_sharded if self.sharded else self._write_file
         self._found: Optional[Tuple[Optional[str], Optional[Dict[str, Any]]]] = None  # (path, contents)
@@ -973,12 +1094,15 @@ class Checkpointer:
 
     def find(self) -> Optional[str]:
         """The checkpoint ``restore`` resumes from: ``MODEL.RESUME`` (``--resume``), else (``TRAIN.AUTO_RESUME``)
-        the furthest readable one in the output folder (``auto_resume``), else None. Read once, on the first
+        the furthest readable one in the output folder (``auto_resume``; per-rank Swin-MoE files: the furthest
+        position every rank can read, ``agreed_auto_resume``, a collective), else None. Read once, on the first
         call, so that the caller can decide before building the rest (e.g. whether ``--pretrained`` applies)."""
         if self._found is None:
             if self.config.MODEL.RESUME:
                 path = self.rank_file(self.config.MODEL.RESUME)
                 self._found = path, load_checkpoint_file(path, trust=self.trust)
+            elif self.config.TRAIN.AUTO_RESUME and self.per_rank:  # every rank the same position: a collective
+                self._found = agreed_auto_resume(self.config.OUTPUT, self.trust, self.log, self.suffix)
             elif self.config.TRAIN.AUTO_RESUME:
                 self._found = auto_resume(self.config.OUTPUT, trust=self.trust, logger=self.log, suffix=self.suffix)
             else:
@@ -989,18 +1113,8 @@ class Checkpointer:
 
     def rank_file(self, path: str) -> str:
         """``--resume <name>.pth`` names this rank's ``<name>.pth.rank<r>`` (or ``.global``) for Swin-MoE, as the
-        official main_moe.py reads it; another name is used as it is."""
-        if not self.suffix or not path.endswith('.pth'):
-            return path
-        mine = path + self.suffix
-        if self.per_rank and not os.path.exists(mine):
-            ranks = _rank_files(path)
-            if ranks:
-                raise CheckpointError(
-                    f"{path} was saved per rank by {ranks} processes ({path}.rank0 .. .rank{ranks - 1}), and "
-                    f"{mine} is not there: each rank's experts live in its own file, so resume with {ranks} "
-                    f"processes (this run has {self.dist_info.world_size})")
-        return mine
+        official main_moe.py reads it; another name is used as it is (``rank_checkpoint_file``)."""
+        return rank_checkpoint_file(self.config, path, self.dist_info.rank, self.dist_info.world_size)
 
     def _check_world_size(self, path: Optional[str], checkpoint: Mapping[str, Any]) -> None:
         saved = (checkpoint.get('rng') or {}).get('world_size')
