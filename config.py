@@ -49,8 +49,11 @@ _C.DATA.HF_LABEL_COLUMN = 'label'        # (ours) DATA.DATASET hf: the column ho
 _C.DATA.WDS_SHUFFLE = 1000               # (ours) DATA.DATASET wds: shuffle buffer, in samples per data worker
 _C.DATA.MEAN = []                        # (ours) per-channel normalisation mean (0..1 scale); [] = default_mean_std
 _C.DATA.STD = []                         # (ours) per-channel std; [] = default_mean_std; both: MODEL.*.IN_CHANS long
-_C.DATA.LOADER = 'torch'                 # (ours) torch: timm transforms, float batches | fast: uint8 on the CPU,
-                                         # normalise + erasing on the device | gpu: decode + augment on the device
+_C.DATA.LOADER = 'auto'                  # (ours) auto: fast for training where it can run, else torch, and
+                                         # torch for evaluation (data.build.choose_loaders; docs/DATA.md) |
+                                         # torch: timm transforms, float batches (the official pixels) | fast: uint8
+                                         # on the CPU, normalise + erasing on the device | gpu: decode + augment on
+                                         # the device
 _C.DATA.LABELS = 'source'                # (ours) source: the dataset's own single label per image | csv: several
                                          # labels per image (multi-label) from <DATA_PATH>/<split>.csv (docs/DATA.md)
 
@@ -287,7 +290,7 @@ CHOICES = {
     'DATA.DATASET': ('imagenet', 'imagenet22K', 'folder', 'wds', 'hf'),
     'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic', 'nearest'),
     'DATA.CACHE_MODE': ('no', 'part', 'full'),
-    'DATA.LOADER': ('torch', 'fast', 'gpu'),
+    'DATA.LOADER': ('auto', 'torch', 'fast', 'gpu'),
     'MODEL.FAST_PATHS_SELECT': ('measure', 'all', 'none'),
     'DATA.LABELS': ('source', 'csv'),
     'TRAIN.LOSS': ('ce', 'bce'),

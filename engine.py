@@ -819,6 +819,8 @@ def build_training(config: Any, dist_info: DistInfo, model: nn.Module, loaders: 
                        scaler=torch.amp.GradScaler(device.type) if precision.needs_scaler else None, ema=ema,
                        epoch=config.TRAIN.START_EPOCH, updates_per_epoch=updates_per_epoch)
     checkpointer.restore(state)
+    # the loader that trains (DATA.LOADER auto: data.choose_loaders) against the one the checkpoint recorded
+    state.data_loader = data.check_resumed_loader(config, state.data_loader, checkpointer.find(), pretrain)
     # after the restore: a resumed run takes the choices its checkpoint recorded (state.fast_paths)
     state.fast_paths = select_fast_paths(config, model, precision, log, modes=() if pretrain else fast_paths.MODES,
                                          recorded=state.fast_paths)

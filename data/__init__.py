@@ -17,10 +17,11 @@ The engine reads it from the main process once an epoch has been fully consumed:
 
     n_broken = data.pop_broken_count(data_loader_train)   # returns the count and resets it to 0
 
-Batches are plain ``(images, targets)`` with ``DATA.LOADER torch`` (the default); with ``fast`` / ``gpu`` they are
+Batches are plain ``(images, targets)`` with ``DATA.LOADER torch``; with ``fast`` / ``gpu`` they are
 ``data.device_batch.DeviceBatch``es that unpack the same way and finish on the device: ``images, targets =
 data.batch_to_device(batch, device)`` (normalisation and erasing there; for ``gpu`` also decoding and augmentation).
-SimMIM pre-training batches are ``[images, masks, targets]`` (``data.simmim``).
+``DATA.LOADER auto`` (the default) trains on ``fast`` where it can and evaluates on ``torch``
+(``choose_loaders``). SimMIM pre-training batches are ``[images, masks, targets]`` (``data.simmim``).
 
 Modules, bottom layer first; each imports only from those before it (``tests/test_architecture.py`` checks it):
 ``seeding`` (SampleKey, per-sample RNGs) -> ``datasets`` (sources) -> ``hf``, ``wds`` (Hugging Face datasets,
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .build import build_dataset, build_mixup
+from .build import LoaderChoice, build_dataset, build_mixup, check_resumed_loader, choose_loaders
 from .build import build_loader as _build_classification_loader
 from .datasets import (BrokenImageError, DatasetLayoutError, ImageDataset, ImageFolderDataset,
                        ImageNet22KDataset, SourceDependencyError, ZipImageDataset, decode_image, to_rgb)
@@ -72,7 +73,8 @@ def pop_broken_count(loader_or_dataset: Any) -> int:
     return _dataset_of(loader_or_dataset).broken_images.reset()
 
 
-__all__ = ['build_loader', 'build_dataset', 'build_transform', 'build_mixup', 'broken_count', 'pop_broken_count',
+__all__ = ['build_loader', 'build_dataset', 'build_transform', 'build_mixup', 'choose_loaders', 'check_resumed_loader',
+           'LoaderChoice', 'broken_count', 'pop_broken_count',
            'batch_to_device', 'DeviceBatch', 'LoaderDependencyError', 'SourceDependencyError',
            'HFImageDataset', 'WdsDataset',
            'BrokenImageError', 'DatasetLayoutError', 'ImageDataset', 'ImageFolderDataset', 'ImageNet22KDataset',

@@ -11,7 +11,7 @@ import inspect
 import logging
 import os
 import signal
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import timm
@@ -40,27 +40,111 @@ IMAGENET22K_MAPS = {True: 'ILSVRC2011fall_whole_map_train.txt', False: 'ILSVRC20
 
 # ----------------------------------------------------------------------------- DATA.LOADER: transform and collate
 
-def loader_transform(is_train: bool, config: Any) -> Callable:
-    """The per-sample transform of ``DATA.LOADER``: ``build_transform`` for 'torch'; for 'fast' and 'gpu' the
-    encoded-bytes transforms of ``data.fast`` / ``data.gpu`` (their batches finish on the device)."""
+LOADERS = ('torch', 'fast', 'gpu')  # the concrete loaders; DATA.LOADER auto picks one per split (choose_loaders)
+
+
+class LoaderChoice(NamedTuple):
+    """The loaders a run uses, one per split ('torch' | 'fast' | 'gpu'), and why (``DATA.LOADER auto``)."""
+    train: str
+    eval: str
+    reason: str = ''
+
+    def describe(self, training: bool = True) -> str:
+        """One log line: which loader trains and which evaluates."""
+        what = (f"training on DATA.LOADER {self.train!r}, evaluation on {self.eval!r}" if training else
+                f"evaluation on DATA.LOADER {self.eval!r}")
+        return f"data loaders: {what}" + (f" (auto: {self.reason})" if self.reason else '')
+
+
+def fast_train_refusal(config: Any) -> Optional[str]:
+    """Why ``DATA.LOADER fast`` cannot train ``config`` (a package it needs does not import, or a setting it does
+    not implement, e.g. the padded crop of ``DATA.IMG_SIZE`` <= 32), as its own error says; None when it can.
+    Building the transform is the test, so the rule cannot drift from what ``FastTrainTransform`` refuses."""
+    try:
+        FastTrainTransform(config)
+    except ConfigError as e:  # LoaderDependencyError (a missing or broken package) is one too
+        return str(e)
+    return None
+
+
+def choose_loaders(config: Any, pretrain: bool = False) -> LoaderChoice:
+    """The training and evaluation loaders of ``config``: ``DATA.LOADER`` itself for both unless it is 'auto'.
+
+    'auto' trains on 'fast' (the same augmentation draws as 'torch', faster CPU kernels: docs/DATA.md lists
+    where its pixels differ) when ``fast_train_refusal`` finds nothing, else on 'torch'; it evaluates on 'torch',
+    whose eval transform is the official one pixel for pixel ('fast' resizes with torchvision's uint8 kernel: up
+    to 2 levels of 255 apart). SimMIM pre-training (``pretrain``) has its own transform: 'torch'. A pure function
+    of the config and the installed packages, so a resumed run makes the same choice (``check_resumed_loader``
+    compares it with the one its checkpoint recorded)."""
     kind = config.DATA.LOADER
+    if kind in LOADERS:
+        return LoaderChoice(kind, kind)
+    if kind != 'auto':
+        raise ValueError(f"DATA.LOADER = {kind!r} is not one of {['auto', *LOADERS]}")
+    evaluation = "evaluation keeps the official eval transform"
+    if pretrain:
+        return LoaderChoice('torch', 'torch', "SimMIM pre-training has its own transform (mask generator), which "
+                                              "only the torch loader runs")
+    refusal = fast_train_refusal(config)
+    if refusal is not None:
+        return LoaderChoice('torch', 'torch', f"the fast loader cannot train this config: {refusal}")
+    return LoaderChoice('fast', 'torch', f"the fast loader trains (its packages import and it takes this config); "
+                                         f"{evaluation}; DATA.LOADER torch trains on the official pixels")
+
+
+def check_resumed_loader(config: Any, recorded: Optional[str], path: Optional[str], pretrain: bool = False) -> str:
+    """The training loader of this run (``choose_loaders``), checked against ``recorded``, the one that trained
+    the run a checkpoint at ``path`` comes from (None: a fresh run, or a checkpoint that does not say).
+
+    The loaders draw the same augmentation parameters but give other pixels, so a run resumed on another loader
+    is not an exact continuation. With ``DATA.LOADER auto`` that would happen silently (a package installed or
+    missing since, another machine, a checkpoint from before 'auto' was the default): a ``ConfigError`` names
+    both loaders and the setting that resumes exactly. An explicit ``DATA.LOADER`` is the user's choice: a
+    warning."""
+    train = choose_loaders(config, pretrain).train
+    if recorded is None or recorded == train:
+        return train
+    if config.DATA.LOADER == 'auto':
+        raise ConfigError(f"resume: {path} was trained on DATA.LOADER {recorded!r}, and DATA.LOADER auto now picks "
+                          f"{train!r} ({choose_loaders(config, pretrain).reason}); the same loader keeps the resume "
+                          f"exact: --opts DATA.LOADER {recorded}" + (
+                              " (if it cannot run here, install what its error names)" if recorded == 'fast' else
+                              '') + f", or --opts DATA.LOADER {train} to go on with other pixels")
+    logger.warning("resume: %s was trained on DATA.LOADER %r, this run trains on %r (DATA.LOADER): the same "
+                   "augmentation draws with other pixels, not an exact continuation", path, recorded, train)
+    return train
+
+
+def loader_transform(is_train: bool, config: Any, kind: Optional[str] = None) -> Callable:
+    """The per-sample transform of the split's loader (``kind``, default ``choose_loaders``): ``build_transform``
+    for 'torch'; for 'fast' and 'gpu' the encoded-bytes transforms of ``data.fast`` / ``data.gpu`` (their batches
+    finish on the device)."""
+    kind = kind or _split_loader(is_train, config)
     if kind == 'torch':
         return build_transform(is_train, config)
     if kind == 'fast':
         return FastTrainTransform(config) if is_train else FastEvalTransform(config)
     if kind == 'gpu':
         return GpuTrainTransform(config) if is_train else GpuEvalTransform(config)
-    raise ValueError(f"DATA.LOADER = {kind!r} is not one of ['torch', 'fast', 'gpu']")
+    raise ValueError(f"DATA.LOADER = {kind!r} is not one of {list(LOADERS)}")
 
 
-def loader_collate(is_train: bool, config: Any) -> Optional[Callable]:
-    """The DataLoader ``collate_fn`` of ``DATA.LOADER`` (None: torch's default, for 'torch' training)."""
-    kind = config.DATA.LOADER
+def loader_collate(is_train: bool, config: Any, kind: Optional[str] = None) -> Optional[Callable]:
+    """The DataLoader ``collate_fn`` of the split's loader (``kind``, default ``choose_loaders``; None: torch's
+    default, for 'torch' training)."""
+    kind = kind or _split_loader(is_train, config)
     if kind == 'fast':
         return fast_collate(is_train, config)
     if kind == 'gpu':
         return gpu_collate(is_train, config)
     return None if is_train else SkipNoneCollate(img_size_hw(config), model_in_chans(config))
+
+
+def _split_loader(is_train: bool, config: Any) -> str:
+    if config.DATA.LOADER in LOADERS:  # explicit: no probing
+        return config.DATA.LOADER
+    choice = choose_loaders(config)
+    return choice.train if is_train else choice.eval
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -106,15 +190,16 @@ def zip_cache_indices(is_train: bool, num_samples: int, config: Any) -> Optional
                               shuffle=config.TEST.SHUFFLE, seed=config.SEED)
 
 
-def build_dataset(is_train: bool, config: Any, class_to_idx: Optional[Dict[str, int]] = None
-                  ) -> Tuple[Dataset, int]:
+def build_dataset(is_train: bool, config: Any, class_to_idx: Optional[Dict[str, int]] = None,
+                  loader: Optional[str] = None) -> Tuple[Dataset, int]:
     """The training or validation dataset for ``config`` and its class count (``MODEL.NUM_CLASSES`` unchanged).
 
-    ``class_to_idx``: for a validation class folder, the training split's mapping, so labels agree.
+    ``class_to_idx``: for a validation class folder, the training split's mapping, so labels agree. ``loader``:
+    the split's loader ('torch' | 'fast' | 'gpu'; default: ``choose_loaders``), whose transform the samples get.
     Raises ``DatasetLayoutError`` for a missing split/map/archive, an empty class folder, a label out of range
     or more classes than ``MODEL.NUM_CLASSES``.
     """
-    transform = loader_transform(is_train, config)
+    transform = loader_transform(is_train, config, loader)
     on_broken = 'error' if config.DATA.STRICT_IMAGES else ('substitute' if is_train else 'drop')
     root = config.DATA.DATA_PATH
     kind = config.DATA.DATASET
@@ -345,21 +430,24 @@ def build_loader(config: Any) -> Tuple[Optional[Dataset], Dataset, Optional[Data
     (SEED, epoch, index) alone; a loader over a slice of ``list(sampler)`` (a mid-epoch resume) reproduces the
     rest of the epoch exactly, with any number of workers. ``DATA.NUM_WORKERS`` is capped at the cores per
     local process. ``DATA.LOADER`` picks the per-sample transform and collate (``loader_transform``,
-    ``loader_collate``): with 'fast' / 'gpu' the batches are ``data.device_batch.DeviceBatch``es, finished on the
-    device by ``data.batch_to_device``; the samplers are the same for every loader.
+    ``loader_collate``; 'auto', the default: ``choose_loaders``, logged once): with 'fast' / 'gpu' the batches
+    are ``data.device_batch.DeviceBatch``es, finished on the device by ``data.batch_to_device``; the samplers are
+    the same for every loader.
     Validation is sharded exactly: sum correct counts over ranks and divide by ``len(dataset_val)`` minus the
     broken images (``data.pop_broken_count``).
     """
     rank, world = dist_info()
     if is_multi_label(config):
         check_timm_multi_label()
+    choice = choose_loaders(config)
+    logger.info(choice.describe(training=not config.EVAL_MODE))
     dataset_train = loader_train = None
     class_to_idx = None
     if not config.EVAL_MODE:
-        dataset_train, _ = build_dataset(True, config)
+        dataset_train, _ = build_dataset(True, config, loader=choice.train)
         class_to_idx = getattr(dataset_train, 'class_to_idx', None)
         logger.info("rank %d: train dataset %r", rank, dataset_train)
-    dataset_val, _ = build_dataset(False, config, class_to_idx=class_to_idx)
+    dataset_val, _ = build_dataset(False, config, class_to_idx=class_to_idx, loader=choice.eval)
     logger.info("rank %d: val dataset %r", rank, dataset_val)
 
     kwargs = loader_kwargs(config)
@@ -371,7 +459,7 @@ def build_loader(config: Any) -> Tuple[Optional[Dataset], Dataset, Optional[Data
                 f"DATA.BATCH_SIZE = {config.DATA.BATCH_SIZE}, so no full batch can be formed; lower "
                 f"DATA.BATCH_SIZE or add images")
         loader_train = DataLoader(dataset_train, sampler=sampler_train, drop_last=True,
-                                  collate_fn=loader_collate(True, config), **kwargs)
+                                  collate_fn=loader_collate(True, config, choice.train), **kwargs)
 
     if isinstance(dataset_val, WdsDataset):  # contiguous blocks: each rank reads its own shards
         sampler_val = WdsEvalSampler(dataset_val)
@@ -379,5 +467,5 @@ def build_loader(config: Any) -> Tuple[Optional[Dataset], Dataset, Optional[Data
         sampler_val = DistributedEvalSampler(len(dataset_val), world, rank, contiguous=config.TEST.SEQUENTIAL,
                                              shuffle=config.TEST.SHUFFLE, seed=config.SEED)
     loader_val = DataLoader(dataset_val, sampler=sampler_val, drop_last=False,
-                            collate_fn=loader_collate(False, config), **kwargs)
+                            collate_fn=loader_collate(False, config, choice.eval), **kwargs)
     return dataset_train, dataset_val, loader_train, loader_val, build_mixup(config)

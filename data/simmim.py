@@ -13,6 +13,7 @@ Layer: the top of ``data`` below ``__init__``: it builds on ``data.build``'s sha
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, List, Sequence, Tuple
 
@@ -26,10 +27,12 @@ from torchvision import transforms
 from config import ConfigError
 from utils.distributed import dist_info
 
-from .build import loader_kwargs, split_name, train_sampler, wds_streams, zip_cache_indices
+from .build import choose_loaders, loader_kwargs, split_name, train_sampler, wds_streams, zip_cache_indices
 from .datasets import DatasetLayoutError, ImageFolderDataset, ZipImageDataset
 from .hf import HFImageDataset
 from .wds import WdsDataset
+
+logger = logging.getLogger(__name__)
 
 # The official SimMIM crop: RandomResizedCrop to DATA.IMG_SIZE with this scale and aspect-ratio range.
 CROP_SCALE = (0.67, 1.0)
@@ -150,9 +153,10 @@ def build_loader_simmim(config: Any) -> DataLoader:
     Its sampler has ``set_epoch`` (call it every epoch) and yields ``SampleKey``s like the classification
     training sampler.
     """
-    if config.DATA.LOADER != 'torch':
+    if config.DATA.LOADER not in ('torch', 'auto'):  # auto: torch here (data.build.choose_loaders)
         raise ConfigError(f"DATA.LOADER {config.DATA.LOADER!r} is for classification; SimMIM pre-training has its "
-                          f"own transform (mask generator) and needs DATA.LOADER torch")
+                          f"own transform (mask generator) and needs DATA.LOADER torch (or auto)")
+    logger.info(choose_loaders(config, pretrain=True).describe())
     rank, world = dist_info()
     dataset = build_dataset_simmim(config)
     sampler = train_sampler(dataset, config, rank, world)

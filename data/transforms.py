@@ -258,7 +258,8 @@ def timm_train_pieces(config: Any) -> Tuple[RandomResizedCropAndInterpolation, O
 def check_fast_config(config: Any) -> None:
     """Settings the fast/gpu loaders cannot honour: a clear error naming the keys."""
     if max(img_size_hw(config)) <= 32:
-        raise ConfigError(f"DATA.LOADER {config.DATA.LOADER!r} needs DATA.IMG_SIZE > 32 (small images use a padded "
+        loader = 'fast' if config.DATA.LOADER == 'auto' else config.DATA.LOADER  # auto tries fast (data.build)
+        raise ConfigError(f"DATA.LOADER {loader!r} needs DATA.IMG_SIZE > 32 (small images use a padded "
                           f"random crop, which only DATA.LOADER torch implements); got {config.DATA.IMG_SIZE}")
 
 

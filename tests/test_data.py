@@ -63,8 +63,9 @@ def folder(tmp_path):
 
 
 def cfg(path, *opts):
+    # DATA.LOADER torch: these tests check the torch loader's float tensors (auto trains on fast above 32 px)
     return load_config(None, ['DATA.DATA_PATH', str(path), 'DATA.IMG_SIZE', '32', 'DATA.NUM_WORKERS', '0',
-                              'MODEL.NUM_CLASSES', '3', 'DATA.BATCH_SIZE', '2', *opts])
+                              'MODEL.NUM_CLASSES', '3', 'DATA.BATCH_SIZE', '2', 'DATA.LOADER', 'torch', *opts])
 
 
 def drain(loader):

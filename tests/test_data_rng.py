@@ -42,8 +42,10 @@ def folder(tmp_path_factory):
 
 def cfg(path, *opts):
     # 40 px > 32: timm's RandomResizedCrop (python random) + flip (torch) + RandAugment (numpy op choice, python
-    # magnitudes) + random erasing (python boxes, torch pixels): every generator the transforms use.
+    # magnitudes) + random erasing (python boxes, torch pixels): every generator the transforms use. DATA.LOADER
+    # torch: float batches of timm's own transforms (fast's batches and resume: tests/test_fast_loader.py).
     return load_config(None, ['DATA.DATA_PATH', path, 'DATA.IMG_SIZE', '40', 'DATA.NUM_WORKERS', '0',
+                              'DATA.LOADER', 'torch',
                               'MODEL.NUM_CLASSES', '2', 'DATA.BATCH_SIZE', '2', 'AUG.REPROB', '0.5',
                               'AUG.AUTO_AUGMENT', 'rand-m9-mstd0.5-inc1', 'SEED', '7', *opts])
 

@@ -494,3 +494,53 @@ def test_transforms_pickle_for_spawned_workers(folder):
             a = copy[SampleKey(2, 0, 3)]
         b = ds[SampleKey(2, 0, 3)]
         assert torch.equal(a[0][0], b[0][0])
+
+
+# ----------------------------------------------------------------------------- DATA.LOADER auto (issue 22)
+
+def test_auto_is_the_default_and_its_choices(folder, monkeypatch):
+    """auto trains on fast where fast can (else torch, with fast's own reason) and evaluates on torch; explicit
+    choices stay as they are; SimMIM pre-training takes torch."""
+    from data import DeviceBatch, choose_loaders
+    assert load_config().DATA.LOADER == 'auto'
+    config = cfg(folder, 'auto')
+    assert choose_loaders(config)[:2] == ('fast', 'torch')
+    assert choose_loaders(config, pretrain=True)[:2] == ('torch', 'torch')
+    assert choose_loaders(cfg(folder, 'gpu'))[:2] == ('gpu', 'gpu')
+    small = choose_loaders(cfg(folder, 'auto', 'DATA.IMG_SIZE', '32'))
+    assert small[:2] == ('torch', 'torch') and "DATA.LOADER 'fast' needs DATA.IMG_SIZE > 32" in small.reason
+    _, _, train, val, _ = build_loader(config)
+    assert isinstance(next(iter(train)), DeviceBatch)
+    want = next(iter(build_loader(cfg(folder, 'torch'))[3]))
+    got = next(iter(val))
+    assert not isinstance(got, DeviceBatch) and torch.equal(got[0], want[0])  # the torch eval transform
+    real = data.datasets.importlib.import_module
+
+    def no_simplejpeg(name, *a):
+        if name == 'simplejpeg':
+            raise ImportError("No module named 'simplejpeg'")
+        return real(name, *a)
+    monkeypatch.setattr(data.datasets.importlib, 'import_module', no_simplejpeg)
+    missing = choose_loaders(config)
+    assert missing[:2] == ('torch', 'torch') and 'pip install simplejpeg' in missing.reason
+
+
+def test_resume_checks_the_recorded_loader(folder, caplog):
+    """A checkpoint records the loader that trained it; auto refuses to resume on another one (naming the setting
+    that resumes exactly), an explicit DATA.LOADER goes on with a warning; old checkpoints name it in their config."""
+    from config import ConfigError
+    from data import check_resumed_loader
+    from utils.checkpoint import TrainState, build_checkpoint, recorded_data_loader
+    auto = cfg(folder, 'auto')
+    assert check_resumed_loader(auto, None, None) == 'fast'
+    assert check_resumed_loader(auto, 'fast', 'ckpt.pth') == 'fast'
+    with pytest.raises(ConfigError, match=r"ckpt.pth was trained on DATA.LOADER 'torch'.*--opts DATA.LOADER torch"):
+        check_resumed_loader(auto, 'torch', 'ckpt.pth')
+    assert check_resumed_loader(cfg(folder, 'torch'), 'fast', 'ckpt.pth') == 'torch'
+    assert 'not an exact continuation' in caplog.text
+    state = TrainState(model=torch.nn.Linear(1, 1), data_loader='fast')
+    saved = build_checkpoint(state, {'DATA': {'LOADER': 'auto'}})
+    assert recorded_data_loader(saved) == 'fast'
+    assert recorded_data_loader({'config': {'DATA': {'LOADER': 'torch'}}}) == 'torch'  # before 'auto'
+    assert recorded_data_loader({'config': {'DATA': {}}}) == 'torch'  # before DATA.LOADER existed
+    assert recorded_data_loader({'config': {'DATA': {'LOADER': 'auto'}}}) is None

@@ -18,7 +18,8 @@ or rank 0 alone ``<name>.pth.global`` with ``TRAIN.MOE.SAVE_MASTER`` (``checkpoi
 
 A checkpoint is a plain dict readable with ``torch.load(weights_only=True)``:
 ``model, optimizer, lr_scheduler, scaler, ema, epoch, step, max_accuracy, config, rng`` and, from a training
-run, ``data_order`` and, with experiment trackers on, ``tracker_runs`` (tracker name -> run id, so that a
+run, ``data_order``, ``data_loader`` (the loader that trained it: ``TrainState.data_loader``) and, with
+experiment trackers on, ``tracker_runs`` (tracker name -> run id, so that a
 resume continues the same wandb / MLflow run); a mid-epoch one also ``running_sums`` (the epoch's loss sums, skip counts and time so far,
 which ``metrics.jsonl`` and TensorBoard report; a file without them resumes with fresh sums). ``epoch`` is the
 last *completed* epoch (-1 before the first), as the official code reads it, and ``step`` the optimizer updates
@@ -415,6 +416,11 @@ class TrainState:
     # ``engine.select_fast_paths``), saved with every checkpoint so that a resumed run takes the same paths (the
     # same arithmetic: exact resume stays exact) instead of measuring again; None: not chosen (yet).
     fast_paths: Optional[Dict[str, Dict[str, bool]]] = None
+    # The loader that trained the run ('torch' | 'fast' | 'gpu': ``DATA.LOADER``, or what 'auto' picked,
+    # ``data.choose_loaders``), saved with every checkpoint: the loaders draw the same augmentation but give other
+    # pixels, so a resume on another one is not exact (``data.check_resumed_loader`` refuses or warns); None: not
+    # known (a fresh run before the engine sets it, or a checkpoint that does not say).
+    data_loader: Optional[str] = None
 
     @property
     def global_update(self) -> int:
@@ -451,6 +457,8 @@ def build_checkpoint(state: TrainState, config_dict: Dict[str, Any], rng: Option
     if state.fast_paths:
         checkpoint['fast_paths'] = {str(m): {str(k): bool(v) for k, v in paths.items()}
                                     for m, paths in state.fast_paths.items()}
+    if state.data_loader:
+        checkpoint['data_loader'] = str(state.data_loader)
     if state.tracker_runs:
         checkpoint['tracker_runs'] = {str(k): str(v) for k, v in state.tracker_runs.items()}
     if rng is not None:
@@ -591,6 +599,19 @@ def check_same_trainable(checkpoint: Mapping[str, Any], model: torch.nn.Module, 
                           f"weights load and the optimizer starts fresh")
 
 
+def recorded_data_loader(checkpoint: Mapping[str, Any]) -> Optional[str]:
+    """The loader that trained the checkpoint's run: its ``data_loader``, or for a checkpoint from before that was
+    recorded the ``DATA.LOADER`` of its config when that names a loader (before 'auto' every run named one,
+    'torch' by default); None when the file does not say."""
+    recorded = checkpoint.get('data_loader')
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    config = checkpoint.get('config')
+    section = config.get('DATA') if isinstance(config, Mapping) else None
+    named = section.get('LOADER', 'torch') if isinstance(section, Mapping) else None
+    return named if named in ('torch', 'fast', 'gpu') else None
+
+
 def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, path: str = '<checkpoint>',
                            logger: Optional[logging.Logger] = None) -> None:
     """Restore ``state`` (model, optimizer, scheduler, scaler, EMA, epoch, update, best accuracy) in place.
@@ -619,6 +640,7 @@ def restore_training_state(checkpoint: Mapping[str, Any], state: TrainState, pat
         state.epoch, state.update = 0, 0
         state.max_accuracy = float(checkpoint.get('max_accuracy', 0.0) or 0.0)
         return
+    state.data_loader = recorded_data_loader(checkpoint)
     try:
         if not sharded and is_sharded(state.model):  # a single file into sharded modules
             from .fsdp import load_full_state
