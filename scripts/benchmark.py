@@ -51,6 +51,9 @@ from models.convert import timm_to_official  # noqa: E402
 
 VARIANTS = {  # name: (timm name, torchvision name, our kwargs)
     'tiny': ('swin_tiny_patch4_window7_224', 'swin_t', dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))),
+    # a Swin-T with narrow stages for smoke runs and tests (seconds): timm's Swin-T and torchvision's
+    # SwinTransformer with the same widths (torchvision's swin_t fixes them, so its class is built instead)
+    'micro': ('swin_tiny_patch4_window7_224', '', dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))),
     'small': ('swin_small_patch4_window7_224', 'swin_s', dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))),
     'base': ('swin_base_patch4_window7_224', 'swin_b', dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))),
 }
@@ -73,13 +76,15 @@ def build_contenders(variant: str, device: torch.device, only: str = '',
     out = {}
     wanted = [only] if only else list(impls)
     if 'timm' in wanted:
-        out['timm'] = timm.create_model(timm_name, pretrained=False)
+        out['timm'] = timm.create_model(timm_name, pretrained=False, **({} if tv_name else kwargs))
     if 'ours' in wanted:
         out['ours'] = SwinTransformer(img_size=224, window_size=7, drop_path_rate=0.0, **kwargs)
         if 'timm' in out:
             out['ours'].load_state_dict(timm_to_official(out['timm'].state_dict()))
     if 'torchvision' in wanted:
-        tv = getattr(torchvision.models, tv_name)()
+        tv = getattr(torchvision.models, tv_name)() if tv_name else torchvision.models.SwinTransformer(
+            patch_size=[4, 4], window_size=[7, 7], embed_dim=kwargs['embed_dim'], depths=list(kwargs['depths']),
+            num_heads=list(kwargs['num_heads']))
         for m in tv.modules():  # same regularisation as the others: no stochastic depth
             if isinstance(m, torchvision.ops.StochasticDepth):
                 m.p = 0.0
@@ -344,7 +349,7 @@ def run(args: argparse.Namespace) -> List[dict]:
             steps = {}
             for name, model in contenders.items():
                 if args.compile:
-                    model = torch.compile(model)
+                    model = torch.compile(model, backend=args.compile_backend)
                 steps[name] = make_step(model, mode, dtype, device, x, target)
             if ort_folder is not None and mode == 'infer' and dtype == torch.float32:
                 steps['ort'] = make_ort_step(contenders['ours'], x, args.threads, ort_folder.name)
@@ -442,6 +447,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "set, as for main.py, else measure)")
     p.add_argument('--compile', action='store_true',
                    help='torch.compile every contender (compile time and graph breaks reported apart)')
+    p.add_argument('--compile-backend', default='inductor',
+                   help="torch.compile's backend (default: inductor; eager or aot_eager trace without code generation)")
     p.add_argument('--ort', action='store_true',
                    help='CPU fp32 inference: add ONNX Runtime running ours as scripts/export.py exports it')
     p.add_argument('--cpu-memory', action='store_true',
