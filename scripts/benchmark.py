@@ -15,6 +15,16 @@ weights, buffers and optimizer state plus the most its step allocates on top (``
 optimizer state held in the same process do not count. On CPU, with ``--cpu-memory``, a fresh process per
 contender measures the peak RSS of its train steps.
 
+Ours runs with the named fast paths that ``main.py`` would choose (``--fast-paths measure``, the default: the same
+``engine.select_fast_paths`` on the same cache, once per dtype before its rows are timed; a second run reads the
+cache and is instant); ``all`` and ``none`` pin them for comparison. The ``fast_paths`` column lists what is off.
+
+``--compile`` compiles every contender (inductor on the CPU): the first calls until warm are timed apart
+(``compile_s``: the warm-up calls less as many steady steps) and the graph breaks dynamo hit while compiling
+each contender are counted (``graph_breaks``). ``--ort`` (CPU, fp32 inference) adds ONNX Runtime running ours as
+``scripts/export.py`` writes it, with the same thread count, in the same interleaved rounds; its logits are
+compared with ours eager (``max_abs_diff_vs_ours_eager``).
+
 Example: python scripts/benchmark.py --model tiny --batch-size 8 --modes infer train --dtypes fp32 bf16
 """
 from __future__ import annotations
@@ -26,9 +36,10 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
-from typing import Callable, Dict, List, Optional, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -40,11 +51,15 @@ from models.convert import timm_to_official  # noqa: E402
 
 VARIANTS = {  # name: (timm name, torchvision name, our kwargs)
     'tiny': ('swin_tiny_patch4_window7_224', 'swin_t', dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))),
+    # a Swin-T with narrow stages for smoke runs and tests (seconds): timm's Swin-T and torchvision's
+    # SwinTransformer with the same widths (torchvision's swin_t fixes them, so its class is built instead)
+    'micro': ('swin_tiny_patch4_window7_224', '', dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))),
     'small': ('swin_small_patch4_window7_224', 'swin_s', dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))),
     'base': ('swin_base_patch4_window7_224', 'swin_b', dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))),
 }
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 IMPLS = ('ours', 'timm', 'torchvision')
+FAST_PATH_CHOICES = ('measure', 'all', 'none')
 
 
 def build_contenders(variant: str, device: torch.device, only: str = '',
@@ -61,13 +76,15 @@ def build_contenders(variant: str, device: torch.device, only: str = '',
     out = {}
     wanted = [only] if only else list(impls)
     if 'timm' in wanted:
-        out['timm'] = timm.create_model(timm_name, pretrained=False)
+        out['timm'] = timm.create_model(timm_name, pretrained=False, **({} if tv_name else kwargs))
     if 'ours' in wanted:
         out['ours'] = SwinTransformer(img_size=224, window_size=7, drop_path_rate=0.0, **kwargs)
         if 'timm' in out:
             out['ours'].load_state_dict(timm_to_official(out['timm'].state_dict()))
     if 'torchvision' in wanted:
-        tv = getattr(torchvision.models, tv_name)()
+        tv = getattr(torchvision.models, tv_name)() if tv_name else torchvision.models.SwinTransformer(
+            patch_size=[4, 4], window_size=[7, 7], embed_dim=kwargs['embed_dim'], depths=list(kwargs['depths']),
+            num_heads=list(kwargs['num_heads']))
         for m in tv.modules():  # same regularisation as the others: no stochastic depth
             if isinstance(m, torchvision.ops.StochasticDepth):
                 m.p = 0.0
@@ -76,15 +93,15 @@ def build_contenders(variant: str, device: torch.device, only: str = '',
 
 
 def make_step(model: torch.nn.Module, mode: str, dtype: torch.dtype, device: torch.device,
-              x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
-    """A closure running one inference batch or one train step (forward, backward, AdamW)."""
+              x: torch.Tensor, target: torch.Tensor) -> Callable[[], object]:
+    """A closure running one inference batch (returns the logits) or one train step (forward, backward, AdamW)."""
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
     if mode == 'infer':
         model.eval()
 
-        def step() -> None:
+        def step() -> torch.Tensor:
             with torch.inference_mode(), autocast:
-                model(x)
+                return model(x)
         return step
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -178,7 +195,7 @@ def cpu_peak_memory_mb(args: argparse.Namespace, name: str, mode: str, dtype_nam
     """Peak RSS growth of train steps, measured in a fresh process per contender (one heap each)."""
     cmd = [sys.executable, os.path.abspath(__file__), '--_memory-probe', name, '--model', args.model,
            '--batch-size', str(args.batch_size), '--modes', mode, '--dtypes', dtype_name,
-           '--threads', str(args.threads), '--device', 'cpu']
+           '--threads', str(args.threads), '--device', 'cpu', '--fast-paths', args.fast_paths]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])['peak_mb']
 
@@ -199,6 +216,8 @@ def memory_probe(args: argparse.Namespace) -> None:
     """Run in a fresh process: peak RSS growth of train steps over the built model (MiB), as JSON."""
     device = torch.device('cpu')
     model = build_contenders(args.model, device, only=args._memory_probe)[args._memory_probe]
+    if args._memory_probe == 'ours':  # the paths of the timed run (from the cache it filled, when measured)
+        choose_fast_paths(model, args.fast_paths, args.modes, DTYPES[args.dtypes[0]], device, args.batch_size)
     x = torch.randn(args.batch_size, 3, 224, 224)
     target = torch.randint(0, 1000, (args.batch_size,))
     step = make_step(model, args.modes[0], DTYPES[args.dtypes[0]], device, x, target)
@@ -208,18 +227,107 @@ def memory_probe(args: argparse.Namespace) -> None:
     print(json.dumps({'peak_mb': _proc_status_mb('VmHWM') - base}))
 
 
+@contextmanager
+def environment_without(name: str) -> Iterator[None]:
+    """``os.environ`` without ``name`` inside the block (as it was after)."""
+    previous = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            os.environ[name] = previous
+
+
+def choose_fast_paths(model: torch.nn.Module, how: str, bench_modes: Sequence[str], dtype: torch.dtype,
+                      device: torch.device, batch_size: int) -> Dict[str, Dict[str, bool]]:
+    """Apply (process-wide) and return the named fast paths ``main.py`` would run ours with: ``engine.
+    select_fast_paths`` itself, on a config of this model, batch and image size, with ``MODEL.FAST_PATHS_SELECT
+    how``; the modes a training run measures (train and eval) when the benchmark times training, else those of
+    ``main.py --eval`` (eval). ``how`` wins over ``SWIN_FAST_PATHS_SELECT`` (the benchmark's flag says it)."""
+    import logging
+
+    import engine
+    from config import get_defaults
+    config = get_defaults()
+    config.defrost()
+    config.MODEL.TYPE = 'swin'
+    config.MODEL.FAST_PATHS_SELECT = how
+    config.DATA.BATCH_SIZE = batch_size
+    config.DATA.IMG_SIZE = 224
+    config.freeze()
+    log = logging.getLogger('benchmark')
+    if not log.handlers:  # select_fast_paths logs its choice (and on a miss the measured ratios) once: show it
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter('%(message)s'))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    modes = ('train', 'eval') if 'train' in bench_modes else ('eval',)
+    precision = engine.Precision(device, None if dtype == torch.float32 else dtype)
+    with environment_without(engine.SELECT_ENV_VAR):
+        return engine.select_fast_paths(config, model, precision, log, modes=modes)
+
+
+def paths_off(choices: Dict[str, Dict[str, bool]], mode: str) -> str:
+    """The ``fast_paths`` column: the named paths off for a benchmark ``mode`` (infer: eval's choices)."""
+    off = [name for name, on in choices['eval' if mode == 'infer' else 'train'].items() if not on]
+    return 'off: ' + (' '.join(off) if off else 'none')
+
+
+def graph_breaks_so_far() -> int:
+    """Graph breaks dynamo met in this process so far (its own counter; ``torch._dynamo.explain`` would trace every
+    contender once more just to count them)."""
+    from torch._dynamo.utils import counters
+    return sum(counters['graph_break'].values())
+
+
+def make_ort_step(model: torch.nn.Module, x: torch.Tensor, threads: int, folder: str
+                  ) -> Callable[[], object]:
+    """One fp32 inference batch of ``model`` exported as ``scripts/export.py`` exports it (its ``export_onnx``) and
+    run by an onnxruntime ``InferenceSession`` on the CPU with ``threads`` intra-op threads (returns the logits)."""
+    import onnxruntime as ort
+
+    from scripts.export import export_onnx
+    path = os.path.join(folder, 'ours.onnx')
+    was_training = model.training
+    model.eval()
+    export_onnx(model, path, tuple(x.shape[-2:]), in_chans=x.shape[1])
+    model.train(was_training)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+    feed = {'images': x.detach().cpu().numpy()}
+
+    def step() -> torch.Tensor:
+        return torch.from_numpy(session.run(['logits'], feed)[0])
+    return step
+
+
 def run(args: argparse.Namespace) -> List[dict]:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    if args.ort:
+        if device.type != 'cpu':
+            raise SystemExit('--ort runs ONNX Runtime on the CPU: use it with --device cpu')
+        if 'ours' not in args.impls:
+            raise SystemExit('--ort runs ours exported to ONNX: keep ours among --impls')
     contenders = build_contenders(args.model, device, impls=args.impls)
     iters = args.iters or (10 if device.type == 'cuda' else 1)
+    warmup = max(args.warmup, 1) if args.compile else args.warmup  # compile time is the first calls'
     x = torch.randn(args.batch_size, 3, 224, 224, device=device)
     target = torch.randint(0, 1000, (args.batch_size,), device=device)
     diffs = {}
-    if 'timm' in contenders:
+    eager_ours = None
+    if 'timm' in contenders or 'ours' in contenders:
         with torch.no_grad():
-            ref = contenders['timm'].eval()(x)
-            diffs = {n: (m.eval()(x) - ref).abs().max().item() for n, m in contenders.items() if n != 'torchvision'}
+            if 'ours' in contenders:
+                eager_ours = contenders['ours'].eval()(x).float()
+            if 'timm' in contenders:
+                ref = contenders['timm'].eval()(x)
+                diffs = {n: (m.eval()(x) - ref).abs().max().item() for n, m in contenders.items()
+                         if n != 'torchvision'}
+    ort_folder = tempfile.TemporaryDirectory(prefix='bench_ort_') if args.ort else None
     rows = []
     for mode in args.modes:
         for dtype_name in args.dtypes:
@@ -227,6 +335,10 @@ def run(args: argparse.Namespace) -> List[dict]:
             if dtype == torch.float16 and device.type != 'cuda':
                 print(f'skip fp16 on {device.type}')
                 continue
+            choices = None
+            if 'ours' in contenders:  # before anything runs ours in this mode and dtype (the flop count included)
+                choices = choose_fast_paths(contenders['ours'], args.fast_paths, args.modes, dtype, device,
+                                            args.batch_size)
             counted = contenders['ours'] if 'ours' in contenders else next(iter(contenders.values()))
             flops = step_flops(counted, mode, x[:1], target[:1]) * args.batch_size
             roof = matmul_roofline(dtype, device)
@@ -237,16 +349,32 @@ def run(args: argparse.Namespace) -> List[dict]:
             steps = {}
             for name, model in contenders.items():
                 if args.compile:
-                    model = torch.compile(model)
+                    model = torch.compile(model, backend=args.compile_backend)
                 steps[name] = make_step(model, mode, dtype, device, x, target)
-            for _ in range(args.warmup):
-                for step in steps.values():
+            if ort_folder is not None and mode == 'infer' and dtype == torch.float32:
+                steps['ort'] = make_ort_step(contenders['ours'], x, args.threads, ort_folder.name)
+            first_calls = {n: 0.0 for n in steps}
+            breaks = {n: 0 for n in steps}
+            for _ in range(warmup):
+                for name, step in steps.items():
+                    before = graph_breaks_so_far() if args.compile else 0
+                    sync(device)
+                    start = time.perf_counter()
                     step()
+                    sync(device)
+                    first_calls[name] += time.perf_counter() - start
+                    if args.compile:
+                        breaks[name] += graph_breaks_so_far() - before
             sync(device)
             times: Dict[str, List[float]] = {n: [] for n in steps}
             for _ in range(args.rounds):
                 for name, step in steps.items():
                     times[name].append(time_per_call(step, device, iters))
+            vs_eager = {}
+            if mode == 'infer' and dtype == torch.float32 and eager_ours is not None:
+                for name in ('ours', 'ort') if args.compile else ('ort',):
+                    if name in steps:
+                        vs_eager[name] = (steps[name]().float() - eager_ours).abs().max().item()
             result = {}
             for name in steps:
                 median = statistics.median(times[name])
@@ -258,15 +386,30 @@ def run(args: argparse.Namespace) -> List[dict]:
                     peak = float('nan')
                 result[name] = dict(img_s=args.batch_size / median, ms=median * 1e3, peak_mb=peak,
                                     roofline=flops / median / roof)
-            peers = [r['img_s'] for name, r in result.items() if name != 'ours']
+            # the peers are timm and torchvision; ORT runs ours (exported), so it is compared with them too
+            peers = [r['img_s'] for name, r in result.items() if name not in ('ours', 'ort')]
             best_peer = max(peers) if peers else float('nan')
             for name, r in result.items():
+                compiled = args.compile and name != 'ort'
                 rows.append(dict(mode=mode, dtype=dtype_name, impl=name, batch=args.batch_size, device=device.type,
-                                 threads=args.threads, compile=args.compile, img_s=round(r['img_s'], 2),
+                                 threads=args.threads, compile=compiled, img_s=round(r['img_s'], 2),
                                  ms_median=round(r['ms'], 1), ratio_vs_best_peer=round(r['img_s'] / best_peer, 3),
                                  peak_mb=round(r['peak_mb'], 1), roofline_frac=round(r['roofline'], 3),
-                                 matmul_tflops=round(roof / 1e12, 3), max_abs_diff_vs_timm=f"{diffs[name]:.1e}" if name in diffs else 'n/a'))
+                                 matmul_tflops=round(roof / 1e12, 3),
+                                 max_abs_diff_vs_timm=f"{diffs[name]:.1e}" if name in diffs else 'n/a',
+                                 fast_paths=paths_off(choices, mode) if name in ('ours', 'ort') and choices else 'n/a',
+                                 compile_s=round(max(first_calls[name] - warmup * r['ms'] / 1e3, 0.0), 2)
+                                 if compiled else 'n/a',
+                                 graph_breaks=breaks[name] if compiled else 'n/a',
+                                 max_abs_diff_vs_ours_eager=f"{vs_eager[name]:.1e}" if name in vs_eager else 'n/a'))
                 print(json.dumps(rows[-1]), flush=True)
+            if 'ort' in result:
+                fastest = max((r for n, r in result.items() if n != 'ort'), key=lambda r: r['img_s'])
+                verdict = 'beats' if result['ort']['img_s'] > fastest['img_s'] else 'does not beat'
+                print(f"ONNX Runtime {verdict} every PyTorch contender here: {result['ort']['img_s']:.2f} img/s "
+                      f"vs {fastest['img_s']:.2f}", flush=True)
+    if ort_folder is not None:
+        ort_folder.cleanup()
     return rows
 
 
@@ -275,8 +418,9 @@ def write_tables(rows: List[dict], out_prefix: str) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    cols = ['mode', 'dtype', 'impl', 'img_s', 'ratio_vs_best_peer', 'ms_median', 'peak_mb', 'roofline_frac',
-            'max_abs_diff_vs_timm']
+    cols = ['mode', 'dtype', 'impl', 'compile', 'img_s', 'ratio_vs_best_peer', 'ms_median', 'peak_mb',
+            'roofline_frac', 'max_abs_diff_vs_timm', 'fast_paths', 'compile_s', 'graph_breaks',
+            'max_abs_diff_vs_ours_eager']
     with open(out_prefix + '.md', 'w') as f:
         f.write('| ' + ' | '.join(cols) + ' |\n|' + '---|' * len(cols) + '\n')
         for r in rows:
@@ -297,12 +441,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='steps per contender per round (default: 10 on CUDA, timed with CUDA events; 1 on CPU)')
     p.add_argument('--impls', nargs='+', choices=IMPLS, default=list(IMPLS),
                    help='contenders (default: all; ours gets timm\'s weights when timm is among them)')
-    p.add_argument('--compile', action='store_true', help='torch.compile every contender')
+    p.add_argument('--fast-paths', choices=FAST_PATH_CHOICES, default=None,
+                   help="ours' named fast paths: measure = as main.py chooses them (engine.select_fast_paths, "
+                        "cached), all = every one on, none = every one off (default: SWIN_FAST_PATHS_SELECT if "
+                        "set, as for main.py, else measure)")
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile every contender (compile time and graph breaks reported apart)')
+    p.add_argument('--compile-backend', default='inductor',
+                   help="torch.compile's backend (default: inductor; eager or aot_eager trace without code generation)")
+    p.add_argument('--ort', action='store_true',
+                   help='CPU fp32 inference: add ONNX Runtime running ours as scripts/export.py exports it')
     p.add_argument('--cpu-memory', action='store_true',
                    help='on CPU, measure the peak memory of a train step in a subprocess per contender')
     p.add_argument('--out', default='', help='write <out>.csv and <out>.md')
     p.add_argument('--_memory-probe', dest='_memory_probe', default='', help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.fast_paths is None:
+        from engine import SELECT_ENV_VAR  # here, not at the top: --help stays instant
+        args.fast_paths = os.environ.get(SELECT_ENV_VAR) or 'measure'
+        if args.fast_paths not in FAST_PATH_CHOICES:
+            p.error(f"environment variable {SELECT_ENV_VAR}={args.fast_paths!r} must be one of "
+                    f"{', '.join(FAST_PATH_CHOICES)} (or unset)")
+    return args
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ def test_benchmark_runs_and_writes_tables(tmp_path):
 
 def test_benchmark_help():
     out = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'), '--help'], capture_output=True, text=True)
-    assert out.returncode == 0 and '--compile' in out.stdout
+    assert out.returncode == 0 and all(f in out.stdout for f in ('--compile', '--fast-paths', '--ort'))
 
 
 def test_benchmark_of_chosen_contenders(tmp_path):
@@ -45,6 +45,78 @@ def test_benchmark_of_chosen_contenders(tmp_path):
     ours = rows[0]
     assert ours['img_s'] > 0 and ours['ratio_vs_best_peer'] == pytest.approx(ours['img_s'] / rows[1]['img_s'], rel=0.01)
     assert ours['max_abs_diff_vs_timm'] == 'n/a'
+
+
+MICRO = ['--model', 'micro', '--batch-size', '1', '--modes', 'infer', '--dtypes', 'fp32', '--warmup', '1',
+         '--rounds', '1', '--threads', '1']
+
+
+def test_ours_runs_with_the_fast_paths_main_would_choose(capsys):
+    """--fast-paths measure: engine.select_fast_paths measures once (into the session's cache), a second run reads
+    the cache; the rows say what is off and the process runs with that choice. none and all pin them."""
+    from models import fast_paths
+    rows = run(parse_args(MICRO + ['--fast-paths', 'measure', '--impls', 'ours']))
+    first = capsys.readouterr().out
+    assert 'fast paths (measured in' in first
+    chosen = fast_paths.get_fast_path_choices()
+    off = [name for name, on in chosen['eval'].items() if not on]
+    assert rows[0]['fast_paths'] == 'off: ' + (' '.join(off) or 'none')
+    fast_paths.set_fast_path_choices(fast_paths.all_on())
+    run(parse_args(MICRO + ['--fast-paths', 'measure', '--impls', 'ours']))
+    assert 'fast paths (cached in' in capsys.readouterr().out
+    assert fast_paths.get_fast_path_choices() == chosen
+    (none,) = run(parse_args(MICRO + ['--fast-paths', 'none', '--impls', 'ours']))
+    assert none['fast_paths'] == 'off: ' + ' '.join(fast_paths.PATHS)
+    (every,) = run(parse_args(MICRO + ['--fast-paths', 'all', '--impls', 'ours']))
+    assert every['fast_paths'] == 'off: none' and fast_paths.get_fast_path_choices() == fast_paths.all_on()
+    # without the flag the default follows SWIN_FAST_PATHS_SELECT as main.py does (the suite sets it to all)
+    assert parse_args(MICRO).fast_paths == os.environ.get('SWIN_FAST_PATHS_SELECT', 'measure')
+
+
+def test_graph_breaks_are_counted():
+    """The graph_breaks column's counter sees a break dynamo takes (one here)."""
+    from scripts.benchmark import graph_breaks_so_far
+
+    def broken(x):
+        x = x + 1
+        torch._dynamo.graph_break()
+        return x * 2
+    before = graph_breaks_so_far()
+    assert torch.equal(torch.compile(broken, backend='eager')(torch.ones(3)), torch.full((3,), 4.0))
+    assert graph_breaks_so_far() - before == 1
+
+
+def test_compiled_contenders_report_compile_time_and_graph_breaks():
+    """--compile: per compiled contender the compile time (first calls less steady steps) and its graph breaks;
+    ours compiles whole (no break) and its compiled logits match eager (dynamo's eager backend: no codegen, fast)."""
+    torch._dynamo.reset()
+    rows = run(parse_args(MICRO + ['--compile', '--compile-backend', 'eager', '--impls', 'ours', 'timm',
+                                   '--fast-paths', 'all']))
+    assert [r['impl'] for r in rows] == ['ours', 'timm']
+    for r in rows:
+        assert r['compile'] is True and isinstance(r['compile_s'], float) and r['compile_s'] >= 0
+        assert isinstance(r['graph_breaks'], int)
+    assert rows[0]['graph_breaks'] == 0
+    assert float(rows[0]['max_abs_diff_vs_ours_eager']) < 1e-4
+
+
+def test_onnx_runtime_contender(tmp_path):
+    """--ort: ours exported as scripts/export.py exports it, run by onnxruntime in the same rounds (fp32
+    inference only), its logits close to ours eager; a CUDA device or no ours is refused early."""
+    pytest.importorskip('onnxruntime')
+    pytest.importorskip('onnx')
+    rows = run(parse_args(MICRO + ['--ort', '--impls', 'ours', 'timm', '--fast-paths', 'all', '--modes', 'infer',
+                                   'train']))
+    assert [(r['mode'], r['impl']) for r in rows] == [('infer', 'ours'), ('infer', 'timm'), ('infer', 'ort'),
+                                                      ('train', 'ours'), ('train', 'timm')]
+    ort_row = rows[2]
+    assert ort_row['img_s'] > 0 and ort_row['compile'] is False and ort_row['fast_paths'] == 'off: none'
+    assert float(ort_row['max_abs_diff_vs_ours_eager']) < 1e-4
+    assert ort_row['ratio_vs_best_peer'] == pytest.approx(ort_row['img_s'] / rows[1]['img_s'], rel=0.01)
+    with pytest.raises(SystemExit, match='--device cpu'):
+        run(parse_args(MICRO + ['--ort', '--device', 'cuda']))
+    with pytest.raises(SystemExit, match='keep ours'):
+        run(parse_args(MICRO + ['--ort', '--impls', 'timm']))
 
 
 def test_cuda_steps_are_timed_between_events_without_host_syncs(monkeypatch):
