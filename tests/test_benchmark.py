@@ -1,4 +1,5 @@
 """The benchmark harness runs end to end and reports what it promises (tiny settings)."""
+import logging
 import os
 import subprocess
 import sys
@@ -55,6 +56,8 @@ def test_ours_runs_with_the_fast_paths_main_would_choose(capsys):
     """--fast-paths measure: engine.select_fast_paths measures once (into the session's cache), a second run reads
     the cache; the rows say what is off and the process runs with that choice. none and all pin them."""
     from models import fast_paths
+    # the script's log handler writes to the sys.stdout of its first use (an earlier test's capture): start anew
+    logging.getLogger('benchmark').handlers.clear()
     rows = run(parse_args(MICRO + ['--fast-paths', 'measure', '--impls', 'ours']))
     first = capsys.readouterr().out
     assert 'fast paths (measured in' in first
