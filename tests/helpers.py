@@ -1,5 +1,6 @@
 """Helpers shared by the end-to-end tests: a small real image folder and a quiet subprocess environment."""
 import os
+import subprocess
 
 import numpy as np
 from PIL import Image
@@ -61,6 +62,25 @@ def subprocess_env() -> dict:
     for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
         env.pop(name, None)
     return env
+
+
+def run_side_by_side(commands, cwd: str, timeout: float = 600) -> list:
+    """Run independent commands at once (each with subprocess_env's one compute thread) and return their
+    ``subprocess.CompletedProcess`` results in order: on a 2-core CI machine two one-thread runs take about the
+    time of one, and most of a run is Python start-up and one-thread steps."""
+    processes = [subprocess.Popen(list(command), cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for command in commands]
+    results = []
+    try:
+        for command, process in zip(commands, processes):
+            out, err = process.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(list(command), process.returncode, out, err))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return results
 
 
 # ----------------------------------------------------------------------------- validation with known answers

@@ -128,6 +128,14 @@ def reference(digits, tmp_path_factory):
     return _state(os.path.join(out, MODEL_DIR))
 
 
+@pytest.fixture(scope='module')
+def reference_two_workers(digits, tmp_path_factory):
+    """The uninterrupted run with two data workers."""
+    out = str(tmp_path_factory.mktemp('reference_two_workers'))
+    _ok(_run(_cmd(digits, out, ['DATA.NUM_WORKERS', '2'])))
+    return _state(os.path.join(out, MODEL_DIR))
+
+
 # ----------------------------------------------------------------------------- kill, preemption
 
 @pytest.mark.slow
@@ -177,8 +185,8 @@ def test_ctrl_c_mid_epoch_saves_exits_130_and_resumes_exactly(workers, persisten
     ckpt_last.pth is written, one line says how to resume, exit 130; the rerun's per-epoch validation accuracy
     and loss, and its final weights, equal the uninterrupted run's with the same data workers."""
     extra = ['DATA.NUM_WORKERS', str(workers), 'DATA.PERSISTENT_WORKERS', persistent]
-    reference_out = str(tmp_path / 'reference')
-    _ok(_run(_cmd(digits, reference_out, extra)))
+    # the straight run with the same number of workers (whether they persist does not change a batch)
+    reference = request.getfixturevalue('reference' if workers == 0 else 'reference_two_workers')
     out = str(tmp_path / 'interrupted')
     cmd = _cmd(digits, out, extra)
     code, text, sent = _interrupt(cmd, signal.SIGINT, 6, group=True)
@@ -191,7 +199,7 @@ def test_ctrl_c_mid_epoch_saves_exits_130_and_resumes_exactly(workers, persisten
     saved = torch.load(os.path.join(run_dir, 'ckpt_last.pth'), weights_only=True)
     assert saved['epoch'] == 0 and 0 < saved['step'] < 4, (saved['epoch'], saved['step'])  # inside epoch 1
     _ok(_run(cmd))
-    _assert_same_run(run_dir, _state(os.path.join(reference_out, MODEL_DIR)))
+    _assert_same_run(run_dir, reference)
     _count(request, 'kills survived')
 
 

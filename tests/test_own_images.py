@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import float_resize_of_each_image, parse_eval_line, subprocess_env
+from helpers import float_resize_of_each_image, parse_eval_line, run_side_by_side, subprocess_env
 from PIL import Image
 
 from config import ConfigError, default_mean_std, img_size_hw, load_config, mean_std
@@ -458,11 +458,9 @@ def test_fast_and_gpu_loaders_train_non_square_non_rgb_like_torch(kind, chans, l
     root = write_folder(tmp_path / kind, kind)
     common = ['--data-path', root, '--batch-size', '8', '--device', 'cpu', '--disable_amp', '--opts', *TINY,
               'TRAIN.EPOCHS', '10', 'DATA.IMG_SIZE', '[48, 32]', 'MODEL.SWIN.IN_CHANS', str(chans)]
-    final = {}
-    for loader in loaders:
-        out = str(tmp_path / f'out_{loader}')
-        result = _ok(_main(['--output', out, *common, 'DATA.LOADER', loader]))
-        final[loader] = parse_eval_line(result.stdout + result.stderr)[0]
+    runs = run_side_by_side([[sys.executable, 'main.py', '--output', str(tmp_path / f'out_{loader}'), *common,
+                              'DATA.LOADER', loader] for loader in loaders], ROOT, timeout=600)
+    final = {loader: parse_eval_line(_ok(result).stdout + result.stderr)[0] for loader, result in zip(loaders, runs)}
     assert all(acc > 40.0 for acc in final.values()), final
     if 'torch' in final:
         assert all(abs(acc - final['torch']) <= 2 * 100 / 32 + 1e-6 for acc in final.values()), final

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from helpers import subprocess_env, write_digits_folder
+from helpers import run_side_by_side, subprocess_env, write_digits_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_DIR = os.path.join('swin_tiny_patch4_window7_224', 'default')  # <OUTPUT>/<MODEL.NAME>/<TAG>
@@ -312,15 +312,15 @@ def _write_digits(out, width, height):
 def test_non_square_small_digits_train_like_square_ones(tmp_path):
     """The demo recipe for 6 epochs at DATA.IMG_SIZE 32: digits stored as 48x32 end within 5 points of the
     same digits stored as 32x32 (the padded crop without a resize left them at 30.9% against 90.5%)."""
-    accuracy, logs = {}, []
-    for width, height in ((32, 32), (48, 32)):
-        data = _write_digits(str(tmp_path / f'digits_{width}x{height}'), width, height)
-        out = str(tmp_path / f'out_{width}x{height}')
-        result = _ok(_run([sys.executable, 'main.py', '--cfg', 'configs/demo/swin_demo_digits_32.yaml',
-                           '--data-path', data, '--output', out, '--device', 'cpu',
-                           '--opts', 'TRAIN.EPOCHS', '6', 'DATA.NUM_WORKERS', '1'], timeout=600))
-        accuracy[width] = _metrics(os.path.join(out, 'swin_demo_digits_32', 'default'))[-1]['val_acc1']
-        logs.append(result.stdout)
+    sizes = ((32, 32), (48, 32))
+    outs = [str(tmp_path / f'out_{width}x{height}') for width, height in sizes]
+    commands = [[sys.executable, 'main.py', '--cfg', 'configs/demo/swin_demo_digits_32.yaml',
+                 '--data-path', _write_digits(str(tmp_path / f'digits_{width}x{height}'), width, height),
+                 '--output', out, '--device', 'cpu', '--opts', 'TRAIN.EPOCHS', '6', 'DATA.NUM_WORKERS', '1']
+                for (width, height), out in zip(sizes, outs)]
+    logs = [_ok(result).stdout for result in run_side_by_side(commands, ROOT, timeout=600)]
+    accuracy = {width: _metrics(os.path.join(out, 'swin_demo_digits_32', 'default'))[-1]['val_acc1']
+                for (width, _), out in zip(sizes, outs)}
     print(f"top-1 after 6 epochs: 32x32 {accuracy[32]:.2f}%, 48x32 {accuracy[48]:.2f}%")
     assert abs(accuracy[48] - accuracy[32]) <= 5.0, accuracy
     for log in logs:  # each split says which geometry it uses
