@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from helpers import subprocess_env, write_digits_folder
+from helpers import run_side_by_side, subprocess_env, write_digits_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, 'configs', 'simmim')
@@ -48,30 +48,34 @@ def digits(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('version', sorted(OFFICIAL))
-def test_official_configs_pretrain_then_finetune_on_cpu(version, digits, tmp_path):
-    """``main_simmim_pt.py --cfg <official>`` then ``main_simmim_ft.py --cfg <official> --pretrained <it>``:
-    the files unchanged, only the run length shortened by ``--opts`` (one epoch, no warmup to clip)."""
-    pretrain_cfg, finetune_cfg = (os.path.join(CONFIGS, name) for name in OFFICIAL[version])
+def test_official_configs_pretrain_then_finetune_on_cpu(digits, tmp_path):
+    """``main_simmim_pt.py --cfg <official>`` then ``main_simmim_ft.py --cfg <official> --pretrained <it>``, for
+    Swin and SwinV2 side by side: the files unchanged, only the run length shortened by ``--opts`` (one epoch, no
+    warmup to clip)."""
+    versions = sorted(OFFICIAL)
     short = ['TRAIN.EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0', 'PRINT_FREQ', '1', 'DATA.NUM_WORKERS', '0']
-    pt = _ok(_run([sys.executable, 'main_simmim_pt.py', '--cfg', pretrain_cfg, '--data-path',
-                   os.path.join(digits, 'train'), '--batch-size', '2', '--output', str(tmp_path / 'pt'),
-                   '--device', 'cpu', '--opts', *short]))
-    assert 'Train: [0/1][1/2]' in pt.stdout + pt.stderr and 'bfloat16 autocast' in pt.stdout + pt.stderr
-    pt_dir = tmp_path / 'pt' / 'simmim_pretrain' / os.path.basename(pretrain_cfg)[:-5]
-    checkpoint = _only(str(pt_dir))
-    saved = torch.load(checkpoint, weights_only=True)
-    assert 'encoder.mask_token' in saved['model'] and 'decoder.0.weight' in saved['model']
-    assert all(torch.isfinite(t).all() for t in saved['model'].values() if t.is_floating_point())
+    pretrain = [[sys.executable, 'main_simmim_pt.py', '--cfg', os.path.join(CONFIGS, OFFICIAL[version][0]),
+                 '--data-path', os.path.join(digits, 'train'), '--batch-size', '2', '--output',
+                 str(tmp_path / version / 'pt'), '--device', 'cpu', '--opts', *short] for version in versions]
+    checkpoints = []
+    for version, pt in zip(versions, run_side_by_side(pretrain, ROOT)):
+        assert 'Train: [0/1][1/2]' in _ok(pt).stdout + pt.stderr and 'bfloat16 autocast' in pt.stdout + pt.stderr
+        checkpoint = _only(str(tmp_path / version / 'pt' / 'simmim_pretrain' / OFFICIAL[version][0][:-5]))
+        saved = torch.load(checkpoint, weights_only=True)
+        assert 'encoder.mask_token' in saved['model'] and 'decoder.0.weight' in saved['model']
+        assert all(torch.isfinite(t).all() for t in saved['model'].values() if t.is_floating_point())
+        checkpoints.append(checkpoint)
 
-    ft = _ok(_run([sys.executable, 'main_simmim_ft.py', '--cfg', finetune_cfg, '--data-path', digits,
-                   '--batch-size', '2', '--output', str(tmp_path / 'ft'), '--device', 'cpu',
-                   '--pretrained', checkpoint, '--opts', *short]))
-    text = ft.stdout + ft.stderr
-    assert 'SimMIM checkpoint: encoder weights taken' in text
-    assert 'Train: [0/1][1/2]' in text and ' * Acc@1 ' in text
-    if version == 'swin':  # 192 / window 6 -> 224 / window 7: the tables were resized the official way
-        assert 'relative_position_bias_table' in text
+    finetune = [[sys.executable, 'main_simmim_ft.py', '--cfg', os.path.join(CONFIGS, OFFICIAL[version][1]),
+                 '--data-path', digits, '--batch-size', '2', '--output', str(tmp_path / version / 'ft'), '--device',
+                 'cpu', '--pretrained', checkpoint, '--opts', *short]
+                for version, checkpoint in zip(versions, checkpoints)]
+    for version, ft in zip(versions, run_side_by_side(finetune, ROOT)):
+        text = _ok(ft).stdout + ft.stderr
+        assert 'SimMIM checkpoint: encoder weights taken' in text
+        assert 'Train: [0/1][1/2]' in text and ' * Acc@1 ' in text
+        if version == 'swin':  # 192 / window 6 -> 224 / window 7: the tables were resized the official way
+            assert 'relative_position_bias_table' in text
 
 
 @pytest.mark.slow
