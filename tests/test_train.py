@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from helpers import folder_images, parse_eval_line, plain_accuracy, subprocess_env, write_digits_folder
+from helpers import (folder_images, parse_eval_line, plain_accuracy, run_side_by_side, subprocess_env,
+                     write_digits_folder)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_DIR = os.path.join('swin_tiny_patch4_window7_224', 'default')  # <OUTPUT>/<MODEL.NAME>/<TAG>
@@ -41,13 +42,16 @@ def _env():
     return subprocess_env()
 
 
-def _main(args, nproc=1, timeout=240):
+def _command(args, nproc=1, port_offset=0):
     if nproc > 1:
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port',
-               str(29500 + os.getpid() % 1000), 'main.py'] + args
-    else:
-        cmd = [sys.executable, 'main.py'] + args
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+        return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port',
+                str(29500 + os.getpid() % 1000 + port_offset), 'main.py'] + args
+    return [sys.executable, 'main.py'] + args
+
+
+def _main(args, nproc=1, timeout=240):
+    return subprocess.run(_command(args, nproc), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def _train_args(data, out, epochs, extra=()):
@@ -127,24 +131,24 @@ def test_torchrun_two_processes_train_resume_and_exact_eval(digits, tmp_path):
     saved = yaml.safe_load(open(os.path.join(run_dir, 'config.yaml')))
     assert saved['TRAIN']['BASE_LR'] == pytest.approx(BASE_LR * BATCH * 2 / 512)  # world size 2, once
     metrics = _metrics(run_dir)
-    # Exact distributed eval: 2 ranks summing counts give the single-process accuracy of the same weights.
-    result = _ok(_main(['--data-path', digits, '--output', str(tmp_path / 'eval'), '--batch-size', str(BATCH),
-                        '--device', 'cpu', '--disable_amp', '--eval', '--resume',
-                        os.path.join(run_dir, 'ckpt_epoch_1.pth'), '--opts', *TINY]))
-    assert f" * Acc@1 {metrics[1]['val_acc1']:.3f} Acc@5 {metrics[1]['val_acc5']:.3f}" in result.stdout
-    _assert_eval_matches_plain_loop(result.stdout, os.path.join(run_dir, 'ckpt_epoch_1.pth'),
-                                    os.path.join(digits, 'val'), 32)
-    # --eval with 2 processes on 31 images (shards of 16 and 15, batches of 5: uneven last batches)
-    odd = str(tmp_path / 'odd')
+    checkpoint = os.path.join(run_dir, 'ckpt_epoch_1.pth')
+    odd = str(tmp_path / 'odd')  # 31 images for the 2-process --eval: shards of 16 and 15, uneven last batches
     shutil.copytree(digits, odd)
     os.remove(os.path.join(odd, 'val', 'digit2', sorted(os.listdir(os.path.join(odd, 'val', 'digit2')))[0]))
-    result = _ok(_main(['--data-path', odd, '--output', str(tmp_path / 'eval2'), '--batch-size', '5', '--device',
-                        'cpu', '--disable_amp', '--eval', '--resume', os.path.join(run_dir, 'ckpt_epoch_1.pth'),
-                        '--opts', *TINY], nproc=2))
-    _assert_eval_matches_plain_loop(result.stdout, os.path.join(run_dir, 'ckpt_epoch_1.pth'),
-                                    os.path.join(odd, 'val'), 31)
+    # Side by side (none writes what another reads; the resume only adds epoch 2's files): --eval in one
+    # process, --eval over 2 ranks on the odd set, and the 2-process resume to a third epoch.
+    eval_one, eval_two, resumed = run_side_by_side([
+        _command(['--data-path', digits, '--output', str(tmp_path / 'eval'), '--batch-size', str(BATCH),
+                  '--device', 'cpu', '--disable_amp', '--eval', '--resume', checkpoint, '--opts', *TINY]),
+        _command(['--data-path', odd, '--output', str(tmp_path / 'eval2'), '--batch-size', '5', '--device', 'cpu',
+                  '--disable_amp', '--eval', '--resume', checkpoint, '--opts', *TINY], nproc=2, port_offset=1000),
+        _command(_train_args(digits, out, 3), nproc=2)], ROOT, timeout=300)
+    # Exact distributed eval: 2 ranks summing counts give the single-process accuracy of the same weights.
+    assert f" * Acc@1 {metrics[1]['val_acc1']:.3f} Acc@5 {metrics[1]['val_acc5']:.3f}" in _ok(eval_one).stdout
+    _assert_eval_matches_plain_loop(eval_one.stdout, checkpoint, os.path.join(digits, 'val'), 32)
+    _assert_eval_matches_plain_loop(_ok(eval_two).stdout, checkpoint, os.path.join(odd, 'val'), 31)
 
-    result = _ok(_main(_train_args(digits, out, 3), nproc=2))
+    result = _ok(resumed)
     assert 'starting at epoch 2' in result.stdout
     assert [m['epoch'] for m in _metrics(run_dir)] == [0, 1, 2]
     assert torch.load(os.path.join(run_dir, 'ckpt_epoch_2.pth'), weights_only=True)['rng']['world_size'] == 2
