@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from helpers import subprocess_env, write_digits_folder
+from helpers import run_side_by_side, subprocess_env, write_digits_folder
 
 datasets = pytest.importorskip('datasets')
 
@@ -120,13 +120,15 @@ def assert_interrupted_run_resumes_exactly(path, kind, tmp_path, extra=(), sig=s
     if sig == signal.SIGKILL:
         extra = (*extra, 'TRAIN.SAVE_EVERY_STEPS', '1')
     straight = str(tmp_path / 'straight')
-    _run(_cmd(path, kind, straight, *extra))
     out = str(tmp_path / 'interrupted')
     code, text = _interrupt_after(_cmd(path, kind, out, *extra), 6, sig=sig)
     assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL), text[-3000:]
     saved = torch.load(os.path.join(out, MODEL_DIR, 'ckpt_last.pth'), weights_only=True)
     assert saved['epoch'] == 0 and 0 < saved['step'] < 4, (saved['epoch'], saved['step'])  # mid-epoch, as test_faults
-    _run(_cmd(path, kind, out, *extra))
+    # the resumed and the straight run side by side (one compute thread each: two cores do both at once; not
+    # beside the interrupted run, whose signal must land mid-epoch)
+    for result in run_side_by_side([_cmd(path, kind, out, *extra), _cmd(path, kind, straight, *extra)], ROOT, 300):
+        assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     weights, metrics = _final_state(out)
     ref_weights, ref_metrics = _final_state(straight)
     assert metrics == ref_metrics
@@ -135,14 +137,19 @@ def assert_interrupted_run_resumes_exactly(path, kind, tmp_path, extra=(), sig=s
     return ref_metrics
 
 
-def _eval_numbers(path, kind, checkpoint, out, *extra):
-    """(Acc@1, Acc@5, loss) of ``--eval --resume checkpoint`` from the official `` * Acc@1`` line."""
-    result = _run([sys.executable, 'main.py', '--data-path', path, '--output', out, '--batch-size', '5',
-                   '--device', 'cpu', '--disable_amp', '--eval', '--resume', checkpoint,
-                   '--opts', 'DATA.DATASET', kind, *TINY, 'DATA.NUM_WORKERS', '2', *extra])
-    line = next(line for line in (result.stdout + result.stderr).splitlines() if ' * Acc@1 ' in line)
-    words = line.split(' * Acc@1 ')[1].split()
-    return float(words[0]), float(words[2]), float(words[4])
+def _eval_numbers(checkpoint, *runs):
+    """(Acc@1, Acc@5, loss) of ``--eval --resume checkpoint`` from the official `` * Acc@1`` line, for each run
+    ``(path, kind, out, *extra)``; the runs go side by side."""
+    commands = [[sys.executable, 'main.py', '--data-path', path, '--output', out, '--batch-size', '5', '--device',
+                 'cpu', '--disable_amp', '--eval', '--resume', checkpoint, '--opts', 'DATA.DATASET', kind, *TINY,
+                 'DATA.NUM_WORKERS', '2', *extra] for path, kind, out, *extra in runs]
+    numbers = []
+    for result in run_side_by_side(commands, ROOT, timeout=300):
+        assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        line = next(line for line in (result.stdout + result.stderr).splitlines() if ' * Acc@1 ' in line)
+        words = line.split(' * Acc@1 ')[1].split()
+        numbers.append((float(words[0]), float(words[2]), float(words[4])))
+    return numbers
 
 
 # ----------------------------------------------------------------------------- DATA.DATASET hf
@@ -218,11 +225,12 @@ def test_hf_resume_is_exact_and_one_checkpoint_evaluates_alike_from_folder_and_h
     metrics = assert_interrupted_run_resumes_exactly(hf_copy, 'hf', tmp_path)
     assert len(metrics) == 3
     checkpoint = os.path.join(str(tmp_path / 'straight'), MODEL_DIR, 'ckpt_epoch_2.pth')
+    loaders = ('torch', 'fast')
+    numbers = _eval_numbers(checkpoint, *[(path, kind, str(tmp_path / f'eval-{kind}-{loader}'), 'DATA.LOADER',
+                                           loader) for loader in loaders
+                                          for path, kind in ((folder, 'folder'), (hf_copy, 'hf'))])
     acc1 = {}
-    for loader in ('torch', 'fast'):
-        extra = ('DATA.LOADER', loader)
-        from_folder = _eval_numbers(folder, 'folder', checkpoint, str(tmp_path / f'e1{loader}'), *extra)
-        from_hf = _eval_numbers(hf_copy, 'hf', checkpoint, str(tmp_path / f'e2{loader}'), *extra)
+    for loader, from_folder, from_hf in zip(loaders, numbers[::2], numbers[1::2]):
         assert from_folder == from_hf, loader
         acc1[loader] = from_folder[0]
     assert acc1['torch'] == pytest.approx(metrics[-1][1])  # what the run itself measured on its last epoch
@@ -611,6 +619,7 @@ def test_torchrun_two_ranks_two_workers_see_each_sample_once_per_epoch(shards, t
     probe = tmp_path / 'probe.py'
     probe.write_text(PROBE)
     opts = ['DATA.DATA_PATH', shards, 'DATA.DATASET', 'wds', 'DATA.BATCH_SIZE', '4', 'DATA.NUM_WORKERS', '2',
+            'DATA.LOADER', 'torch',  # the probe's dataset yields keys beside the images: the torch collate
             *TINY]
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29513',
            str(probe), str(tmp_path), *opts]
@@ -635,8 +644,9 @@ def test_wds_resume_is_exact_and_one_checkpoint_evaluates_alike_from_folder_shar
     evaluates to the same Acc@1, Acc@5 and loss from the folder, the shards and the HF copy."""
     metrics = assert_interrupted_run_resumes_exactly(shards, 'wds', tmp_path, ('DATA.WDS_SHUFFLE', '6'))
     checkpoint = os.path.join(str(tmp_path / 'straight'), MODEL_DIR, 'ckpt_epoch_2.pth')
-    results = {kind: _eval_numbers(path, kind, checkpoint, str(tmp_path / f'eval-{kind}'))
-               for path, kind in ((folder, 'folder'), (shards, 'wds'), (hf_copy, 'hf'))}
+    sources = ((folder, 'folder'), (shards, 'wds'), (hf_copy, 'hf'))
+    numbers = _eval_numbers(checkpoint, *[(path, kind, str(tmp_path / f'eval-{kind}')) for path, kind in sources])
+    results = {kind: figures for (_, kind), figures in zip(sources, numbers)}
     assert results['folder'] == results['wds'] == results['hf']
     assert results['wds'][0] == pytest.approx(metrics[-1][1])
 
