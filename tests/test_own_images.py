@@ -138,7 +138,8 @@ def test_each_channel_count_through_the_torch_loader(kind, chans, tmp_path):
     from data import build_loader
     root = write_folder(tmp_path, kind, train=4, val=2)
     opts = ['DATA.DATA_PATH', root, 'DATA.BATCH_SIZE', '4', 'MODEL.SWIN.IN_CHANS', str(chans),
-            'DATA.IMG_SIZE', '[48, 32]', 'TEST.CROP', 'False', *TINY]  # no crop: eval keeps the whole image
+            'DATA.IMG_SIZE', '[48, 32]', 'TEST.CROP', 'False', 'DATA.LOADER', 'torch',  # (auto trains RGB on fast)
+            *TINY]  # no crop: eval keeps the whole image
     _, dataset_val, loader_train, loader_val, _ = build_loader(load_config(None, opts))
     images, _ = next(iter(loader_train))
     assert images.shape == (4, chans, 48, 32)
