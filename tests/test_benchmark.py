@@ -185,3 +185,39 @@ def test_gpu_check_runs_every_step_when_one_fails(tmp_path):
     ok = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'gpu_check.sh')], capture_output=True, text=True,
                         env=dict(env, GPU_CHECK_FAIL=''), timeout=60)
     assert ok.returncode == 0 and 'FAIL' not in ok.stdout
+
+
+def test_end_to_end_benchmark_gives_both_tools_the_same_model_and_recipe():
+    """scripts/benchmark_e2e.py: main.py's --opts and timm train.py's flags describe one architecture (ours
+    takes timm's weights strictly) and one recipe (lr after the linear scaling rule, epochs, batch)."""
+    import ast
+
+    import timm
+
+    from config import load_config
+    from models import build_model
+    from models.convert import timm_to_official
+    from scripts import benchmark_e2e
+
+    ours = benchmark_e2e.ours_command('/data', '/out', 'small', 6)
+    opts = ours[ours.index('--opts') + 1:]
+    config = load_config(opts=opts)
+    theirs = benchmark_e2e.timm_command('train.py', '/data', '/out', 'small', 6)
+    flag = lambda name: theirs[theirs.index(name) + 1]  # noqa: E731
+    kwargs = {}
+    for item in theirs[theirs.index('--model-kwargs') + 1:theirs.index('--img-size')]:
+        key, value = item.split('=', 1)
+        kwargs[key] = ast.literal_eval(value)
+    timm_model = timm.create_model(flag('--model'), num_classes=int(flag('--num-classes')), **kwargs)
+    our_model = build_model(config)
+    our_model.load_state_dict(timm_to_official(timm_model.state_dict()), strict=True)
+    assert sum(p.numel() for p in our_model.parameters()) == sum(p.numel() for p in timm_model.parameters())
+    batch = int(ours[ours.index('--batch-size') + 1])
+    assert int(flag('-b')) == batch and int(flag('--epochs')) == config.TRAIN.EPOCHS == 6
+    assert int(flag('--img-size')) == config.DATA.IMG_SIZE == 64
+    assert float(flag('--lr')) == pytest.approx(config.TRAIN.BASE_LR * batch / 512)
+    assert float(flag('--drop-path')) == config.MODEL.DROP_PATH_RATE
+    assert float(flag('--mixup')) == config.AUG.MIXUP and float(flag('--cutmix')) == config.AUG.CUTMIX
+    assert float(flag('--smoothing')) == config.MODEL.LABEL_SMOOTHING
+    assert float(flag('--reprob')) == config.AUG.REPROB and flag('--aa') == config.AUG.AUTO_AUGMENT
+    assert float(flag('--clip-grad')) == config.TRAIN.CLIP_GRAD
