@@ -8,7 +8,8 @@ scaled as ``BASE_LR * batch / 512``, weight decay 0.05), a cosine schedule stepp
 epoch, Mixup 0.8 / CutMix 1.0, label smoothing 0.1, RandAugment ``rand-m9-mstd0.5-inc1``, colour jitter 0.4,
 random erasing 0.25 (pixel), bicubic, drop path 0.1, gradient clipping at 5, the eval crop 224/256; fp32; one
 data worker; evaluation and a checkpoint every epoch (each tool's default). Each tool runs with its defaults
-otherwise (ours: ``DATA.LOADER auto``, the fast paths on).
+otherwise (ours: ``DATA.LOADER auto``, the fast paths as ``MODEL.FAST_PATHS_SELECT measure``
+chooses them).
 
 The runs alternate (ours, timm, ours, ...; the order flips every round), each a fresh process, and the table
 reports the median wall time of each and the ratio of the medians (timm / ours: > 1 means ours is faster).
@@ -94,7 +95,8 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 def timm_command(train_py: str, data: str, out: str, model: str, epochs: int) -> List[str]:
     embed, depths, heads, window, size, batch = MODELS[model]
     scale = batch / 512  # the linear scaling rule, as main.py applies it
-    return [sys.executable, '-c', TIMM_RUNNER, train_py, '--data-dir', data, '--train-split', 'train', '--val-split', 'val',
+    return [sys.executable, '-c', TIMM_RUNNER, train_py, '--data-dir', data, '--train-split', 'train',
+            '--val-split', 'val',
             '--model', 'swin_tiny_patch4_window7_224', '--model-kwargs', f'embed_dim={embed}',
             f'depths={depths}', f'num_heads={heads}', f'window_size={window}', f'img_size={size}',
             '--img-size', str(size), '--num-classes', str(NUM_CLASSES), '--device', 'cpu', '-b', str(batch),
