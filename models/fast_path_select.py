@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .fast_paths import MODES, Choices, all_on, fast_path_choices, get_fast_path_choices
-from .lowp import cpu_native
+from .lowp import cpu_native, onednn_available
 from .swin_common import SwinBlock
 
 Timer = Callable[[], float]
@@ -45,7 +45,7 @@ def applicable_paths(mode: str, dtype: Optional[torch.dtype], device: torch.devi
     """The named paths that change what runs in ``mode`` for ``dtype`` (None: fp32) on ``device``.
 
     Off the CPU: none (no timing; CUDA keeps every path on, as before). On the CPU: ``lowp_matmul`` only for a
-    low-precision dtype the CPU has no native arithmetic for; ``sdpa`` only in evaluation (CPU training takes
+    low-precision dtype the CPU has no native arithmetic for; ``onednn_linear`` only for fp32 (autocast off); ``sdpa`` only in evaluation (CPU training takes
     the matmul attention anyway, see ``models.attention.window_attention``); the contiguous heads, V1's
     recomputed attention input and the permutation backward only in training.
     """
@@ -54,6 +54,8 @@ def applicable_paths(mode: str, dtype: Optional[torch.dtype], device: torch.devi
     paths = ['chunked_mlp']
     if dtype in (torch.bfloat16, torch.float16) and not cpu_native(dtype):
         paths.append('lowp_matmul')
+    if dtype in (None, torch.float32) and onednn_available():
+        paths.append('onednn_linear')
     if mode == 'train':
         paths += ['contiguous_heads', 'recompute_attn_input', 'permute_backward']
     else:
@@ -125,12 +127,31 @@ def _weighted_time(samples: Sequence[_Sample], mode: str, autocast_fn, timer: Ti
     return total
 
 
+def _time_variants(variants: Dict[str, Choices], samples: Sequence[_Sample], mode: str, autocast_fn,
+                   rounds: int, timer: Timer, budget_s: float) -> Dict[str, float]:
+    """The fastest round's time of each variant (choices), the variants interleaved within each round."""
+    times: Dict[str, List[float]] = {k: [] for k in variants}
+    spent = 0.0  # wall time of the timed rounds (time.perf_counter: the budget is real time)
+    for r in range(rounds + 1):  # round 0 warms up (allocator, caches, geometries, oneDNN's primitives)
+        if r > MIN_ROUNDS and spent >= budget_s:
+            break
+        start = time.perf_counter()
+        for label, variant in variants.items():
+            with fast_path_choices(variant):
+                t = _weighted_time(samples, mode, autocast_fn, timer)
+            if r:
+                times[label].append(t)
+        if r:
+            spent += time.perf_counter() - start
+    return {k: min(v) for k, v in times.items()}
+
+
 def measure_choices(model: nn.Module, samples: Sequence[_Sample], dtype: Optional[torch.dtype],
                     device: torch.device, modes: Sequence[str] = MODES, rounds: int = 5,
                     timer: Timer = time.perf_counter,
                     budget_s: float = BUDGET_S) -> Tuple[Choices, Dict[str, Dict[str, float]]]:
     """Time each applicable path against its plain computation; returns the choices (all on but the paths
-    whose plain computation was faster by more than ``MARGIN``) and the fastest round's times ``{mode: {'all on':
+    whose plain computation was faster by more than ``MARGIN``, each alone and then all of them together) and the fastest round's times ``{mode: {'all on':
     s, 'no <path>': s}}`` (seconds per model-equivalent of the sampled blocks).
 
     The model's parameters' gradients, training flag and the RNG state (dropout, drop path) are as before.
@@ -155,24 +176,22 @@ def measure_choices(model: nn.Module, samples: Sequence[_Sample], dtype: Optiona
                 for name in paths:
                     variants[f'no {name}'] = {m: dict(c, **({name: False} if m == mode else {}))
                                               for m, c in base.items()}
-                times: Dict[str, List[float]] = {k: [] for k in variants}
-                spent = 0.0  # wall time of the timed rounds (time.perf_counter: the budget is real time)
-                for r in range(rounds + 1):  # round 0 warms up (allocator, caches, geometries)
-                    if r > MIN_ROUNDS and spent >= budget_s:
-                        break
-                    start = time.perf_counter()
-                    for label, variant in variants.items():
-                        with fast_path_choices(variant):
-                            t = _weighted_time(samples, mode, autocast_fn, timer)
-                        if r:
-                            times[label].append(t)
-                    if r:
-                        spent += time.perf_counter() - start
-                medians = {k: min(v) for k, v in times.items()}
+                medians = _time_variants(variants, samples, mode, autocast_fn, rounds, timer, budget_s)
+                off = [name for name in paths if medians[f'no {name}'] < (1.0 - MARGIN) * medians['all on']]
+                if off:
+                    # Each path was timed off alone; the chosen set is timed together against all on once more
+                    # and kept only if it is faster too: paths interact (the oneDNN linear and the chunked MLP
+                    # share the MLP's matmuls), and a noisy round can make several look worth switching off.
+                    chosen = {m: dict(c, **({n: False for n in off} if m == mode else {})) for m, c in base.items()}
+                    again = _time_variants({'all on': base, 'chosen': chosen}, samples, mode, autocast_fn, rounds,
+                                           timer, budget_s)
+                    medians['chosen, timed together'] = again['chosen']
+                    medians['all on, timed again'] = again['all on']
+                    if again['chosen'] >= (1.0 - MARGIN) * again['all on']:
+                        off = []
+                for name in off:
+                    choices[mode][name] = False
                 timings[mode] = medians
-                for name in paths:
-                    if medians[f'no {name}'] < (1.0 - MARGIN) * medians['all on']:
-                        choices[mode][name] = False
     finally:
         model.train(was_training)
         for p, g in grads.items():

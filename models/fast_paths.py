@@ -33,7 +33,8 @@ run separately and cost or save time by themselves, so a measurement can choose 
 - ``contiguous_heads``: the contiguous q/k/v copies with the query scale folded in (CPU training);
 - ``sdpa``: ``scaled_dot_product_attention`` where ``fused_attn`` allows it (else the matmul attention);
 - ``recompute_attn_input``: V1's attention input recomputed in backward;
-- ``permute_backward``: the window permutation's gather backward (instead of index_select's scatter-add).
+- ``permute_backward``: the window permutation's gather backward (instead of index_select's scatter-add);
+- ``onednn_linear``: fp32 linear layers on the CPU through oneDNN's GEMM instead of MKL's (``lowp``).
 
 The rest (the window gather, cached geometries and masks, the -1e4 mask, the combined bias, the one-permute merge)
 is structural and follows the master switch only. Every choice starts on (today's behaviour);
@@ -69,7 +70,8 @@ def enabled_by_environment(environ: Mapping[str, str] = os.environ) -> bool:
 
 _enabled = enabled_by_environment()
 
-PATHS = ('lowp_matmul', 'chunked_mlp', 'contiguous_heads', 'sdpa', 'recompute_attn_input', 'permute_backward')
+PATHS = ('lowp_matmul', 'chunked_mlp', 'contiguous_heads', 'sdpa', 'recompute_attn_input', 'permute_backward',
+         'onednn_linear')
 MODES = ('train', 'eval')
 Choices = Dict[str, Dict[str, bool]]  # mode -> path -> on
 

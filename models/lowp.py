@@ -1,4 +1,4 @@
-"""bf16/fp16 matmuls on CPUs without native low-precision arithmetic.
+"""The linear layers' matmul kernels on the CPU: bf16/fp16 without native arithmetic, and fp32 through oneDNN.
 
 On an x86 CPU without AVX512-BF16 or AMX, PyTorch's bf16 GEMM falls back to a generic kernel: measured
 40-65 GFLOP/s on this project's CPU, against 150-230 for MKL's fp32 GEMM on Swin's shapes. There, a matmul
@@ -7,7 +7,14 @@ the arithmetic of a bf16 GEMM with fp32 accumulation (products of bf16 values ar
 speed. Activations stay bf16 in memory. Where the CPU has native support, or on GPUs, nothing changes; with the
 fast paths off (``models.fast_paths``) neither: PyTorch's own low-precision kernels run.
 
-``linear`` and :class:`Linear` apply this, and also run under autocast the way ``F.linear`` would.
+fp32 (``onednn_linear``): PyTorch computes fp32 ``F.linear`` on x86 with MKL's sgemm, which on an AMD EPYC
+Zen 5 ran Swin's shapes at 81-199 GFLOP/s against 110-460 for oneDNN's fp32 GEMM (``torch.ops.mkldnn.
+_linear_pointwise``, the kernel inductor calls for CPU linears; 2 threads, docs/BENCHMARKS.md). Where the
+selection (``models.fast_path_select``) measures it faster on the machine, a linear layer's forward and its input
+gradient take oneDNN; the weight gradient (a reduction over the rows, where MKL was as fast or faster) stays
+``mm``. The same fp32 products and sums in another order: outputs agree to fp32 rounding.
+
+``linear`` and :class:`Linear` apply these, and also run under autocast the way ``F.linear`` would.
 """
 from __future__ import annotations
 
@@ -74,6 +81,45 @@ class _UpcastLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+@functools.lru_cache(maxsize=None)
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's CPU linear (``torch.ops.mkldnn._linear_pointwise``)."""
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def use_onednn(x: torch.Tensor) -> bool:
+    """Whether an fp32 linear on ``x`` (no autocast in force) takes oneDNN (the ``onednn_linear`` fast path)."""
+    return x.device.type == 'cpu' and x.dtype == torch.float32 and autocast_dtype(x) is None and \
+        use_fast_path('onednn_linear') and onednn_available() and not capturing()
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """fp32 ``F.linear`` with oneDNN's forward and input gradient; the weight gradient by ``mm`` (see above)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
+        grad_x = _onednn_linear(grad, weight.t().contiguous(), None).view(x.shape) \
+            if ctx.needs_input_grad[0] else None  # (M, K): grad @ W
+        grad_w = grad.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None  # (N, K)
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            upcast: Optional[bool] = None) -> torch.Tensor:
     """``F.linear`` that runs low-precision operands (explicit or from autocast) through fp32 kernels on
@@ -81,6 +127,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     ``upcast``: that decision taken by the caller (inside an autograd function grad mode is off, which would
     read the ``'eval'`` choice of ``lowp_matmul``); None: decide here."""
     low = autocast_dtype(x) or x.dtype
+    if upcast is None and use_onednn(x) and weight.dtype == torch.float32:
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                        (bias is not None and bias.requires_grad)):
+            return _OneDnnLinear.apply(x, weight, bias)
+        return _onednn_linear(x, weight, bias)
     if not (upcast_dtype(low, x.device) if upcast is None else upcast) or capturing():
         return F.linear(x, weight, bias)
     with torch.autocast(x.device.type, enabled=False):
@@ -101,7 +152,7 @@ def mm(a: torch.Tensor, b: torch.Tensor, upcast: Optional[bool] = None) -> torch
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state dict) whose low-precision matmuls take :func:`linear`."""
+    """``nn.Linear`` (same parameters and state dict) whose matmuls take :func:`linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)

@@ -31,6 +31,7 @@ SPIES = {
     'sdpa': ('SDPA',),
     'recompute_attn_input': ('recomputed attention input',),
     'permute_backward': ('permutation backward',),
+    'onednn_linear': ('oneDNN linear (grad)', 'oneDNN linear'),
 }
 
 
@@ -285,3 +286,48 @@ def test_ranks_take_rank_zeros_measurement(tmp_path):
     expected['train']['chunked_mlp'] = False
     assert all(r['choices'] == r['in_force'] == expected for r in results)
     assert results[0]['readings'] > 0 and results[1]['readings'] == 0  # rank 1 timed nothing
+
+
+def test_a_path_missing_from_a_recorded_choice_stays_off_on_resume():
+    """A checkpoint written before a path existed (its record lacks ``onednn_linear``): the resumed run runs
+    without that path, as the run it resumes did, and keeps the rest of the record."""
+    import logging
+    from models import build_model
+    config = load_config(None, TINY_OPTS)
+    model = build_model(config)
+    precision = engine.resolve_precision(config, torch.device('cpu'))
+    old = {mode: {p: p != 'chunked_mlp' for p in PATHS if p != 'onednn_linear'} for mode in fast_paths.MODES}
+    before = fast_paths.get_fast_path_choices()
+    try:
+        choices = engine.select_fast_paths(config, model, precision, logging.getLogger('test'), recorded=old)
+        for mode in fast_paths.MODES:
+            assert choices[mode] == {**old[mode], 'onednn_linear': False}
+        assert fast_paths.get_fast_path_choices() == choices
+    finally:
+        fast_paths.set_fast_path_choices(before)
+
+
+def test_the_onednn_linear_equals_f_linear_with_gradients():
+    """``onednn_linear`` (fp32, CPU): outputs and all three gradients equal ``F.linear``'s to fp32 rounding, for
+    3-D inputs; under bf16 autocast, in inference and with the path off it is not taken."""
+    if not lowp.onednn_available():
+        pytest.skip('this torch build has no oneDNN linear')
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 96, requires_grad=True)
+    layer = lowp.Linear(96, 384)
+    plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    plain_grads = torch.autograd.grad(plain.square().sum(), (x, layer.weight, layer.bias))
+    with fast_paths_enabled(True), fast_path_choices(only('onednn_linear')):
+        assert lowp.use_onednn(x)
+        out = layer(x)
+        assert out.grad_fn is not None and 'OneDnn' in type(out.grad_fn).__name__
+        grads = torch.autograd.grad(out.square().sum(), (x, layer.weight, layer.bias))
+        with torch.autocast('cpu', dtype=BF16):
+            assert not lowp.use_onednn(x)
+    assert (out - plain).abs().max().item() < 1e-5
+    for g, g0 in zip(grads, plain_grads):
+        assert (g - g0).abs().max().item() < 1e-4 * g0.abs().max().item()
+    with fast_paths_enabled(True), fast_path_choices(NONE):
+        assert not lowp.use_onednn(x)
+    with fast_paths_enabled(False):
+        assert not lowp.use_onednn(x)

@@ -65,6 +65,8 @@ def spy_on_fast_paths(monkeypatch) -> dict:
 
     spy(lowp._UpcastLinear, 'apply', 'upcast linear (grad)')
     spy(lowp, '_rounded', 'upcast operands')
+    spy(lowp._OneDnnLinear, 'apply', 'oneDNN linear (grad)')
+    spy(lowp, '_onednn_linear', 'oneDNN linear')
     spy(mlp._ChunkedMlp, 'apply', 'chunked MLP (grad)')
     spy(mlp, '_mlp_forward', 'chunked MLP forward')
     spy(attention._SplitHeads, 'apply', 'contiguous heads')
