@@ -92,8 +92,16 @@ def onednn_available() -> bool:
 
 def use_onednn(x: torch.Tensor) -> bool:
     """Whether an fp32 linear on ``x`` (no autocast in force) takes oneDNN (the ``onednn_linear`` fast path)."""
-    return x.device.type == 'cpu' and x.dtype == torch.float32 and autocast_dtype(x) is None and \
-        use_fast_path('onednn_linear') and onednn_available() and not capturing()
+    # capturing() first: under torch.compile the rest is not evaluated (dynamo would break the graph on it)
+    return not capturing() and x.device.type == 'cpu' and x.dtype == torch.float32 and \
+        autocast_dtype(x) is None and use_fast_path('onednn_linear') and onednn_available() and \
+        not _in_dispatch_mode()
+
+
+def _in_dispatch_mode() -> bool:
+    # Under a Python dispatch mode (torch.utils.flop_counter's FlopCounterMode, fake or meta tensors) tools
+    # count and trace ATen ops, which know no oneDNN linear: give them F.linear. No public probe exists.
+    return torch._C._len_torch_dispatch_stack() > 0
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
