@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .fast_paths import MODES, Choices, all_on, fast_path_choices, get_fast_path_choices
-from .lowp import cpu_native, onednn_available
+from .lowp import cpu_native, onednn_supports
 from .swin_common import SwinBlock
 
 Timer = Callable[[], float]
@@ -45,8 +45,9 @@ def applicable_paths(mode: str, dtype: Optional[torch.dtype], device: torch.devi
     """The named paths that change what runs in ``mode`` for ``dtype`` (None: fp32) on ``device``.
 
     Off the CPU: none (no timing; CUDA keeps every path on, as before). On the CPU: ``lowp_matmul`` only for a
-    low-precision dtype the CPU has no native arithmetic for; ``onednn_linear`` only for fp32 (autocast off); ``sdpa`` only in evaluation (CPU training takes
-    the matmul attention anyway, see ``models.attention.window_attention``); the contiguous heads, V1's
+    low-precision dtype the CPU has no native arithmetic for; ``onednn_linear`` for fp32 and for bf16 where the
+    CPU has native bf16; ``sdpa`` only in evaluation (CPU training takes the matmul attention anyway, see
+    ``models.attention.window_attention``); the contiguous heads, V1's
     recomputed attention input and the permutation backward only in training.
     """
     if device.type != 'cpu':
@@ -54,7 +55,7 @@ def applicable_paths(mode: str, dtype: Optional[torch.dtype], device: torch.devi
     paths = ['chunked_mlp']
     if dtype in (torch.bfloat16, torch.float16) and not cpu_native(dtype):
         paths.append('lowp_matmul')
-    if dtype in (None, torch.float32) and onednn_available():
+    if onednn_supports(dtype or torch.float32):
         paths.append('onednn_linear')
     if mode == 'train':
         paths += ['contiguous_heads', 'recompute_attn_input', 'permute_backward']

@@ -34,7 +34,8 @@ run separately and cost or save time by themselves, so a measurement can choose 
 - ``sdpa``: ``scaled_dot_product_attention`` where ``fused_attn`` allows it (else the matmul attention);
 - ``recompute_attn_input``: V1's attention input recomputed in backward;
 - ``permute_backward``: the window permutation's gather backward (instead of index_select's scatter-add);
-- ``onednn_linear``: fp32 linear layers on the CPU through oneDNN's GEMM instead of MKL's (``lowp``).
+- ``onednn_linear``: fp32 and native-bf16 linear layers on the CPU through oneDNN's linear instead of
+  MKL's sgemm and PyTorch's addmm, the MLP's GELU fused into fc1 without gradients (``lowp``).
 
 The rest (the window gather, cached geometries and masks, the -1e4 mask, the combined bias, the one-permute merge)
 is structural and follows the master switch only. Every choice starts on (today's behaviour);

@@ -7,12 +7,15 @@ the arithmetic of a bf16 GEMM with fp32 accumulation (products of bf16 values ar
 speed. Activations stay bf16 in memory. Where the CPU has native support, or on GPUs, nothing changes; with the
 fast paths off (``models.fast_paths``) neither: PyTorch's own low-precision kernels run.
 
-fp32 (``onednn_linear``): PyTorch computes fp32 ``F.linear`` on x86 with MKL's sgemm, which on an AMD EPYC
-Zen 5 ran Swin's shapes at 81-199 GFLOP/s against 110-460 for oneDNN's fp32 GEMM (``torch.ops.mkldnn.
-_linear_pointwise``, the kernel inductor calls for CPU linears; 2 threads, docs/BENCHMARKS.md). Where the
-selection (``models.fast_path_select``) measures it faster on the machine, a linear layer's forward and its input
-gradient take oneDNN; the weight gradient (a reduction over the rows, where MKL was as fast or faster) stays
-``mm``. The same fp32 products and sums in another order: outputs agree to fp32 rounding.
+fp32 and native bf16 (``onednn_linear``): PyTorch computes fp32 ``F.linear`` on x86 with MKL's sgemm, which on
+an AMD EPYC Zen 5 ran Swin's shapes at 81-199 GFLOP/s against 110-460 for oneDNN's fp32 GEMM (``torch.ops.mkldnn.
+_linear_pointwise``, the kernel inductor calls for CPU linears; 2 threads, docs/BENCHMARKS.md); in bf16 under
+autocast, ``F.linear`` ran 280-630 GFLOP/s and oneDNN's linear on the same bf16 operands 420-800, the most on
+the narrow first-stage layers (C = 96). Where the selection (``models.fast_path_select``) measures it faster
+on the machine, a linear layer's forward and its input gradient take oneDNN; the weight gradient (a reduction
+over the rows, where MKL was as fast or faster) stays ``mm``. Without a gradient to record, the MLP's GELU is
+fused into fc1's GEMM (oneDNN's erf GELU post-op: one pass over the 4C-wide output instead of two). The same
+products and sums in another order: outputs agree to rounding.
 
 ``linear`` and :class:`Linear` apply these, and also run under autocast the way ``F.linear`` would.
 """
@@ -90,12 +93,10 @@ def onednn_available() -> bool:
         return False
 
 
-def use_onednn(x: torch.Tensor) -> bool:
-    """Whether an fp32 linear on ``x`` (no autocast in force) takes oneDNN (the ``onednn_linear`` fast path)."""
-    # capturing() first: under torch.compile the rest is not evaluated (dynamo would break the graph on it)
-    return not capturing() and x.device.type == 'cpu' and x.dtype == torch.float32 and \
-        autocast_dtype(x) is None and use_fast_path('onednn_linear') and onednn_available() and \
-        not _in_dispatch_mode()
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether the ``onednn_linear`` path can take a linear of ``dtype``: fp32, and bf16 where the CPU has
+    native bf16 arithmetic (without it, ``lowp_matmul`` or PyTorch's own kernel takes bf16)."""
+    return onednn_available() and (dtype == torch.float32 or dtype == torch.bfloat16 and cpu_native(dtype))
 
 
 def _in_dispatch_mode() -> bool:
@@ -104,12 +105,42 @@ def _in_dispatch_mode() -> bool:
     return torch._C._len_torch_dispatch_stack() > 0
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
+# The kernels a linear layer can take: PyTorch's F.linear, the fp32 kernel on low-precision operands
+# (``lowp_matmul``), oneDNN's linear (``onednn_linear``).
+KERNELS = ('aten', 'upcast', 'onednn')
+
+
+def linear_kernel(dtype: torch.dtype, device: torch.device) -> str:
+    """The kernel (one of ``KERNELS``) for a linear computed in ``dtype`` on ``device``, by the current choices
+    and grad mode. A custom autograd function decides in its caller (grad mode is off inside it)."""
+    if capturing() or device.type != 'cpu':  # first: under torch.compile nothing else is evaluated
+        return 'aten'
+    if upcast_dtype(dtype, device):
+        return 'upcast'
+    if use_fast_path('onednn_linear') and onednn_supports(dtype) and not _in_dispatch_mode():
+        return 'onednn'
+    return 'aten'
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   post_op: str = 'none') -> torch.Tensor:
+    # post_op 'gelu' with algorithm 'none': the exact (erf) GELU of nn.GELU(), fused into the GEMM's output
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op, [], 'none' if post_op == 'gelu' else '')
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, kernel: Optional[str] = None) -> torch.Tensor:
+    """``a @ b`` for 2-D operands of one dtype (no autograd) through ``kernel`` (see :func:`linear_kernel`;
+    a backward passes its forward's, as it runs without grad mode; None: decide now)."""
+    kernel = kernel or linear_kernel(a.dtype, a.device)
+    if kernel == 'upcast':
+        return a.float().mm(b.float()).to(a.dtype)
+    if kernel == 'onednn':
+        return _onednn_linear(a, b.t().contiguous(), None)
+    return a.mm(b)
 
 
 class _OneDnnLinear(torch.autograd.Function):
-    """fp32 ``F.linear`` with oneDNN's forward and input gradient; the weight gradient by ``mm`` (see above)."""
+    """``F.linear`` with oneDNN's forward and input gradient; the weight gradient by ``mm`` (see above)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -120,43 +151,41 @@ class _OneDnnLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
-        grad = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
-        grad_x = _onednn_linear(grad, weight.t().contiguous(), None).view(x.shape) \
-            if ctx.needs_input_grad[0] else None  # (M, K): grad @ W
+        grad = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)  # (M, N)
+        grad_x = mm(grad, weight, 'onednn').view(x.shape) if ctx.needs_input_grad[0] else None  # (M, K)
         grad_w = grad.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None  # (N, K)
         grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           upcast: Optional[bool] = None) -> torch.Tensor:
-    """``F.linear`` that runs low-precision operands (explicit or from autocast) through fp32 kernels on
-    CPUs without native support for them (while the fast paths are on); otherwise exactly ``F.linear``.
-    ``upcast``: that decision taken by the caller (inside an autograd function grad mode is off, which would
-    read the ``'eval'`` choice of ``lowp_matmul``); None: decide here."""
+           kernel: Optional[str] = None, gelu: bool = False) -> torch.Tensor:
+    """``F.linear`` (then ``F.gelu`` when ``gelu``), also under autocast, through the kernel
+    :func:`linear_kernel` picks (``kernel``: that decision taken by the caller; None: decide here).
+
+    Low-precision operands (explicit or from autocast) run through fp32 kernels on CPUs without native
+    support for them (``lowp_matmul``), fp32 and native bf16 through oneDNN (``onednn_linear``, which fuses
+    the GELU into the GEMM when there is no gradient to record); otherwise exactly ``F.linear``."""
     low = autocast_dtype(x) or x.dtype
-    if upcast is None and use_onednn(x) and weight.dtype == torch.float32:
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
-                                        (bias is not None and bias.requires_grad)):
-            return _OneDnnLinear.apply(x, weight, bias)
-        return _onednn_linear(x, weight, bias)
-    if not (upcast_dtype(low, x.device) if upcast is None else upcast) or capturing():
-        return F.linear(x, weight, bias)
+    kernel = kernel or linear_kernel(low, x.device)
+    if kernel == 'aten' or kernel == 'onednn' and autocast_dtype(x) is None and weight.dtype != x.dtype:
+        out = F.linear(x, weight, bias)  # (a dtype mismatch without autocast: F.linear's own error)
+        return F.gelu(out) if gelu else out
     with torch.autocast(x.device.type, enabled=False):
         x = x.to(low)
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            return _UpcastLinear.apply(x, weight, bias)
-        return F.linear(x.float(), _rounded(weight, low), _rounded(bias, low)).to(low)
-
-
-def mm(a: torch.Tensor, b: torch.Tensor, upcast: Optional[bool] = None) -> torch.Tensor:
-    """``a @ b`` for 2-D operands of one dtype (no autograd), through fp32 kernels where :func:`linear` would.
-
-    ``upcast``: the decision taken in the forward (a backward runs without grad mode, so it would otherwise
-    read the ``'eval'`` choice of ``lowp_matmul``); None: decide now."""
-    if upcast_dtype(a.dtype, a.device) if upcast is None else upcast:
-        return a.float().mm(b.float()).to(a.dtype)
-    return a.mm(b)
+        track = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                             (bias is not None and bias.requires_grad))
+        if kernel == 'onednn':  # autocast's casts, outside the function so that autograd takes them back
+            weight, bias = weight.to(low), None if bias is None else bias.to(low)
+            if track:
+                out = _OneDnnLinear.apply(x, weight, bias)
+                return F.gelu(out) if gelu else out
+            return _onednn_linear(x, weight, bias, 'gelu' if gelu else 'none')
+        if track:
+            out = _UpcastLinear.apply(x, weight, bias)
+        else:
+            out = F.linear(x.float(), _rounded(weight, low), _rounded(bias, low)).to(low)
+        return F.gelu(out) if gelu else out
 
 
 class Linear(nn.Linear):

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fast_paths import use_eager_fast_path
-from .lowp import Linear, autocast_dtype, linear, mm, upcast_dtype
+from .lowp import Linear, autocast_dtype, linear, linear_kernel, mm
 
 # Chunking pays when the whole 4C-wide intermediate would be large enough to be mmapped afresh (glibc's
 # threshold tops out at 32 MiB); then chunks hold about CHUNK_BYTES each. Measured on Swin-T, 2 CPU cores:
@@ -52,8 +52,10 @@ def _norm_dtype(x: torch.Tensor, norm_weight: Optional[torch.Tensor]) -> torch.d
 
 def _mlp_forward(x: torch.Tensor, normed: bool, norm_weight: Optional[torch.Tensor],
                  norm_bias: Optional[torch.Tensor], eps: float, w1: torch.Tensor, b1: Optional[torch.Tensor],
-                 w2: torch.Tensor, b2: Optional[torch.Tensor], rows: int, compute: torch.dtype, upcast: bool):
-    """Forward over chunks of ``rows`` rows of a 2-D ``x``: returns the output and the fc1 output chunks."""
+                 w2: torch.Tensor, b2: Optional[torch.Tensor], rows: int, compute: torch.dtype, kernel: str,
+                 keep_hidden: bool = True):
+    """Forward over chunks of ``rows`` rows of a 2-D ``x``: returns the output and the fc1 output chunks (none
+    unless ``keep_hidden``; then the GELU may be fused into fc1, see ``lowp.linear``)."""
     w1c, w2c = w1.to(compute), w2.to(compute)
     b1c = None if b1 is None else b1.to(compute)
     b2c = None if b2 is None else b2.to(compute)
@@ -65,9 +67,13 @@ def _mlp_forward(x: torch.Tensor, normed: bool, norm_weight: Optional[torch.Tens
             xc = x[start:start + rows]
             if normed:
                 xc = F.layer_norm(xc.to(norm_dtype), xc.shape[-1:], norm_weight, norm_bias, eps)
-            h = linear(xc.to(compute), w1c, b1c, upcast)
-            hidden.append(h)
-            outs.append(linear(F.gelu(h), w2c, b2c, upcast))
+            if keep_hidden:
+                h = linear(xc.to(compute), w1c, b1c, kernel)
+                hidden.append(h)
+                h = F.gelu(h)
+            else:
+                h = linear(xc.to(compute), w1c, b1c, kernel, gelu=True)
+            outs.append(linear(h, w2c, b2c, kernel))
     return (outs[0] if len(outs) == 1 else torch.cat(outs)), hidden
 
 
@@ -79,11 +85,11 @@ class _ChunkedMlp(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, normed: bool, norm_weight: Optional[torch.Tensor],
                 norm_bias: Optional[torch.Tensor], eps: float, w1: torch.Tensor, b1: Optional[torch.Tensor],
                 w2: torch.Tensor, b2: Optional[torch.Tensor], rows: int, compute: torch.dtype,
-                upcast: bool) -> torch.Tensor:
-        out, hidden = _mlp_forward(x, normed, norm_weight, norm_bias, eps, w1, b1, w2, b2, rows, compute, upcast)
+                kernel: str) -> torch.Tensor:
+        out, hidden = _mlp_forward(x, normed, norm_weight, norm_bias, eps, w1, b1, w2, b2, rows, compute, kernel)
         ctx.save_for_backward(x, norm_weight, norm_bias, w1, w2, *hidden)
         ctx.normed, ctx.eps, ctx.rows = normed, eps, rows
-        ctx.upcast = upcast  # the caller's lowp_matmul decision (grad mode is off here and in backward)
+        ctx.kernel = kernel  # the caller's matmul kernel (grad mode is off here and in backward)
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
         return out
 
@@ -111,12 +117,12 @@ class _ChunkedMlp(torch.autograd.Function):
             else:
                 xn = xc
             xn = xn.to(compute)
-            _accumulate_mm(grad_w2, gc.t(), F.gelu(h), ctx.upcast)
-            grad_h = torch.ops.aten.gelu_backward(mm(gc, w2c, ctx.upcast), h)
-            _accumulate_mm(grad_w1, grad_h.t(), xn, ctx.upcast)
+            _accumulate_mm(grad_w2, gc.t(), F.gelu(h), ctx.kernel)
+            grad_h = torch.ops.aten.gelu_backward(mm(gc, w2c, ctx.kernel), h)
+            _accumulate_mm(grad_w1, grad_h.t(), xn, ctx.kernel)
             if grad_b1 is not None:
                 grad_b1 += grad_h.sum(0, dtype=grad_b1.dtype)
-            grad_xn = mm(grad_h, w1c, ctx.upcast)
+            grad_xn = mm(grad_h, w1c, ctx.kernel)
             if normed:
                 mask = [True, grad_nw is not None, grad_nb is not None]
                 gx, gnw, gnb = torch.ops.aten.native_layer_norm_backward(
@@ -131,12 +137,14 @@ class _ChunkedMlp(torch.autograd.Function):
         return grad_x, None, grad_nw, grad_nb, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
 
 
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, upcast: Optional[bool] = None) -> None:
-    """``acc += a @ b``; in place when the dtypes agree, else through the product's dtype (autocast)."""
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kernel: str) -> None:
+    """``acc += a @ b`` (a weight gradient); in place when the dtypes agree, else through the product's dtype
+    (autocast). oneDNN's linear is not taken: it wants ``b`` transposed (a copy of the activations), and MKL
+    was as fast on these reductions over the rows (``lowp`` module doc)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     else:
-        acc += mm(a, b, upcast).to(acc.dtype)
+        acc += mm(a, b, 'upcast' if kernel == 'upcast' else 'aten').to(acc.dtype)
 
 
 class Mlp(nn.Module):
@@ -167,9 +175,9 @@ class Mlp(nn.Module):
         rows = chunk_rows(x.shape[0], self.fc1.out_features, torch.finfo(compute).bits // 8, x.device)
         weight, bias, eps = (norm.weight, norm.bias, norm.eps) if fold_norm else (None, None, 0.0)
         args = (x, fold_norm, weight, bias, eps, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                rows, compute, upcast_dtype(compute, x.device))  # lowp_matmul read here, in the caller's grad mode
+                rows, compute, linear_kernel(compute, x.device))  # chosen here, in the caller's grad mode
         if torch.is_grad_enabled():
             out = _ChunkedMlp.apply(*args)
         else:
-            out = _mlp_forward(*args)[0]
+            out = _mlp_forward(*args, keep_hidden=False)[0]
         return out.view(*shape[:-1], out.shape[-1])

@@ -307,27 +307,35 @@ def test_a_path_missing_from_a_recorded_choice_stays_off_on_resume():
         fast_paths.set_fast_path_choices(before)
 
 
-def test_the_onednn_linear_equals_f_linear_with_gradients():
-    """``onednn_linear`` (fp32, CPU): outputs and all three gradients equal ``F.linear``'s to fp32 rounding, for
-    3-D inputs; under bf16 autocast, in inference and with the path off it is not taken."""
-    if not lowp.onednn_available():
-        pytest.skip('this torch build has no oneDNN linear')
+@pytest.mark.parametrize('dtype', [torch.float32, BF16], ids=['fp32', 'bf16-autocast'])
+def test_the_onednn_linear_equals_f_linear_with_gradients(dtype):
+    """``onednn_linear`` (CPU; bf16 under autocast where the CPU has native bf16): outputs and all three
+    gradients equal ``F.linear``'s to rounding, for 3-D inputs; without gradients the fused GELU equals
+    ``F.gelu(F.linear(...))``; with the path off or the switch off it is not taken."""
+    if not lowp.onednn_supports(dtype):
+        pytest.skip(f'no oneDNN linear for {dtype} here (no oneDNN, or no native bf16)')
     torch.manual_seed(0)
     x = torch.randn(3, 50, 96, requires_grad=True)
     layer = lowp.Linear(96, 384)
-    plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    plain_grads = torch.autograd.grad(plain.square().sum(), (x, layer.weight, layer.bias))
-    with fast_paths_enabled(True), fast_path_choices(only('onednn_linear')):
-        assert lowp.use_onednn(x)
+    autocast = torch.autocast('cpu', dtype=BF16, enabled=dtype == BF16)
+    with autocast:
+        plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    plain_grads = torch.autograd.grad(plain.float().square().sum(), (x, layer.weight, layer.bias))
+    with fast_paths_enabled(True), fast_path_choices(only('onednn_linear')), autocast:
+        assert lowp.linear_kernel(dtype, x.device) == 'onednn'
         out = layer(x)
-        assert out.grad_fn is not None and 'OneDnn' in type(out.grad_fn).__name__
-        grads = torch.autograd.grad(out.square().sum(), (x, layer.weight, layer.bias))
-        with torch.autocast('cpu', dtype=BF16):
-            assert not lowp.use_onednn(x)
-    assert (out - plain).abs().max().item() < 1e-5
+        assert out.dtype == dtype and out.grad_fn is not None
+        grads = torch.autograd.grad(out.float().square().sum(), (x, layer.weight, layer.bias))
+        with torch.no_grad():
+            fused = lowp.linear(x, layer.weight, layer.bias, gelu=True)
+            fused_plain = torch.nn.functional.gelu(torch.nn.functional.linear(x, layer.weight, layer.bias))
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7  # bf16: a unit in the last place of outputs of size ~1
+    scale = plain.abs().max().item()
+    assert (out - plain).abs().max().item() <= tol * scale
+    assert (fused.float() - fused_plain.float()).abs().max().item() <= tol * scale
     for g, g0 in zip(grads, plain_grads):
-        assert (g - g0).abs().max().item() < 1e-4 * g0.abs().max().item()
+        assert g.dtype == g0.dtype and (g - g0).abs().max().item() < 1e-4 * g0.abs().max().item()
     with fast_paths_enabled(True), fast_path_choices(NONE):
-        assert not lowp.use_onednn(x)
+        assert lowp.linear_kernel(dtype, x.device) != 'onednn'
     with fast_paths_enabled(False):
-        assert not lowp.use_onednn(x)
+        assert lowp.linear_kernel(dtype, x.device) == 'aten'
