@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fast_paths import use_eager_fast_path
-from .lowp import Linear, autocast_dtype, linear, linear_kernel, mm
+from .lowp import Linear, autocast_dtype, cast_weight, linear, linear_kernel, mm
 
 # Chunking pays when the whole 4C-wide intermediate would be large enough to be mmapped afresh (glibc's
 # threshold tops out at 32 MiB); then chunks hold about CHUNK_BYTES each. Measured on Swin-T, 2 CPU cores:
@@ -56,9 +56,7 @@ def _mlp_forward(x: torch.Tensor, normed: bool, norm_weight: Optional[torch.Tens
                  keep_hidden: bool = True):
     """Forward over chunks of ``rows`` rows of a 2-D ``x``: returns the output and the fc1 output chunks (none
     unless ``keep_hidden``; then the GELU may be fused into fc1, see ``lowp.linear``)."""
-    w1c, w2c = w1.to(compute), w2.to(compute)
-    b1c = None if b1 is None else b1.to(compute)
-    b2c = None if b2 is None else b2.to(compute)
+    w1c, w2c, b1c, b2c = (cast_weight(t, compute, keep=not keep_hidden) for t in (w1, w2, b1, b2))
     outs: List[torch.Tensor] = []
     hidden: List[torch.Tensor] = []
     norm_dtype = _norm_dtype(x, norm_weight)

@@ -339,3 +339,32 @@ def test_the_onednn_linear_equals_f_linear_with_gradients(dtype):
         assert lowp.linear_kernel(dtype, x.device) != 'onednn'
     with fast_paths_enabled(False):
         assert lowp.linear_kernel(dtype, x.device) == 'aten'
+
+
+def test_inference_keeps_the_cast_weight_until_the_weight_changes():
+    """CPU inference under autocast keeps each weight's bf16 copy (``lowp.cast_weight``): the same tensor while
+    the weight is unchanged, a fresh one after an in-place update or a new storage, none kept while a gradient
+    is recorded or with the switch off; outputs equal the uncached ones."""
+    layer = lowp.Linear(8, 8)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        first = lowp.cast_weight(layer.weight, BF16, keep=True)
+        assert lowp.cast_weight(layer.weight, BF16, keep=True) is first
+        layer.weight.mul_(2)
+        second = lowp.cast_weight(layer.weight, BF16, keep=True)
+        assert second is not first and torch.equal(second, layer.weight.to(BF16))
+        layer.weight.data = torch.ones(8, 8)
+        assert torch.equal(lowp.cast_weight(layer.weight, BF16, keep=True), torch.ones(8, 8, dtype=BF16))
+        assert lowp.cast_weight(layer.weight, BF16, keep=False) is not lowp.cast_weight(layer.weight, BF16, False)
+        with fast_paths_enabled(False):
+            assert lowp.cast_weight(layer.weight, BF16, keep=True) is not lowp.cast_weight(layer.weight, BF16, True)
+        with torch.autocast('cpu', dtype=BF16):
+            out, again = layer(x), layer(x)
+            layer.weight.add_(1)
+            changed = layer(x)
+    with torch.autocast('cpu', dtype=BF16):  # the same kernel, uncached (a gradient is recorded)
+        assert torch.equal(changed, layer(x).detach())
+        with torch.no_grad():
+            layer.weight.sub_(1)
+        assert torch.equal(out, layer(x).detach())
+    assert torch.equal(out, again)
