@@ -47,8 +47,8 @@ def applicable_paths(mode: str, dtype: Optional[torch.dtype], device: torch.devi
     Off the CPU: none (no timing; CUDA keeps every path on, as before). On the CPU: ``lowp_matmul`` only for a
     low-precision dtype the CPU has no native arithmetic for; ``onednn_linear`` for fp32 and for bf16 where the
     CPU has native bf16; ``sdpa`` only in evaluation (CPU training takes the matmul attention anyway, see
-    ``models.attention.window_attention``); the contiguous heads, V1's
-    recomputed attention input and the permutation backward only in training.
+    ``models.attention.window_attention``); the contiguous heads, V1's recomputed attention input and the
+    permutation backward only in training.
     """
     if device.type != 'cpu':
         return []

@@ -107,14 +107,11 @@ def _in_dispatch_mode() -> bool:
     return torch._C._len_torch_dispatch_stack() > 0
 
 
-# The kernels a linear layer can take: PyTorch's F.linear, the fp32 kernel on low-precision operands
-# (``lowp_matmul``), oneDNN's linear (``onednn_linear``).
-KERNELS = ('aten', 'upcast', 'onednn')
-
-
 def linear_kernel(dtype: torch.dtype, device: torch.device) -> str:
-    """The kernel (one of ``KERNELS``) for a linear computed in ``dtype`` on ``device``, by the current choices
-    and grad mode. A custom autograd function decides in its caller (grad mode is off inside it)."""
+    """The kernel for a linear computed in ``dtype`` on ``device``, by the current choices and grad mode:
+    ``'aten'`` (``F.linear``), ``'upcast'`` (the fp32 kernel on low-precision operands, ``lowp_matmul``) or
+    ``'onednn'`` (``onednn_linear``). A custom autograd function decides in its caller (grad mode is off
+    inside it)."""
     if capturing() or device.type != 'cpu':  # first: under torch.compile nothing else is evaluated
         return 'aten'
     if upcast_dtype(dtype, device):
@@ -191,9 +188,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     Low-precision operands (explicit or from autocast) run through fp32 kernels on CPUs without native
     support for them (``lowp_matmul``), fp32 and native bf16 through oneDNN (``onednn_linear``, which fuses
     the GELU into the GEMM when there is no gradient to record); otherwise exactly ``F.linear``."""
-    low = autocast_dtype(x) or x.dtype
+    autocast = autocast_dtype(x)
+    low = autocast or x.dtype
     kernel = kernel or linear_kernel(low, x.device)
-    if kernel == 'aten' or kernel == 'onednn' and autocast_dtype(x) is None and weight.dtype != x.dtype:
+    if kernel == 'aten' or kernel == 'onednn' and autocast is None and weight.dtype != x.dtype:
         out = F.linear(x, weight, bias)  # (a dtype mismatch without autocast: F.linear's own error)
         return F.gelu(out) if gelu else out
     with torch.autocast(x.device.type, enabled=False):
@@ -202,11 +200,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
                                              (bias is not None and bias.requires_grad))
         if kernel == 'onednn':  # autocast's casts, outside the function so that autograd takes them back
             weight, bias = cast_weight(weight, low, not track), cast_weight(bias, low, not track)
-            if track:
-                out = _OneDnnLinear.apply(x, weight, bias)
-                return F.gelu(out) if gelu else out
-            return _onednn_linear(x, weight, bias, 'gelu' if gelu else 'none')
-        if track:
+            if not track:
+                return _onednn_linear(x, weight, bias, 'gelu' if gelu else 'none')
+            out = _OneDnnLinear.apply(x, weight, bias)
+        elif track:
             out = _UpcastLinear.apply(x, weight, bias)
         else:
             out = F.linear(x.float(), _rounded(weight, low), _rounded(bias, low)).to(low)
