@@ -37,6 +37,38 @@ def write_digits_folder(root, classes: int = 4, train_per_class: int = 16, val_p
     return str(root)
 
 
+PHOTOS = ('camera', 'astronaut', 'coffee', 'chelsea')  # scikit-image's photographs, one class each
+
+
+def photo_crops(per_class: int, seed: int, crop=(72, 56), photos=PHOTOS):
+    """(RGB uint8 (h, w, 3) array, label) pairs: random crops of h x w px of each of scikit-image's ``photos``
+    (label = its place in ``photos``), halved in size."""
+    from skimage import data as skdata
+    from skimage.color import gray2rgb
+    rng = np.random.default_rng(seed)
+    out = []
+    for label, name in enumerate(photos):
+        photo = getattr(skdata, name)()
+        photo = gray2rgb(photo) if photo.ndim == 2 else photo[:, :, :3]
+        small = np.asarray(Image.fromarray(photo).resize((photo.shape[1] // 2, photo.shape[0] // 2)))
+        for _ in range(per_class):
+            top = rng.integers(0, small.shape[0] - crop[0])
+            left = rng.integers(0, small.shape[1] - crop[1])
+            out.append((small[top:top + crop[0], left:left + crop[1]].copy(), label))
+    return out
+
+
+def write_photo_jpeg_folder(root, train_per_class: int = 8, val_per_class: int = 4) -> str:
+    """``root/{train,val}/<photo>/<i:04d>.jpg``: JPEGs (quality 90) of 72 x 56 px crops of scikit-image's
+    photographs, one photograph a class (``PHOTOS``); train and val crops drawn with different seeds."""
+    for split, n, seed in (('train', train_per_class, 0), ('val', val_per_class, 1)):
+        for i, (pixels, label) in enumerate(photo_crops(n, seed)):
+            folder = os.path.join(str(root), split, PHOTOS[label])
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(pixels).save(os.path.join(folder, f'{i:04d}.jpg'), quality=90)
+    return str(root)
+
+
 def torchrun_worker_pids(parent: int) -> dict:
     """{RANK: pid} of the processes started by the torchrun process ``parent`` (read from /proc: Linux only)."""
     found = {}

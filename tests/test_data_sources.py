@@ -1,8 +1,9 @@
 """DATA.DATASET hf and wds: the same images as a class folder, a Hugging Face copy and WebDataset shards.
 
-The images are real photographs where scikit-image is installed, else scikit-learn's digits (8x8 scans of
-handwriting, upscaled), written as JPEGs. One checkpoint must evaluate to the same numbers from every copy; an
-interrupted run must resume to the same weights and per-epoch validation as a straight run.
+The images are JPEGs of real photographs: crops of scikit-image's photographs, one photograph a class (where
+scikit-image is missing, scikit-learn's digits, upscaled; requirements-dev.txt installs scikit-image). One
+checkpoint must evaluate to the same numbers from every copy; an interrupted run must resume to the same weights
+and per-epoch validation as a straight run.
 """
 import json
 import os
@@ -13,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from helpers import run_side_by_side, subprocess_env, write_digits_folder
+from helpers import run_side_by_side, subprocess_env, write_digits_folder, write_photo_jpeg_folder
 
 datasets = pytest.importorskip('datasets')
 
@@ -34,9 +35,13 @@ BATCH = 8  # 32 training images -> 4 updates per epoch
 # ----------------------------------------------------------------------------- the images
 
 def write_jpeg_folder(root, train_per_class=8, val_per_class=4):
-    """``root/{train,val}/digit<c>/<i>.jpg``: 64 px RGB JPEGs of the first digits of each class."""
-    write_digits_folder(root, CLASSES, train_per_class, val_per_class, size=64, colour=True, ext='jpg')
-    return str(root)
+    """``root/{train,val}/<class>/<i>.jpg``: JPEG photographs (72 x 56 px crops, a class a photograph); without
+    scikit-image, 64 px RGB JPEGs of the first digits of each class."""
+    try:
+        import skimage.data  # noqa: F401
+    except ImportError:
+        return write_digits_folder(root, CLASSES, train_per_class, val_per_class, size=64, colour=True, ext='jpg')
+    return write_photo_jpeg_folder(root, train_per_class, val_per_class)
 
 
 def folder_to_hf(folder, out):
@@ -62,7 +67,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def hf_copy(folder, tmp_path_factory):
-    return folder_to_hf(folder, tmp_path_factory.mktemp('hf') / 'digits')
+    return folder_to_hf(folder, tmp_path_factory.mktemp('hf') / 'images')
 
 
 def _config(path, kind, *opts):

@@ -11,36 +11,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import float_resize_of_each_image, parse_eval_line, run_side_by_side, subprocess_env
+from helpers import PHOTOS, float_resize_of_each_image, parse_eval_line, photo_crops, run_side_by_side, subprocess_env
 from PIL import Image
 
 from config import ConfigError, default_mean_std, img_size_hw, load_config, mean_std
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHOTOS = ('camera', 'astronaut', 'coffee', 'chelsea')  # one class each
 TINY = ['DATA.DATASET', 'folder', 'MODEL.SWIN.EMBED_DIM', '16', 'MODEL.SWIN.DEPTHS', '[1,1]',
         'MODEL.SWIN.NUM_HEADS', '[1,2]', 'MODEL.SWIN.WINDOW_SIZE', '4', 'MODEL.NUM_CLASSES', '4',
         'DATA.NUM_WORKERS', '0', 'MODEL.DROP_PATH_RATE', '0.0', 'AUG.MIXUP', '0.0', 'AUG.CUTMIX', '0.0',
         'AUG.AUTO_AUGMENT', 'none', 'AUG.REPROB', '0.0', 'AUG.COLOR_JITTER', '0.0', 'TRAIN.WARMUP_EPOCHS', '0',
         'TRAIN.BASE_LR', '0.02', 'PRINT_FREQ', '2', 'TRAIN.LR_SCHEDULER.NAME', 'step',
         'TRAIN.LR_SCHEDULER.DECAY_EPOCHS', '100', 'AUG.RRC_SCALE', '[0.5, 1.0]']
-
-
-def photo_crops(per_class: int, seed: int, crop=(72, 56)):
-    """(RGB uint8 (h, w, 3) array, label) pairs: random crops of h x w px of each photograph, halved in size."""
-    from skimage import data as skdata
-    from skimage.color import gray2rgb
-    rng = np.random.default_rng(seed)
-    out = []
-    for label, name in enumerate(PHOTOS):
-        photo = getattr(skdata, name)()
-        photo = gray2rgb(photo) if photo.ndim == 2 else photo[:, :, :3]
-        small = np.asarray(Image.fromarray(photo).resize((photo.shape[1] // 2, photo.shape[0] // 2)))
-        for _ in range(per_class):
-            top = rng.integers(0, small.shape[0] - crop[0])
-            left = rng.integers(0, small.shape[1] - crop[1])
-            out.append((small[top:top + crop[0], left:left + crop[1]].copy(), label))
-    return out
 
 
 def write_folder(root, kind: str, train: int = 12, val: int = 8) -> str:
