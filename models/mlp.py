@@ -163,7 +163,11 @@ class Mlp(nn.Module):
         if not use_eager_fast_path('chunked_mlp') or self.drop.p > 0.0 and self.training or x.numel() == 0:
             # the official ops: fast paths off, graph capture (see fast_paths.py), dropout between the layers
             x = norm(x) if norm is not None else x
-            return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+            if type(self.act) is nn.GELU and self.act.approximate == 'none':  # the same ops (lowp.linear)
+                h = linear(x, self.fc1.weight, self.fc1.bias, gelu=True)  # fused in compiled CPU inference
+            else:
+                h = self.act(self.fc1(x))
+            return self.drop(self.fc2(self.drop(h)))
         fold_norm = isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
         if norm is not None and not fold_norm:
             x = norm(x)

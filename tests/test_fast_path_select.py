@@ -368,3 +368,45 @@ def test_inference_keeps_the_cast_weight_until_the_weight_changes():
             layer.weight.sub_(1)
         assert torch.equal(out, layer(x).detach())
     assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize('cls', [SwinTransformer, SwinTransformerV2], ids=['v1', 'v2'])
+def test_compiled_cpu_inference_keeps_the_onednn_linear_and_training_graphs_do_not(cls):
+    """Under ``torch.compile`` (aot_eager: dynamo + the fake-tensor trace, no C++ code generation) CPU
+    inference calls ``swin::onednn_linear`` for every linear layer, the MLP's GELU fused, with no graph break
+    and the eager outputs; a training graph, the path chosen off, or the switch off hold ``F.linear`` only."""
+    if not lowp.onednn_supports(torch.float32):
+        pytest.skip('no oneDNN linear in this torch build')
+    model = test_models.randomize(cls(img_size=32, window_size=4, num_classes=10, drop_path_rate=0.0, **SMALL))
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    graphs, gelu = [], []
+
+    def recording(gm, example_inputs):  # aot_eager after noting which ops the graph holds
+        graphs.append(gm)
+        from torch._dynamo.backends.debugging import aot_eager
+        return aot_eager(gm, example_inputs)
+
+    def onednn_calls(choices=None, grad=False, switch=True):
+        torch._dynamo.reset()
+        graphs.clear()
+        with fast_paths_enabled(switch), fast_path_choices(choices or {}), torch.set_grad_enabled(grad):
+            out = torch.compile(model, backend=recording, fullgraph=True)(x)
+        assert len(graphs) == 1  # fullgraph: no graph break
+        calls = [node for node in graphs[0].graph.nodes if str(node.target) == 'swin.onednn_linear.default']
+        gelu.append(sum(node.args[3] == 'gelu' for node in calls))
+        return out, len(calls)
+
+    with torch.no_grad(), fast_paths_enabled(True):
+        eager = model(x)
+    out, calls = onednn_calls()
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules()) - sum(
+        isinstance(m, torch.nn.Linear) and not isinstance(m, lowp.Linear) for m in model.modules())
+    assert calls == linears  # qkv, proj, fc1 (+ GELU), fc2, the merges' reductions, the head
+    assert gelu[-1] == sum(type(m).__name__ == 'Mlp' for m in model.modules()) > 0
+    assert (out - eager).abs().max().item() <= 1e-5 * eager.abs().max().item()
+    assert onednn_calls(grad=True)[1] == 0
+    assert onednn_calls(choices={'eval': {'onednn_linear': False}})[1] == 0
+    plain, calls = onednn_calls(switch=False)
+    assert calls == 0 and (plain - eager).abs().max().item() <= 1e-5 * eager.abs().max().item()
+    torch._dynamo.reset()
