@@ -123,7 +123,8 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
     from utils.checkpoint import CheckpointError, last_checkpoint_name, saved_files_description
     from utils.distributed import cleanup_distributed, init_distributed
     from utils.logger import create_logger
-    from utils.misc import seed_everything
+    from models.fast_paths import use_fast_paths
+    from utils.misc import keep_freed_cpu_memory, seed_everything
     from utils.preemption import Preempted
 
     try:  # before the process group and the output folder: a wrong path leaves nothing behind
@@ -152,6 +153,11 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
         seed_everything(config.SEED + dist_info.rank, config.DETERMINISTIC)
         os.makedirs(config.OUTPUT, exist_ok=True)
         logger = create_logger(config.OUTPUT, dist_info.rank, name=config.MODEL.NAME)
+        inference_only = config.EVAL_MODE or config.THROUGHPUT_MODE
+        if inference_only and dist_info.device.type == 'cpu' and config.MODEL.FAST_PATHS and use_fast_paths():
+            if keep_freed_cpu_memory():  # before the model and the data workers (they inherit it)
+                logger.info("CPU inference: malloc keeps freed blocks of up to 32 MiB for reuse (utils.misc."
+                            "keep_freed_cpu_memory; MODEL.FAST_PATHS False turns it off)")
         if dist_info.is_main:
             for note in notes:  # once per run, not once per process
                 logger.warning(note)

@@ -158,7 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         parser.error('--threshold must be in (0, 1)')
     import torch
+    from models.fast_paths import use_fast_paths
     from utils.checkpoint import CheckpointError
+    from utils.misc import keep_freed_cpu_memory
     if args.device == 'auto':
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     try:
@@ -172,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.threshold is not None:
             raise ConfigError('--threshold is for multi-label models (trained with DATA.LABELS csv); this one is '
                               'single-label: use --topk')
+        if args.device == 'cpu' and use_fast_paths():  # off with MODEL.FAST_PATHS False or SWIN_FAST_PATHS=0
+            keep_freed_cpu_memory()  # (build_model has applied the checkpoint's MODEL.FAST_PATHS)
         results = predict(model, config, paths, args.topk, args.batch_size, args.device, threshold)
     except (CheckpointError, ConfigError, FileNotFoundError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

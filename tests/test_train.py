@@ -85,6 +85,7 @@ def test_train_resume_eval_single_process(digits, tmp_path):
     assert glob.glob(os.path.join(run_dir, 'events.out.tfevents.*'))
     log = open(os.path.join(run_dir, 'log_rank0.txt')).read()
     assert 'Train: [1/2]' in log and 'grad_norm' in log and 'img/s' in log and ' * Acc@1 ' in log
+    assert 'malloc keeps freed blocks' not in log  # utils.misc.keep_freed_cpu_memory: CPU inference runs only
     metrics = _metrics(run_dir)
     assert [m['epoch'] for m in metrics] == [0, 1]
     assert set(metrics[0]) >= {'epoch', 'train_loss', 'val_acc1', 'val_acc5', 'val_loss', 'lr', 'time'}
@@ -105,6 +106,8 @@ def test_train_resume_eval_single_process(digits, tmp_path):
                         '--device', 'cpu', '--disable_amp', '--eval', '--resume',
                         os.path.join(run_dir, 'ckpt_epoch_1.pth'), '--opts', *TINY]))
     assert f" * Acc@1 {metrics[1]['val_acc1']:.3f} Acc@5 {metrics[1]['val_acc5']:.3f}" in result.stdout
+    eval_log = open(os.path.join(tmp_path, 'eval', MODEL_DIR, 'log_rank0.txt')).read()
+    assert 'CPU inference: malloc keeps freed blocks of up to 32 MiB' in eval_log
     assert 'Train:' not in result.stdout and not glob.glob(str(tmp_path / 'eval' / MODEL_DIR / '*.pth'))
     # ... and what a plain loop over the 32 images with the checkpoint's weights gives (not the same code)
     _assert_eval_matches_plain_loop(result.stdout, os.path.join(run_dir, 'ckpt_epoch_1.pth'),
@@ -311,11 +314,15 @@ def test_throughput_mode(digits, capsys, tmp_path, monkeypatch):
     import engine
     original = engine.throughput
     monkeypatch.setattr(engine, 'throughput', lambda *a, **k: original(*a, warmup_iters=2, timed_iters=3))
+    import utils.misc
+    kept = []  # the allocator setting is process-wide: recorded here, not applied to the test process
+    monkeypatch.setattr(utils.misc, 'keep_freed_cpu_memory', lambda: kept.append(True) or True)
     code, _ = _run_main(['--data-path', digits, '--output', str(tmp_path), '--device', 'cpu', '--throughput',
                          '--batch-size', '8', '--amp-opt-level', 'O1', '--opts', *TINY], capsys)
     assert code == 0
     text = open(glob.glob(str(tmp_path / MODEL_DIR / 'log_rank0.txt'))[0]).read()
     assert 'batch_size 8 throughput ' in text
+    assert kept == [True] and 'CPU inference: malloc keeps freed blocks' in text
     apex_missing = engine.apex_amp_module(SimpleNamespace(AMP_OPT_LEVEL='O1', AMP_ENABLE=True)) is None
     assert ('apex (apex.amp) is not installed; using native torch.amp' in text) == apex_missing
 
