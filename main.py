@@ -120,10 +120,10 @@ def main(argv: Optional[List[str]] = None, pretrain: bool = False) -> int:
     from config import apply_linear_scaling, save_config
     from data import DatasetLayoutError
     from data.build import check_data_paths
+    from models.fast_paths import use_fast_paths
     from utils.checkpoint import CheckpointError, last_checkpoint_name, saved_files_description
     from utils.distributed import cleanup_distributed, init_distributed
     from utils.logger import create_logger
-    from models.fast_paths import use_fast_paths
     from utils.misc import keep_freed_cpu_memory, seed_everything
     from utils.preemption import Preempted
 
