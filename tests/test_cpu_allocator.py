@@ -4,6 +4,7 @@ Checked by what malloc does, in a fresh process each (the setting is process-wid
 by default (glibc's threshold starts at 128 KiB) and comes from the heap once the setting is in, and the freed
 heap is not trimmed."""
 import ctypes
+import json
 import os
 import subprocess
 import sys
@@ -33,7 +34,6 @@ print(json.dumps({'took': took, 'mapped_mib': mapped / 2 ** 20, 'free_heap_mib':
 
 
 def _probe(mode):
-    import json
     out = subprocess.run([sys.executable, '-c', PROBE, mode], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
