@@ -726,6 +726,7 @@ def _measure_fast_paths(config: Any, model: nn.Module, precision: 'Precision', m
             'cpu': fast_path_cache.cpu_identity(), 'torch': torch.__version__, 'threads': torch.get_num_threads(),
             'device': device.type, 'dtype': str(dtype or torch.float32), 'modes': sorted(modes),
             'paths': list(fast_paths.PATHS),  # a new path: measured again, not taken on from an older entry
+            'revision': fast_paths.REVISION,  # changed path code: the same
             'blocks': fast_path_select.signature(samples)})
         cached = fast_path_cache.lookup(key)
         if cached is not None:

@@ -48,7 +48,7 @@ class WindowAttentionMoE(ScaledWindowAttention):
     def position_bias(self) -> torch.Tensor:
         n = self.window_size[0] * self.window_size[1]
         table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-        return table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)  # (nH, N, N)
+        return table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()  # (nH, N, N)
 
 
 class SwinTransformerMoE(SwinBackbone):

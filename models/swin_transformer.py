@@ -39,7 +39,7 @@ class WindowAttention(ScaledWindowAttention):
     def position_bias(self) -> torch.Tensor:
         n = self.window_size[0] * self.window_size[1]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        return bias.view(n, n, -1).permute(2, 0, 1)
+        return bias.view(n, n, -1).permute(2, 0, 1).contiguous()  # (nH, N, N)
 
 
 class SwinTransformer(SwinBackbone):

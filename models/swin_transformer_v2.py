@@ -67,7 +67,7 @@ class WindowAttentionV2(WindowAttentionBase):
     def position_bias(self) -> torch.Tensor:
         n = self.window_size[0] * self.window_size[1]
         table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-        bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
         return 16 * torch.sigmoid(bias)
 
     def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:

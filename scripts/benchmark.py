@@ -25,6 +25,11 @@ each contender are counted (``graph_breaks``). ``--ort`` (CPU, fp32 inference) a
 ``scripts/export.py`` writes it, with the same thread count, in the same interleaved rounds; its logits are
 compared with ours eager (``max_abs_diff_vs_ours_eager``).
 
+``--keep-freed-memory`` (CPU) sets glibc's malloc for the whole process as ``main.py --eval`` does for ours
+(``utils.misc.keep_freed_cpu_memory``), for every contender alike: freed blocks are reused instead of coming
+back as fresh pages, so the ratios measure the computation and not which contender's allocations happened to
+fault in this process's heap (the ``malloc`` column says which setting a row ran under).
+
 Example: python scripts/benchmark.py --model tiny --batch-size 8 --modes infer train --dtypes fp32 bf16
 """
 from __future__ import annotations
@@ -48,6 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models import SwinTransformer  # noqa: E402
 from models.convert import timm_to_official  # noqa: E402
+from utils.misc import keep_freed_cpu_memory  # noqa: E402
 
 VARIANTS = {  # name: (timm name, torchvision name, our kwargs)
     'tiny': ('swin_tiny_patch4_window7_224', 'swin_t', dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))),
@@ -312,6 +318,15 @@ def run(args: argparse.Namespace) -> List[dict]:
             raise SystemExit('--ort runs ONNX Runtime on the CPU: use it with --device cpu')
         if 'ours' not in args.impls:
             raise SystemExit('--ort runs ours exported to ONNX: keep ours among --impls')
+    malloc = 'n/a'
+    if device.type == 'cpu':
+        malloc = 'default'
+        if args.keep_freed_memory:
+            if not keep_freed_cpu_memory():
+                raise SystemExit('--keep-freed-memory needs Linux with glibc (mallopt)')
+            malloc = 'freed blocks kept'
+    elif args.keep_freed_memory:
+        raise SystemExit('--keep-freed-memory sets the CPU allocator: use it with --device cpu')
     contenders = build_contenders(args.model, device, impls=args.impls)
     iters = args.iters or (10 if device.type == 'cuda' else 1)
     warmup = max(args.warmup, 1) if args.compile else args.warmup  # compile time is the first calls'
@@ -401,7 +416,8 @@ def run(args: argparse.Namespace) -> List[dict]:
                                  compile_s=round(max(first_calls[name] - warmup * r['ms'] / 1e3, 0.0), 2)
                                  if compiled else 'n/a',
                                  graph_breaks=breaks[name] if compiled else 'n/a',
-                                 max_abs_diff_vs_ours_eager=f"{vs_eager[name]:.1e}" if name in vs_eager else 'n/a'))
+                                 max_abs_diff_vs_ours_eager=f"{vs_eager[name]:.1e}" if name in vs_eager else 'n/a',
+                                 malloc=malloc))
                 print(json.dumps(rows[-1]), flush=True)
             if 'ort' in result:
                 fastest = max((r for n, r in result.items() if n != 'ort'), key=lambda r: r['img_s'])
@@ -420,7 +436,7 @@ def write_tables(rows: List[dict], out_prefix: str) -> None:
         writer.writerows(rows)
     cols = ['mode', 'dtype', 'impl', 'compile', 'img_s', 'ratio_vs_best_peer', 'ms_median', 'peak_mb',
             'roofline_frac', 'max_abs_diff_vs_timm', 'fast_paths', 'compile_s', 'graph_breaks',
-            'max_abs_diff_vs_ours_eager']
+            'max_abs_diff_vs_ours_eager', 'malloc']
     with open(out_prefix + '.md', 'w') as f:
         f.write('| ' + ' | '.join(cols) + ' |\n|' + '---|' * len(cols) + '\n')
         for r in rows:
@@ -453,6 +469,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='CPU fp32 inference: add ONNX Runtime running ours as scripts/export.py exports it')
     p.add_argument('--cpu-memory', action='store_true',
                    help='on CPU, measure the peak memory of a train step in a subprocess per contender')
+    p.add_argument('--keep-freed-memory', action='store_true',
+                   help="CPU: glibc's malloc keeps freed blocks for every contender (as main.py --eval does for ours)")
     p.add_argument('--out', default='', help='write <out>.csv and <out>.md')
     p.add_argument('--_memory-probe', dest='_memory_probe', default='', help=argparse.SUPPRESS)
     args = p.parse_args(argv)

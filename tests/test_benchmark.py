@@ -1,4 +1,5 @@
 """The benchmark harness runs end to end and reports what it promises (tiny settings)."""
+import json
 import logging
 import os
 import subprocess
@@ -221,3 +222,18 @@ def test_end_to_end_benchmark_gives_both_tools_the_same_model_and_recipe():
     assert float(flag('--smoothing')) == config.MODEL.LABEL_SMOOTHING
     assert float(flag('--reprob')) == config.AUG.REPROB and flag('--aa') == config.AUG.AUTO_AUGMENT
     assert float(flag('--clip-grad')) == config.TRAIN.CLIP_GRAD
+
+
+def test_the_cpu_allocator_setting_is_applied_to_the_whole_run_and_reported():
+    # a fresh process: the setting is process-wide and cannot be undone
+    base = [sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'), '--model', 'micro', '--batch-size', '1',
+            '--modes', 'infer', '--dtypes', 'fp32', '--warmup', '0', '--rounds', '1', '--threads', '1',
+            '--impls', 'ours', 'timm', '--fast-paths', 'all']
+    for flag, expected in (([], 'default'), (['--keep-freed-memory'], 'freed blocks kept')):
+        out = subprocess.run(base + flag, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert out.returncode == 0, out.stderr
+        rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{')]
+        assert {r['impl'] for r in rows} == {'ours', 'timm'} and {r['malloc'] for r in rows} == {expected}
+    gpu = subprocess.run(base[:2] + ['--keep-freed-memory', '--device', 'cuda'], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert gpu.returncode != 0 and '--device cpu' in gpu.stderr

@@ -9,6 +9,7 @@ import models.fast_paths as fast_paths
 import models.lowp as lowp
 import models.mlp as mlp
 import models.swin_common as swin_common
+import models.swin_transformer as swin_transformer
 import models.swin_transformer_v2 as swin_v2
 import models.window_ops as window_ops
 import test_models
@@ -172,6 +173,21 @@ def test_official_windows_and_merging_equal_the_fast_ones(cls):
         with fast_paths_enabled(on):
             merged[on] = window_ops.merge_2x2(tokens, 15, 18)
     assert torch.equal(merged[True][0], merged[False][0]) and merged[True][1:] == merged[False][1:] == (8, 9)
+
+
+@pytest.mark.parametrize('version', ['v1', 'v2', 'moe'])
+def test_the_position_bias_and_the_combined_attention_bias_are_contiguous(version):
+    """As in the official code (``permute(2, 0, 1).contiguous()``): a permuted ``(nH, N, N)`` view made every add of
+    the bias to the logits a strided loop, 4 ms instead of 0.3 for one stage-1 block of Swin-T batch 8."""
+    from models.swin_moe import WindowAttentionMoE
+    cls = {'v1': swin_transformer.WindowAttention, 'v2': swin_v2.WindowAttentionV2, 'moe': WindowAttentionMoE}[version]
+    module = cls(32, (4, 4), 2).eval()
+    assert module.position_bias().shape == (2, 16, 16) and module.position_bias().is_contiguous()
+    mask = torch.zeros(3, 16, 16)
+    with torch.no_grad():
+        for m in (None, mask):
+            bias = module.attention_bias(m, torch.bfloat16)
+            assert bias.is_contiguous() and bias.shape == ((3 if m is not None else 1), 2, 16, 16)
 
 
 # ----------------------------------------------------------------------------- setting the switch
