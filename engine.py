@@ -732,7 +732,8 @@ def _measure_fast_paths(config: Any, model: nn.Module, precision: 'Precision', m
         if cached is not None:
             return fast_paths.check_choices(cached), f"cached in {fast_path_cache.cache_path()}"
         start = time.perf_counter()
-        choices, timings = fast_path_select.measure_choices(plain, samples, dtype, device, modes, timer=timer)
+        choices, timings = fast_path_select.measure_choices(plain, samples, dtype, device, modes, timer=timer,
+                                                            forward=lambda: plain(sample))
         spent = time.perf_counter() - start
     where = fast_path_cache.store(key, choices, timings) or 'not cached: the cache file is not writable'
     def base(times: Dict[str, float], label: str) -> float:  # the chosen set is timed against its own all-on run

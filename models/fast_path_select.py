@@ -1,12 +1,16 @@
 """Choosing the named fast paths (``models.fast_paths.PATHS``) by measurement on the machine, as
 ``torch.backends.cudnn.benchmark`` chooses convolution kernels: each path is timed against its plain
-computation on the model's own blocks, at the run's real shapes and autocast dtype, in training (forward and
-backward) and in evaluation (forward, no grad), and kept only where it does not cost time.
+computation on the model's own blocks (and, for evaluation, on whole forwards where the caller gives one), at
+the run's real shapes and autocast dtype, in training (forward and backward) and in evaluation (forward, no
+grad), and kept only where it does not cost time.
 
 Cost: one forward of the model on a sample batch (to catch every block's input), then, per mode, each
 applicable path off in turn and the baseline (all on), interleaved over up to ``rounds`` rounds (within
 ``BUDGET_S``) after a warm-up, on one block per stage (the shifted one where a stage has it), weighted by the
-stage's depth. The fastest round of each counts (as ``timeit`` advises): on a shared machine other processes only
+stage's depth. Evaluation is timed on whole forwards of the sample batch instead where the caller gives one
+(``forward``): on a Zen 5, bf16, the blocks timed apart saw SDPA's cost at 2-3% of the blocks' time, inside the
+margin, where whole forwards (each block's input cold, SDPA's batch-wide mask copy in fresh memory) saw 6-10%;
+a forward costs what the weighted blocks do. The fastest round of each counts (as ``timeit`` advises): on a shared machine other processes only
 ever add time, and a median of a few rounds still swings by factors there (measured on 2 shared cores: the same
 tiny block took 1 ms to 400 ms). Patch embedding, merging and the head run the same computation either way and
 are not timed.
@@ -128,9 +132,17 @@ def _weighted_time(samples: Sequence[_Sample], mode: str, autocast_fn, timer: Ti
     return total
 
 
-def _time_variants(variants: Dict[str, Choices], samples: Sequence[_Sample], mode: str, autocast_fn,
-                   rounds: int, timer: Timer, budget_s: float) -> Dict[str, float]:
-    """The fastest round's time of each variant (choices), the variants interleaved within each round."""
+def _forward_time(forward: Callable[[], object], autocast_fn, timer: Timer) -> float:
+    with torch.no_grad(), autocast_fn():
+        start = timer()
+        forward()
+        return timer() - start
+
+
+def _time_variants(variants: Dict[str, Choices], unit: Callable[[], float], rounds: int, budget_s: float
+                   ) -> Dict[str, float]:
+    """The fastest round's time of each variant (choices), the variants interleaved within each round;
+    ``unit`` runs and times one unit under the choices in force."""
     times: Dict[str, List[float]] = {k: [] for k in variants}
     spent = 0.0  # wall time of the timed rounds (time.perf_counter: the budget is real time)
     for r in range(rounds + 1):  # round 0 warms up (allocator, caches, geometries, oneDNN's primitives)
@@ -139,7 +151,7 @@ def _time_variants(variants: Dict[str, Choices], samples: Sequence[_Sample], mod
         start = time.perf_counter()
         for label, variant in variants.items():
             with fast_path_choices(variant):
-                t = _weighted_time(samples, mode, autocast_fn, timer)
+                t = unit()
             if r:
                 times[label].append(t)
         if r:
@@ -149,11 +161,14 @@ def _time_variants(variants: Dict[str, Choices], samples: Sequence[_Sample], mod
 
 def measure_choices(model: nn.Module, samples: Sequence[_Sample], dtype: Optional[torch.dtype],
                     device: torch.device, modes: Sequence[str] = MODES, rounds: int = 5,
-                    timer: Timer = time.perf_counter,
-                    budget_s: float = BUDGET_S) -> Tuple[Choices, Dict[str, Dict[str, float]]]:
+                    timer: Timer = time.perf_counter, budget_s: float = BUDGET_S,
+                    forward: Optional[Callable[[], object]] = None) -> Tuple[Choices, Dict[str, Dict[str, float]]]:
     """Time each applicable path against its plain computation; returns the choices (all on but the paths
     whose plain computation was faster by more than ``MARGIN``, each alone and then all of them together) and the fastest round's times ``{mode: {'all on':
-    s, 'no <path>': s}}`` (seconds per model-equivalent of the sampled blocks).
+    s, 'no <path>': s}}`` (seconds per model-equivalent of the sampled blocks, or per ``forward``).
+
+    ``forward`` (a closure running ``model`` on a sample batch) times evaluation on whole forwards (no grad,
+    under the autocast dtype) instead of the blocks apart.
 
     The model's parameters' gradients, training flag and the RNG state (dropout, drop path) are as before.
     """
@@ -177,15 +192,20 @@ def measure_choices(model: nn.Module, samples: Sequence[_Sample], dtype: Optiona
                 for name in paths:
                     variants[f'no {name}'] = {m: dict(c, **({name: False} if m == mode else {}))
                                               for m, c in base.items()}
-                medians = _time_variants(variants, samples, mode, autocast_fn, rounds, timer, budget_s)
+                if mode == 'eval' and forward is not None:
+                    def unit() -> float:
+                        return _forward_time(forward, autocast_fn, timer)
+                else:
+                    def unit() -> float:
+                        return _weighted_time(samples, mode, autocast_fn, timer)
+                medians = _time_variants(variants, unit, rounds, budget_s)
                 off = [name for name in paths if medians[f'no {name}'] < (1.0 - MARGIN) * medians['all on']]
                 if off:
                     # Each path was timed off alone; the chosen set is timed together against all on once more
                     # and kept only if it is faster too: paths interact (the oneDNN linear and the chunked MLP
                     # share the MLP's matmuls), and a noisy round can make several look worth switching off.
                     chosen = {m: dict(c, **({n: False for n in off} if m == mode else {})) for m, c in base.items()}
-                    again = _time_variants({'all on': base, 'chosen': chosen}, samples, mode, autocast_fn, rounds,
-                                           timer, budget_s)
+                    again = _time_variants({'all on': base, 'chosen': chosen}, unit, rounds, budget_s)
                     medians['chosen, timed together'] = again['chosen']
                     medians['all on, timed again'] = again['all on']
                     if again['chosen'] >= (1.0 - MARGIN) * again['all on']:

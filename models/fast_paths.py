@@ -77,8 +77,9 @@ MODES = ('train', 'eval')
 # Bumped whenever a path's code changes enough to change what is faster: cached choices (engine's
 # select_fast_paths) are keyed on it, so a machine measures again instead of keeping a choice made for other code.
 # 2: the position bias made contiguous (a permuted bias had slowed every add to it) and the matmul attention of
-# inference adds it in place, which turned SDPA from faster to slower in CPU inference on a Zen 5.
-REVISION = 2
+# inference adds it in place, which turned SDPA from faster to slower in CPU inference on a Zen 5. 3: evaluation
+# timed on whole forwards (models.fast_path_select).
+REVISION = 3
 Choices = Dict[str, Dict[str, bool]]  # mode -> path -> on
 
 

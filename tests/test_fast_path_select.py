@@ -143,6 +143,26 @@ def test_measurement_follows_the_timer_and_leaves_the_model_and_rng_alone():
     assert fast_path_select.applicable_paths('train', None, torch.device('cuda')) == []  # CUDA: nothing timed
 
 
+def test_evaluation_is_timed_on_whole_forwards_when_one_is_given():
+    model = tiny_model()
+    x = torch.randn(4, 3, 32, 32)
+    samples = fast_path_select.capture_blocks(model, lambda: model(x))
+    calls = []
+
+    def forward():
+        calls.append((model.training, torch.is_grad_enabled()))
+        return model(x)
+
+    with fast_paths_enabled(True):
+        choices, timings = fast_path_select.measure_choices(model, samples, None, torch.device('cpu'),
+                                                            modes=['eval'], timer=FakeTimer('sdpa', 'eval', 1.5),
+                                                            forward=forward)
+    assert choices['eval']['sdpa'] is False and timings['eval']['no sdpa'] < timings['eval']['all on']
+    # every timed unit of evaluation was one forward, in eval mode without gradients (at least one per variant
+    # timed: all on, each path off, the chosen set and all on again)
+    assert set(calls) == {(False, False)} and len(calls) >= len(timings['eval'])
+
+
 def test_cpu_identity_and_cache_round_trip(tmp_path):
     info = tmp_path / 'cpuinfo'
     info.write_text('processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: sse avx512_bf16 fma\n\nprocessor\t: 1\n')
