@@ -10,10 +10,10 @@ applicable path off in turn and the baseline (all on), interleaved over up to ``
 stage's depth. Evaluation is timed on whole forwards of the sample batch instead where the caller gives one
 (``forward``): on a Zen 5, bf16, the blocks timed apart saw SDPA's cost at 2-3% of the blocks' time, inside the
 margin, where whole forwards (each block's input cold, SDPA's batch-wide mask copy in fresh memory) saw 6-10%;
-a forward costs what the weighted blocks do. The fastest round of each counts (as ``timeit`` advises): on a shared machine other processes only
-ever add time, and a median of a few rounds still swings by factors there (measured on 2 shared cores: the same
-tiny block took 1 ms to 400 ms). Patch embedding, merging and the head run the same computation either way and
-are not timed.
+a forward costs what the weighted blocks do. The fastest round of each counts (as ``timeit`` advises): on a
+shared machine other processes only ever add time, and a median of a few rounds still swings by factors there
+(measured on 2 shared cores: the same tiny block took 1 ms to 400 ms). Patch embedding, merging and the head
+run the same computation either way and are not timed by the blocks.
 
 No I/O here (models never do I/O): the caller (``engine.select_fast_paths``) caches the result per machine,
 torch version, dtype and the signature this module returns, broadcasts it and records it in checkpoints.
