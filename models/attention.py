@@ -27,14 +27,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         if bias.shape[0] not in (1, q.shape[0]):  # SDPA needs a mask broadcastable to (B*nW, nH, N, N)
             bias = windows_mask(bias, q.shape[0])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-    if not torch.is_grad_enabled() and use_eager_fast_paths():
-        # nothing saved for a backward: the bias goes into the logits' own buffer (one (B*nW, nH, N, N) tensor
-        # fewer to allocate, which on the CPU is fresh pages more often than not)
-        attn = q @ k.transpose(-2, -1)  # (B*nW, nH, N, N)
-        _add_bias_(attn, bias, scale)
-        attn = attn.softmax(dim=-1)
-    else:
-        attn = _biased_logits(q, k, bias, scale).softmax(dim=-1)
+    attn = _biased_logits(q, k, bias, scale).softmax(dim=-1)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)
     return attn @ v
@@ -75,19 +68,19 @@ def cpu_training(t: torch.Tensor) -> bool:
 
 
 def _biased_logits(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale * q @ k^T + bias``, a bias of ``nW`` entries broadcast over the batch (never expanded)."""
+    """``scale * q @ k^T + bias``, a bias of ``nW`` entries broadcast over the batch (never expanded).
+
+    With nothing recorded for a backward (and outside graph capture) the bias goes into the logits' own buffer:
+    one ``(B*nW, nH, N, N)`` tensor fewer to allocate, which on the CPU is fresh pages more often than not."""
     windows, heads, n, _ = q.shape
-    attn = q @ k.transpose(-2, -1)
+    attn = q @ k.transpose(-2, -1)  # (B*nW, nH, N, N)
     if bias.shape[0] not in (1, windows):
         attn = attn.view(-1, bias.shape[0], heads, n, n)
-    return (attn + bias if scale == 1.0 else torch.add(bias, attn, alpha=scale)).view(windows, heads, n, n)
-
-
-def _add_bias_(attn: torch.Tensor, bias: torch.Tensor, scale: float) -> None:
-    """``attn = scale * attn + bias`` in place, a bias of ``nW`` entries broadcast over the batch."""
-    windows, heads, n, _ = attn.shape
-    view = attn.view(-1, bias.shape[0], heads, n, n) if bias.shape[0] not in (1, windows) else attn
-    torch.add(bias, view, alpha=scale, out=view)
+    if not torch.is_grad_enabled() and use_eager_fast_paths():
+        attn = torch.add(bias, attn, alpha=scale, out=attn)
+    else:
+        attn = attn + bias if scale == 1.0 else torch.add(bias, attn, alpha=scale)
+    return attn.view(windows, heads, n, n)
 
 
 class _SplitHeads(torch.autograd.Function):

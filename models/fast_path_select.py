@@ -22,6 +22,7 @@ On CUDA nothing is timed (today's choices, all on, are kept): see :func:`applica
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -192,12 +193,9 @@ def measure_choices(model: nn.Module, samples: Sequence[_Sample], dtype: Optiona
                 for name in paths:
                     variants[f'no {name}'] = {m: dict(c, **({name: False} if m == mode else {}))
                                               for m, c in base.items()}
-                if mode == 'eval' and forward is not None:
-                    def unit() -> float:
-                        return _forward_time(forward, autocast_fn, timer)
-                else:
-                    def unit() -> float:
-                        return _weighted_time(samples, mode, autocast_fn, timer)
+                unit = functools.partial(_forward_time, forward, autocast_fn, timer) \
+                    if mode == 'eval' and forward is not None \
+                    else functools.partial(_weighted_time, samples, mode, autocast_fn, timer)
                 medians = _time_variants(variants, unit, rounds, budget_s)
                 off = [name for name in paths if medians[f'no {name}'] < (1.0 - MARGIN) * medians['all on']]
                 if off:

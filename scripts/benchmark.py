@@ -318,15 +318,11 @@ def run(args: argparse.Namespace) -> List[dict]:
             raise SystemExit('--ort runs ONNX Runtime on the CPU: use it with --device cpu')
         if 'ours' not in args.impls:
             raise SystemExit('--ort runs ours exported to ONNX: keep ours among --impls')
-    malloc = 'n/a'
-    if device.type == 'cpu':
-        malloc = 'default'
-        if args.keep_freed_memory:
-            if not keep_freed_cpu_memory():
-                raise SystemExit('--keep-freed-memory needs Linux with glibc (mallopt)')
-            malloc = 'freed blocks kept'
-    elif args.keep_freed_memory:
+    if args.keep_freed_memory and device.type != 'cpu':
         raise SystemExit('--keep-freed-memory sets the CPU allocator: use it with --device cpu')
+    if args.keep_freed_memory and not keep_freed_cpu_memory():
+        raise SystemExit('--keep-freed-memory needs Linux with glibc (mallopt)')
+    malloc = 'n/a' if device.type != 'cpu' else 'freed blocks kept' if args.keep_freed_memory else 'default'
     contenders = build_contenders(args.model, device, impls=args.impls)
     iters = args.iters or (10 if device.type == 'cuda' else 1)
     warmup = max(args.warmup, 1) if args.compile else args.warmup  # compile time is the first calls'

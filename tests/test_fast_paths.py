@@ -17,6 +17,7 @@ import test_simmim
 from config import load_config
 from models import SwinTransformer, SwinTransformerV2, build_model
 from models.fast_paths import fast_paths_enabled, use_fast_paths
+from models.swin_moe import WindowAttentionMoE
 
 SMALL = test_models.SMALL
 BF16 = torch.bfloat16
@@ -179,7 +180,6 @@ def test_official_windows_and_merging_equal_the_fast_ones(cls):
 def test_the_position_bias_and_the_combined_attention_bias_are_contiguous(version):
     """As in the official code (``permute(2, 0, 1).contiguous()``): a permuted ``(nH, N, N)`` view made every add of
     the bias to the logits a strided loop, 4 ms instead of 0.3 for one stage-1 block of Swin-T batch 8."""
-    from models.swin_moe import WindowAttentionMoE
     cls = {'v1': swin_transformer.WindowAttention, 'v2': swin_v2.WindowAttentionV2, 'moe': WindowAttentionMoE}[version]
     module = cls(32, (4, 4), 2).eval()
     assert module.position_bias().shape == (2, 16, 16) and module.position_bias().is_contiguous()
