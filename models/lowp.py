@@ -12,8 +12,8 @@ an AMD EPYC Zen 5 ran Swin's shapes at 81-199 GFLOP/s against 110-460 for oneDNN
 _linear_pointwise``, the kernel inductor calls for CPU linears; 2 threads, docs/BENCHMARKS.md); in bf16 under
 autocast, ``F.linear`` ran 280-630 GFLOP/s and oneDNN's linear on the same bf16 operands 420-800, the most on
 the narrow first-stage layers (C = 96). Where the selection (``models.fast_path_select``) measures it faster
-on the machine, a linear layer's forward and its input gradient take oneDNN; the weight gradient (a reduction
-over the rows, where MKL was as fast or faster) stays ``mm``. Without a gradient to record, the MLP's GELU is
+on the machine, a linear layer's forward and its input gradient take oneDNN, and so does its weight gradient
+(a reduction over the rows) in fp32; in bf16 that one stays aten's ``mm`` (:func:`weight_grad_mm`). Without a gradient to record, the MLP's GELU is
 fused into fc1's GEMM (oneDNN's erf GELU post-op: one pass over the 4C-wide output instead of two). The same
 products and sums in another order: outputs agree to rounding.
 
@@ -188,17 +188,33 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 def mm(a: torch.Tensor, b: torch.Tensor, kernel: Optional[str] = None) -> torch.Tensor:
     """``a @ b`` for 2-D operands of one dtype (no autograd) through ``kernel`` (see :func:`linear_kernel`;
-    a backward passes its forward's, as it runs without grad mode; None: decide now)."""
+    a backward passes its forward's, as it runs without grad mode; None: decide now).
+
+    oneDNN's linear takes ``b.t()`` as the strided view it is: a contiguous copy of it (a transposed copy of
+    the weight at every input gradient) cost more than it saved. Measured on a Zen 5 (2 threads), the input
+    gradients of one Swin-T batch-8 step: fp32 143 ms on the view, 178 with the copy (MKL's mm: 311); bf16
+    72 ms on the view, 87 with the copy (aten's mm: 72). The same products either way (bitwise here)."""
     kernel = kernel or linear_kernel(a.dtype, a.device)
     if kernel == 'upcast':
         return a.float().mm(b.float()).to(a.dtype)
     if kernel == 'onednn':
-        return _onednn_linear(a, b.t().contiguous(), None)
+        return _onednn_linear(a, b.t(), None)
     return a.mm(b)
 
 
+def weight_grad_mm(grad: torch.Tensor, x: torch.Tensor, kernel: str) -> torch.Tensor:
+    """``grad.t() @ x``, a linear layer's ``(N, K)`` weight gradient from its ``(M, N)`` output gradient and
+    ``(M, K)`` input: a reduction over the M rows (no autograd). Through ``kernel`` (the forward's), except that
+    oneDNN takes it only in fp32: the weight gradients of one Swin-T batch-8 step on a Zen 5 (2 threads) took
+    270 ms through oneDNN on the two transposed views against 339 through MKL's mm, but in bf16 136 against 89
+    through aten's mm (itself oneDNN's matmul)."""
+    if kernel == 'onednn' and grad.dtype == torch.float32:
+        return _onednn_linear(grad.t(), x.t(), None)
+    return mm(grad.t(), x, 'upcast' if kernel == 'upcast' else 'aten')
+
+
 class _OneDnnLinear(torch.autograd.Function):
-    """``F.linear`` with oneDNN's forward and input gradient; the weight gradient by ``mm`` (see above)."""
+    """``F.linear`` with oneDNN's forward and input gradient; the weight gradient by :func:`weight_grad_mm`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -211,7 +227,7 @@ class _OneDnnLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)  # (M, N)
         grad_x = mm(grad, weight, 'onednn').view(x.shape) if ctx.needs_input_grad[0] else None  # (M, K)
-        grad_w = grad.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None  # (N, K)
+        grad_w = weight_grad_mm(grad, x.reshape(-1, x.shape[-1]), 'onednn') if ctx.needs_input_grad[1] else None
         grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 

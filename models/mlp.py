@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fast_paths import use_eager_fast_path
-from .lowp import Linear, autocast_dtype, cast_weight, linear, linear_kernel, mm
+from .lowp import Linear, autocast_dtype, cast_weight, linear, linear_kernel, mm, weight_grad_mm
 
 # Chunking pays when the whole 4C-wide intermediate would be large enough to be mmapped afresh (glibc's
 # threshold tops out at 32 MiB); then chunks hold about CHUNK_BYTES each. Measured on Swin-T, 2 CPU cores:
@@ -98,8 +98,8 @@ class _ChunkedMlp(torch.autograd.Function):
         compute = hidden[0].dtype
         grad_out = grad_out.to(compute)
         w1c, w2c = w1.to(compute), w2.to(compute)
-        grad_w1 = torch.zeros_like(w1)
-        grad_w2 = torch.zeros_like(w2)
+        grad_w1: Optional[torch.Tensor] = None  # (accumulated over the chunks)
+        grad_w2: Optional[torch.Tensor] = None
         grad_b1 = w1.new_zeros(w1.shape[0]) if ctx.has_b1 else None
         grad_b2 = grad_out.sum(0, dtype=w2.dtype) if ctx.has_b2 else None
         grad_nw = torch.zeros_like(norm_weight) if normed and ctx.needs_input_grad[2] else None
@@ -115,9 +115,9 @@ class _ChunkedMlp(torch.autograd.Function):
             else:
                 xn = xc
             xn = xn.to(compute)
-            _accumulate_mm(grad_w2, gc.t(), F.gelu(h), ctx.kernel)
+            grad_w2 = _accumulate_weight_grad(grad_w2, gc, F.gelu(h), ctx.kernel, w2.dtype)
             grad_h = torch.ops.aten.gelu_backward(mm(gc, w2c, ctx.kernel), h)
-            _accumulate_mm(grad_w1, grad_h.t(), xn, ctx.kernel)
+            grad_w1 = _accumulate_weight_grad(grad_w1, grad_h, xn, ctx.kernel, w1.dtype)
             if grad_b1 is not None:
                 grad_b1 += grad_h.sum(0, dtype=grad_b1.dtype)
             grad_xn = mm(grad_h, w1c, ctx.kernel)
@@ -135,14 +135,12 @@ class _ChunkedMlp(torch.autograd.Function):
         return grad_x, None, grad_nw, grad_nb, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
 
 
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kernel: str) -> None:
-    """``acc += a @ b`` (a weight gradient); in place when the dtypes agree, else through the product's dtype
-    (autocast). oneDNN's linear is not taken: it wants ``b`` transposed (a copy of the activations), and MKL
-    was as fast on these reductions over the rows (``lowp`` module doc)."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    else:
-        acc += mm(a, b, 'upcast' if kernel == 'upcast' else 'aten').to(acc.dtype)
+def _accumulate_weight_grad(acc: Optional[torch.Tensor], grad: torch.Tensor, x: torch.Tensor, kernel: str,
+                            dtype: torch.dtype) -> torch.Tensor:
+    """``acc + grad.t() @ x`` in ``dtype`` (the weight's), a chunk's share of a weight gradient; ``acc`` None: the
+    first chunk's."""
+    share = weight_grad_mm(grad, x, kernel).to(dtype)
+    return share if acc is None else acc.add_(share)
 
 
 class Mlp(nn.Module):

@@ -361,6 +361,33 @@ def test_the_onednn_linear_equals_f_linear_with_gradients(dtype):
         assert lowp.linear_kernel(dtype, x.device) == 'aten'
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, BF16], ids=['fp32', 'bf16-autocast'])
+def test_the_onednn_backward_takes_transposed_views_not_copies(monkeypatch, dtype):
+    """The input gradient reads the weight through its transposed view, and in fp32 the weight gradient reads
+    the output gradient and the input that way too (``lowp.mm``, ``lowp.weight_grad_mm``): a transposed copy of
+    every weight at every step cost more than oneDNN saved. In bf16 the weight gradient is aten's mm."""
+    if not lowp.onednn_supports(dtype):
+        pytest.skip(f'no oneDNN linear for {dtype} here (no oneDNN, or no native bf16)')
+    seen = []
+    original = lowp._onednn_linear
+    monkeypatch.setattr(lowp, '_onednn_linear', lambda x, w, b, post_op='none': seen.append((x, w)) or
+                        original(x, w, b, post_op))
+    x = torch.randn(3, 50, 96, requires_grad=True)
+    layer = lowp.Linear(96, 384)
+    with fast_paths_enabled(True), fast_path_choices(only('onednn_linear')), \
+            torch.autocast('cpu', dtype=BF16, enabled=dtype == BF16):
+        out = layer(x)
+        del seen[:]  # the forward's call
+        out.float().square().sum().backward()
+    assert len(seen) == (2 if dtype == torch.float32 else 1)
+    grad_input = seen[0]
+    assert grad_input[1].shape == (96, 384) and grad_input[1].stride() == (1, 96)  # the (384, 96) weight, transposed
+    if dtype == torch.float32:
+        grad, inputs = seen[1]
+        assert grad.shape == (384, 150) and grad.stride() == (1, 384)  # (M, N) output gradient, transposed
+        assert inputs.shape == (96, 150) and inputs.stride() == (1, 96)  # (M, K) input, transposed
+
+
 def test_inference_keeps_the_cast_weight_until_the_weight_changes():
     """CPU inference under autocast keeps each weight's bf16 copy (``lowp.cast_weight``): the same tensor while
     the weight is unchanged, a fresh one after an in-place update or a new storage, none kept while a gradient
