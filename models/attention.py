@@ -27,7 +27,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         if bias.shape[0] not in (1, q.shape[0]):  # SDPA needs a mask broadcastable to (B*nW, nH, N, N)
             bias = windows_mask(bias, q.shape[0])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-    attn = _biased_logits(q, k, bias, scale).softmax(dim=-1)
+    attn = _biased_logits(q, k, bias, scale)
+    attn = _softmax_in_place(attn) if _softmax_in_place_applies(attn) else attn.softmax(dim=-1)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)
     return attn @ v
@@ -81,6 +82,34 @@ def _biased_logits(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, scale: 
     else:
         attn = attn + bias if scale == 1.0 else torch.add(bias, attn, alpha=scale)
     return attn.view(windows, heads, n, n)
+
+
+# The rows of fp32 a chunk of :func:`_softmax_in_place` holds: small enough to stay in cache and on the
+# allocator's free lists, large enough that the loop costs nothing (2 threads, Zen 5: 1 MiB chunks 15.0 ms, 4 MiB
+# 14.6 ms, 256 KiB 18.7 ms a Swin-T batch-8 forward's softmaxes, with glibc keeping freed blocks).
+SOFTMAX_CHUNK_BYTES = 4 << 20
+
+
+def _softmax_in_place_applies(attn: torch.Tensor) -> bool:
+    """Whether the low-precision CPU logits ``attn`` take :func:`_softmax_in_place`: no gradient recorded (its
+    buffer is overwritten), eager fast paths."""
+    return attn.dtype in (torch.bfloat16, torch.float16) and attn.device.type == 'cpu' and attn.is_contiguous() \
+        and not torch.is_grad_enabled() and use_eager_fast_paths()
+
+
+def _softmax_in_place(attn: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim of contiguous low-precision CPU logits, written back into their buffer: each
+    chunk of rows converted to fp32, softmaxed there and rounded once, as the bf16 kernel also computes (in fp32).
+
+    Why: PyTorch's CPU softmax on a bf16 last dim of N = 49 ran at about 2/3 the speed of its fp32 kernel on
+    the same values converted (Zen 5, 2 threads, a Swin-T batch-8 forward's softmaxes: 19.0 ms in bf16, 14.6 ms
+    this way; with glibc's default malloc 25.4 and 21.8 ms), and it needs no output buffer."""
+    rows = attn.view(-1, attn.shape[-1])
+    step = max(1, SOFTMAX_CHUNK_BYTES // (4 * rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start:start + step]
+        chunk.copy_(torch.softmax(chunk, -1, dtype=torch.float32))
+    return attn
 
 
 class _SplitHeads(torch.autograd.Function):

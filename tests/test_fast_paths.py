@@ -16,7 +16,7 @@ import test_models
 import test_simmim
 from config import load_config
 from models import SwinTransformer, SwinTransformerV2, build_model
-from models.fast_paths import fast_paths_enabled, use_fast_paths
+from models.fast_paths import fast_path_choices, fast_paths_enabled, use_fast_paths
 from models.swin_moe import WindowAttentionMoE
 
 SMALL = test_models.SMALL
@@ -76,6 +76,7 @@ def spy_on_fast_paths(monkeypatch) -> dict:
     spy(swin_v2, 'window_attention', 'fast attention V2')
     spy(attention.F, 'scaled_dot_product_attention', 'SDPA')
     spy(attention, '_biased_logits', 'fused scale-add')
+    spy(attention, '_softmax_in_place', 'softmax in place')
     spy(attention.WindowAttentionBase, 'attention_bias', 'combined bias (cached)')
     spy(window_ops.GeometryCache, 'get', 'geometry cache')
     spy(window_ops.WindowGeometry, 'partition', 'window gather')
@@ -118,12 +119,15 @@ def test_switch_off_takes_no_fast_path_and_gives_the_same_outputs(monkeypatch, c
     model = test_models.randomize(cls(img_size=32, window_size=4, num_classes=10, drop_path_rate=0.0, **SMALL))
     x = torch.randn(2, 3, 32, 32)  # 8x8 tokens: shifted windows of 4, no padding (the permutation path)
     calls = spy_on_fast_paths(monkeypatch)
-    results = {}
+    results, matmul_infer = {}, {}
     for on in (True, False):
         for key in calls:
             calls[key] = 0
         with fast_paths_enabled(on):
             results[on] = {dtype: run_model(model, x, dtype) for dtype in (torch.float32, BF16)}
+            # bf16 inference on the matmul attention (SDPA takes it above): its in-place bias add and softmax
+            with fast_path_choices({'eval': {'sdpa': False}}), torch.no_grad(), torch.autocast('cpu', dtype=BF16):
+                matmul_infer[on] = model(x).float()
         fast = {key: n for key, n in calls.items() if key not in OFFICIAL}
         if on:
             # V2 recomputes no attention input; each model calls its own module's window_attention
@@ -145,7 +149,8 @@ def test_switch_off_takes_no_fast_path_and_gives_the_same_outputs(monkeypatch, c
             # precision of fp32, gradients within 5% of each other
             fp32_out, fp32_infer, _ = results[False][torch.float32]
             scale = fp32_out.abs().max().item()
-            for a, b in ((out_on, fp32_out), (out_off, fp32_out), (infer_on, fp32_infer), (infer_off, fp32_infer)):
+            for a, b in ((out_on, fp32_out), (out_off, fp32_out), (infer_on, fp32_infer), (infer_off, fp32_infer),
+                         (matmul_infer[True], fp32_infer), (matmul_infer[False], fp32_infer)):
                 assert (a - b).abs().max().item() < 0.03 * scale
             assert (grad_on - grad_off).norm() < 0.05 * grad_off.norm()
 
@@ -188,6 +193,30 @@ def test_the_position_bias_and_the_combined_attention_bias_are_contiguous(versio
         for m in (None, mask):
             bias = module.attention_bias(m, torch.bfloat16)
             assert bias.is_contiguous() and bias.shape == ((3 if m is not None else 1), 2, 16, 16)
+
+
+@pytest.mark.parametrize('dtype', [BF16, torch.float16])
+def test_the_in_place_softmax_of_inference_equals_softmax_in_every_chunk(monkeypatch, dtype):
+    """Low-precision CPU logits without gradients: softmax in fp32 chunk by chunk (a last chunk shorter), written
+    into the logits' own buffer, equal to ``softmax`` to one rounding of the low-precision result; not taken with
+    gradients, for fp32, or with the switch off."""
+    monkeypatch.setattr(attention, 'SOFTMAX_CHUNK_BYTES', 4 * 49 * 5)  # 5 rows of 49 a chunk: 3 * 7 * 49 rows
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 7, 49, 49) * 4).to(dtype)
+    want = logits.float().softmax(-1)
+    with torch.no_grad():
+        assert attention._softmax_in_place_applies(logits)
+        buffer = logits.clone()
+        got = attention._softmax_in_place(buffer)
+    assert got.data_ptr() == buffer.data_ptr() and got.dtype == dtype
+    assert torch.equal(got, want.to(dtype))  # fp32 softmax rounded once: the reference itself
+    assert (got.float() - logits.softmax(-1).float()).abs().max() <= torch.finfo(dtype).eps  # the native kernel
+    assert not attention._softmax_in_place_applies(logits)  # gradients recorded (grad mode on here)
+    with torch.no_grad():
+        assert not attention._softmax_in_place_applies(logits.float())
+        assert not attention._softmax_in_place_applies(logits.transpose(-2, -1))
+        with fast_paths_enabled(False):
+            assert not attention._softmax_in_place_applies(logits)
 
 
 # ----------------------------------------------------------------------------- setting the switch
