@@ -736,8 +736,8 @@ def _measure_fast_paths(config: Any, model: nn.Module, precision: 'Precision', m
                                                             forward=lambda: plain(sample))
         spent = time.perf_counter() - start
     where = fast_path_cache.store(key, choices, timings) or 'not cached: the cache file is not writable'
-    def base(times: Dict[str, float], label: str) -> float:  # the chosen set is timed against its own all-on run
-        return times['all on, timed again'] if label.startswith('chosen') else times['all on']
+    def base(times: Dict[str, float], label: str) -> float:  # a together-timing against its own all-on run
+        return times[fast_path_select.BASELINE_OF.get(label, 'all on')]
     ratios = '; '.join(f"{mode}: " + ', '.join(f"{label} {t / base(times, label):.2f}x" for label, t in times.items()
                                                if not label.startswith('all on')) for mode, times in timings.items())
     return choices, f"measured in {spent:.1f} s, time without each relative to all on: {ratios}; saved to {where}"

@@ -1,19 +1,20 @@
 """Choosing the named fast paths (``models.fast_paths.PATHS``) by measurement on the machine, as
 ``torch.backends.cudnn.benchmark`` chooses convolution kernels: each path is timed against its plain
-computation on the model's own blocks (and, for evaluation, on whole forwards where the caller gives one), at
-the run's real shapes and autocast dtype, in training (forward and backward) and in evaluation (forward, no
-grad), and kept only where it does not cost time.
+computation on whole steps of the model where the caller gives one (else on the model's own blocks), at the
+run's real shapes and autocast dtype, in training (forward and backward) and in evaluation (forward, no grad),
+and kept only where it does not cost time.
 
-Cost: one forward of the model on a sample batch (to catch every block's input), then, per mode, each
-applicable path off in turn and the baseline (all on), interleaved over up to ``rounds`` rounds (within
-``BUDGET_S``) after a warm-up, on one block per stage (the shifted one where a stage has it), weighted by the
-stage's depth. Evaluation is timed on whole forwards of the sample batch instead where the caller gives one
-(``forward``): on a Zen 5, bf16, the blocks timed apart saw SDPA's cost at 2-3% of the blocks' time, inside the
-margin, where whole forwards (each block's input cold, SDPA's batch-wide mask copy in fresh memory) saw 6-10%;
-a forward costs what the weighted blocks do. The fastest round of each counts (as ``timeit`` advises): on a
+Cost: one forward of the model on a sample batch (to catch every block's input: the cache key), then, per mode,
+each applicable path off in turn and the baseline (all on), interleaved over up to ``rounds`` rounds (within
+``BUDGET_S``, at least ``MIN_ROUNDS``) after a warm-up, each a whole step of the sample batch: a forward in
+evaluation, a forward and backward in training (the optimizer runs the same either way). Without a step from
+the caller, one block per stage (the shifted one where a stage has it) weighted by the stage's depth: about a
+third of a step, but blind to what happens between blocks. Measured on a Zen 5, bf16: the blocks timed apart saw
+SDPA's cost in evaluation at 2-3%, inside the margin, where whole forwards (each block's input cold, SDPA's
+batch-wide mask copy in fresh memory) saw 6-10%; in training they saw 0.87x of all on without the chunked MLP
+where interleaved whole steps measured 0.93-0.99x. The fastest round of each counts (as ``timeit`` advises): on a
 shared machine other processes only ever add time, and a median of a few rounds still swings by factors there
-(measured on 2 shared cores: the same tiny block took 1 ms to 400 ms). Patch embedding, merging and the head
-run the same computation either way and are not timed by the blocks.
+(measured on 2 shared cores: the same tiny block took 1 ms to 400 ms).
 
 No I/O here (models never do I/O): the caller (``engine.select_fast_paths``) caches the result per machine,
 torch version, dtype and the signature this module returns, broadcasts it and records it in checkpoints.
@@ -140,6 +141,21 @@ def _forward_time(forward: Callable[[], object], autocast_fn, timer: Timer) -> f
         return timer() - start
 
 
+def _train_step_time(forward: Callable[[], torch.Tensor], model: nn.Module, autocast_fn, timer: Timer) -> float:
+    """One training step's forward and backward of the whole model (no optimizer: it runs the same either way)."""
+    model.zero_grad(set_to_none=True)
+    start = timer()
+    with autocast_fn():
+        out = forward()
+    out.float().sum().backward()
+    return timer() - start
+
+
+# The together-timings of measure_choices and the all-on timing each is compared with.
+BASELINE_OF = {'chosen, timed together': 'all on, timed again',
+               'best alone, timed together': 'all on, timed again (best alone)'}
+
+
 def _time_variants(variants: Dict[str, Choices], unit: Callable[[], float], rounds: int, budget_s: float
                    ) -> Dict[str, float]:
     """The fastest round's time of each variant (choices), the variants interleaved within each round;
@@ -163,13 +179,21 @@ def _time_variants(variants: Dict[str, Choices], unit: Callable[[], float], roun
 def measure_choices(model: nn.Module, samples: Sequence[_Sample], dtype: Optional[torch.dtype],
                     device: torch.device, modes: Sequence[str] = MODES, rounds: int = 5,
                     timer: Timer = time.perf_counter, budget_s: float = BUDGET_S,
-                    forward: Optional[Callable[[], object]] = None) -> Tuple[Choices, Dict[str, Dict[str, float]]]:
-    """Time each applicable path against its plain computation; returns the choices (all on but the paths
-    whose plain computation was faster by more than ``MARGIN``, each alone and then all of them together) and the fastest round's times ``{mode: {'all on':
-    s, 'no <path>': s}}`` (seconds per model-equivalent of the sampled blocks, or per ``forward``).
+                    forward: Optional[Callable[[], torch.Tensor]] = None
+                    ) -> Tuple[Choices, Dict[str, Dict[str, float]]]:
+    """Time each applicable path against its plain computation; returns the choices and the fastest round's
+    times ``{mode: {'all on': s, 'no <path>': s, ...}}`` (seconds per model-equivalent of the sampled blocks, or
+    per whole step where ``forward`` is given).
 
-    ``forward`` (a closure running ``model`` on a sample batch) times evaluation on whole forwards (no grad,
-    under the autocast dtype) instead of the blocks apart.
+    A path is chosen off when the time without it was shorter by more than ``MARGIN``; the paths so chosen are
+    then timed off together against all on once more and kept off only if that is faster too (paths interact:
+    the oneDNN linear and the chunked MLP share the MLP's matmuls, and a noisy round can make several look worth
+    switching off); where it is not and several were chosen, the one whose absence saved the most is timed alone
+    against all on in the same way.
+
+    ``forward`` (a closure running ``model`` on a sample batch and returning its output) times whole steps
+    instead of the blocks apart: evaluation on forwards (no grad), training on forward and backward of the output's
+    sum (see the module doc).
 
     The model's parameters' gradients, training flag and the RNG state (dropout, drop path) are as before.
     """
@@ -182,6 +206,10 @@ def measure_choices(model: nn.Module, samples: Sequence[_Sample], dtype: Optiona
         return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     base = get_fast_path_choices()
+
+    def without(names: Sequence[str], mode: str) -> Choices:
+        return {m: dict(c, **({n: False for n in names} if m == mode else {})) for m, c in base.items()}
+
     try:
         with torch.random.fork_rng(devices=[]):
             for mode in modes:
@@ -189,26 +217,26 @@ def measure_choices(model: nn.Module, samples: Sequence[_Sample], dtype: Optiona
                 if not paths:
                     continue
                 model.train(mode == 'train')
-                variants = {'all on': base}
-                for name in paths:
-                    variants[f'no {name}'] = {m: dict(c, **({name: False} if m == mode else {}))
-                                              for m, c in base.items()}
-                unit = functools.partial(_forward_time, forward, autocast_fn, timer) \
-                    if mode == 'eval' and forward is not None \
-                    else functools.partial(_weighted_time, samples, mode, autocast_fn, timer)
+                variants = {'all on': base, **{f'no {name}': without([name], mode) for name in paths}}
+                if forward is None:
+                    unit = functools.partial(_weighted_time, samples, mode, autocast_fn, timer)
+                elif mode == 'eval':
+                    unit = functools.partial(_forward_time, forward, autocast_fn, timer)
+                else:
+                    unit = functools.partial(_train_step_time, forward, model, autocast_fn, timer)
                 medians = _time_variants(variants, unit, rounds, budget_s)
-                off = [name for name in paths if medians[f'no {name}'] < (1.0 - MARGIN) * medians['all on']]
-                if off:
-                    # Each path was timed off alone; the chosen set is timed together against all on once more
-                    # and kept only if it is faster too: paths interact (the oneDNN linear and the chunked MLP
-                    # share the MLP's matmuls), and a noisy round can make several look worth switching off.
-                    chosen = {m: dict(c, **({n: False for n in off} if m == mode else {})) for m, c in base.items()}
-                    again = _time_variants({'all on': base, 'chosen': chosen}, unit, rounds, budget_s)
-                    medians['chosen, timed together'] = again['chosen']
-                    medians['all on, timed again'] = again['all on']
-                    if again['chosen'] >= (1.0 - MARGIN) * again['all on']:
-                        off = []
-                for name in off:
+                off = sorted((name for name in paths if medians[f'no {name}'] < (1.0 - MARGIN) * medians['all on']),
+                             key=lambda name: medians[f'no {name}'])
+                candidates = [('chosen, timed together', off)] + \
+                    ([('best alone, timed together', off[:1])] if len(off) > 1 else [])
+                chosen: List[str] = []
+                for label, names in candidates if off else []:
+                    again = _time_variants({'all on': base, 'chosen': without(names, mode)}, unit, rounds, budget_s)
+                    medians[label], medians[BASELINE_OF[label]] = again['chosen'], again['all on']
+                    if again['chosen'] < (1.0 - MARGIN) * again['all on']:
+                        chosen = names
+                        break
+                for name in chosen:
                     choices[mode][name] = False
                 timings[mode] = medians
     finally:

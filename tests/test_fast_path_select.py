@@ -163,6 +163,52 @@ def test_evaluation_is_timed_on_whole_forwards_when_one_is_given():
     assert set(calls) == {(False, False)} and len(calls) >= len(timings['eval'])
 
 
+class SetTimer:
+    """A clock charging each timed unit by which of ``costs``' paths are off in ``mode`` (a frozenset of names ->
+    cost; any other set costs 1)."""
+
+    def __init__(self, mode: str, costs: dict):
+        self.mode, self.costs, self.now, self.readings = mode, costs, 0.0, 0
+
+    def __call__(self) -> float:
+        self.readings += 1
+        if self.readings % 2 == 0:
+            off = frozenset(n for n, on in fast_paths.get_fast_path_choices()[self.mode].items() if not on)
+            self.now += self.costs.get(off, 1.0)
+        return self.now
+
+
+def test_training_is_timed_on_whole_steps_and_a_failed_set_falls_back_to_the_best_path_alone():
+    """With ``forward`` training is timed on whole forward + backward steps of the model in training mode; two
+    paths that each save time alone but cost time together: the one that saved the most is timed alone again
+    and chosen off; the gradients are as before."""
+    model = tiny_model()
+    x = torch.randn(4, 3, 32, 32)
+    samples = fast_path_select.capture_blocks(model, lambda: model(x))
+    calls = []
+
+    def forward():
+        calls.append((model.training, torch.is_grad_enabled()))
+        return model(x)
+
+    a, b = 'chunked_mlp', 'permute_backward'
+    costs = {frozenset([a]): 0.8, frozenset([b]): 0.9, frozenset([a, b]): 1.2}
+    with fast_paths_enabled(True):
+        choices, timings = fast_path_select.measure_choices(model, samples, None, torch.device('cpu'),
+                                                            modes=['train'], timer=SetTimer('train', costs),
+                                                            forward=forward)
+    assert [n for n, on in choices['train'].items() if not on] == [a]
+    assert timings['train']['chosen, timed together'] > timings['train']['all on, timed again']
+    assert timings['train']['best alone, timed together'] < timings['train']['all on, timed again (best alone)']
+    assert set(calls) == {(True, True)} and all(p.grad is None for p in model.parameters())
+    with fast_paths_enabled(True):  # both off together is the fastest: no fallback timed
+        choices, timings = fast_path_select.measure_choices(
+            model, samples, None, torch.device('cpu'), modes=['train'], forward=forward,
+            timer=SetTimer('train', {**costs, frozenset([a, b]): 0.7}))
+    assert sorted(n for n, on in choices['train'].items() if not on) == sorted([a, b])
+    assert 'best alone, timed together' not in timings['train']
+
+
 def test_cpu_identity_and_cache_round_trip(tmp_path):
     info = tmp_path / 'cpuinfo'
     info.write_text('processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: sse avx512_bf16 fma\n\nprocessor\t: 1\n')
