@@ -13,9 +13,9 @@ _linear_pointwise``, the kernel inductor calls for CPU linears; 2 threads, docs/
 autocast, ``F.linear`` ran 280-630 GFLOP/s and oneDNN's linear on the same bf16 operands 420-800, the most on
 the narrow first-stage layers (C = 96). Where the selection (``models.fast_path_select``) measures it faster
 on the machine, a linear layer's forward and its input gradient take oneDNN, and so does its weight gradient
-(a reduction over the rows) in fp32; in bf16 that one stays aten's ``mm`` (:func:`weight_grad_mm`). Without a gradient to record, the MLP's GELU is
-fused into fc1's GEMM (oneDNN's erf GELU post-op: one pass over the 4C-wide output instead of two). The same
-products and sums in another order: outputs agree to rounding.
+(a reduction over the rows) in fp32; in bf16 that one stays aten's ``mm`` (:func:`weight_grad_mm`). Without a
+gradient to record, the MLP's GELU is fused into fc1's GEMM (oneDNN's erf GELU post-op: one pass over the
+4C-wide output instead of two). The same products and sums in another order: outputs agree to rounding.
 
 ``linear`` and :class:`Linear` apply these, and also run under autocast the way ``F.linear`` would.
 """
