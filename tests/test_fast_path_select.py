@@ -143,7 +143,9 @@ def test_measurement_follows_the_timer_and_leaves_the_model_and_rng_alone():
     assert fast_path_select.applicable_paths('train', None, torch.device('cuda')) == []  # CUDA: nothing timed
 
 
-def test_evaluation_is_timed_on_whole_forwards_when_one_is_given():
+def model_with_recorded_forward():
+    """The tiny model, its captured blocks, a forward of a sample batch, and the list where each call of that
+    forward records (training mode, grad enabled)."""
     model = tiny_model()
     x = torch.randn(4, 3, 32, 32)
     samples = fast_path_select.capture_blocks(model, lambda: model(x))
@@ -153,6 +155,11 @@ def test_evaluation_is_timed_on_whole_forwards_when_one_is_given():
         calls.append((model.training, torch.is_grad_enabled()))
         return model(x)
 
+    return model, samples, forward, calls
+
+
+def test_evaluation_is_timed_on_whole_forwards_when_one_is_given():
+    model, samples, forward, calls = model_with_recorded_forward()
     with fast_paths_enabled(True):
         choices, timings = fast_path_select.measure_choices(model, samples, None, torch.device('cpu'),
                                                             modes=['eval'], timer=FakeTimer('sdpa', 'eval', 1.5),
@@ -182,15 +189,7 @@ def test_training_is_timed_on_whole_steps_and_a_failed_set_falls_back_to_the_bes
     """With ``forward`` training is timed on whole forward + backward steps of the model in training mode; two
     paths that each save time alone but cost time together: the one that saved the most is timed alone again
     and chosen off; the gradients are as before."""
-    model = tiny_model()
-    x = torch.randn(4, 3, 32, 32)
-    samples = fast_path_select.capture_blocks(model, lambda: model(x))
-    calls = []
-
-    def forward():
-        calls.append((model.training, torch.is_grad_enabled()))
-        return model(x)
-
+    model, samples, forward, calls = model_with_recorded_forward()
     a, b = 'chunked_mlp', 'permute_backward'
     costs = {frozenset([a]): 0.8, frozenset([b]): 0.9, frozenset([a, b]): 1.2}
     with fast_paths_enabled(True):
