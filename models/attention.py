@@ -68,6 +68,12 @@ def cpu_training(t: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and t.device.type == 'cpu'
 
 
+def eager_without_grad() -> bool:
+    """Nothing recorded for a backward and no graph captured: the attention may overwrite its own buffers and
+    cache what it derives from the parameters (the in-place bias add and softmax, the combined bias)."""
+    return not torch.is_grad_enabled() and use_eager_fast_paths()
+
+
 def _biased_logits(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale * q @ k^T + bias``, a bias of ``nW`` entries broadcast over the batch (never expanded).
 
@@ -77,7 +83,7 @@ def _biased_logits(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, scale: 
     attn = q @ k.transpose(-2, -1)  # (B*nW, nH, N, N)
     if bias.shape[0] not in (1, windows):
         attn = attn.view(-1, bias.shape[0], heads, n, n)
-    if not torch.is_grad_enabled() and use_eager_fast_paths():
+    if eager_without_grad():
         attn = torch.add(bias, attn, alpha=scale, out=attn)
     else:
         attn = attn + bias if scale == 1.0 else torch.add(bias, attn, alpha=scale)
@@ -94,7 +100,7 @@ def _softmax_in_place_applies(attn: torch.Tensor) -> bool:
     """Whether the low-precision CPU logits ``attn`` take :func:`_softmax_in_place`: no gradient recorded (its
     buffer is overwritten), eager fast paths."""
     return attn.dtype in (torch.bfloat16, torch.float16) and attn.device.type == 'cpu' and attn.is_contiguous() \
-        and not torch.is_grad_enabled() and use_eager_fast_paths()
+        and eager_without_grad()
 
 
 def _softmax_in_place(attn: torch.Tensor) -> torch.Tensor:
@@ -191,7 +197,7 @@ class WindowAttentionBase(nn.Module):
         """
         sources = self._bias_sources()
         device = sources[0].device
-        cacheable = not torch.is_grad_enabled() and use_eager_fast_paths()
+        cacheable = eager_without_grad()
         if cacheable:
             key = (id(mask), dtype, device) + tuple((p._version, p.data_ptr()) for p in sources)
             cached = self._bias_cache.get(key)

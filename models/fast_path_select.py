@@ -227,10 +227,13 @@ def measure_choices(model: nn.Module, samples: Sequence[_Sample], dtype: Optiona
                 medians = _time_variants(variants, unit, rounds, budget_s)
                 off = sorted((name for name in paths if medians[f'no {name}'] < (1.0 - MARGIN) * medians['all on']),
                              key=lambda name: medians[f'no {name}'])
-                candidates = [('chosen, timed together', off)] + \
-                    ([('best alone, timed together', off[:1])] if len(off) > 1 else [])
+                candidates = []  # (label, the paths to time off together against all on), first passing wins
+                if off:
+                    candidates.append(('chosen, timed together', off))
+                if len(off) > 1:
+                    candidates.append(('best alone, timed together', off[:1]))
                 chosen: List[str] = []
-                for label, names in candidates if off else []:
+                for label, names in candidates:
                     again = _time_variants({'all on': base, 'chosen': without(names, mode)}, unit, rounds, budget_s)
                     medians[label], medians[BASELINE_OF[label]] = again['chosen'], again['all on']
                     if again['chosen'] < (1.0 - MARGIN) * again['all on']:
