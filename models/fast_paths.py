@@ -80,8 +80,9 @@ MODES = ('train', 'eval')
 # inference adds it in place, which turned SDPA from faster to slower in CPU inference on a Zen 5. 3: evaluation
 # timed on whole forwards (models.fast_path_select). 4: oneDNN's backward on transposed views instead of copies
 # (and fp32 weight gradients through oneDNN), the in-place fp32 softmax of low-precision CPU inference. 5: training
-# timed on whole steps, and a failed set's best path alone timed again (models.fast_path_select).
-REVISION = 5
+# timed on whole steps, and a failed set's best path alone timed again (models.fast_path_select). 6: the chunked
+# MLP's backward sums its bias gradients in bf16 and reuses the forward's cast weights (no fp32 copies).
+REVISION = 6
 Choices = Dict[str, Dict[str, bool]]  # mode -> path -> on
 
 

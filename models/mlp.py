@@ -54,8 +54,9 @@ def _mlp_forward(x: torch.Tensor, normed: bool, norm_weight: Optional[torch.Tens
                  norm_bias: Optional[torch.Tensor], eps: float, w1: torch.Tensor, b1: Optional[torch.Tensor],
                  w2: torch.Tensor, b2: Optional[torch.Tensor], rows: int, compute: torch.dtype, kernel: str,
                  keep_hidden: bool = True):
-    """Forward over chunks of ``rows`` rows of a 2-D ``x``: returns the output and the fc1 output chunks (none
-    unless ``keep_hidden``; then the GELU may be fused into fc1, see ``lowp.linear``)."""
+    """Forward over chunks of ``rows`` rows of a 2-D ``x``: returns the output, the fc1 output chunks (none
+    unless ``keep_hidden``; then the GELU may be fused into fc1, see ``lowp.linear``) and the two weights in the
+    compute dtype (for backward, which would otherwise cast them again)."""
     w1c, w2c, b1c, b2c = (cast_weight(t, compute, keep=not keep_hidden) for t in (w1, w2, b1, b2))
     outs: List[torch.Tensor] = []
     hidden: List[torch.Tensor] = []
@@ -72,7 +73,7 @@ def _mlp_forward(x: torch.Tensor, normed: bool, norm_weight: Optional[torch.Tens
             else:
                 h = linear(xc.to(compute), w1c, b1c, kernel, gelu=True)
             outs.append(linear(h, w2c, b2c, kernel))
-    return (outs[0] if len(outs) == 1 else torch.cat(outs)), hidden
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)), hidden, (w1c, w2c)
 
 
 class _ChunkedMlp(torch.autograd.Function):
@@ -84,24 +85,27 @@ class _ChunkedMlp(torch.autograd.Function):
                 norm_bias: Optional[torch.Tensor], eps: float, w1: torch.Tensor, b1: Optional[torch.Tensor],
                 w2: torch.Tensor, b2: Optional[torch.Tensor], rows: int, compute: torch.dtype,
                 kernel: str) -> torch.Tensor:
-        out, hidden = _mlp_forward(x, normed, norm_weight, norm_bias, eps, w1, b1, w2, b2, rows, compute, kernel)
-        ctx.save_for_backward(x, norm_weight, norm_bias, w1, w2, *hidden)
+        out, hidden, (w1c, w2c) = _mlp_forward(x, normed, norm_weight, norm_bias, eps, w1, b1, w2, b2, rows,
+                                               compute, kernel)
+        ctx.save_for_backward(x, norm_weight, norm_bias, w1c, w2c, *hidden)
         ctx.normed, ctx.eps, ctx.rows = normed, eps, rows
+        ctx.weight_dtype = w1.dtype
         ctx.kernel = kernel  # the caller's matmul kernel (grad mode is off here and in backward)
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, norm_weight, norm_bias, w1, w2, *hidden = ctx.saved_tensors
-        rows, channels, normed = ctx.rows, x.shape[-1], ctx.normed
-        compute = hidden[0].dtype
-        grad_out = grad_out.to(compute)
-        w1c, w2c = w1.to(compute), w2.to(compute)
+        x, norm_weight, norm_bias, w1c, w2c, *hidden = ctx.saved_tensors
+        rows, channels, normed, weight_dtype = ctx.rows, x.shape[-1], ctx.normed, ctx.weight_dtype
+        grad_out = grad_out.to(w1c.dtype)
         grad_w1: Optional[torch.Tensor] = None  # (accumulated over the chunks)
         grad_w2: Optional[torch.Tensor] = None
-        grad_b1 = w1.new_zeros(w1.shape[0]) if ctx.has_b1 else None
-        grad_b2 = grad_out.sum(0, dtype=w2.dtype) if ctx.has_b2 else None
+        grad_b1 = w1c.new_zeros(w1c.shape[0], dtype=weight_dtype) if ctx.has_b1 else None
+        # Bias gradients as autocast's F.linear computes them: summed in the compute dtype (PyTorch accumulates
+        # a bf16 sum in fp32 and rounds once), then cast. ``sum(0, dtype=fp32)`` of a bf16 tensor first makes an
+        # fp32 copy of it: the 4C-wide grad_h of Swin-T's first stage (38 MiB) took 60 ms a block on a Zen 4.
+        grad_b2 = grad_out.sum(0).to(weight_dtype) if ctx.has_b2 else None
         grad_nw = torch.zeros_like(norm_weight) if normed and ctx.needs_input_grad[2] else None
         grad_nb = torch.zeros_like(norm_bias) if normed and ctx.needs_input_grad[3] else None
         grad_x = torch.empty_like(x)
@@ -114,12 +118,12 @@ class _ChunkedMlp(torch.autograd.Function):
                 xn, mean, rstd = torch.native_layer_norm(xc, (channels,), norm_weight, norm_bias, ctx.eps)
             else:
                 xn = xc
-            xn = xn.to(compute)
-            grad_w2 = _accumulate_weight_grad(grad_w2, gc, F.gelu(h), ctx.kernel, w2.dtype)
+            xn = xn.to(w1c.dtype)
+            grad_w2 = _accumulate_weight_grad(grad_w2, gc, F.gelu(h), ctx.kernel, weight_dtype)
             grad_h = torch.ops.aten.gelu_backward(mm(gc, w2c, ctx.kernel), h)
-            grad_w1 = _accumulate_weight_grad(grad_w1, grad_h, xn, ctx.kernel, w1.dtype)
+            grad_w1 = _accumulate_weight_grad(grad_w1, grad_h, xn, ctx.kernel, weight_dtype)
             if grad_b1 is not None:
-                grad_b1 += grad_h.sum(0, dtype=grad_b1.dtype)
+                grad_b1 += grad_h.sum(0)
             grad_xn = mm(grad_h, w1c, ctx.kernel)
             if normed:
                 mask = [True, grad_nw is not None, grad_nb is not None]

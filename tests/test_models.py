@@ -352,6 +352,41 @@ def test_chunked_mlp_matches_plain_and_gradchecks(monkeypatch, chunked):
 
 
 @FAST_PATHS_ON
+def test_the_chunked_mlp_backward_casts_no_hidden_gradient_and_no_weight():
+    """Under bf16 autocast the backward sums the bias gradients in bf16 (as F.linear's backward does) instead of
+    copying the 4C-wide gradient to fp32 first, and reuses the forward's bf16 weights instead of casting again."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from models.mlp import Mlp
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.sum.dim_IntList) and \
+                    (kwargs or {}).get('dtype') == torch.float32:
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    mlp, norm = Mlp(8, 32), torch.nn.LayerNorm(8)
+    x = torch.randn(6, 8, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = mlp(x, norm)
+        plain = mlp.fc2(F.gelu(mlp.fc1(norm(x))))
+    casts = Casts()
+    with casts:
+        out.float().sum().backward()
+    assert (6, 32) not in casts.shapes and casts.shapes.count((32, 8)) == 1
+    assert casts.shapes.count((8, 32)) == 1  # the two weight gradients' fp32 casts only
+    lean = [mlp.fc1.bias.grad.clone(), mlp.fc2.bias.grad.clone()]
+    mlp.zero_grad()
+    plain.float().sum().backward()
+    assert torch.equal(lean[1], mlp.fc2.bias.grad) and torch.allclose(lean[0], mlp.fc1.bias.grad, rtol=1e-2)
+
+
+@FAST_PATHS_ON
 @pytest.mark.parametrize('size', [(14, 14), (11, 9)])  # a permutation, and one with padded slots
 def test_window_partition_and_reverse_gradients_match_index_select(size):
     from models.window_ops import WindowGeometry
