@@ -6,8 +6,8 @@ tensor is 38 MiB, above glibc's mmap threshold, so each one costs page faults on
 ``(25088, 96) @ (96, 384)`` matmul takes 17.7 ms into a fresh output and 8.4 ms into a reused one).
 
 ``_ChunkedMlp`` does the same arithmetic over chunks of rows:
-- only the input and the fc1 output are saved; the norm output and GELU are recomputed in backward per
-  chunk (cheap, elementwise, and still in cache);
+- only the input, the fc1 output and the weights as cast for the matmuls are saved; the norm output and GELU
+  are recomputed in backward per chunk (cheap, elementwise, and still in cache);
 - every intermediate is chunk-sized, so it is served from the allocator's free lists and stays in cache;
 - the weight gradients accumulate over chunks.
 Under autocast the matmuls run in the autocast dtype, as ``F.linear`` would, and the norm in its parameters' dtype
