@@ -81,8 +81,9 @@ MODES = ('train', 'eval')
 # timed on whole forwards (models.fast_path_select). 4: oneDNN's backward on transposed views instead of copies
 # (and fp32 weight gradients through oneDNN), the in-place fp32 softmax of low-precision CPU inference. 5: training
 # timed on whole steps, and a failed set's best path alone timed again (models.fast_path_select). 6: the chunked
-# MLP's backward sums its bias gradients in bf16 and reuses the forward's cast weights (no fp32 copies).
-REVISION = 6
+# MLP's backward sums its bias gradients in bf16 and reuses the forward's cast weights (no fp32 copies). 7: the
+# selection times at least three rounds (15 s budget) and checks the chosen set without a second margin.
+REVISION = 7
 Choices = Dict[str, Dict[str, bool]]  # mode -> path -> on
 
 

@@ -208,6 +208,39 @@ def test_training_is_timed_on_whole_steps_and_a_failed_set_falls_back_to_the_bes
     assert 'best alone, timed together' not in timings['train']
 
 
+def test_the_together_check_keeps_a_set_faster_than_all_on_by_less_than_the_margin(monkeypatch):
+    """The margin decides which paths to try off; the check of them together then only asks for a faster step:
+    a set faster by two thirds of the margin is kept, one 2% slower is not."""
+    model, samples, forward, calls = model_with_recorded_forward()
+    a = 'chunked_mlp'
+    phase = {'calls': 0}  # 1 while screening, 2 during the together-check
+    time_variants = fast_path_select._time_variants
+
+    def counted(*args, **kwargs):
+        phase['calls'] += 1
+        return time_variants(*args, **kwargs)
+    monkeypatch.setattr(fast_path_select, '_time_variants', counted)
+
+    class PhasedTimer(SetTimer):  # {a} off costs 0.9 while screening, `together` in the check
+        def __init__(self, together: float):
+            super().__init__('train', {})
+            self.together = together
+
+        def __call__(self) -> float:
+            self.costs = {frozenset([a]): 0.9 if phase['calls'] < 2 else self.together}
+            return super().__call__()
+
+    for together, kept in ((1.0 - fast_path_select.MARGIN * 2 / 3, True), (1.02, False)):
+        phase['calls'] = 0
+        with fast_paths_enabled(True):
+            choices, timings = fast_path_select.measure_choices(model, samples, None, torch.device('cpu'),
+                                                                modes=['train'], forward=forward,
+                                                                timer=PhasedTimer(together))
+        assert phase['calls'] == 2 and timings['train'][f'no {a}'] < timings['train']['all on']
+        assert (choices['train'][a] is False) == kept, (together, timings['train'])
+        assert timings['train']['chosen, timed together'] == pytest.approx(together)
+
+
 def test_cpu_identity_and_cache_round_trip(tmp_path):
     info = tmp_path / 'cpuinfo'
     info.write_text('processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: sse avx512_bf16 fma\n\nprocessor\t: 1\n')
