@@ -77,6 +77,37 @@ def test_ours_runs_with_the_fast_paths_main_would_choose(capsys):
     assert parse_args(MICRO).fast_paths == os.environ.get('SWIN_FAST_PATHS_SELECT', 'measure')
 
 
+def test_fast_paths_are_chosen_for_every_dtype_before_anything_is_timed(monkeypatch):
+    """As main.py chooses them at the start of a fresh process: every dtype's choice is made before the first
+    step is built, and each dtype's rows run with their own."""
+    import scripts.benchmark as benchmark
+    from models import fast_paths
+    events = []
+    picks = {torch.float32: {'eval': {'sdpa': False}}, torch.bfloat16: {'eval': {'chunked_mlp': False}}}
+
+    def choose(model, how, modes, dtype, device, batch):
+        events.append(('choose', dtype))
+        choices = fast_paths.check_choices(picks[dtype])
+        fast_paths.set_fast_path_choices(choices)
+        return choices
+    make_step = benchmark.make_step
+
+    def step(model, mode, dtype, *args):
+        events.append(('step', dtype, tuple(n for n, on in fast_paths.get_fast_path_choices()['eval'].items()
+                                            if not on)))
+        return make_step(model, mode, dtype, *args)
+    monkeypatch.setattr(benchmark, 'choose_fast_paths', choose)
+    monkeypatch.setattr(benchmark, 'make_step', step)
+    try:
+        rows = run(parse_args(MICRO[:MICRO.index('--dtypes') + 1] + ['fp32', 'bf16'] +
+                              MICRO[MICRO.index('--dtypes') + 2:] + ['--impls', 'ours']))
+    finally:
+        fast_paths.set_fast_path_choices(fast_paths.all_on())
+    assert events[:2] == [('choose', torch.float32), ('choose', torch.bfloat16)]
+    assert events[2:] == [('step', torch.float32, ('sdpa',)), ('step', torch.bfloat16, ('chunked_mlp',))]
+    assert [r['fast_paths'] for r in rows] == ['off: sdpa', 'off: chunked_mlp']
+
+
 def test_graph_breaks_are_counted():
     """The graph_breaks column's counter sees a break dynamo takes (one here)."""
     from scripts.benchmark import graph_breaks_so_far
