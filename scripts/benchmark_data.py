@@ -10,7 +10,7 @@
   the device: on this machine's CPU, per image, in the "device" rows).
 
 Per stage (one process, one thread: what one DataLoader worker does per image), then the loaders with 1 and N
-workers, for the training and the eval transforms. Every figure is printed with the CPU model and its AVX flags.
+workers, for the training and the eval transforms. Every figure is printed with the CPU model and its AVX and AMX flags.
 
     python scripts/benchmark_data.py                        # scikit-image photos -> 256 JPEGs in a temp folder
     python scripts/benchmark_data.py --data-path DIR        # DIR/<class>/<image> (or DIR/train/<class>/...)
@@ -106,10 +106,10 @@ def machine() -> str:
             if line.startswith('Model name:'):
                 model = line.split(':', 1)[1].strip()
             if line.startswith('Flags:'):
-                flags = ' '.join(sorted({f for f in line.split()[1:] if f.startswith('avx')}))
+                flags = ' '.join(sorted({f for f in line.split()[1:] if f.startswith(('avx', 'amx'))}))
     except OSError:
         pass
-    return (f"CPU: {model}; {os.cpu_count()} CPUs; AVX flags: {flags or 'none'}; load average "
+    return (f"CPU: {model}; {os.cpu_count()} CPUs; AVX and AMX flags: {flags or 'none'}; load average "
             f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; torch {torch.__version__}")
 
 

@@ -416,7 +416,7 @@ def test_benchmark_data_script_runs(folder):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert 'AVX flags' in out and '| **total** |' in out and '| fast | ' in out and 'eval loader' in out
+    assert 'AVX and AMX flags' in out and '| **total** |' in out and '| fast | ' in out and 'eval loader' in out
 
 
 @pytest.mark.gpu
