@@ -68,6 +68,11 @@ IMPLS = ('ours', 'timm', 'torchvision')
 FAST_PATH_CHOICES = ('measure', 'all', 'none')
 
 
+def dtype_runs_on(dtype_name: str, device: torch.device) -> bool:
+    """Whether the benchmark times ``dtype_name`` on ``device`` (fp16 only on CUDA)."""
+    return dtype_name != 'fp16' or device.type == 'cuda'
+
+
 def build_contenders(variant: str, device: torch.device, only: str = '',
                      impls: Sequence[str] = IMPLS) -> Dict[str, torch.nn.Module]:
     """ours, timm and torchvision Swin (those of ``impls``); ours carries timm's weights (converted) when timm is
@@ -329,7 +334,7 @@ def run(args: argparse.Namespace) -> List[dict]:
     # training from 0.95x of all on (measured first) to 0.99x (measured after the fp32 rows; Intel Xeon with AMX).
     selected = {name: choose_fast_paths(contenders['ours'], args.fast_paths, args.modes, DTYPES[name], device,
                                         args.batch_size)
-                for name in args.dtypes if 'ours' in contenders and (name != 'fp16' or device.type == 'cuda')}
+                for name in args.dtypes if 'ours' in contenders and dtype_runs_on(name, device)}
     iters = args.iters or (10 if device.type == 'cuda' else 1)
     warmup = max(args.warmup, 1) if args.compile else args.warmup  # compile time is the first calls'
     x = torch.randn(args.batch_size, 3, 224, 224, device=device)
@@ -349,8 +354,8 @@ def run(args: argparse.Namespace) -> List[dict]:
     for mode in args.modes:
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
-            if dtype == torch.float16 and device.type != 'cuda':
-                print(f'skip fp16 on {device.type}')
+            if not dtype_runs_on(dtype_name, device):
+                print(f'skip {dtype_name} on {device.type}')
                 continue
             choices = selected.get(dtype_name)
             if choices is not None:  # applied before anything runs ours in this dtype (the flop count included)
